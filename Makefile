@@ -1,0 +1,37 @@
+# Everything installs into a project-local virtual environment the first time a target needs it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first: on the project machines this pin resolves to a CPU wheel on local disk in seconds.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install lab report test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lab: $(STAMP)  ## JupyterLab on localhost (token auth on), opened on notebooks/
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --ServerApp.root_dir=notebooks
+
+report: $(STAMP)  ## every notebook headless into runs/, with an index page
+	$(VENV)/bin/workbench report
+
+lint: $(STAMP)
+	$(PY) -m ruff check workbench tests benchmarks
+
+test: $(STAMP)  ## lint, then the whole test suite
+	$(PY) -m ruff check workbench tests benchmarks
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_simulate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,220 @@
+"""The simulated RIS measurement model (DESIGN.md section 2).
+
+Geometry: an N_H x N_V uniform planar RIS in the x-z plane, centred at the origin, element spacing d.
+Element i = v * N_H + h sits at (x, z) = ((h - (N_H-1)/2) d, (v - (N_V-1)/2) d) metres.
+
+Near-field (Fresnel) steering of a source at azimuth phi, elevation theta (radians), range r (metres):
+    phase_i = k0 [x_i sin(phi) cos(theta) + z_i sin(theta) - (x_i^2 + z_i^2) / (2 r)],
+    a = exp(j phase) / sqrt(N)                       (unit norm)
+``r = inf`` gives the planar (far-field) vector. This is the one steering function of the project.
+
+Snapshot l of a scene: y_l = H diag(c_l) x_l + n_l with
+    x_l = sum_k sqrt(p_k) a_k s_{k,l},     p_k = P_tx (lambda / (4 pi r_k))^2   (milliwatts)
+    H = sqrt(PL_BR) [sqrt(kappa/(1+kappa)) H_LoS + sqrt(1/(1+kappa)) H_NLoS],  M x N,
+H_LoS the outer product of unit-modulus BS and RIS array responses, H_NLoS i.i.d. CN(0, 1): both parts
+have unit energy per entry before the BS-RIS path loss PL_BR = (lambda / (4 pi d_BR))^2. The noise is
+CN(0, sigma^2 I) with sigma^2 = (1/(L M)) sum_l E||H diag(c_l) x_l||^2 / 10^(SNR/10), the expectation
+taken over the symbols, so the per-scene SNR is the ratio of mean signal to mean noise power at the BS.
+
+Everything is raw physical units (covariances in mW with Frobenius norms around 1e-4): no gain fudge.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from .config import ConfigError, SystemConfig, resolve_device
+
+
+def element_positions(system: SystemConfig, dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RIS element coordinates (x [N], z [N]) in metres, element i = v * N_H + h."""
+    d = system.spacing_m
+    h = torch.arange(system.N_H, dtype=dtype, device=device) - (system.N_H - 1) / 2
+    v = torch.arange(system.N_V, dtype=dtype, device=device) - (system.N_V - 1) / 2
+    x = (h[None, :] * d).expand(system.N_V, system.N_H).reshape(-1)
+    z = (v[:, None] * d).expand(system.N_V, system.N_H).reshape(-1)
+    return x, z
+
+
+def steering(system: SystemConfig, phi: torch.Tensor, theta: torch.Tensor, r: torch.Tensor | float) -> torch.Tensor:
+    """Near-field RIS steering vectors, unit norm.
+
+    phi, theta: azimuth and elevation in radians, any broadcastable shape [...]; r: range in metres
+    (``float('inf')`` for the planar wave). Returns [..., N], complex64 for float32 input and complex128
+    for float64 input. Differentiable in phi, theta and r.
+    """
+    phi = torch.as_tensor(phi)
+    if not phi.is_floating_point():
+        phi = phi.to(torch.get_default_dtype())
+    theta = torch.as_tensor(theta, dtype=phi.dtype, device=phi.device)
+    r = torch.as_tensor(r, dtype=phi.dtype, device=phi.device)
+    x, z = element_positions(system, dtype=phi.dtype, device=phi.device)
+    phi, theta, r = (t[..., None] for t in torch.broadcast_tensors(phi, theta, r))
+    phase = system.k0 * (x * torch.sin(phi) * torch.cos(theta) + z * torch.sin(theta) - (x * x + z * z) / (2 * r))
+    return torch.polar(torch.full_like(phase, 1.0 / math.sqrt(system.N)), phase)
+
+
+def dft_codebook(system: SystemConfig, device=None) -> torch.Tensor:
+    """2D DFT RIS codebook, phases quantised to ``phase_bits`` (0 = continuous). [N_codes = N, N] complex64."""
+    h = torch.arange(system.N_H, dtype=torch.float64, device=device)
+    v = torch.arange(system.N_V, dtype=torch.float64, device=device)
+    p = torch.arange(system.N_H, dtype=torch.float64, device=device)
+    q = torch.arange(system.N_V, dtype=torch.float64, device=device)
+    # phase[p, q, v, h] = 2 pi (p h / N_H + q v / N_V)
+    phase = 2 * math.pi * (p[:, None, None, None] * h / system.N_H + q[None, :, None, None] * v[:, None] / system.N_V)
+    if system.phase_bits > 0:
+        step = 2 * math.pi / 2**system.phase_bits
+        phase = torch.round(phase / step) * step
+    return torch.polar(torch.ones_like(phase), phase).reshape(system.N, system.N).to(torch.complex64)
+
+
+def bs_ris_los(system: SystemConfig, device=None) -> torch.Tensor:
+    """Unit-modulus line-of-sight BS-RIS channel [M, N] (far field between the two arrays)."""
+    az, el = math.radians(system.bs_azimuth_deg), math.radians(system.bs_elevation_deg)
+    m = torch.arange(system.M, dtype=torch.float64, device=device)
+    b = torch.polar(torch.ones_like(m), math.pi * m * math.sin(az))  # half-wavelength ULA at the BS
+    a = steering(system, torch.tensor(az, dtype=torch.float64), torch.tensor(el, dtype=torch.float64), math.inf)
+    a = a.to(device) * math.sqrt(system.N)  # unit modulus entries
+    return (b[:, None] * a.conj()[None, :]).to(torch.complex64)
+
+
+def pathloss(system: SystemConfig, distance_m: torch.Tensor | float) -> torch.Tensor | float:
+    """Free-space power gain (lambda / (4 pi d))^2."""
+    return (system.wavelength_m / (4 * math.pi * distance_m)) ** 2
+
+
+@dataclass
+class SceneBatch:
+    """A batch of simulated scenes. Shapes: n scenes, L snapshots, M antennas, N RIS elements.
+
+    y [n,L,M] c64 received snapshots; signal [n,L,M] c64 their noise-free part; H [n,M,N] c64 BS-RIS
+    channel; codes [n,L,N] c64 RIS configurations (unit modulus); R_true [n,N,N] c64 source covariance
+    in mW; K [n] int64; phi, theta [n,K_max] radians, r [n,K_max] metres, power [n,K_max] mW received
+    at the RIS, mask [n,K_max] bool (True for the K real sources, first K slots); snr_db [n];
+    noise_var [n] (mW, per complex entry).
+    """
+
+    y: torch.Tensor
+    signal: torch.Tensor
+    H: torch.Tensor
+    codes: torch.Tensor
+    R_true: torch.Tensor
+    K: torch.Tensor
+    phi: torch.Tensor
+    theta: torch.Tensor
+    r: torch.Tensor
+    power: torch.Tensor
+    mask: torch.Tensor
+    snr_db: torch.Tensor
+    noise_var: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def to(self, device) -> SceneBatch:
+        return SceneBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def __getitem__(self, idx) -> SceneBatch:
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        return SceneBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @staticmethod
+    def cat(batches: list[SceneBatch]) -> SceneBatch:
+        return SceneBatch(**{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in fields(SceneBatch)})
+
+    @property
+    def G(self) -> torch.Tensor:
+        """Effective measurement matrices G_l = H diag(c_l), [n,L,M,N] (computed on demand)."""
+        return measurement_matrices(self.H, self.codes)
+
+
+def measurement_matrices(H: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """G_l = H diag(c_l): H [n,M,N], codes [n,L,N] -> [n,L,M,N]."""
+    return H[:, None, :, :] * codes[:, :, None, :]
+
+
+def _check_simulate_args(system: SystemConfig, n: int) -> None:
+    if not isinstance(system, SystemConfig):
+        raise ConfigError(f"system: expected a SystemConfig, got {type(system).__name__}")
+    system.validate()  # a config mutated after construction is checked again here
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n = {n!r}: expected an integer >= 1 (number of scenes)")
+
+
+def simulate(system: SystemConfig, n: int, seed: int = 0, device: str | torch.device = "cpu", chunk: int = 1024) -> SceneBatch:
+    """Simulate ``n`` scenes. Random draws happen on the CPU with a seeded generator, so the same seed
+    gives the same scenes on every device; the arithmetic runs on ``device``. Vectorised over scenes,
+    sources, snapshots and elements; ``chunk`` scenes at a time bound the memory."""
+    _check_simulate_args(system, n)
+    dev = resolve_device(device)
+    gen = torch.Generator().manual_seed(int(seed))
+    S, L, M, N, Kmax = n, system.L, system.M, system.N, system.K_max
+
+    # --- random draws, CPU, fixed order -------------------------------------------------------
+    K = torch.randint(system.K_min, system.K_max + 1, (S,), generator=gen)
+    u = torch.rand(S, Kmax, 3, generator=gen, dtype=torch.float64)
+    snr_db = system.snr_db_min + (system.snr_db_max - system.snr_db_min) * torch.rand(S, generator=gen, dtype=torch.float64)
+    code_idx = torch.rand(S, N, generator=gen).argsort(dim=1)[:, :L] if L <= N else torch.randint(0, N, (S, L), generator=gen)
+    nlos = _crandn((S, M, N), gen)
+    sym = _crandn((S, Kmax, 1 if system.coherent else L), gen)
+    noise = _crandn((S, L, M), gen)
+
+    mask = torch.arange(Kmax)[None, :] < K[:, None]
+    phi = torch.deg2rad((2 * u[..., 0] - 1) * system.phi_max_deg)
+    theta = torch.deg2rad((2 * u[..., 1] - 1) * system.theta_max_deg)
+    r = system.r_min_m + (system.r_max_m - system.r_min_m) * u[..., 2]
+    power = 10 ** (system.source_power_dbm / 10) * pathloss(system, r) * mask
+    phi, theta, r = (t * mask for t in (phi, theta, r))  # padded slots are zero
+
+    kappa = 10 ** (system.rician_k_db / 10)
+    los = bs_ris_los(system)
+    H = math.sqrt(pathloss(system, system.bs_distance_m)) * (
+        math.sqrt(kappa / (1 + kappa)) * los + math.sqrt(1 / (1 + kappa)) * nlos
+    )
+    codebook = dft_codebook(system)
+    codes = codebook[code_idx]
+
+    # --- arithmetic, on the device, chunk by chunk --------------------------------------------
+    out = []
+    for s in range(0, S, chunk):
+        e = min(S, s + chunk)
+        out.append(
+            _measure(
+                system,
+                *(t[s:e].to(dev) for t in (phi, theta, r, power, mask, H, codes, sym, noise, snr_db)),
+                K=K[s:e].to(dev),
+            )
+        )
+    return SceneBatch.cat(out) if len(out) > 1 else out[0]
+
+
+def _crandn(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Circularly-symmetric CN(0, 1) samples, complex64 (real and imaginary parts of variance 1/2)."""
+    return torch.complex(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) / math.sqrt(2.0)
+
+
+def _measure(system, phi, theta, r, power, mask, H, codes, sym, noise, snr_db, K) -> SceneBatch:
+    L = system.L
+    A = steering(system, phi.float(), theta.float(), torch.where(mask, r, 1.0).float())  # [s,Kmax,N]
+    A = A * mask[..., None]
+    sqrt_p = power.sqrt().float()
+    R_true = torch.einsum("skn,sk,skm->snm", A, power.float().to(A.dtype), A.conj())
+    x = torch.einsum("skn,sk,skl->snl", A, sqrt_p.to(A.dtype), sym.expand(-1, -1, L))  # [s,N,L]
+    signal = torch.einsum("smn,sln,snl->slm", H, codes, x)  # H diag(c_l) x_l
+    # expected signal power per entry: (1/(L M)) sum_l sum_k p_k ||H diag(c_l) a_k||^2
+    GA = torch.einsum("smn,sln,skn->slmk", H, codes, A)
+    p_sig = (GA.abs() ** 2 * power.float()[:, None, None, :]).sum(dim=(1, 2, 3)) / (L * system.M)
+    noise_var = p_sig / 10 ** (snr_db.float() / 10)
+    y = signal + noise.to(signal.dtype) * noise_var.sqrt()[:, None, None]
+    return SceneBatch(
+        y=y, signal=signal, H=H, codes=codes, R_true=R_true, K=K,
+        phi=phi.float(), theta=theta.float(), r=r.float(), power=power.float(), mask=mask,
+        snr_db=snr_db.float(), noise_var=noise_var,
+    )
