@@ -243,6 +243,7 @@ class ModelConfig(ConfigBase):
     width: int = field(default=128, metadata=_num(8, 8192))
     layers: int = field(default=2, metadata=_num(1, 64))
     heads: int = field(default=4, metadata=_num(1, 64))
+    ffn_mult: int = field(default=2, metadata=_num(1, 16))  # feed-forward width = ffn_mult * width
     dropout: float = field(default=0.0, metadata=_num(0.0, 0.9))
 
     def _check_relations(self) -> None:

@@ -1,0 +1,114 @@
+"""The network, the loss terms and their weights."""
+
+import math
+
+import pytest
+import torch
+
+from workbench.config import ModelConfig, SystemConfig, preset
+from workbench.covariance import load, rsamp_for, trace_normalise
+from workbench.losses import TERMS, aux_loss, compute_losses, predicted_covariance, term_weights
+from workbench.model import REFERENCE_MODEL, ModelOutput, build_model, n_parameters
+from workbench.physics import simulate
+
+SMALL = {"model.width": 32, "model.layers": 1, "model.heads": 2}
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return simulate(SystemConfig(), 8, seed=3)
+
+
+def oracle_output(batch, system):
+    """A model output whose factor reproduces the trace-normalised R_true exactly and whose slots are the truth."""
+    R = trace_normalise(batch.R_true)
+    ev, V = torch.linalg.eigh(R)
+    A = V[..., -system.K_max:] * ev[..., -system.K_max:].clamp_min(0).sqrt()[..., None, :].to(V.dtype)
+    angles = torch.stack([batch.phi, batch.theta, batch.r], -1)
+    logits = torch.nn.functional.one_hot(batch.K - 1, system.K_max).float() * 50
+    return ModelOutput(A=A, k_logits=logits, angles=angles)
+
+
+def test_model_shapes_ranges_and_groups(batch):
+    s = SystemConfig()
+    model = build_model(s, ModelConfig(width=32, layers=1, heads=2))
+    out = model(batch.y, batch.H, batch.codes)
+    assert out.A.shape == (8, s.N, s.K_max) and out.A.dtype == torch.complex64
+    assert out.k_logits.shape == (8, s.K_max)
+    phi, theta, r = out.angles.unbind(-1)
+    assert phi.abs().max() <= math.radians(s.phi_max_deg) + 1e-6
+    assert theta.abs().max() <= math.radians(s.theta_max_deg) + 1e-6
+    assert r.min() >= s.r_min_m - 1e-6 and r.max() <= s.r_max_m + 1e-6
+    groups = model.groups()
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
+
+
+def test_model_is_scale_invariant_to_raw_units(batch):
+    """Raw physical units (1e-5 and below) must not reach the network: scaling y and H changes nothing."""
+    model = build_model(SystemConfig(), ModelConfig(width=32, layers=1, heads=2))
+    a = model(batch.y, batch.H, batch.codes).A
+    b = model(batch.y * 1e4, batch.H * 1e3, batch.codes).A
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_precision_keeps_complex_work_in_float32(batch):
+    model = build_model(SystemConfig(), ModelConfig(width=32, layers=1, heads=2))
+    out = model(batch.y, batch.H, batch.codes, amp=True)
+    assert out.A.dtype == torch.complex64 and torch.isfinite(torch.view_as_real(out.A)).all()
+
+
+def test_reference_model_is_near_the_original_size():
+    assert 17e6 < n_parameters(build_model(SystemConfig(), REFERENCE_MODEL, device="meta")) < 21e6
+
+
+def test_oracle_scores_zero_when_both_sides_share_preprocessing(batch):
+    cfg = preset("recommended")
+    R_samp = rsamp_for(batch, cfg.fixes, cfg.system.ridge)
+    losses, _ = compute_losses(oracle_output(batch, cfg.system), batch, R_samp, cfg, terms=("nmse", "aux"))
+    assert losses["nmse"] < 1e-8
+    assert losses["aux"] < 1e-10
+
+
+def test_loading_only_the_prediction_puts_a_floor_under_the_nmse(batch):
+    """DESIGN fact 4: with an oracle R_pred and R_samp = R_ref, the seed's NMSE is exactly N c^2 / ||R_ref||^2."""
+    cfg = preset("seed_fix2")
+    R_ref = trace_normalise(batch.R_true)
+    losses, _ = compute_losses(oracle_output(batch, cfg.system), batch, R_ref, cfg.replace(**{"fixes.qr_retraction": False}),
+                               terms=("nmse",))
+    c = cfg.fixes.c_eps
+    expected = (cfg.system.N * c**2 / torch.linalg.matrix_norm(R_ref) ** 2).mean()
+    torch.testing.assert_close(losses["nmse"], expected.float(), rtol=1e-4, atol=0)
+    assert losses["nmse"] > 1e-3
+
+
+def test_qr_retraction_turns_the_factor_into_a_scaled_projector():
+    A = torch.randn(2, 20, 4, dtype=torch.complex64)
+    ev = torch.linalg.eigvalsh(predicted_covariance(A, qr_retraction=True))
+    torch.testing.assert_close(ev[:, -4:], torch.full((2, 4), 20 / 4), rtol=1e-4, atol=1e-4)
+    assert ev[:, :-4].abs().max() < 1e-4
+
+
+def test_aux_loss_is_permutation_invariant(batch):
+    s = SystemConfig()
+    angles = torch.stack([batch.phi, batch.theta, batch.r], -1) + 0.05 * torch.randn(8, s.K_max, 3)
+    perm = torch.randperm(s.K_max)
+    torch.testing.assert_close(aux_loss(angles, batch, s), aux_loss(angles[:, perm], batch, s))
+    assert aux_loss(angles, batch, s) > 0
+
+
+def test_total_is_the_weighted_sum_and_lam_gap_is_the_gap_weight(batch):
+    cfg = preset("recommended", **SMALL, **{"fixes.lam_gap": 0.5, "loss.k_ce": 0.25})
+    model = build_model(cfg.system, cfg.model)
+    losses, _ = compute_losses(model(batch.y, batch.H, batch.codes), batch, rsamp_for(batch, cfg.fixes, cfg.system.ridge), cfg)
+    w = term_weights(cfg)
+    assert w["gap"] == 0.5 and w["k_ce"] == 0.25
+    torch.testing.assert_close(losses["total"], sum(w[t] * losses[t] for t in TERMS))
+
+
+def test_loading_leaves_the_nmse_target_untouched_in_the_seed(batch):
+    cfg = preset("seed_before")
+    R_samp = rsamp_for(batch, cfg.fixes, cfg.system.ridge)
+    _, cov = compute_losses(oracle_output(batch, cfg.system), batch, R_samp, cfg, terms=("nmse",))
+    torch.testing.assert_close(cov.target, trace_normalise(batch.R_true))
+    assert not torch.allclose(cov.R_blend, load(cov.R_blend, 0.0) * 0)

@@ -1,0 +1,109 @@
+"""The network: measurements (y, H, codes) -> covariance factor A, K logits and per-slot (phi, theta, r).
+
+Tokens are the N RIS elements. Each token carries the back-projections (G_l^H y_l)_i of the L snapshots
+(real and imaginary parts, 2L features), scaled per scene by the RMS of y so the raw physical units
+(1e-5 and below) never reach the network, plus the element's (x, z) position. A transformer encoder
+mixes the tokens (``backbone``); the ``head`` maps each token to its row of A in C^{N x K_max} and the
+pooled tokens to K logits and K_max (phi, theta, r) slots.
+
+Mixed precision (``amp=True``) runs only the encoder under autocast (bfloat16 on CPU, float16 on CUDA);
+the complex inputs, the factor and every linear-algebra step stay float32/complex64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, SystemConfig
+from .physics import element_positions
+
+REFERENCE_MODEL = ModelConfig(width=512, layers=4, heads=8, ffn_mult=7)  # about 19 M parameters, for a GPU
+
+
+@dataclass
+class ModelOutput:
+    """A [B,N,K_max] complex64 factor (R_pred = A A^H); k_logits [B,K_max] (class j means K = j+1);
+    angles [B,K_max,3] float32: phi, theta in radians and r in metres, inside the system's field of view."""
+
+    A: torch.Tensor
+    k_logits: torch.Tensor
+    angles: torch.Tensor
+
+
+class CovarianceNet(nn.Module):
+    def __init__(self, system: SystemConfig, cfg: ModelConfig):
+        super().__init__()
+        self.system, self.cfg = system, cfg
+        N, L, W, K = system.N, system.L, cfg.width, system.K_max
+        x, z = element_positions(system, dtype=torch.float32)
+        span = max(float(x.abs().max()), float(z.abs().max()), 1e-9)
+        self.register_buffer("pos", torch.stack([x, z], -1) / span, persistent=False)  # [N,2]
+        self.backbone = nn.ModuleDict(
+            {
+                "embed": nn.Linear(2 * L + 2, W),
+                "encoder": nn.TransformerEncoder(
+                    nn.TransformerEncoderLayer(
+                        W, cfg.heads, cfg.ffn_mult * W, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+                    ),
+                    cfg.layers,
+                    enable_nested_tensor=False,
+                ),
+                "norm": nn.LayerNorm(W),
+            }
+        )
+        self.head = nn.ModuleDict(
+            {
+                "factor": nn.Linear(W, 2 * K),
+                "k": nn.Linear(W, K),
+                "angles": nn.Linear(W, 3 * K),
+            }
+        )
+        self.N, self.K_max = N, K
+
+    def features(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Token features [B,N,2L+2] float32 from y [B,L,M], H [B,M,N], codes [B,L,N]."""
+        scale = y.abs().pow(2).mean(dim=(1, 2)).clamp_min(1e-30).sqrt()  # RMS of y per scene
+        h_scale = H.abs().pow(2).mean(dim=(1, 2)).clamp_min(1e-30).sqrt()
+        bp = torch.einsum("bmn,bln,blm->bnl", H.conj(), codes.conj(), y)  # (G_l^H y_l)_n
+        bp = bp / (scale * h_scale * math.sqrt(H.shape[1]))[:, None, None]
+        pos = self.pos.expand(y.shape[0], -1, -1)
+        return torch.cat([bp.real, bp.imag, pos], dim=-1).float()
+
+    def forward(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, amp: bool = False) -> ModelOutput:
+        feats = self.features(y, H, codes)
+        amp_dtype = torch.float16 if feats.is_cuda else torch.bfloat16
+        with torch.autocast(feats.device.type, dtype=amp_dtype, enabled=amp):
+            h = self.backbone["embed"](feats)
+            h = self.backbone["encoder"](h)
+            h = self.backbone["norm"](h)
+        h = h.float()
+        f = self.head["factor"](h).view(h.shape[0], self.N, 2, self.K_max)
+        A = torch.complex(f[:, :, 0], f[:, :, 1]) / math.sqrt(self.N)
+        pooled = h.mean(dim=1)
+        k_logits = self.head["k"](pooled)
+        u = torch.tanh(self.head["angles"](pooled).view(-1, self.K_max, 3))
+        s = self.system
+        phi = u[..., 0] * math.radians(s.phi_max_deg)
+        theta = u[..., 1] * math.radians(s.theta_max_deg)
+        r = s.r_min_m + (u[..., 2] + 1) * 0.5 * (s.r_max_m - s.r_min_m)
+        return ModelOutput(A=A, k_logits=k_logits, angles=torch.stack([phi, theta, r], -1))
+
+    def groups(self) -> dict[str, list[nn.Parameter]]:
+        """Named parameter groups, as in the seed's ``[GRAD] backbone=... head=...`` line."""
+        return {"backbone": list(self.backbone.parameters()), "head": list(self.head.parameters())}
+
+
+def build_model(system: SystemConfig, cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> CovarianceNet:
+    """A seeded model on ``device`` (initialisation on the CPU so it is the same on every device)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CovarianceNet(system, cfg)
+    return model.to(device)
+
+
+def n_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
