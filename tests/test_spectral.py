@@ -1,0 +1,319 @@
+"""Tests of workbench.spectral: DESIGN.md section 3, facts 1-3, against independent references
+(numpy eigensolvers, complex128 finite differences, torch.autograd.gradcheck)."""
+
+import numpy as np
+import pytest
+import torch
+
+from workbench import spectral as sp
+from workbench.config import ConfigError
+
+C128 = torch.complex128
+EIG_BACKENDS = ("eigh", "eigvalsh", "svd", "topk")  # the ones that must agree
+
+
+def herm(X):
+    return 0.5 * (X + X.mH)
+
+
+def random_psd(B, N, seed=0, dtype=C128):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, N, N, dtype=dtype, generator=g)
+    return X @ X.mH / N + 0.1 * torch.eye(N, dtype=dtype)
+
+
+def loaded_low_rank(B, N, K, seed=0, orthogonal=False, dtype=C128):
+    """A A^H trace-normalised to N, plus 1.0 I: the lower N-K eigenvalues coincide (C_EPS loading)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(B, N, K, dtype=dtype, generator=g)
+    if orthogonal:  # equal-power orthogonal sources: the signal eigenvalues coincide too
+        A = torch.linalg.qr(A).Q
+    R = A @ A.mH
+    R = R * (N / torch.diagonal(R, dim1=-2, dim2=-1).real.sum(-1))[:, None, None]
+    return R + torch.eye(N, dtype=dtype)
+
+
+def steering_like(B, kmax, N, seed=1, dtype=C128):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, kmax, N, dtype=dtype, generator=g)
+    return a / torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+
+
+def hinge_grad(R, K, backend, **kw):
+    R = R.clone().requires_grad_()
+    h = sp.eigengap_hinge(R, K, margin=1e3, backend=backend, **kw)  # big margin: the hinge is active
+    (g,) = torch.autograd.grad(h.sum(), R)
+    return h.detach(), g
+
+
+# ------------------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.eye(3), "R: expected a torch.Tensor"),
+        (torch.eye(3, dtype=C128), r"R: expected a batch of square matrices \[B,N,N\]"),
+        (torch.zeros(2, 3, 4, dtype=C128), "R: expected a batch of square"),
+        (torch.zeros(2, 3, 3, dtype=torch.int64), "R: dtype"),
+    ],
+)
+def test_check_covariance_shape_dtype(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        sp.check_covariance(bad)
+
+
+def test_check_covariance_nonfinite_and_nonhermitian():
+    R = random_psd(3, 5)
+    R[1, 2, 2] = float("nan")
+    with pytest.raises(ConfigError, match=r"R: non-finite entries .* scene\(s\) \[1\]"):
+        sp.check_covariance(R)
+    R = random_psd(3, 5)
+    R[2, 0, 1] += 0.5
+    with pytest.raises(ConfigError, match=r"R_blend: not Hermitian in scene\(s\) \[2\]"):
+        sp.check_covariance(R, name="R_blend")
+    sp.check_covariance(random_psd(3, 5))  # valid input passes
+
+
+@pytest.mark.parametrize(
+    "K, match",
+    [
+        ([0, 1], "K: value 0 in scene 0 is out of range: allowed 1..4"),
+        ([1, 5], "K: value 5 in scene 1"),
+        ([1, 2, 3], r"K: shape \(3,\)"),
+        ([1.0, 2.0], "K: dtype"),
+    ],
+)
+def test_check_K(K, match):
+    with pytest.raises(ConfigError, match=match):
+        sp.check_K(torch.tensor(K), B=2, N=5)
+    assert sp.check_K(torch.tensor([1, 4], dtype=torch.int32), 2, 5).dtype == torch.int64
+
+
+def test_bad_inputs_reach_the_terms():
+    R = random_psd(2, 6)
+    with pytest.raises(ConfigError, match="gap_backend"):
+        sp.eigengap_hinge(R, torch.tensor([1, 2]), backend="qr")
+    with pytest.raises(ConfigError, match="K: value 6"):
+        sp.eigengap_hinge(R, torch.tensor([1, 6]))
+    a, mask = steering_like(2, 3, 6), torch.tensor([[True, False, False], [True, True, False]])
+    with pytest.raises(ConfigError, match=r"a_true: expected steering vectors \[B=2, K_max, N=6\]"):
+        sp.subspace_energy(R, a[..., :5], mask, torch.tensor([1, 2]))
+    with pytest.raises(ConfigError, match="mask"):
+        sp.subspace_energy(R, a, mask[:, :2], torch.tensor([1, 2]))
+    with pytest.raises(ConfigError, match="mask: the number of True"):
+        sp.subspace_energy(R, a, mask, torch.tensor([2, 2]))
+    with pytest.raises(ConfigError, match="exceeds K_max = 3"):
+        sp.subspace_energy(R, a, torch.ones(2, 3, dtype=torch.bool), torch.tensor([3, 4]))
+    with pytest.raises(ConfigError, match="subspace_backend"):
+        sp.subspace_energy(R, a, mask, torch.tensor([1, 2]), backend="qr")
+
+
+# ------------------------------------------------------------------------------------------ fact 1, 3: eigenvalue backends
+def test_hinge_backends_agree_with_numpy_reference():
+    B, N = 4, 12
+    R = random_psd(B, N, seed=3)
+    K = torch.tensor([1, 3, 5, 2])
+    ref = np.linalg.eigvalsh(R.numpy() + 1e-4 * np.eye(N))[:, ::-1]  # independent solver, descending
+    idx = np.arange(B)
+    gap = ref[idx, K.numpy() - 1] - ref[idx, K.numpy()]
+    # independent gradient: d(margin - gap)/dR = -(v_K v_K^H - v_{K+1} v_{K+1}^H), vectors from numpy
+    _, V = np.linalg.eigh(R.numpy())
+    V = V[:, :, ::-1]
+    vK, vK1 = V[idx, :, K.numpy() - 1], V[idx, :, K.numpy()]
+    g_ref = -(vK[:, :, None] * vK.conj()[:, None, :]) + vK1[:, :, None] * vK1.conj()[:, None, :]
+    for backend in EIG_BACKENDS:
+        h, g = hinge_grad(R, K, backend)
+        np.testing.assert_allclose(h.numpy(), 1e3 - gap, rtol=1e-10, err_msg=backend)
+        np.testing.assert_allclose(g.numpy(), g_ref, atol=1e-8, err_msg=backend)
+    h = sp.eigengap_hinge(R, K, margin=0.03, backend="eigvalsh")
+    np.testing.assert_allclose(h.numpy(), np.maximum(0.03 - gap, 0.0), atol=1e-12)
+
+
+def test_svd_flipped_takes_the_smallest_eigenvalues():
+    B, N = 3, 10
+    R = random_psd(B, N, seed=4)
+    K = torch.tensor([1, 2, 4])
+    asc = np.linalg.eigvalsh(R.numpy() + 1e-4 * np.eye(N))
+    idx = np.arange(B)
+    wrong_gap = asc[idx, K.numpy() - 1] - asc[idx, K.numpy()]  # K-th minus (K+1)-th smallest: <= 0
+    h_flip = sp.eigengap_hinge(R, K, margin=0.03, backend="svd_flipped")
+    h_ok = sp.eigengap_hinge(R, K, margin=0.03, backend="svd")
+    np.testing.assert_allclose(h_flip.numpy(), 0.03 - wrong_gap, rtol=1e-10)
+    assert (h_flip >= 0.03).all()  # the flipped hinge is always active, whatever the true gap
+    assert not torch.allclose(h_flip, h_ok)
+    _, g_flip = hinge_grad(R, K, "svd_flipped")
+    _, g_ok = hinge_grad(R, K, "svd")
+    assert (torch.linalg.matrix_norm(g_flip - g_ok) > 0.5).all()
+
+
+@pytest.mark.parametrize("K", [1, 5])
+def test_eigenvalue_hinge_gradient_finite_on_degenerate_loaded_matrix(K):
+    """Fact 1: R = A A^H (rank K, trace N) + 1.0 I, N = 144: 139+ equal eigenvalues, finite gradient."""
+    R = loaded_low_rank(2, 144, K, seed=K)
+    L = torch.linalg.eigvalsh(R)
+    assert (L[:, : 144 - K] - 1.0).abs().max() < 1e-10  # the lower spectrum really is degenerate
+    Kt = torch.full((2,), K)
+    grads = {}
+    for backend in ("eigh", "eigvalsh", "svd", "topk", "svd_flipped", "finite_diff"):
+        h, g = hinge_grad(R, Kt, backend, fd_dirs=4)
+        assert torch.isfinite(h).all() and torch.isfinite(g).all(), backend
+        grads[backend] = g
+    # lambda_K is a simple eigenvalue: its part of the gradient, v_K v_K^H, is the same for all exact backends
+    # (lambda_{K+1} sits in the degenerate cluster, so each solver may pick a different vector for it).
+    _, V = torch.linalg.eigh(R)
+    vK = V[..., 144 - K]
+    PK = vK[..., :, None] * vK.conj()[..., None, :]
+    for backend in ("eigh", "eigvalsh", "svd", "topk"):
+        g = grads[backend]
+        assert torch.allclose((vK.conj()[..., None, :] @ g @ vK[..., :, None]).real.squeeze(), torch.full((2,), -1.0, dtype=torch.float64), atol=1e-6)
+        assert torch.allclose(torch.diagonal(g, dim1=-2, dim2=-1).sum(-1).real, torch.zeros(2, dtype=torch.float64), atol=1e-8)
+        assert torch.linalg.matrix_norm(g + PK).max() < 1.0 + 1e-6  # = ||v_{K+1} v_{K+1}^H|| = 1
+
+
+def test_topk_values_complex64_within_1e4_of_eigvalsh():
+    """The fast engine on a realistic loaded spectrum (signal + spread scatter + C_EPS), complex64, N = 144."""
+    g = torch.Generator().manual_seed(7)
+    B, N = 8, 144
+    A = torch.randn(B, N, 5, dtype=torch.complex64, generator=g)
+    S = torch.randn(B, N, 40, dtype=torch.complex64, generator=g)
+    R = 0.7 * A @ A.mH / 5 + 0.3 * S @ S.mH / 40
+    R = R * (N / torch.diagonal(R, dim1=-2, dim2=-1).real.sum(-1))[:, None, None] + torch.eye(N)
+    ref = torch.linalg.eigvalsh(R.to(C128)).flip(-1)[:, :6]
+    vals, vecs = sp.top_eigh(R, 6)
+    assert ((vals.double() - ref) / ref).abs().max() < 1e-4
+    res = torch.linalg.vector_norm(R @ vecs - vecs * vals[:, None, :], dim=-2)
+    assert res.max() < 1e-3 * ref[:, 0].min()
+    orth = vecs.mH @ vecs
+    assert (orth - torch.eye(6)).abs().max() < 1e-4
+    fixed = sp.top_eigvals(R, 6, iters=6)  # fixed iteration count: no convergence check, no sync
+    assert ((fixed.double() - ref) / ref).abs().max() < 1e-4
+
+
+def test_batched_per_scene_K_matches_scene_by_scene():
+    R = random_psd(5, 9, seed=11)
+    K = torch.tensor([1, 8, 3, 4, 2])
+    for backend in ("topk", "eigh"):
+        batched = sp.eigengap_hinge(R, K, margin=2.0, backend=backend)
+        single = torch.cat([sp.eigengap_hinge(R[i : i + 1], K[i : i + 1], margin=2.0, backend=backend) for i in range(5)])
+        torch.testing.assert_close(batched, single)
+
+
+# ------------------------------------------------------------------------------------------ gradcheck of custom backwards
+def test_gradcheck_topk_eigvals():
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(2, 7, 7, dtype=C128, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda X: sp.top_eigvals(X @ X.mH + torch.eye(7, dtype=C128), 3), (X,))
+    # also through the hinge with per-scene K
+    K = torch.tensor([1, 3])
+    assert torch.autograd.gradcheck(lambda X: sp.eigengap_hinge(herm(X @ X.mH), K, margin=50.0, backend="topk"), (X,))
+
+
+@pytest.mark.parametrize("solver", ["eigh", "topk"])
+def test_gradcheck_safe_projector(solver):
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(2, 6, 6, dtype=C128, generator=g, requires_grad=True)
+    a, K = steering_like(2, 3, 6), torch.tensor([1, 3])
+    mask = torch.arange(3)[None, :] < K[:, None]
+    f = lambda X: sp.subspace_energy(herm(X @ X.mH), a, mask, K, backend="safe", solver=solver)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (X,))
+
+
+def test_gradcheck_lorentzian_exact_at_eps0_biased_otherwise():
+    g = torch.Generator().manual_seed(8)
+    X = torch.randn(2, 5, 5, dtype=C128, generator=g, requires_grad=True)
+    a, K = steering_like(2, 2, 5), torch.tensor([1, 2])
+    mask = torch.arange(2)[None, :] < K[:, None]
+    f = lambda X, eps: sp.subspace_energy(herm(X @ X.mH), a, mask, K, backend="lorentzian", lorentzian_eps=eps)  # noqa: E731
+    assert torch.autograd.gradcheck(lambda X: f(X, 0.0), (X,))
+    (g_exact,) = torch.autograd.grad(f(X, 0.0).sum(), X)
+    (g_broad,) = torch.autograd.grad(f(X, 1.0).sum(), X)
+    assert torch.linalg.matrix_norm(g_exact - g_broad).max() > 1e-3  # broadening biases the gradient
+
+
+def test_finite_diff_estimate_is_unbiased_and_reports_its_spread():
+    R = random_psd(2, 5, seed=9)
+    K = torch.tensor([2, 1])
+    _, g_exact = hinge_grad(R, K, "eigvalsh")
+    Rl = R + 1e-4 * torch.eye(5, dtype=C128)
+    est, rel = sp.finite_diff_gap_gradient(Rl, K, margin=1e3, n_dirs=400, delta=1e-4)
+    rec = sp.LAST_FINITE_DIFF
+    assert rec.n_dirs == 400 and rec.eigen_solves == 800 and rec.matrices_solved == 1600
+    err = torch.linalg.matrix_norm(est - g_exact) / torch.linalg.matrix_norm(g_exact)
+    assert (err < 4 * rel).all()  # within a few reported standard errors
+    assert (rel > 0.05).all() and (rel < 0.6).all()  # ~ sqrt(N^2 / n_dirs) = 0.25 for an isotropic estimator
+    _, rel_few = sp.finite_diff_gap_gradient(Rl, K, margin=1e3, n_dirs=25, delta=1e-4)
+    assert (rel_few > 2 * rel).all()  # fewer directions, larger spread
+    # through autograd: the estimate reaches R.grad and the record is refreshed
+    _, g_fd = hinge_grad(R, K, "finite_diff", fd_dirs=7)
+    assert sp.LAST_FINITE_DIFF.n_dirs == 7 and torch.isfinite(g_fd).all()
+
+
+# ------------------------------------------------------------------------------------------ fact 2: eigenvectors
+def test_subspace_backends_agree_on_distinct_spectrum():
+    B, N, kmax = 3, 8, 3
+    R = random_psd(B, N, seed=12)
+    K = torch.tensor([1, 3, 2])
+    mask = torch.arange(kmax)[None, :] < K[:, None]
+    a = steering_like(B, kmax, N)
+    # independent value: numpy projector
+    _, V = np.linalg.eigh(R.numpy())
+    ref = []
+    for b in range(B):
+        kb = int(K[b])
+        Vk = V[b][:, ::-1][:, :kb]
+        Pn = np.eye(N) - Vk @ Vk.conj().T
+        ref.append(sum((a[b, k].numpy().conj() @ Pn @ a[b, k].numpy()).real for k in range(kb)) / kb)
+    grads = {}
+    for backend, solver in [("eigh", "eigh"), ("lorentzian", "eigh"), ("safe", "eigh"), ("safe", "topk"), ("detach", "eigh")]:
+        Rr = R.clone().requires_grad_()
+        e = sp.subspace_energy(Rr, a, mask, K, backend=backend, solver=solver, lorentzian_eps=1e-14)
+        np.testing.assert_allclose(e.detach().numpy(), ref, rtol=1e-9, err_msg=backend)
+        (grads[backend, solver],) = torch.autograd.grad(e.sum(), Rr)
+    for key in [("lorentzian", "eigh"), ("safe", "eigh"), ("safe", "topk")]:
+        torch.testing.assert_close(herm(grads[key]), herm(grads["eigh", "eigh"]), atol=1e-8, rtol=1e-6)
+    assert (grads["detach", "eigh"] == 0).all()
+
+
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_subspace_term_on_degenerate_loaded_matrix(orthogonal):
+    """Fact 2: 139-fold degenerate noise (and, with equal-power orthogonal sources, degenerate signal):
+    plain eigh autograd is non-finite; safe is finite and equals a complex128 finite difference."""
+    B, N, kmax = 2, 144, 5
+    # without orthogonality scene 0 uses K = 3 of a rank-5 prediction: its noise subspace holds 2 distinct
+    # values and 139 equal ones. With it, all 5 signal eigenvalues coincide, so K must be 5 (a boundary
+    # inside a degenerate cluster has no derivative).
+    K = torch.tensor([5, 5]) if orthogonal else torch.tensor([3, 5])
+    R = loaded_low_rank(B, N, 5, seed=2, orthogonal=orthogonal)
+    mask = torch.arange(kmax)[None, :] < K[:, None]
+    a = steering_like(B, kmax, N)
+
+    def grad(backend, solver="eigh"):
+        Rr = R.clone().requires_grad_()
+        e = sp.subspace_energy(Rr, a, mask, K, backend=backend, solver=solver)
+        return torch.autograd.grad(e.sum(), Rr)[0]
+
+    assert not torch.isfinite(grad("eigh")).all()
+    assert (grad("detach") == 0).all()
+    g_safe = grad("safe")
+    g_topk = grad("safe", "topk")
+    assert torch.isfinite(g_safe).all() and torch.isfinite(g_topk).all()
+    gen = torch.Generator().manual_seed(3)
+    D = herm(torch.randn(B, N, N, dtype=C128, generator=gen))
+    h = 1e-5
+    f = lambda R: sp.subspace_energy(R, a, mask, K, backend="safe").sum()  # noqa: E731
+    fd = (f(R + h * D) - f(R - h * D)) / (2 * h)
+    for g in (g_safe, g_topk):
+        directional = (g.conj() * D).real.sum()
+        assert abs(directional - fd) < 1e-6 * max(abs(fd), 1e-3)
+
+
+def test_phase_dependent_eigenvector_loss_raises_projector_does_not():
+    R = random_psd(2, 6, seed=13).requires_grad_()
+    _, V = torch.linalg.eigh(R)
+    with pytest.raises(RuntimeError, match="phi"):
+        w = torch.randn(6, dtype=C128, generator=torch.Generator().manual_seed(1))
+        (V[..., -1] * w).real.sum().backward()  # depends on the arbitrary phase of the eigenvector
+    K = torch.tensor([1, 2])
+    mask = torch.arange(2)[None, :] < K[:, None]
+    e = sp.subspace_energy(R, steering_like(2, 2, 6), mask, K, backend="eigh")
+    e.sum().backward()  # the projector V_K V_K^H is phase invariant: no error
+    assert torch.isfinite(R.grad).all()
