@@ -64,7 +64,7 @@ def test_reference_model_is_near_the_original_size():
 
 def test_oracle_scores_zero_when_both_sides_share_preprocessing(batch):
     cfg = preset("recommended")
-    R_samp = rsamp_for(batch, cfg.fixes, cfg.system.ridge)
+    R_samp = rsamp_for(batch, cfg.fixes, cfg.system)
     losses, _ = compute_losses(oracle_output(batch, cfg.system), batch, R_samp, cfg, terms=("nmse", "aux"))
     assert losses["nmse"] < 1e-8
     assert losses["aux"] < 1e-10
@@ -85,7 +85,7 @@ def test_loading_only_the_prediction_puts_a_floor_under_the_nmse(batch):
 def test_qr_retraction_turns_the_factor_into_a_scaled_projector():
     A = torch.randn(2, 20, 4, dtype=torch.complex64)
     ev = torch.linalg.eigvalsh(predicted_covariance(A, qr_retraction=True))
-    torch.testing.assert_close(ev[:, -4:], torch.full((2, 4), 20 / 4), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ev[:, -4:], torch.ones(2, 4), rtol=1e-4, atol=1e-4)
     assert ev[:, :-4].abs().max() < 1e-4
 
 
@@ -100,7 +100,7 @@ def test_aux_loss_is_permutation_invariant(batch):
 def test_total_is_the_weighted_sum_and_lam_gap_is_the_gap_weight(batch):
     cfg = preset("recommended", **SMALL, **{"fixes.lam_gap": 0.5, "loss.k_ce": 0.25})
     model = build_model(cfg.system, cfg.model)
-    losses, _ = compute_losses(model(batch.y, batch.H, batch.codes), batch, rsamp_for(batch, cfg.fixes, cfg.system.ridge), cfg)
+    losses, _ = compute_losses(model(batch.y, batch.H, batch.codes), batch, rsamp_for(batch, cfg.fixes, cfg.system), cfg)
     w = term_weights(cfg)
     assert w["gap"] == 0.5 and w["k_ce"] == 0.25
     torch.testing.assert_close(losses["total"], sum(w[t] * losses[t] for t in TERMS))
@@ -108,7 +108,7 @@ def test_total_is_the_weighted_sum_and_lam_gap_is_the_gap_weight(batch):
 
 def test_loading_leaves_the_nmse_target_untouched_in_the_seed(batch):
     cfg = preset("seed_before")
-    R_samp = rsamp_for(batch, cfg.fixes, cfg.system.ridge)
+    R_samp = rsamp_for(batch, cfg.fixes, cfg.system)
     _, cov = compute_losses(oracle_output(batch, cfg.system), batch, R_samp, cfg, terms=("nmse",))
     torch.testing.assert_close(cov.target, trace_normalise(batch.R_true))
     assert not torch.allclose(cov.R_blend, load(cov.R_blend, 0.0) * 0)

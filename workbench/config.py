@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-SAMPLE_ESTIMATORS = ("seed", "ls_scatter", "covariance_matching")
+SAMPLE_ESTIMATORS = ("seed", "ls_scatter", "covariance_matching", "beamscan")
 GAP_BACKENDS = ("eigh", "svd", "svd_flipped", "eigvalsh", "finite_diff", "topk")
 SUBSPACE_BACKENDS = ("eigh", "detach", "lorentzian", "safe")
 DEVICES = ("auto", "cpu", "cuda")

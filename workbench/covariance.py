@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import SAMPLE_ESTIMATORS, ConfigError, FixConfig
+from .config import SAMPLE_ESTIMATORS, ConfigError, FixConfig, SystemConfig
 
 
 def _check_square(R: torch.Tensor, name: str = "R") -> None:
@@ -69,7 +69,13 @@ def ridge_solutions(y: torch.Tensor, G: torch.Tensor, ridge: float) -> torch.Ten
 
 
 def sample_covariance(
-    y: torch.Tensor, G: torch.Tensor, estimator: str = "seed", ridge: float = 1e-3, noise_var: torch.Tensor | None = None, rank: int | None = 5
+    y: torch.Tensor,
+    G: torch.Tensor,
+    estimator: str = "seed",
+    ridge: float = 1e-3,
+    noise_var: torch.Tensor | None = None,
+    rank: int | None = 5,
+    system: SystemConfig | None = None,
 ) -> torch.Tensor:
     """Estimate the N x N RIS-domain covariance from snapshots y [n,L,M] and G [n,L,M,N].
 
@@ -79,15 +85,20 @@ def sample_covariance(
       when symbols are coherent across snapshots.
     * ``"ls_scatter"``: the same without the centring (shows what the centring costs).
     * ``"covariance_matching"``: see :func:`covariance_matching`.
+    * ``"beamscan"``: structured, see :func:`beamscan_covariance` (needs ``system``).
 
     Returns [n,N,N], raw units (not normalised, not hermitised beyond what the formula gives).
     """
     if estimator not in SAMPLE_ESTIMATORS:
         raise ConfigError(f"rsamp_estimator = {estimator!r} is not allowed: choose one of {', '.join(map(repr, SAMPLE_ESTIMATORS))}")
+    if estimator in ("covariance_matching", "beamscan") and noise_var is None:
+        raise ConfigError(f"noise_var: the {estimator} estimator needs the noise variance per scene")
     if estimator == "covariance_matching":
-        if noise_var is None:
-            raise ConfigError("noise_var: the covariance_matching estimator needs the noise variance per scene")
         return covariance_matching(y, G, noise_var, rank=rank)
+    if estimator == "beamscan":
+        if system is None:
+            raise ConfigError("system: the beamscan estimator needs the SystemConfig (array geometry)")
+        return beamscan_covariance(y, G, noise_var, system, n_sources=rank or system.K_max)
     X = ridge_solutions(y, G, ridge)  # [n,L,N]
     if estimator == "seed":
         X = X - X.mean(dim=1, keepdim=True)
@@ -145,9 +156,91 @@ def psd_projection(R: torch.Tensor, rank: int | None = None) -> torch.Tensor:
     return (V * keep[..., None, :].to(V.dtype)) @ V.mH
 
 
-def rsamp_for(batch, fixes: FixConfig, ridge: float) -> torch.Tensor:
+def separable_grid(system: SystemConfig, n_phi: int = 61, n_theta: int = 31, n_r: int = 8, device=None):
+    """A (phi, theta, r) search grid over the field of view, in the separable form of the steering.
+
+    The near-field phase splits into an x part and a z part, so a(phi, theta, r) = kron(a_z, a_x) with
+    a_z [N_V] depending on (theta, r) and a_x [N_H] on (phi, theta, r); both come from
+    :func:`~workbench.physics.steering` on the one-row and one-column sub-arrays. Ranges are uniform in
+    1/r (near-field range resolution is roughly uniform there). Returns (phi [P], theta [T], r [T],
+    a_z [T,N_V], a_x [T,P,N_H]) with T = n_theta * n_r (theta-major), float32/complex64."""
+    from .physics import steering  # physics imports this module's users; keep the import local
+
+    phi = torch.deg2rad(torch.linspace(-system.phi_max_deg, system.phi_max_deg, n_phi, device=device))
+    theta = torch.deg2rad(torch.linspace(-system.theta_max_deg, system.theta_max_deg, n_theta, device=device))
+    inv_r = torch.linspace(1 / system.r_max_m, 1 / system.r_min_m, n_r, device=device)
+    th, rr = (t.reshape(-1) for t in torch.meshgrid(theta, 1 / inv_r, indexing="ij"))
+    row = system.replace(N_V=1, K_min=1, K_max=1)  # z = 0: the x part of the phase
+    col = system.replace(N_H=1, K_min=1, K_max=1)  # x = 0: the z part
+    a_z = steering(col, torch.zeros_like(th), th, rr)
+    a_x = steering(row, phi[None, :], th[:, None], rr[:, None])
+    return phi, th, rr, a_z, a_x
+
+
+def _grid_scan(G: torch.Tensor, y: torch.Tensor, a_z: torch.Tensor, ax_t: torch.Tensor, n_v: int) -> torch.Tensor:
+    """a_g^H G_l^H y_l for every grid point g = (t, p): G [b,L,M,N], y [b,L,M] -> [b,L,T,P]."""
+    b, L, _, N = G.shape
+    T, Hn, P = ax_t.shape
+    bp = (G.mH @ y[..., None])[..., 0].reshape(b, L, n_v, Hn)
+    Z = torch.einsum("blvh,tv->tblh", bp, a_z.conj()).reshape(T, b * L, Hn)
+    return torch.bmm(Z, ax_t.conj()).reshape(T, b, L, P).permute(1, 2, 0, 3)
+
+
+def beamscan_covariance(y: torch.Tensor, G: torch.Tensor, noise_var: torch.Tensor, system: SystemConfig,
+                        n_sources: int = 5, grid: tuple[int, int, int] = (61, 31, 8), chunk: int = 8) -> torch.Tensor:
+    """Structured estimate: matched-filter beamscan in the measurement domain, then covariance matching
+    of the powers of the picked steering vectors.
+
+    For every grid point g and snapshot l the response is u_lg = G_l a_g; the normalised matched-filter
+    power is P(g) = sum_l |u_lg^H y_l|^2 / ||u_lg||^2. ``n_sources`` points are picked greedily, each
+    pick projected out of the snapshots before the next (orthogonal matching pursuit), and their powers
+    fitted by least squares to the snapshot outer products, E[y_l y_l^H] = sum_k p_k u_lk u_lk^H +
+    sigma^2 I, then clipped at 0. Returns sum_k p_k a_k a_k^H, [n,N,N] in the units of y^2 / |G|^2.
+
+    Assumes i.i.d. symbols and the known noise variance; accuracy is limited by the grid (default 61 x
+    31 x 8 points: 2 deg, 2 deg, 8 ranges uniform in 1/r). Cost about L M N (n_theta n_r) + L M N_H
+    (n_phi n_theta n_r) complex MACs per scene, using the separable steering (:func:`separable_grid`)."""
+    n, L, M, N = G.shape
+    V, Hn = system.N_V, system.N_H
+    _, _, _, a_z, a_x = separable_grid(system, *grid, device=G.device)
+    T, P = a_x.shape[:2]
+    a_z, a_x = a_z.to(G.dtype), a_x.to(G.dtype)
+    ax_t = a_x.transpose(1, 2)  # [T,H,P]
+    out = []
+    for s in range(0, n, chunk):
+        Gc, yc, nv = G[s:s + chunk], y[s:s + chunk], noise_var[s:s + chunk].to(G.real.dtype)
+        b = Gc.shape[0]
+        # ||G_l a_g||^2 for every grid point: contract v with a_z, then h with a_x as one batched matmul
+        W = torch.einsum("blmvh,tv->tblmh", Gc.reshape(b, L, M, V, Hn), a_z).reshape(T, b * L * M, Hn)
+        U = torch.bmm(W, ax_t).reshape(T, b, L, M, P)
+        norm2 = torch.view_as_real(U).square().sum((-1, -3)).permute(1, 2, 0, 3).clamp_min(torch.finfo(U.real.dtype).tiny)
+        del W, U  # norm2: [b,L,T,P]
+
+        resid = yc
+        picks, atoms = [], []
+        for _ in range(n_sources):
+            power = (_grid_scan(Gc, resid, a_z, ax_t, V).abs().pow(2) / norm2).sum(1).reshape(b, T * P)
+            g = power.argmax(-1)
+            t_idx, p_idx = g // P, g % P
+            a = torch.einsum("bv,bh->bvh", a_z[t_idx], a_x[t_idx, p_idx]).reshape(b, N)
+            u = Gc @ a[:, None, :, None]  # [b,L,M,1]
+            u = u[..., 0]
+            resid = resid - u * ((u.conj() * resid).sum(-1, keepdim=True) / u.abs().pow(2).sum(-1, keepdim=True).clamp_min(1e-38))
+            picks.append(a)
+            atoms.append(u)
+        A = torch.stack(picks, 1)  # [b,K,N]
+        Uk = torch.stack(atoms, 2)  # [b,L,K,M]
+        gram = (Uk.conj() @ Uk.mT).abs().pow(2).sum(1)  # sum_l |u_lj^H u_lk|^2, [b,K,K]
+        rhs = ((Uk.conj() * yc[:, :, None, :]).sum(-1).abs().pow(2) - nv[:, None, None] * Uk.abs().pow(2).sum(-1)).sum(1)
+        gram = gram + 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(n_sources, device=G.device)
+        p = torch.linalg.solve(gram, rhs).clamp_min(0)  # [b,K]
+        out.append(torch.einsum("bkn,bk,bkm->bnm", A, p.to(A.dtype), A.conj()))
+    return torch.cat(out)
+
+
+def rsamp_for(batch, fixes: FixConfig, system: SystemConfig) -> torch.Tensor:
     """R_samp of a :class:`~workbench.physics.SceneBatch` under ``fixes`` (estimator + Fix 1)."""
-    R = sample_covariance(batch.y, batch.G, fixes.rsamp_estimator, ridge, batch.noise_var, rank=batch.mask.shape[1])
+    R = sample_covariance(batch.y, batch.G, fixes.rsamp_estimator, system.ridge, batch.noise_var, rank=system.K_max, system=system)
     if fixes.rsamp_normalise:
         R = trace_normalise(hermitise(R))
     return R

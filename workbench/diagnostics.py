@@ -108,7 +108,7 @@ def gradient_report(cfg: ExperimentConfig, batch: SceneBatch | None = None, mode
     groups = model.groups()
     params = [p for ps in groups.values() for p in ps]
     weights = term_weights(cfg)
-    R_samp = rsamp_for(batch, cfg.fixes, cfg.system.ridge)
+    R_samp = rsamp_for(batch, cfg.fixes, cfg.system)
     out = model(batch.y, batch.H, batch.codes)
     losses, cov = compute_losses(out, batch, R_samp, cfg)
     total_grads = torch.autograd.grad(losses["total"], params, retain_graph=True, allow_unused=True) \
@@ -155,7 +155,7 @@ def seed_table(n_scenes: int = 64, presets: Iterable[str] = (*SEED_PRESETS, "rec
         with torch.no_grad():
             raw = sample_covariance(batch.y, batch.G, cfg.fixes.rsamp_estimator, cfg.system.ridge, batch.noise_var,
                                     rank=cfg.system.K_max)
-            R_samp = rsamp_for(batch, cfg.fixes, cfg.system.ridge)
+            R_samp = rsamp_for(batch, cfg.fixes, cfg.system)
             out = model(batch.y, batch.H, batch.codes)
             _, cov = compute_losses(out, batch, R_samp, cfg, terms=("nmse",))
             stats = spectrum_stats(cov.R_blend)

@@ -53,12 +53,13 @@ class Covariances:
 
 
 def predicted_covariance(A: torch.Tensor, qr_retraction: bool) -> torch.Tensor:
-    """R_pred from the factor A [B,N,K_max], trace-normalised to N. With ``qr_retraction`` (the seed
-    pipeline) A is first replaced by the Q of its reduced QR decomposition: R_pred becomes a scaled
-    projector, and QR's backward divides by the diagonal of R (a NaN source for a rank-deficient A)."""
+    """R_pred = A A^H from the factor A [B,N,K_max] (not normalised: the network sets the scale, and the
+    blend's trace normalisation, Fix 2's knob, is what can change it). With ``qr_retraction`` (the seed
+    pipeline) A is first replaced by the Q of its reduced QR decomposition: R_pred becomes a projector of
+    trace K_max, and QR's backward divides by the diagonal of R (a NaN source for a rank-deficient A)."""
     if qr_retraction:
         A = torch.linalg.qr(A, mode="reduced").Q
-    return trace_normalise(A @ A.mH)
+    return A @ A.mH
 
 
 def covariances(out: ModelOutput, batch: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig) -> Covariances:

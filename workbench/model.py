@@ -82,7 +82,7 @@ class CovarianceNet(nn.Module):
             h = self.backbone["norm"](h)
         h = h.float()
         f = self.head["factor"](h).view(h.shape[0], self.N, 2, self.K_max)
-        A = torch.complex(f[:, :, 0], f[:, :, 1]) / math.sqrt(self.N)
+        A = torch.complex(f[:, :, 0], f[:, :, 1]) / math.sqrt(self.K_max)  # trace(A A^H) = O(N) at init
         pooled = h.mean(dim=1)
         k_logits = self.head["k"](pooled)
         u = torch.tanh(self.head["angles"](pooled).view(-1, self.K_max, 3))

@@ -49,7 +49,7 @@ def make_datasets(cfg: ExperimentConfig, device="cpu") -> tuple[SceneBatch, Scen
 @torch.no_grad()
 def precompute_rsamp(data: SceneBatch, cfg: ExperimentConfig, chunk: int = 256) -> torch.Tensor:
     """R_samp of every scene under ``cfg.fixes`` [n,N,N], computed once per run, in chunks."""
-    return torch.cat([rsamp_for(data[s:s + chunk], cfg.fixes, cfg.system.ridge) for s in range(0, len(data), chunk)])
+    return torch.cat([rsamp_for(data[s:s + chunk], cfg.fixes, cfg.system) for s in range(0, len(data), chunk)])
 
 
 def _schedule(opt, cfg: ExperimentConfig, steps_per_epoch: int):
