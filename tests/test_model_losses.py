@@ -100,7 +100,8 @@ def test_aux_loss_is_permutation_invariant(batch):
 def test_total_is_the_weighted_sum_and_lam_gap_is_the_gap_weight(batch):
     cfg = preset("recommended", **SMALL, **{"fixes.lam_gap": 0.5, "loss.k_ce": 0.25})
     model = build_model(cfg.system, cfg.model)
-    losses, _ = compute_losses(model(batch.y, batch.H, batch.codes), batch, rsamp_for(batch, cfg.fixes, cfg.system), cfg)
+    R_samp = rsamp_for(batch, cfg.fixes, cfg.system)
+    losses, _ = compute_losses(model(batch.y, batch.H, batch.codes, R_samp=R_samp), batch, R_samp, cfg)
     w = term_weights(cfg)
     assert w["gap"] == 0.5 and w["k_ce"] == 0.25
     torch.testing.assert_close(losses["total"], sum(w[t] * losses[t] for t in TERMS))
@@ -112,3 +113,22 @@ def test_loading_leaves_the_nmse_target_untouched_in_the_seed(batch):
     _, cov = compute_losses(oracle_output(batch, cfg.system), batch, R_samp, cfg, terms=("nmse",))
     torch.testing.assert_close(cov.target, trace_normalise(batch.R_true))
     assert not torch.allclose(cov.R_blend, load(cov.R_blend, 0.0) * 0)
+
+
+def test_rsamp_input_starts_from_the_estimate_and_requires_it(batch):
+    """With model.rsamp_input the untrained R_pred is the top-K_max part of R_samp scaled to trace N."""
+    from workbench.config import ConfigError
+    from workbench.covariance import psd_projection
+
+    cfg = preset("recommended", **SMALL)
+    assert cfg.model.rsamp_input and not preset("seed_fix2").model.rsamp_input
+    model = build_model(cfg.system, cfg.model)
+    R_samp = rsamp_for(batch, cfg.fixes, cfg.system)
+    with torch.no_grad():
+        model.head["factor"].weight.zero_()
+        model.head["factor"].bias.zero_()
+        R_pred = predicted_covariance(model(batch.y, batch.H, batch.codes, R_samp=R_samp).A, qr_retraction=False)
+    expected = trace_normalise(psd_projection(R_samp, cfg.system.K_max))
+    torch.testing.assert_close(R_pred, expected, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ConfigError, match="R_samp"):
+        model(batch.y, batch.H, batch.codes)

@@ -7,7 +7,7 @@ import torch
 
 from workbench.cli import main
 from workbench.config import ConfigError, preset
-from workbench.train import checks, fit, load_checkpoint, make_datasets, save_checkpoint, verify
+from workbench.train import checks, fit, load_checkpoint, make_datasets, precompute_rsamp, save_checkpoint, verify
 
 TINY = {"model.width": 32, "model.layers": 1, "model.heads": 2, "train.n_train": 48, "train.n_val": 16,
         "train.batch_size": 16, "train.epochs": 2, "fixes.rsamp_estimator": "ls_scatter"}
@@ -46,7 +46,8 @@ def test_checkpoint_round_trip_and_corrupt_file(tiny_run, tmp_path):
     loaded = load_checkpoint(path)
     assert loaded.config == tiny_run.config and loaded.history == tiny_run.history
     b = make_datasets(tiny_run.config)[1][:4]
-    torch.testing.assert_close(loaded.model(b.y, b.H, b.codes).A, tiny_run.model(b.y, b.H, b.codes).A)
+    Rs = precompute_rsamp(b, tiny_run.config)
+    torch.testing.assert_close(loaded.model(b.y, b.H, b.codes, R_samp=Rs).A, tiny_run.model(b.y, b.H, b.codes, R_samp=Rs).A)
     data = path.read_bytes()
     (tmp_path / "bad.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ConfigError, match="checkpoint"):

@@ -245,6 +245,7 @@ class ModelConfig(ConfigBase):
     heads: int = field(default=4, metadata=_num(1, 64))
     ffn_mult: int = field(default=2, metadata=_num(1, 16))  # feed-forward width = ffn_mult * width
     dropout: float = field(default=0.0, metadata=_num(0.0, 0.9))
+    rsamp_input: bool = False  # feed R_samp's top-K_max factor to the network and refine it (a skip)
 
     def _check_relations(self) -> None:
         if self.width % self.heads:
@@ -315,6 +316,9 @@ _FIX_PRESETS: dict[str, dict[str, Any]] = {
 _LOSS_PRESETS: dict[str, dict[str, Any]] = {
     "recommended": dict(subspace=0.1),
 }
+_MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "recommended": dict(rsamp_input=True),
+}
 PRESETS = tuple(_FIX_PRESETS)
 SEED_PRESETS = ("seed_before", "seed_fix1", "seed_fix2", "seed_fix3")
 
@@ -323,7 +327,8 @@ def preset(name: str, **overrides: Any) -> ExperimentConfig:
     """A named preset as a full :class:`ExperimentConfig`; dotted ``overrides`` change fields."""
     if name not in _FIX_PRESETS:
         raise ConfigError(f"preset = {name!r} is not allowed: choose one of {', '.join(map(repr, PRESETS))}")
-    cfg = ExperimentConfig(fixes=FixConfig(**_FIX_PRESETS[name]), loss=LossWeights(**_LOSS_PRESETS.get(name, {})))
+    cfg = ExperimentConfig(fixes=FixConfig(**_FIX_PRESETS[name]), loss=LossWeights(**_LOSS_PRESETS.get(name, {})),
+                           model=ModelConfig(**_MODEL_PRESETS.get(name, {})))
     return cfg.replace(**overrides) if overrides else cfg
 
 

@@ -109,7 +109,7 @@ def gradient_report(cfg: ExperimentConfig, batch: SceneBatch | None = None, mode
     params = [p for ps in groups.values() for p in ps]
     weights = term_weights(cfg)
     R_samp = rsamp_for(batch, cfg.fixes, cfg.system)
-    out = model(batch.y, batch.H, batch.codes)
+    out = model(batch.y, batch.H, batch.codes, R_samp=R_samp)
     losses, cov = compute_losses(out, batch, R_samp, cfg)
     total_grads = torch.autograd.grad(losses["total"], params, retain_graph=True, allow_unused=True) \
         if losses["total"].requires_grad else [None] * len(params)
@@ -156,7 +156,7 @@ def seed_table(n_scenes: int = 64, presets: Iterable[str] = (*SEED_PRESETS, "rec
             raw = sample_covariance(batch.y, batch.G, cfg.fixes.rsamp_estimator, cfg.system.ridge, batch.noise_var,
                                     rank=cfg.system.K_max)
             R_samp = rsamp_for(batch, cfg.fixes, cfg.system)
-            out = model(batch.y, batch.H, batch.codes)
+            out = model(batch.y, batch.H, batch.codes, R_samp=R_samp)
             _, cov = compute_losses(out, batch, R_samp, cfg, terms=("nmse",))
             stats = spectrum_stats(cov.R_blend)
         report = gradient_report(cfg, batch[:n_grad], model, seed=seed)

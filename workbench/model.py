@@ -6,6 +6,11 @@ Tokens are the N RIS elements. Each token carries the back-projections (G_l^H y_
 mixes the tokens (``backbone``); the ``head`` maps each token to its row of A in C^{N x K_max} and the
 pooled tokens to K logits and K_max (phi, theta, r) slots.
 
+With ``rsamp_input`` the network also sees R_samp (the pipeline's sample covariance, whatever its
+estimator): each token gets its row of the factor F = V_K sqrt(Lambda_K / tr R_samp) of the K_max largest
+eigenpairs, and the factor output is F s + (learned correction), s a learned per-scene-independent scale
+(initialised to 1), so training starts from the physics-based estimate and refines it.
+
 Mixed precision (``amp=True``) runs only the encoder under autocast (bfloat16 on CPU, float16 on CUDA);
 the complex inputs, the factor and every linear-algebra step stay float32/complex64.
 """
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import ModelConfig, SystemConfig
+from .config import ConfigError, ModelConfig, SystemConfig
 from .physics import element_positions
 
 REFERENCE_MODEL = ModelConfig(width=512, layers=4, heads=8, ffn_mult=7)  # about 19 M parameters, for a GPU
@@ -44,7 +49,7 @@ class CovarianceNet(nn.Module):
         self.register_buffer("pos", torch.stack([x, z], -1) / span, persistent=False)  # [N,2]
         self.backbone = nn.ModuleDict(
             {
-                "embed": nn.Linear(2 * L + 2, W),
+                "embed": nn.Linear(2 * L + 2 + (2 * K if cfg.rsamp_input else 0), W),
                 "encoder": nn.TransformerEncoder(
                     nn.TransformerEncoderLayer(
                         W, cfg.heads, cfg.ffn_mult * W, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
@@ -62,6 +67,8 @@ class CovarianceNet(nn.Module):
                 "angles": nn.Linear(W, 3 * K),
             }
         )
+        if cfg.rsamp_input:
+            self.head["prior_scale"] = _Scale(math.sqrt(N))
         self.N, self.K_max = N, K
 
     def features(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -73,8 +80,24 @@ class CovarianceNet(nn.Module):
         pos = self.pos.expand(y.shape[0], -1, -1)
         return torch.cat([bp.real, bp.imag, pos], dim=-1).float()
 
-    def forward(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, amp: bool = False) -> ModelOutput:
+    @staticmethod
+    def prior_factor(R_samp: torch.Tensor, k: int) -> torch.Tensor:
+        """F = V_k sqrt(lambda_k / tr R) of the k largest eigenpairs, [B,N,k] complex64 (no gradient)."""
+        with torch.no_grad():
+            ev, V = torch.linalg.eigh(0.5 * (R_samp + R_samp.mH))
+            ev, V = ev[..., -k:].clamp_min(0), V[..., -k:]
+            tr = ev.sum(-1, keepdim=True).clamp_min(1e-30)
+            return (V * (ev / tr).sqrt()[..., None, :].to(V.dtype)).to(torch.complex64)
+
+    def forward(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, R_samp: torch.Tensor | None = None,
+                amp: bool = False) -> ModelOutput:
         feats = self.features(y, H, codes)
+        prior = None
+        if self.cfg.rsamp_input:
+            if R_samp is None:
+                raise ConfigError("R_samp: this model was built with model.rsamp_input = true and needs R_samp [B,N,N]")
+            prior = self.prior_factor(R_samp, self.K_max)
+            feats = torch.cat([feats, math.sqrt(self.N) * prior.real, math.sqrt(self.N) * prior.imag], dim=-1)
         amp_dtype = torch.float16 if feats.is_cuda else torch.bfloat16
         with torch.autocast(feats.device.type, dtype=amp_dtype, enabled=amp):
             h = self.backbone["embed"](feats)
@@ -83,6 +106,8 @@ class CovarianceNet(nn.Module):
         h = h.float()
         f = self.head["factor"](h).view(h.shape[0], self.N, 2, self.K_max)
         A = torch.complex(f[:, :, 0], f[:, :, 1]) / math.sqrt(self.K_max)  # trace(A A^H) = O(N) at init
+        if prior is not None:
+            A = self.head["prior_scale"](prior) + 0.1 * A
         pooled = h.mean(dim=1)
         k_logits = self.head["k"](pooled)
         u = torch.tanh(self.head["angles"](pooled).view(-1, self.K_max, 3))
@@ -95,6 +120,17 @@ class CovarianceNet(nn.Module):
     def groups(self) -> dict[str, list[nn.Parameter]]:
         """Named parameter groups, as in the seed's ``[GRAD] backbone=... head=...`` line."""
         return {"backbone": list(self.backbone.parameters()), "head": list(self.head.parameters())}
+
+
+class _Scale(nn.Module):
+    """Multiplication by one learned scalar."""
+
+    def __init__(self, init: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x
 
 
 def build_model(system: SystemConfig, cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> CovarianceNet:

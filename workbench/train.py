@@ -70,7 +70,7 @@ def evaluate(model: CovarianceNet, data: SceneBatch, R_samp: torch.Tensor, cfg: 
     nm = []
     for s in range(0, len(data), batch_size):
         b = data[s:s + batch_size]
-        out = model(b.y, b.H, b.codes, amp=cfg.train.amp)
+        out = model(b.y, b.H, b.codes, R_samp=R_samp[s:s + batch_size], amp=cfg.train.amp)
         losses, cov = compute_losses(out, b, R_samp[s:s + batch_size], cfg)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(b)
@@ -117,7 +117,7 @@ def fit(cfg: ExperimentConfig, train_data: SceneBatch | None = None, val_data: S
         for idx in torch.randperm(n, generator=gen).split(t.batch_size):
             idx = idx.to(device)
             b = train_data[idx]
-            out = model(b.y, b.H, b.codes, amp=t.amp)
+            out = model(b.y, b.H, b.codes, R_samp=Rs_train[idx], amp=t.amp)
             losses, _ = compute_losses(out, b, Rs_train[idx], cfg)
             opt.zero_grad(set_to_none=True)
             scaler.scale(losses["total"]).backward()
@@ -133,7 +133,7 @@ def fit(cfg: ExperimentConfig, train_data: SceneBatch | None = None, val_data: S
                 continue
             if not finite:
                 skipped_nonfinite += 1
-                out = model(b.y, b.H, b.codes, amp=t.amp)  # recompute the graph to trace the NaN's origin
+                out = model(b.y, b.H, b.codes, R_samp=Rs_train[idx], amp=t.amp)  # recompute the graph to trace the NaN's origin
                 records = provenance(compute_losses(out, b, Rs_train[idx], cfg)[0], model, weights)
                 prov.extend({"epoch": epoch, "step": step, **r} for r in records or [{"term": "total", "op": "unknown", "groups": []}])
                 opt.zero_grad(set_to_none=True)
