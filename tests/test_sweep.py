@@ -1,0 +1,251 @@
+"""Optuna sweeps: the search space, the objective (pruning, non-finite provenance), resuming, and workers
+sharing one study on SQLite and on a real PostgreSQL server (WORKBENCH_PG_URL, see .ci/setup-postgres.sh)."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from workbench import sweep
+from workbench.cli import main
+from workbench.config import ConfigError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+TINY_FIXED = {"model.width": 32, "model.layers": 1, "model.heads": 2, "train.device": "cpu", "train.batch_size": 32}
+TINY = {"train.epochs": 2, "train.n_train": 64, "train.n_val": 32}
+SPACE = {"preset": "seed_fix2", "fixed": TINY_FIXED,
+         "params": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                    "fixes.qr_retraction": [True, False],
+                    "fixes.subspace_backend": ["eigh", "safe"],
+                    "loss.subspace": [0.0, 0.1]}}
+GOOD = {"fixes.qr_retraction": True, "fixes.subspace_backend": "safe"}
+
+
+def _space(**overrides):
+    return sweep.load_space(SPACE, overrides={**TINY, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# search space and bad input: all fail before a storage is touched or a trial starts
+@pytest.mark.parametrize("params, words", [
+    ({"fixes.not_a_knob": [1, 2]}, ["'fixes.not_a_knob'", "searchable", "fixes.c_eps"]),
+    ({"system.M": [8, 16]}, ["'system.M'", "searchable"]),
+    ({}, ["empty"]),
+    ({"fixes.c_eps": {"type": "float", "low": 1.0, "high": 0.1}}, ["fixes.c_eps", "low = 1.0 > high = 0.1"]),
+    ({"fixes.c_eps": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}, ["fixes.c_eps", "log"]),
+    ({"fixes.beta": {"type": "float", "low": 0.0, "high": 2.0}}, ["fixes.beta", "2.0", "out of range"]),
+    ({"fixes.gap_backend": ["eigh", "qr"]}, ["fixes.gap_backend", "'qr'", "'topk'"]),
+    ({"train.lr": {"type": "float", "low": 1e-4}}, ["train.lr", "'high'"]),
+])
+def test_bad_space_file_fails_before_any_trial(tmp_path, params, words):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({"params": params}))
+    db = tmp_path / "optuna.db"
+    with pytest.raises(ConfigError) as e:
+        sweep.run_sweep(path, trials=2, epochs=1, n_train=8, n_val=8, storage=f"sqlite:///{db}", verbose=False)
+    for w in words:
+        assert w in str(e.value)
+    assert not db.exists()  # nothing was created, so no trial can have started
+
+
+def test_cli_reports_bad_space_and_unreachable_storage(tmp_path, capsys):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({"fixes.c_epsilon": [0.1]}))
+    assert main(["sweep", "--space", str(path), "--storage", f"sqlite:///{tmp_path}/x.db"]) == 2
+    assert "unknown knob(s) 'fixes.c_epsilon'" in capsys.readouterr().err
+    # a closed local port: refused at once; the password never appears in the message
+    url = "postgresql+psycopg2://someone:s3cret@127.0.0.1:1/nodb"
+    assert main(["sweep", "--storage", url, "--trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open the study storage" in err and "127.0.0.1:1" in err and "s3cret" not in err
+    with pytest.raises(ConfigError, match="expected an SQLAlchemy URL"):
+        sweep.open_storage("redis://localhost/0")
+    with pytest.raises(ConfigError, match="no such file"):
+        sweep.load_space(tmp_path / "missing.json")
+
+
+def test_space_maps_trial_values_onto_the_config(tmp_path):
+    space = _space()
+    assert space.base.fixes.rblend_trace_normalise is False and space.base.model.width == 32  # preset + fixed
+    values = {"train.lr": 3e-3, "fixes.qr_retraction": False, "fixes.subspace_backend": "eigh", "loss.subspace": 0.1}
+    drawn = space.suggest(optuna.trial.FixedTrial(values))
+    assert drawn == values
+    cfg = space.config(drawn)
+    assert (cfg.train.lr, cfg.fixes.qr_retraction, cfg.fixes.subspace_backend, cfg.loss.subspace) == (3e-3, False, "eigh", 0.1)
+    assert sweep.SearchSpace.from_dict(json.loads(json.dumps(space.to_dict()))) == space
+    yaml = pytest.importorskip("yaml")
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump({"params": {"fixes.c_eps": {"type": "float", "low": 0.01, "high": 1.0, "log": True}}}))
+    d = sweep.load_space(p).params["fixes.c_eps"]
+    assert (d.low, d.high, d.log) == (0.01, 1.0, True)
+    assert set(sweep.load_space(None).params) == set(sweep.DEFAULT_SPACE)
+
+
+# ---------------------------------------------------------------------------------------------
+# the objective: per-epoch reports, the pruner, non-finite trials with provenance
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add contention
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pruned_study(tmp_path_factory):
+    url = f"sqlite:///{tmp_path_factory.mktemp('sweep')}/optuna.db"
+    s = sweep.create_study(_space(), url, "prune", pruner="median", pruner_startup=2)
+    s.enqueue_trial({"train.lr": 1e-3, **GOOD, "loss.subspace": 0.1})
+    s.enqueue_trial({"train.lr": 2e-3, **GOOD, "loss.subspace": 0.0})
+    # no QR retraction of the factor: a much worse val_nmse at epoch 0 (measured), pruned by the median rule
+    s.enqueue_trial({"train.lr": 1e-3, "fixes.qr_retraction": False, "fixes.subspace_backend": "safe", "loss.subspace": 0.1})
+    # eigenvector gradients through a degenerate spectrum: non-finite steps
+    s.enqueue_trial({"train.lr": 1e-3, "fixes.qr_retraction": True, "fixes.subspace_backend": "eigh", "loss.subspace": 0.1})
+    ran = sweep.run_worker(url, "prune", 4, heartbeat=2, verbose=False)
+    assert ran == [0, 1, 2, 3]
+    return sweep.load_study(url, "prune")
+
+
+def test_completed_trials_report_the_unweighted_val_nmse_every_epoch(pruned_study):
+    for t in pruned_study.trials[:2]:
+        assert t.state == TrialState.COMPLETE
+        assert sorted(t.intermediate_values) == [0, 1]
+        epochs = t.user_attrs["epochs"]
+        assert [e["val_nmse"] for e in epochs] == [t.intermediate_values[0], t.intermediate_values[1]]
+        assert t.value == t.intermediate_values[1]  # the objective is the last epoch's val_nmse
+
+
+def test_median_pruner_prunes_a_bad_configuration(pruned_study):
+    t = pruned_study.trials[2]
+    assert t.state == TrialState.PRUNED and t.user_attrs["pruned_reason"] == "pruner"
+    assert list(t.intermediate_values) == [0]  # stopped after the first epoch
+    first = sorted(x.intermediate_values[0] for x in pruned_study.trials[:2])
+    assert t.intermediate_values[0] > sum(first) / 2  # worse than the median at that step
+
+
+def test_nonfinite_trial_is_pruned_with_its_provenance(pruned_study):
+    t = pruned_study.trials[3]
+    assert t.state == TrialState.PRUNED and t.user_attrs["pruned_reason"] == "nonfinite"
+    assert t.user_attrs["nonfinite_steps"] > 0 and t.user_attrs["provenance_count"] >= len(t.user_attrs["provenance"]) > 0
+    prov = t.user_attrs["provenance"]
+    json.dumps(prov)  # plain JSON
+    assert {(p["term"], p["op"]) for p in prov} == {("subspace", "LinalgEighBackward0")}
+    assert sweep.summarize(pruned_study)["nonfinite"] == 1
+
+
+def test_outcome_fractions_and_figures(pruned_study):
+    rows = {(r["param"], r["value"]): r for r in sweep.outcome_fractions(pruned_study)}
+    eigh = rows[("fixes.subspace_backend", "eigh")]
+    assert eigh["n"] == 1 and eigh["nonfinite"] == 1.0
+    safe = rows[("fixes.subspace_backend", "safe")]
+    assert safe["n"] == 3 and safe["complete"] == pytest.approx(2 / 3) and safe["pruned"] == pytest.approx(1 / 3)
+    for r in rows.values():
+        assert r["complete"] + r["pruned"] + r["nonfinite"] + r["failed"] == pytest.approx(1.0)
+    fig = sweep.plot_outcomes(pruned_study)
+    assert len(fig.data) == 4 * 4  # 4 outcomes x 4 knobs
+    assert len(sweep.plot_history(pruned_study).data) >= 1
+    par = sweep.plot_parallel(pruned_study)
+    assert {"val_nmse", "train.lr", "loss.subspace"} <= set(par.layout.xaxis.ticktext) and par.data
+
+
+# ---------------------------------------------------------------------------------------------
+def test_rerunning_the_command_resumes_the_study(tmp_path):
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    kw = dict(trials=2, epochs=1, n_train=32, n_val=16, storage=url, study="resume", preset_name="seed_fix2",
+              overrides=TINY_FIXED, pruner="none", verbose=False)
+    space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    s = sweep.run_sweep(space, **kw)
+    first = [(t.number, t.value, t.params) for t in s.trials]
+    assert len(first) == 2
+    sweep.run_sweep(space, **kw)  # the same command again: nothing left to do
+    assert len(sweep.load_study(url, "resume").trials) == 2
+    s = sweep.run_sweep(space, **{**kw, "trials": 3})
+    assert [(t.number, t.value, t.params) for t in s.trials[:2]] == first and len(s.trials) == 3
+    with pytest.raises(ConfigError, match="different search space"):
+        sweep.run_sweep({"train.lr": [1e-3]}, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# workers sharing one study; one of them killed mid-trial
+@pytest.fixture
+def pg_url():
+    base = os.environ.get("WORKBENCH_PG_URL")
+    if not base:
+        pytest.skip("WORKBENCH_PG_URL is not set: source .ci/setup-postgres.sh to start a local PostgreSQL server")
+    import sqlalchemy as sa
+
+    name = f"wb_sweep_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield sa.make_url(base).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path}/optuna.db"
+
+
+def _ran(stdout: str) -> list[int]:
+    return [int(line.split()[3]) for line in stdout.splitlines() if line.startswith("[worker ")]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_two_workers_share_a_study_and_survive_a_killed_worker(backend, request):
+    url = request.getfixturevalue("pg_url" if backend == "postgres" else "sqlite_url")
+    target = 6
+    space = sweep.load_space({**SPACE, "params": {"train.lr": SPACE["params"]["train.lr"]}}, overrides={**TINY, **GOOD})
+    sweep.create_study(space, url, "shared", pruner="none")
+    kw = dict(heartbeat=1, grace=3, threads=1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = sweep.spawn_worker(url, "shared", target, worker=0, **kw)
+    other = sweep.spawn_worker(url, "shared", target, worker=1, **kw)
+    study = sweep.load_study(url, "shared", heartbeat=None)
+    killed = None
+    deadline = time.monotonic() + 90
+    try:
+        while killed is None and time.monotonic() < deadline:  # kill worker 0 in its second trial
+            mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker", {}).get("index") == 0]
+            running = [t for t in mine if t.state == TrialState.RUNNING and t.params]  # past suggest: training
+            if running and len(mine) >= 2 and victim.poll() is None:
+                victim.send_signal(signal.SIGKILL)
+                killed = running[0].number
+            time.sleep(0.1)
+        assert killed is not None, "worker 0 never reached a second trial"
+        out_victim = victim.communicate(timeout=10)[0]
+        out_other, err_other = other.communicate(timeout=90)
+    finally:
+        for p in (victim, other):
+            if p.poll() is None:
+                p.kill()
+    assert other.returncode == 0, err_other[-2000:]
+    trials = sweep.load_study(url, "shared", heartbeat=None).trials
+    by_number = {t.number: t for t in trials}
+    assert sorted(by_number) == list(range(len(trials)))  # no trial recorded twice or lost
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # the killed trial was failed by its stale heartbeat and re-run, with the same params, by worker 1
+    assert by_number[killed].state == TrialState.FAIL
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == by_number[killed].params and retry[0].user_attrs["worker"]["index"] == 1
+    finished = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert target <= len(finished) <= target + 1  # at most workers - 1 extra (both start the last trial)
+    # every finished trial was logged by exactly one worker, and both workers did some of them
+    logged = _ran(out_victim) + _ran(out_other)
+    assert sorted(logged) == sorted(t.number for t in finished)
+    assert _ran(out_victim) and _ran(out_other)
+    assert {t.user_attrs["worker"]["index"] for t in finished} == {0, 1}
+    # the study is still usable: one more trial
+    sweep.run_worker(url, "shared", len(finished) + 1, heartbeat=1, verbose=False)
+    assert sweep.progress_counts(sweep.load_study(url, "shared", heartbeat=None))["done"] == len(finished) + 1

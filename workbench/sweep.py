@@ -1,0 +1,645 @@
+"""Optuna sweeps over the fix knobs and training hyperparameters (issue 5).
+
+The objective is the UNWEIGHTED validation NMSE of R_pred (``record["val_nmse"]`` of :func:`train.fit`),
+a quantity the searched loss weights cannot shrink by themselves. It is reported every epoch with
+``trial.report`` so the pruner can act. A trial whose training skipped a non-finite step (or whose loss
+or validation NMSE is non-finite) is pruned, and its NaN provenance is kept as the trial user attribute
+``provenance`` (plain JSON), with ``pruned_reason = "nonfinite"``.
+
+Storage. Everything goes through Optuna's ``RDBStorage``: the default is an SQLite file
+``runs/optuna.db`` (no server; one file a researcher can copy, and the same schema, heartbeats and
+stale-trial handling as the server path), and ``--storage postgresql+psycopg2://...`` shares one study
+between workers on many machines. The study is created once, before any worker starts (concurrent first
+creation of an SQLite study races); it stores the search space, the base config and the pruner settings
+as study user attributes, so a worker elsewhere only needs ``--storage``, ``--study`` and ``--join``.
+
+Workers. Each worker runs trials until the study holds ``trials`` finished trials (COMPLETE, PRUNED, or
+FAIL that was not retried); re-running the same command therefore resumes the study, and a larger
+``--trials`` extends it. Heartbeats mark a killed worker's running trial FAIL after the grace period and
+re-queue it once with the same parameters (``RetryHeartbeatStaleTrialCallback``), so a killed worker loses
+at most its running trial. Two workers that check the count at the same instant may each start the last
+trial: the study can end with up to ``workers - 1`` trials more than asked (Optuna's usual behaviour).
+
+Search-space file (JSON, or YAML when PyYAML is installed)::
+
+    {"preset": "recommended",                       # optional, the base config
+     "fixed": {"train.batch_size": 32},             # optional, dotted overrides not searched
+     "params": {"fixes.c_eps": {"type": "float", "low": 1e-3, "high": 1.0, "log": true},
+                "fixes.gap_backend": ["eigh", "topk"],        # a list is a categorical
+                "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": true}}}
+
+A mapping without ``params`` is taken as the params themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from .config import ConfigError, ExperimentConfig, FixConfig, LossWeights, preset, resolve_device
+
+# Knobs a space may search: every fix knob, every loss weight and the optimiser's hyperparameters.
+TRAIN_KNOBS = ("lr", "weight_decay", "grad_clip", "batch_size", "schedule")
+SEARCHABLE = tuple(
+    [f"fixes.{f.name}" for f in dataclasses.fields(FixConfig)]
+    + [f"loss.{f.name}" for f in dataclasses.fields(LossWeights)]
+    + [f"train.{k}" for k in TRAIN_KNOBS]
+)
+
+DEFAULT_SPACE: dict[str, Any] = {
+    "fixes.rsamp_normalise": [True, False],
+    "fixes.rblend_trace_normalise": [True, False],
+    "fixes.c_eps": {"type": "float", "low": 1e-3, "high": 1.0, "log": True},
+    "fixes.lam_gap": {"type": "float", "low": 0.0, "high": 0.05},
+    # finite_diff is left out of the default: it costs one forward per eigenvalue direction
+    "fixes.gap_backend": ["eigh", "svd", "svd_flipped", "eigvalsh", "topk"],
+    "fixes.subspace_backend": ["eigh", "detach", "lorentzian", "safe"],
+    "fixes.rsamp_estimator": ["seed", "ls_scatter", "covariance_matching"],
+    "fixes.beta": {"type": "float", "low": 0.0, "high": 0.6},
+    "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    "train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-1, "log": True},
+    "loss.subspace": {"type": "float", "low": 0.0, "high": 0.3},
+}
+
+DEFAULT_STUDY = "sweep"
+DEFAULT_DB = Path("runs") / "optuna.db"
+PRUNERS = ("median", "none")
+PROVENANCE_KEEP = 20  # provenance records stored per trial (the count is stored too)
+
+
+# ---------------------------------------------------------------------------------------------
+# search space
+@dataclass(frozen=True)
+class SearchSpace:
+    """Validated search space: Optuna distributions per dotted config key, plus the base config.
+
+    ``params``: {"fixes.c_eps": FloatDistribution, ...}; ``base``: the ExperimentConfig every trial starts
+    from (preset + fixed overrides + command-line overrides)."""
+
+    params: dict[str, BaseDistribution]
+    base: ExperimentConfig
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Draw every parameter from ``trial``; returns {dotted key: value}."""
+        out = {}
+        for name, d in self.params.items():
+            if isinstance(d, FloatDistribution):
+                out[name] = trial.suggest_float(name, d.low, d.high, log=d.log, step=d.step)
+            elif isinstance(d, IntDistribution):
+                out[name] = trial.suggest_int(name, d.low, d.high, log=d.log, step=d.step)
+            else:
+                out[name] = trial.suggest_categorical(name, d.choices)
+        return out
+
+    def config(self, values: dict[str, Any]) -> ExperimentConfig:
+        """The base config with the trial's values applied (validated)."""
+        return self.base.replace(**values)
+
+    def to_dict(self) -> dict:
+        """JSON-able form: {"params": {key: distribution JSON}, "base": config dict}."""
+        return {"params": {k: json.loads(optuna.distributions.distribution_to_json(d)) for k, d in self.params.items()},
+                "base": self.base.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SearchSpace:
+        params = {k: optuna.distributions.json_to_distribution(json.dumps(v)) for k, v in data["params"].items()}
+        return cls(params=params, base=ExperimentConfig.from_dict(data["base"]))
+
+
+def read_space_file(path: str | os.PathLike) -> dict:
+    """Parse a JSON (or YAML) search-space file into a plain dict; ConfigError on a missing or bad file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"space = {str(p)!r}: no such file")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as e:
+                raise ConfigError(f"space = {str(p)!r}: YAML needs PyYAML (pip install pyyaml), or write the space as JSON") from e
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"space = {str(p)!r}: cannot parse ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"space = {str(p)!r}: expected a mapping of knobs, got {type(data).__name__}")
+    return data
+
+
+def _distribution(key: str, spec: Any, base: ExperimentConfig) -> BaseDistribution:
+    where = f"search space {key}"
+    if isinstance(spec, (list, tuple)):
+        spec = {"type": "categorical", "choices": list(spec)}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} = {spec!r}: expected a list of choices or a mapping with type/low/high")
+    kind = spec.get("type", "categorical" if "choices" in spec else "float")
+    allowed = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
+               "categorical": {"type", "choices"}}
+    if kind not in allowed:
+        raise ConfigError(f"{where}: type = {kind!r} is not allowed: choose one of 'float', 'int', 'categorical'")
+    extra = sorted(set(spec) - allowed[kind])
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)} for type {kind!r}; allowed: {', '.join(sorted(allowed[kind]))}")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{where}: choices = {choices!r}: expected a non-empty list")
+        for c in choices:  # every value must be a valid config value
+            _check_value(key, c, base)
+        return CategoricalDistribution(choices)
+    for k in ("low", "high"):
+        if k not in spec:
+            raise ConfigError(f"{where}: {kind} range needs '{k}'")
+        v = spec[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{where}: {k} = {v!r}: expected a finite number")
+    low, high, log, step = spec["low"], spec["high"], bool(spec.get("log", False)), spec.get("step")
+    if low > high:
+        raise ConfigError(f"{where}: low = {low!r} > high = {high!r}: the range is empty")
+    if log and low <= 0:
+        raise ConfigError(f"{where}: low = {low!r} with log = true: a log range needs low > 0")
+    if log and step is not None:
+        raise ConfigError(f"{where}: step and log = true cannot be combined")
+    _check_value(key, low, base)
+    _check_value(key, high, base)
+    if kind == "int":
+        if not (float(low).is_integer() and float(high).is_integer()):
+            raise ConfigError(f"{where}: int range [{low}, {high}] needs integer bounds")
+        return IntDistribution(int(low), int(high), log=log, step=int(step or 1))
+    return FloatDistribution(float(low), float(high), log=log, step=None if step is None else float(step))
+
+
+def _check_value(key: str, value: Any, base: ExperimentConfig) -> None:
+    try:
+        base.replace(**{key: value})
+    except ConfigError as e:
+        raise ConfigError(f"search space {key}: value {value!r} is not a valid config value ({e})") from e
+
+
+def load_space(space: str | os.PathLike | dict | None = None, preset_name: str = "recommended",
+               overrides: dict[str, Any] | None = None) -> SearchSpace:
+    """Build and validate a :class:`SearchSpace` from a file, a dict or ``None`` (the default space).
+
+    ``overrides`` (dotted keys) are applied to the base config after the space's ``fixed`` section. Fails
+    with ConfigError on an unknown knob, a bad range, a value the config rejects or an empty space."""
+    if space is None:
+        data: dict = {"params": copy.deepcopy(DEFAULT_SPACE)}
+    elif isinstance(space, dict):
+        data = copy.deepcopy(space)
+    else:
+        data = read_space_file(space)
+    if "params" not in data:
+        data = {"params": data}
+    unknown_sections = sorted(set(data) - {"preset", "fixed", "params"})
+    if unknown_sections:
+        raise ConfigError(f"search space: unknown section(s) {', '.join(unknown_sections)}; allowed: preset, fixed, params")
+    params = data["params"]
+    if not isinstance(params, dict):
+        raise ConfigError(f"search space params = {params!r}: expected a mapping of knob -> range")
+    if not params:
+        raise ConfigError("search space is empty: give at least one knob to search, e.g. {\"fixes.c_eps\": [0.01, 1.0]}; "
+                          f"searchable: {', '.join(SEARCHABLE)}")
+    unknown = sorted(set(params) - set(SEARCHABLE))
+    if unknown:
+        raise ConfigError(f"search space: unknown knob(s) {', '.join(map(repr, unknown))}; searchable: {', '.join(SEARCHABLE)}")
+    fixed = data.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise ConfigError(f"search space fixed = {fixed!r}: expected a mapping of dotted keys")
+    base = preset(data.get("preset", preset_name))
+    try:
+        base = base.replace(**fixed, **(overrides or {}))
+    except ConfigError as e:
+        raise ConfigError(f"search space base config: {e}") from e
+    return SearchSpace(params={k: _distribution(k, v, base) for k, v in params.items()}, base=base)
+
+
+# ---------------------------------------------------------------------------------------------
+# storage
+def default_storage_url(runs_dir: str | os.PathLike = "runs") -> str:
+    """``sqlite:///<abs>/runs/optuna.db``: absolute, so worker processes started elsewhere agree."""
+    return f"sqlite:///{(Path(runs_dir) / 'optuna.db').resolve()}"
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def open_storage(url: str | None = None, heartbeat: int | None = 10, grace: int | None = None) -> optuna.storages.RDBStorage:
+    """Open (and create the tables of) the study storage at ``url`` (default: :func:`default_storage_url`).
+
+    ``heartbeat``: seconds between a running trial's heartbeats (None: off); ``grace``: seconds without a
+    heartbeat after which a running trial counts as dead (default 3 heartbeats). A dead trial is failed and
+    re-queued once with the same parameters. ConfigError names the (password-masked) URL on failure."""
+    url = url or default_storage_url()
+    if not isinstance(url, str) or not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", url):
+        raise ConfigError(f"storage = {url!r}: expected an SQLAlchemy URL such as sqlite:///runs/optuna.db "
+                          "or postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB")
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs["connect_args"] = {"timeout": 60}  # wait for the file lock instead of failing at once
+    elif url.startswith("postgresql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    kwargs: dict[str, Any] = {}
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module=__name__)
+    if heartbeat:
+        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+        kwargs = {"heartbeat_interval": int(heartbeat), "grace_period": int(grace or 3 * heartbeat)}
+        if retry is not None:
+            kwargs["heartbeat_stale_trial_callback"] = retry(max_retry=1)
+        else:  # optuna < 4.9
+            kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except Exception as e:  # sqlalchemy raises many kinds (OperationalError, ArgumentError, NoSuchModuleError)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"storage = {mask_url(url)!r}: cannot open the study storage ({type(e).__name__}: {mask_url(msg)})") from e
+
+
+def _pruner(settings: dict) -> optuna.pruners.BasePruner:
+    if settings["pruner"] == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=settings["startup"], n_warmup_steps=0)
+
+
+def create_study(space: SearchSpace, storage: str | None = None, study: str = DEFAULT_STUDY, pruner: str = "median",
+                 pruner_startup: int = 2) -> optuna.Study:
+    """Create the study (or load it when it exists with the same space and base config).
+
+    Call once before workers fan out. Stores {"space", "pruner"} as study user attributes. ConfigError
+    when an existing study of that name was made with a different space, base config or pruner."""
+    if pruner not in PRUNERS:
+        raise ConfigError(f"pruner = {pruner!r} is not allowed: choose one of {', '.join(map(repr, PRUNERS))}")
+    if isinstance(pruner_startup, bool) or not isinstance(pruner_startup, int) or pruner_startup < 0:
+        raise ConfigError(f"pruner_startup = {pruner_startup!r}: expected an integer >= 0")
+    settings = {"pruner": pruner, "startup": pruner_startup}
+    st = open_storage(storage)
+    s = optuna.create_study(study_name=study, storage=st, direction="minimize", load_if_exists=True, pruner=_pruner(settings))
+    want = space.to_dict()
+    have = s.user_attrs.get("space")
+    if have is None:
+        s.set_user_attr("space", want)
+        s.set_user_attr("pruner", settings)
+    elif json.dumps(have, sort_keys=True) != json.dumps(want, sort_keys=True) or s.user_attrs.get("pruner") != settings:
+        raise ConfigError(f"study = {study!r} already exists in {mask_url(st.url)!r} with a different search space, base config "
+                          "or pruner; resume it with the same command, or choose a new --study name")
+    return s
+
+
+def study_space(study: optuna.Study) -> tuple[SearchSpace, dict]:
+    """The search space and pruner settings stored in a study by :func:`create_study`."""
+    if "space" not in study.user_attrs:
+        raise ConfigError(f"study = {study.study_name!r} was not created by `workbench sweep` (no stored search space)")
+    return SearchSpace.from_dict(study.user_attrs["space"]), study.user_attrs.get("pruner", {"pruner": "median", "startup": 2})
+
+
+def load_study(storage: str | None = None, study: str = DEFAULT_STUDY, heartbeat: int | None = 10, grace: int | None = None,
+               sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
+    """Load an existing study, with the pruner it was created with. ConfigError when there is none."""
+    st = open_storage(storage, heartbeat, grace)
+    names = [s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)]
+    if study not in names:
+        raise ConfigError(f"study = {study!r} not found in {mask_url(st.url)!r}; existing: {', '.join(names) or 'none'}")
+    s = optuna.load_study(study_name=study, storage=st, sampler=sampler)
+    _, settings = study_space(s)
+    s.pruner = _pruner(settings)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# objective
+_DATA: dict[str, tuple] = {}
+
+
+def _datasets(cfg: ExperimentConfig):
+    """Training/validation scenes, cached per process: they depend only on the system, sizes and seed."""
+    from .train import make_datasets
+
+    t = cfg.train
+    key = json.dumps([cfg.system.to_dict(), t.n_train, t.n_val, t.seed, t.device], sort_keys=True)
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = make_datasets(cfg, resolve_device(t.device))
+    return _DATA[key]
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types (tensors, paths and other objects become strings)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def train_objective(trial: optuna.Trial, cfg: ExperimentConfig, fit: Callable | None = None) -> float:
+    """Train under ``cfg``; returns the last epoch's unweighted validation NMSE of R_pred.
+
+    Reports ``val_nmse`` every epoch (step = epoch) and raises ``optuna.TrialPruned`` when the pruner says
+    so, or when a step was non-finite; then the trial's user attributes hold ``pruned_reason``
+    ("pruner" | "nonfinite"), and for non-finite trials ``nonfinite_steps``, ``provenance`` (the first
+    records of train.fit's NaN provenance) and ``provenance_count``. ``fit`` is injectable (tests)."""
+    if fit is None:
+        from .train import fit
+    state: dict[str, Any] = {"reason": None, "epochs": []}
+
+    def on_epoch(record: dict) -> bool:
+        val = float(record["val_nmse"])
+        state["epochs"].append({"epoch": record["epoch"], "val_nmse": val if math.isfinite(val) else None,
+                                "skipped_nonfinite": int(record["skipped_nonfinite"]), "seconds": float(record.get("seconds", 0.0))})
+        bad = int(record["skipped_nonfinite"]) > 0 or not math.isfinite(float(record["train_loss"])) or not math.isfinite(val)
+        if bad:
+            state["reason"] = "nonfinite"
+            return True
+        trial.report(val, record["epoch"])
+        if trial.should_prune():
+            state["reason"] = "pruner"
+            return True
+        return False
+
+    train, val = _datasets(cfg)
+    result = fit(cfg, train, val, on_epoch=on_epoch, progress=False)
+    trial.set_user_attr("epochs", state["epochs"])
+    if state["reason"] == "nonfinite":
+        prov = list(result.provenance)
+        trial.set_user_attr("pruned_reason", "nonfinite")
+        trial.set_user_attr("nonfinite_steps", sum(e["skipped_nonfinite"] for e in state["epochs"]))
+        trial.set_user_attr("provenance", _jsonable(prov[:PROVENANCE_KEEP]))
+        trial.set_user_attr("provenance_count", len(prov))
+        ops = sorted({f"{p.get('term')}:{p.get('op')}" for p in prov})
+        raise optuna.TrialPruned(f"non-finite training step(s) from {', '.join(ops) or 'a non-finite loss'}")
+    if state["reason"] == "pruner":
+        trial.set_user_attr("pruned_reason", "pruner")
+        raise optuna.TrialPruned(f"pruned at epoch {state['epochs'][-1]['epoch']}: val_nmse {state['epochs'][-1]['val_nmse']:.4g}")
+    return float(result.history[-1]["val_nmse"])
+
+
+# ---------------------------------------------------------------------------------------------
+# workers
+def progress_counts(study: optuna.Study) -> dict[str, int]:
+    """{"done", "running", "waiting", "complete", "pruned", "failed", "retried"}: ``done`` counts COMPLETE,
+    PRUNED and FAIL trials, less the failed ones that were re-queued (their retry counts instead)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    by = {s: [t for t in trials if t.state == s] for s in TrialState}
+    failed = [t for t in by[TrialState.FAIL] if t.number not in retried]
+    return {"done": len(by[TrialState.COMPLETE]) + len(by[TrialState.PRUNED]) + len(failed),
+            "running": len(by[TrialState.RUNNING]), "waiting": len(by[TrialState.WAITING]),
+            "complete": len(by[TrialState.COMPLETE]), "pruned": len(by[TrialState.PRUNED]), "failed": len(failed),
+            "retried": len(retried)}
+
+
+def run_worker(storage: str | None = None, study: str = DEFAULT_STUDY, trials: int = 8, *, worker: int = 0, seed: int = 0,
+               heartbeat: int = 10, grace: int | None = None, objective: Callable | None = None, verbose: bool = True) -> list[int]:
+    """Run trials of an existing study until it holds ``trials`` done trials (see :func:`progress_counts`).
+
+    ``objective(trial, cfg) -> float`` defaults to :func:`train_objective`. Returns the trial numbers this
+    worker ran. Waits (polling once per heartbeat) while the remaining trials are running elsewhere, so
+    that a dead worker's trial, once failed by its stale heartbeat, is re-run here."""
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ConfigError(f"trials = {trials!r}: expected an integer >= 1")
+    s = load_study(storage, study, heartbeat, grace, sampler=optuna.samplers.TPESampler(seed=seed + 1000 * worker, n_startup_trials=4))
+    space, _ = study_space(s)
+    objective = objective or train_objective
+    host = f"{socket.gethostname()}:{os.getpid()}"
+    ran: list[int] = []
+
+    def func(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", {"index": worker, "host": host})
+        cfg = space.config(space.suggest(trial))
+        try:
+            return objective(trial, cfg)
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+            raise
+
+    def log(st: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+        ran.append(t.number)
+        if verbose:
+            what = f"{t.value:.5g}" if t.state == TrialState.COMPLETE else t.user_attrs.get("pruned_reason") or t.user_attrs.get("error", "")
+            print(f"[worker {worker}] trial {t.number} {t.state.name.lower()} {what}", flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        while True:
+            optuna.storages.fail_stale_trials(s)
+            c = progress_counts(s)
+            if c["done"] >= trials:
+                break
+            if c["done"] + c["running"] >= trials:  # the rest run elsewhere: wait, they may die
+                time.sleep(max(1, heartbeat // 2))
+                continue
+            s.optimize(func, n_trials=1, catch=(Exception,), callbacks=[log], gc_after_trial=False)
+    return ran
+
+
+def spawn_worker(storage: str, study: str, trials: int, *, worker: int = 0, seed: int = 0, heartbeat: int = 10,
+                 grace: int | None = None, threads: int | None = None, **popen_kwargs) -> subprocess.Popen:
+    """Start ``workbench sweep --join`` as a child process (same interpreter); returns the Popen."""
+    cmd = [sys.executable, "-m", "workbench.cli", "sweep", "--join", "--storage", storage, "--study", study,
+           "--trials", str(trials), "--worker-index", str(worker), "--seed", str(seed), "--heartbeat", str(heartbeat)]
+    if grace:
+        cmd += ["--grace", str(grace)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    return subprocess.Popen(cmd, **popen_kwargs)
+
+
+def run_sweep(space: str | os.PathLike | dict | SearchSpace | None = None, *, trials: int = 8, epochs: int = 2, n_train: int = 256,
+              n_val: int = 64, study: str = DEFAULT_STUDY, storage: str | None = None, workers: int = 1, preset_name: str = "recommended",
+              overrides: dict[str, Any] | None = None, seed: int = 0, pruner: str = "median", pruner_startup: int = 2,
+              heartbeat: int = 10, grace: int | None = None, verbose: bool = True) -> optuna.Study:
+    """Validate the space, create (or resume) the study, run ``workers`` workers, return the study.
+
+    One worker runs in this process; more run as child processes (``workbench sweep --join``), each with
+    cpu_count // workers torch threads. Every check on the input happens before any trial starts."""
+    for name, v, lo in (("trials", trials, 1), ("epochs", epochs, 1), ("n_train", n_train, 1), ("n_val", n_val, 1), ("workers", workers, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ConfigError(f"{name} = {v!r}: expected an integer >= {lo}")
+    if not isinstance(space, SearchSpace):
+        space = load_space(space, preset_name, {"train.epochs": epochs, "train.n_train": n_train, "train.n_val": n_val, **(overrides or {})})
+    url = storage or default_storage_url()
+    s = create_study(space, url, study, pruner, pruner_startup)
+    if workers == 1:
+        run_worker(url, study, trials, worker=0, seed=seed, heartbeat=heartbeat, grace=grace, verbose=verbose)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        procs = [spawn_worker(url, study, trials, worker=i, seed=seed, heartbeat=heartbeat, grace=grace, threads=threads) for i in range(workers)]
+        codes = [p.wait() for p in procs]
+        if any(codes) and verbose:
+            print(f"sweep: worker exit codes {codes}", file=sys.stderr)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# summaries and figures
+def trials_table(study: optuna.Study) -> list[dict]:
+    """One plain dict per trial: number, state, value, params, pruned_reason, nonfinite_steps, worker, seconds."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params),
+                     "pruned_reason": t.user_attrs.get("pruned_reason"), "nonfinite_steps": t.user_attrs.get("nonfinite_steps", 0),
+                     "worker": t.user_attrs.get("worker"), "error": t.user_attrs.get("error"),
+                     "seconds": t.duration.total_seconds() if t.duration else None})
+    return rows
+
+
+def summarize(study: optuna.Study) -> dict:
+    """{"study", "counts" (progress_counts), "nonfinite", "best": {"number", "value", "params"} | None}."""
+    c = progress_counts(study)
+    rows = trials_table(study)
+    best = None
+    if c["complete"]:
+        b = study.best_trial
+        best = {"number": b.number, "value": b.value, "params": b.params}
+    return {"study": study.study_name, "counts": c, "nonfinite": sum(r["pruned_reason"] == "nonfinite" for r in rows), "best": best}
+
+
+def plot_history(study: optuna.Study):
+    """Optimisation history (plotly): val_nmse per trial and the best so far."""
+    return optuna.visualization.plot_optimization_history(study, target_name="val_nmse")
+
+
+def plot_importances(study: optuna.Study):
+    """Parameter importances (fANOVA, plotly) over completed trials; needs >= 2 of them."""
+    return optuna.visualization.plot_param_importances(study, target_name="val_nmse")
+
+
+def plot_parallel(study: optuna.Study, params: list[str] | None = None):
+    """Parallel coordinates of the knobs versus val_nmse (plotly), completed trials."""
+    return optuna.visualization.plot_parallel_coordinate(study, params=params, target_name="val_nmse")
+
+
+def outcome_fractions(study: optuna.Study, bins: int = 3) -> list[dict]:
+    """Per knob and value, the fraction of finished trials that completed, were pruned by the pruner, were
+    non-finite, or failed. Numeric knobs are cut into ``bins`` quantile bins. Rows: {"param", "value", "n",
+    "complete", "pruned", "nonfinite", "failed"} (fractions in [0, 1])."""
+    import numpy as np
+
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
+    names = sorted({k for t in finished for k in t.params})
+    rows = []
+    for name in names:
+        ts = [t for t in finished if name in t.params]
+        values = [t.params[name] for t in ts]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and len(set(values)) > bins
+        if numeric:
+            edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)))
+            idx = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
+            labels = [f"[{edges[i]:.3g}, {edges[i + 1]:.3g}]" for i in idx]
+        else:
+            labels = [str(v) for v in values]
+        for label in sorted(set(labels), key=lambda x: (len(x), x)):
+            group = [t for t, lab in zip(ts, labels) if lab == label]
+            n = len(group)
+            kind = [_outcome(t) for t in group]
+            rows.append({"param": name, "value": label, "n": n, **{k: kind.count(k) / n for k in ("complete", "pruned", "nonfinite", "failed")}})
+    return rows
+
+
+def _outcome(t: optuna.trial.FrozenTrial) -> str:
+    if t.state == TrialState.COMPLETE:
+        return "complete"
+    if t.state == TrialState.FAIL:
+        return "failed"
+    return "nonfinite" if t.user_attrs.get("pruned_reason") == "nonfinite" else "pruned"
+
+
+def plot_outcomes(study: optuna.Study, bins: int = 3):
+    """Stacked bars per knob value: fraction complete / pruned / non-finite / failed (plotly, one panel per knob)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    rows = outcome_fractions(study, bins)
+    names = sorted({r["param"] for r in rows}) or ["(no trials)"]
+    cols = min(3, len(names))
+    fig = make_subplots(rows=math.ceil(len(names) / cols), cols=cols, subplot_titles=names)
+    colours = {"complete": "#2ca02c", "pruned": "#ff7f0e", "nonfinite": "#d62728", "failed": "#7f7f7f"}
+    for i, name in enumerate(names):
+        sub = [r for r in rows if r["param"] == name]
+        for kind, colour in colours.items():
+            fig.add_trace(go.Bar(x=[r["value"] for r in sub], y=[r[kind] for r in sub], name=kind, marker_color=colour,
+                                 legendgroup=kind, showlegend=i == 0, customdata=[r["n"] for r in sub],
+                                 hovertemplate="%{x}: %{y:.0%} of %{customdata} trials<extra>" + kind + "</extra>"),
+                          row=i // cols + 1, col=i % cols + 1)
+    fig.update_layout(barmode="stack", title="Trial outcome by knob value", height=300 * math.ceil(len(names) / cols))
+    fig.update_yaxes(range=[0, 1], tickformat=".0%")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+def register_cli(sub) -> None:
+    p = sub.add_parser("sweep", help="Optuna sweep over fix knobs and training hyperparameters",
+                       description="Create (or resume) an Optuna study and run workers on it. Re-running the same command resumes; "
+                                   "--join runs one more worker on an existing study (e.g. on another machine with --storage).")
+    p.add_argument("--trials", type=int, default=8, help="finished trials the study should hold (default 8)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--n-train", type=int, default=256)
+    p.add_argument("--n-val", type=int, default=64)
+    p.add_argument("--study", default=DEFAULT_STUDY)
+    p.add_argument("--space", help="search-space file (JSON, or YAML); default: the built-in space over every fix knob")
+    p.add_argument("--storage", help="SQLAlchemy URL; default sqlite:///runs/optuna.db; postgresql+psycopg2://... to share across machines")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--preset", default="recommended", help="base config (a space file's 'preset' wins)")
+    p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="fixed override of the base config")
+    p.add_argument("--pruner", choices=PRUNERS, default="median")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heartbeat", type=int, default=10, help="seconds between trial heartbeats; a trial silent for 3 of them is re-run")
+    p.add_argument("--grace", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, help="torch threads in this process")
+    p.add_argument("--join", action="store_true", help="run one worker on an existing study (no creation)")
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--json", help="write the study summary here")
+    p.set_defaults(func=_cli_sweep)
+
+
+def _cli_sweep(args) -> int:
+    from .diagnostics import parse_overrides
+    from .io import atomic_write_json
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    url = args.storage or default_storage_url()
+    if args.join:
+        run_worker(url, args.study, args.trials, worker=args.worker_index, seed=args.seed, heartbeat=args.heartbeat, grace=args.grace)
+        return 0
+    s = run_sweep(args.space, trials=args.trials, epochs=args.epochs, n_train=args.n_train, n_val=args.n_val, study=args.study,
+                  storage=url, workers=args.workers, preset_name=args.preset, overrides=parse_overrides(args.set), seed=args.seed,
+                  pruner=args.pruner, heartbeat=args.heartbeat, grace=args.grace)
+    summary = summarize(s)
+    c = summary["counts"]
+    print(f"study {args.study!r} in {mask_url(url)}: {c['done']} done ({c['complete']} complete, {c['pruned']} pruned of which "
+          f"{summary['nonfinite']} non-finite, {c['failed']} failed), {c['running']} running")
+    if summary["best"]:
+        print(f"best trial {summary['best']['number']}: val_nmse {summary['best']['value']:.5g} with {json.dumps(summary['best']['params'])}")
+    if args.json:
+        atomic_write_json(args.json, {**summary, "trials": trials_table(s)})
+    return 0
