@@ -125,6 +125,7 @@ def test_rsamp_input_starts_from_the_estimate_and_requires_it(batch):
     model = build_model(cfg.system, cfg.model)
     R_samp = rsamp_for(batch, cfg.fixes, cfg.system)
     with torch.no_grad():
+        assert model.head["prior_gain"].weight.abs().max() == 0  # untrained: every gain is exactly 1
         model.head["factor"].weight.zero_()
         model.head["factor"].bias.zero_()
         R_pred = predicted_covariance(model(batch.y, batch.H, batch.codes, R_samp=R_samp).A, qr_retraction=False)

@@ -86,3 +86,12 @@ def test_verify_reports_the_four_checks_and_the_cli_exit_code(tmp_path, capsys):
 def test_cli_rejects_a_bad_override(capsys):
     assert main(["verify", "--set", "fixes.c_eps", "-1"]) == 2
     assert "fixes.c_eps" in capsys.readouterr().err
+
+
+def test_rsamp_is_computed_once_per_dataset_and_estimator():
+    cfg = preset("recommended", **TINY)
+    train, _ = make_datasets(cfg)
+    first = precompute_rsamp(train, cfg)
+    assert precompute_rsamp(train.to("cpu"), cfg) is first
+    other = precompute_rsamp(train, cfg.replace(**{"fixes.rsamp_estimator": "seed"}))
+    assert other is not first and not torch.allclose(other, first)

@@ -8,8 +8,9 @@ pooled tokens to K logits and K_max (phi, theta, r) slots.
 
 With ``rsamp_input`` the network also sees R_samp (the pipeline's sample covariance, whatever its
 estimator): each token gets its row of the factor F = V_K sqrt(Lambda_K / tr R_samp) of the K_max largest
-eigenpairs, and the factor output is F s + (learned correction), s a learned per-scene-independent scale
-(initialised to 1), so training starts from the physics-based estimate and refines it.
+eigenpairs, and the factor output is s F diag(g) + (learned correction), s a learned scale (initialised to sqrt(N))
+and g [B,K_max] a per-scene gain of each column (softplus, initialised to 1), so training starts from the
+physics-based estimate and learns how far to trust each of its components.
 
 Mixed precision (``amp=True``) runs only the encoder under autocast (bfloat16 on CPU, float16 on CUDA);
 the complex inputs, the factor and every linear-algebra step stay float32/complex64.
@@ -69,6 +70,9 @@ class CovarianceNet(nn.Module):
         )
         if cfg.rsamp_input:
             self.head["prior_scale"] = _Scale(math.sqrt(N))
+            self.head["prior_gain"] = nn.Linear(W, K)  # per-scene trust in each column of the prior factor
+            nn.init.zeros_(self.head["prior_gain"].weight)
+            nn.init.constant_(self.head["prior_gain"].bias, math.log(math.e - 1))  # softplus(bias) = 1
         self.N, self.K_max = N, K
 
     def features(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -107,7 +111,8 @@ class CovarianceNet(nn.Module):
         f = self.head["factor"](h).view(h.shape[0], self.N, 2, self.K_max)
         A = torch.complex(f[:, :, 0], f[:, :, 1]) / math.sqrt(self.K_max)  # trace(A A^H) = O(N) at init
         if prior is not None:
-            A = self.head["prior_scale"](prior) + 0.1 * A
+            gain = nn.functional.softplus(self.head["prior_gain"](h.mean(dim=1)))  # [B,K_max]
+            A = self.head["prior_scale"](prior) * gain[:, None, :] + 0.1 * A
         pooled = h.mean(dim=1)
         k_logits = self.head["k"](pooled)
         u = torch.tanh(self.head["angles"](pooled).view(-1, self.K_max, 3))

@@ -115,6 +115,10 @@ class SceneBatch:
         return self.y.shape[0]
 
     def to(self, device) -> SceneBatch:
+        """The batch on ``device``; ``self`` (with anything cached on it) when it is already there."""
+        device = torch.device(device)
+        if all(getattr(self, f.name).device == device for f in fields(self)):
+            return self
         return SceneBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     def __getitem__(self, idx) -> SceneBatch:
