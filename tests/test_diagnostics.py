@@ -54,3 +54,17 @@ def test_seed_table_measures_the_norms_of_the_pipeline():
     for name in SEED_PRESETS:
         assert rows[name]["R_blend_rank"]["median"] == N
     assert rows["seed_fix3"]["terms"]["gap"] >= 0 and "ok" in rows["seed_fix3"]
+
+
+def test_seed_fix3_verdict_the_active_eigengap_hinge_is_not_a_nan_source():
+    """The seed's Fix 3 set lam_gap = 0 because eigh's backward was blamed for NaN gradients. Measured on the
+    seed's own ingredients (C_EPS = 1 loading, full-rank R_blend with a ~139-fold degenerate lower spectrum,
+    eigh with the vectors unused), with the hinge made active by a wide margin: its gradient is finite and
+    non-zero for every eigenvalue backend, so it cannot have produced the NaN."""
+    for backend in ("eigh", "svd", "eigvalsh", "topk"):
+        cfg = preset("seed_fix2", **SMALL, **{"fixes.gap_margin": 1e3, "fixes.gap_backend": backend})
+        report = gradient_report(cfg, n=4)
+        assert report["terms"]["gap"] > 0  # active
+        g = report["term_grad_norm"]["gap"]
+        assert all(math.isfinite(v) and v > 0 for v in g.values()), (backend, g)
+        assert report["ok"] and report["norms"]["rank_R_blend"] == cfg.system.N

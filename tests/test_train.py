@@ -95,3 +95,12 @@ def test_rsamp_is_computed_once_per_dataset_and_estimator():
     assert precompute_rsamp(train.to("cpu"), cfg) is first
     other = precompute_rsamp(train, cfg.replace(**{"fixes.rsamp_estimator": "seed"}))
     assert other is not first and not torch.allclose(other, first)
+
+
+def test_recommended_trains_without_a_skipped_step_on_a_small_array():
+    """Regression: on a 6 x 6 RIS the safe subspace backward once produced NaN (topk solver); every step must apply."""
+    cfg = preset("recommended", **{**TINY, "system.N_H": 6, "system.N_V": 6, "fixes.rsamp_estimator": "beamscan",
+                                   "train.n_train": 16, "train.batch_size": 8})
+    res = fit(cfg, progress=False)
+    assert sum(h["skipped_nonfinite"] for h in res.history) == 0, res.provenance[:2]
+    assert all(math.isfinite(h["train_loss"]) for h in res.history)

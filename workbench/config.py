@@ -303,12 +303,13 @@ _FIX_PRESETS: dict[str, dict[str, Any]] = {
     "seed_fix3": {**_SEED_BEFORE, "rsamp_normalise": True, "rblend_trace_normalise": False, "lam_gap": 0.0},
     "recommended": dict(
         rsamp_normalise=True,
-        rblend_trace_normalise=True,
+        rblend_trace_normalise=False,  # R_pred's scale is learned; renormalising the blend would undo it
+        beta=0.0,  # R_samp enters through the network (model.rsamp_input), so the NMSE trains R_pred itself
         c_eps=0.01,
         lam_gap=0.012,
         gap_backend="topk",
         subspace_backend="safe",
-        rsamp_estimator="covariance_matching",
+        rsamp_estimator="beamscan",
         qr_retraction=False,
         nmse_same_preprocessing=True,
     ),
