@@ -71,10 +71,10 @@ display(Image(plots.save_figure(plots.norms_figure(rows), os.path.join(out_dir, 
 """,
         ("md", "## The seed note's Progress table beside the measured one\n`seed_note` is what the note reported;"
          " `measured` is the median over the simulated scenes (the untrained model's loss and gradients)."
-         " `diagnostics.seed_table` always runs the default system and model (N = 144, width 128), whatever `N_side` and `width` say."),
+         " It runs under the same `N_side` and `width` as the rest of this notebook."),
         """
 from workbench import diagnostics
-seed_rows = diagnostics.seed_table(params.n_scenes, params.preset_names, params.seed, n_grad=params.n_grad)
+seed_rows = diagnostics.seed_table(params.n_scenes, params.preset_names, params.seed, n_grad=params.n_grad, overrides=params.overrides())
 metrics["seed_table"] = seed_rows
 metrics["seed_comparison"] = plots.seed_comparison(seed_rows)
 display(Markdown(plots.markdown_table(metrics["seed_comparison"])))

@@ -142,14 +142,14 @@ def _quantiles(x: torch.Tensor) -> dict[str, float]:
 
 
 def seed_table(n_scenes: int = 64, presets: Iterable[str] = (*SEED_PRESETS, "recommended"), seed: int = 0,
-               n_grad: int = 16) -> list[dict]:
+               n_grad: int = 16, overrides: dict | None = None) -> list[dict]:
     """The seed note's Progress table, measured: for each preset, over the same ``n_scenes`` scenes and
     the same untrained model, ||R_samp||_F (raw and as used), ||R_blend||_F and rank(R_blend) (median and
     quartiles), then the loss, the gradient norm per group and ``ok`` from :func:`gradient_report` on the
-    first ``n_grad`` scenes."""
+    first ``n_grad`` scenes. ``overrides`` (dotted keys, e.g. {"system.N_H": 6}) apply to every preset."""
     rows = []
     for name in presets:
-        cfg = preset(name)
+        cfg = preset(name, **(overrides or {}))
         batch = simulate(cfg.system, n_scenes, seed=seed)
         model = build_model(cfg.system, cfg.model, seed=seed)
         with torch.no_grad():
