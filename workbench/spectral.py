@@ -395,18 +395,23 @@ def _batched_cg(apply_A, rhs: torch.Tensor, tol: float, max_iter: int) -> torch.
     rr = (r.conj() * r).real.sum(-2, keepdim=True)
     stop = (tol * torch.linalg.vector_norm(rhs, dim=-2, keepdim=True)) ** 2
     tiny = torch.finfo(rr.dtype).tiny
+    active = rr > stop
     for it in range(max_iter):
         LAST_TOPK["cg_iterations"] = it  # cost of the last safe/topk backward
-        if bool((rr <= stop).all()):
+        if not bool(active.any()):
             break
         Ap = apply_A(p)
         pAp = (p.conj() * Ap).real.sum(-2, keepdim=True)
-        alpha = torch.where(rr > stop, rr / pAp.clamp_min(tiny), torch.zeros_like(rr))
+        # roundoff can make a nearly singular system look indefinite: freeze such a column at its
+        # current iterate instead of dividing by a non-positive curvature (which gave inf, then NaN)
+        active = active & (pAp > 0)
+        alpha = torch.where(active, rr / pAp.clamp_min(tiny), torch.zeros_like(rr))
         x = x + alpha * p
         r = r - alpha * Ap
         rr_new = (r.conj() * r).real.sum(-2, keepdim=True)
-        p = r + (rr_new / rr.clamp_min(tiny)) * p
-        rr = rr_new
+        p = torch.where(active, r + (rr_new / rr.clamp_min(tiny)) * p, p)
+        rr = torch.where(active, rr_new, rr)
+        active = active & (rr > stop)
     return x
 
 
@@ -428,16 +433,21 @@ class _SafeProjectorTopk(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gP):
         R, L, Vs, s = ctx.saved_tensors
+        out_dtype = gP.dtype
+        # CG in double precision: the systems have condition number lambda_1 / (lambda_K - lambda_{K+1}),
+        # often 1e3 or more, beyond what float32 CG holds; the right-hand side has only 2k columns, so it is cheap
+        wide = torch.complex128 if R.is_complex() else torch.float64
+        R, L, Vs, gP = R.to(wide), L.to(torch.float64), Vs.to(wide), gP.to(wide)
 
         def noise(y):  # (I - P) y without forming P
             return y - Vs @ (Vs.mH @ y)
 
         shifts = torch.cat([L, L], dim=-1)[:, None, :].to(R.dtype)  # [B,1,2k]
         rhs = noise(torch.cat([gP @ Vs, gP.mH @ Vs], dim=-1))  # zero columns for j >= K_b
-        tol = _default_tol(R.dtype) * 1e-1
+        tol = _default_tol(torch.float32) * 1e-1
         XY = _batched_cg(lambda y: shifts * y - noise(R @ noise(y)), rhs, tol, max_iter=R.shape[-1])
         X, Y = XY.chunk(2, dim=-1)
-        return X @ Vs.mH + Vs @ Y.mH, None, None, None
+        return (X @ Vs.mH + Vs @ Y.mH).to(out_dtype), None, None, None
 
 
 class _LorentzianEigh(torch.autograd.Function):
