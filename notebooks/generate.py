@@ -321,7 +321,96 @@ panel
     ],
 )
 
-NOTEBOOKS = {"01_covariance_normalisation": NB01, "02_eigen_spectrum": NB02, "03_nan_gradients": NB03, "04_training": NB04, "05_localisation": NB05}
+NB06 = notebook(
+    "06_sweep",
+    """# 06 · Sweeping fixes and hyperparameters with Optuna
+
+**Question.** Which fixes and hyperparameters give the lowest validation NMSE of R_pred (unweighted, so the
+searched loss weights cannot shrink it by themselves), and which knob values produce non-finite gradients or
+get pruned? A configuration known to be bad (eigenvector gradients through a degenerate spectrum) is queued
+first by default, so the non-finite path and its provenance are always exercised.""",
+    """
+trials: int = 12  # finished trials the study should hold (re-running resumes the study; a larger value extends it)
+epochs: int = 3  # epochs per trial; val_nmse is reported every epoch, so the pruner can act
+n_train: int = 256  # training scenes
+n_val: int = 64  # validation scenes
+batch_size: int = 32  # scenes per step
+width: int = 64  # network width (one layer)
+N_side: int = 12  # RIS side: N_side x N_side elements
+storage: str = ""  # SQLAlchemy URL; empty: an SQLite file under out_dir (never runs/optuna.db)
+study: str = "06_sweep"  # study name inside the storage
+space: str = ""  # search space; empty: the built-in space over every fix knob; else a JSON object or a JSON/YAML file path
+enqueue: str = '[{"fixes.subspace_backend": "eigh", "loss.subspace": 0.1}]'  # JSON list of configurations run first
+preset: str = "recommended"  # base config (a preset named in the space wins)
+pruner: str = "median"  # median | none
+seed: int = 0  # seed of the sampler, the data and the models
+out_dir: str = "runs/06_sweep"  # metrics.json, figures and the default study database are written here
+""",
+    """
+from workbench import ui
+params = ui.notebook_params("06_sweep", trials=trials, epochs=epochs, n_train=n_train, n_val=n_val, batch_size=batch_size, width=width,
+                            N_side=N_side, storage=storage, study=study, space=space, enqueue=enqueue, preset=preset, pruner=pruner,
+                            seed=seed, out_dir=out_dir)
+search_space = params.search_space
+params
+""",
+    [
+        ("md", "## The sweep\n`params.run` creates (or resumes) the study, queues the `enqueue` configurations once and calls"
+         " `sweep.run_sweep`. A trial with a non-finite step is pruned and keeps its NaN provenance."),
+        """
+import json
+from workbench import sweep
+study = params.run()
+metrics["storage"] = sweep.mask_url(params.storage_url)
+metrics["space"] = search_space.to_dict()["params"]
+metrics["queued"] = params.enqueued
+metrics.update(plots.sweep_metrics(study))
+metrics["trials"] = sweep.trials_table(study)
+display(Markdown(plots.markdown_table([{"trial": r["number"], "state": r["state"], "value": r["value"], "pruned": r["pruned_reason"] or "-",
+                                        "params": json.dumps(r["params"])} for r in metrics["trials"]])))
+display(Markdown(f"**Best:** {json.dumps(metrics['best'])}"))
+""",
+        ("md", "## Optimisation history"),
+        """
+plots.save_html(sweep.plot_history(study), os.path.join(out_dir, "history.html"))
+display(Image(plots.save_figure(plots.history_figure(study), os.path.join(out_dir, "history.png"))))
+""",
+        ("md", "## Parameter importances\nPED-ANOVA (Optuna's default) over the completed trials;"
+         " it needs at least two of them and a knob that varies."),
+        """
+metrics["importances"], metrics["importances_note"] = plots.sweep_importances(study)
+if metrics["importances"] is None:
+    display(Markdown(f"**No importances:** {metrics['importances_note']}."))
+else:
+    names = list(metrics["importances"])
+    plots.save_html(plots.importances_plotly(study, names), os.path.join(out_dir, "importances.html"))
+    display(Image(plots.save_figure(plots.importances_figure(study, names), os.path.join(out_dir, "importances.png"))))
+""",
+        ("md", "## Knobs versus outcome\nEvery finished trial, pruned and non-finite ones included (`none`: no val_nmse was reported)."),
+        """
+rows = plots.parallel_rows(study)
+plots.save_html(plots.parallel_plotly(rows), os.path.join(out_dir, "parallel.html"))
+display(Image(plots.save_figure(plots.parallel_figure(rows), os.path.join(out_dir, "parallel.png"))))
+""",
+        ("md", "## Pruned and non-finite trials per knob value"),
+        """
+plots.save_html(sweep.plot_outcomes(study), os.path.join(out_dir, "outcomes.html"))
+display(Image(plots.save_figure(plots.outcomes_figure(metrics["outcome_fractions"]), os.path.join(out_dir, "outcomes.png"))))
+display(Markdown(plots.markdown_table([{"trial": r["number"], "NaN from": ", ".join(r["ops"]) or "a non-finite loss",
+                                        "steps": r["nonfinite_steps"], "params": json.dumps(r["params"])} for r in metrics["nonfinite"]])))
+plots.save_metrics(out_dir, metrics);
+""",
+        ("md", "## Explore\nPick a knob to see its outcome fractions (`sweep.outcome_fractions`, as above), or run more trials on the same"
+         " study (`params.run`, as above)."),
+        """
+panel = ui.SweepPanel(params)
+panel
+""",
+    ],
+)
+
+NOTEBOOKS = {"01_covariance_normalisation": NB01, "02_eigen_spectrum": NB02, "03_nan_gradients": NB03, "04_training": NB04, "05_localisation": NB05,
+             "06_sweep": NB06}
 
 
 if __name__ == "__main__":

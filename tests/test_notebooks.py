@@ -214,3 +214,62 @@ def test_report_cli_failure_names_notebook_and_cell(tmp_path, capsys):
     assert (tmp_path / "02_eigen_spectrum" / "02_eigen_spectrum.ipynb").exists()  # partial output kept
     index = (tmp_path / "index.html").read_text()
     assert "02_eigen_spectrum" in index and "failed" in index
+
+
+# ---------------------------------------------------------------------------------------------
+# 06: the sweep, re-read from its SQLite file with optuna directly
+def test_06_sweep(runs_root):
+    import optuna
+    from optuna.trial import TrialState
+
+    run, m = _run("06_sweep", runs_root)
+    out = Path(run.out_dir)
+    p = ui.notebook_params("06_sweep", **m["params"])
+    for name in ("history", "parallel", "outcomes"):
+        assert _png(out / f"{name}.png")
+        assert "plotly" in (out / f"{name}.html").read_text()[:5000].lower()
+    # the default storage is a file under out_dir, never runs/optuna.db
+    db = out / "optuna.db"
+    assert m["storage"] == f"sqlite:///{db.resolve()}" and db.exists()
+    trials = optuna.load_study(study_name=p.study, storage=f"sqlite:///{db}").get_trials()
+    assert m["states"] == {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
+    assert len(finished) >= p.trials and m["progress"]["done"] == len(finished)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        best = min(complete, key=lambda t: t.value)
+        assert m["best"] == {"number": best.number, "value": best.value, "params": best.params}
+    else:
+        assert m["best"] is None
+    # the queued bad configuration ran first and was pruned as non-finite, its provenance naming eigh's backward
+    queued = p.enqueued
+    assert trials[0].params == queued[0] and queued[0]["fixes.subspace_backend"] == "eigh" and queued[0]["loss.subspace"] > 0
+    assert trials[0].state == TrialState.PRUNED and trials[0].user_attrs["pruned_reason"] == "nonfinite"
+    nonfinite = {r["number"]: r for r in m["nonfinite"]}
+    assert set(nonfinite) == {t.number for t in trials if t.user_attrs.get("pruned_reason") == "nonfinite"}
+    assert nonfinite[0]["ops"] == ["subspace:LinalgEighBackward0"] and nonfinite[0]["nonfinite_steps"] > 0
+    assert trials[1].params == queued[1] and trials[1].state == TrialState.COMPLETE  # the safe backward: finite
+    # the fraction of non-finite trials per subspace backend, recounted from the trials
+    rows = {r["value"]: r for r in m["outcome_fractions"] if r["param"] == "fixes.subspace_backend"}
+    for backend, r in rows.items():
+        group = [t for t in finished if t.params["fixes.subspace_backend"] == backend]
+        assert r["n"] == len(group)
+        assert r["nonfinite"] == pytest.approx(sum(t.user_attrs.get("pruned_reason") == "nonfinite" for t in group) / len(group))
+    assert rows["eigh"]["nonfinite"] > 0 and rows["safe"]["complete"] > 0
+    # importances: over the knobs that vary among the completed trials, or a note saying why there are none
+    varying = {k for k in complete[0].params if len({repr(t.params[k]) for t in complete}) > 1} if complete else set()
+    if m["importances"] is None:
+        assert not (out / "importances.png").exists() and ("at least 2" in m["importances_note"] or "varies" in m["importances_note"])
+        assert len(complete) < 2 or not varying
+    else:
+        assert set(m["importances"]) == varying and sum(m["importances"].values()) == pytest.approx(1.0)
+        assert _png(out / "importances.png")
+
+
+def test_06_bad_space_fails_in_config_cell(tmp_path):
+    run = report.run_notebook(NB / "06_sweep.ipynb", tmp_path, {"space": '{"fixes.c_epsilon": [0.1, 1.0]}'}, ci=True)
+    assert run.status == "failed" and run.error.startswith("ConfigError")
+    assert "06_sweep.space" in run.error and "'fixes.c_epsilon'" in run.error
+    executed = nbformat.read(Path(run.out_dir) / run.notebook, as_version=4)
+    assert "config" in executed.cells[run.cell].metadata.get("tags", [])
+    assert not (Path(run.out_dir) / "optuna.db").exists()  # failed before any study was created

@@ -178,3 +178,111 @@ def test_write_index_links_everything(tmp_path):
         assert needle in page
     data = json.loads((tmp_path / "index.json").read_text())
     assert data[0]["kernel_seconds"] == pytest.approx(1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 06: sweep parameters, the study views on a hand-made study, and the panel
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"storage": "redis://localhost/0"}, "06_sweep.storage = 'redis://localhost/0'"),
+        ({"space": '{"fixes.nope": [1, 2]}'}, "06_sweep.space: search space: unknown knob(s) 'fixes.nope'"),
+        ({"space": "{not json"}, "06_sweep.space = '{not json': not valid JSON"),
+        ({"space": "no/such/space.json"}, "06_sweep.space = 'no/such/space.json': neither a JSON object nor an existing space file"),
+        ({"space": '{"params": {}}'}, "06_sweep.space: search space is empty"),
+        ({"enqueue": '{"fixes.c_eps": 0.1}'}, "06_sweep.enqueue"),
+        ({"enqueue": '[{"fixes.c_eps": 5.0}]'}, "06_sweep.enqueue: fixes.c_eps = 5.0 is outside the search space"),
+        ({"enqueue": '[{"system.M": 8}]'}, "06_sweep.enqueue: knob 'system.M' is not searched"),
+        ({"trials": 0}, "06_sweep.trials = 0 is out of range"),
+        ({"pruner": "hyperband"}, "06_sweep.pruner = 'hyperband' is not allowed"),
+        ({"study": ""}, "06_sweep.study = ''"),
+    ],
+)
+def test_sweep_params_reject_bad_values(values, message):
+    with pytest.raises(ConfigError) as e:
+        ui.notebook_params("06_sweep", **values)
+    assert message in str(e.value)
+
+
+def test_sweep_params_build_space_and_storage(tmp_path):
+    p = ui.notebook_params("06_sweep", **ui.SweepParams.ci, out_dir=str(tmp_path / "o"))
+    space = p.search_space
+    assert set(space.params) == {"fixes.subspace_backend", "loss.subspace", "train.lr"}
+    assert (space.base.system.N, space.base.model.width, space.base.train.epochs, space.base.fixes.qr_retraction) == (36, 16, 1, True)
+    assert p.storage_url == f"sqlite:///{(tmp_path / 'o' / 'optuna.db').resolve()}"
+    from workbench import sweep
+
+    assert set(ui.notebook_params("06_sweep").search_space.params) == set(sweep.DEFAULT_SPACE)
+
+
+def _hand_study(values: list[tuple[str, float | None, dict, str | None]]):
+    """In-memory study from (state, value or last intermediate, params, pruned_reason) without training."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    dists = {"fixes.subspace_backend": CategoricalDistribution(["eigh", "safe"]), "train.lr": FloatDistribution(1e-4, 1e-2, log=True)}
+    s = optuna.create_study(direction="minimize")
+    for state, value, params, reason in values:
+        attrs = {"pruned_reason": reason} if reason else {}
+        if reason == "nonfinite":
+            attrs |= {"provenance": [{"term": "subspace", "op": "LinalgEighBackward0"}], "provenance_count": 3, "nonfinite_steps": 2}
+        inter = {0: value} if value is not None else {}
+        s.add_trial(create_trial(state=TrialState[state], value=value if state == "COMPLETE" else None, params=params, distributions=dists,
+                                 user_attrs=attrs, intermediate_values=inter))
+    return s
+
+
+def test_sweep_views_on_a_hand_made_study():
+    eigh, safe = {"fixes.subspace_backend": "eigh", "train.lr": 1e-3}, {"fixes.subspace_backend": "safe", "train.lr": 1e-3}
+    s = _hand_study([("PRUNED", None, eigh, "nonfinite"), ("COMPLETE", 0.5, safe, None)])
+    imp, note = plots.sweep_importances(s)
+    assert imp is None and "at least 2 completed trials" in note and "has 1" in note
+    s = _hand_study([("PRUNED", None, eigh, "nonfinite"), ("COMPLETE", 0.5, safe, None), ("COMPLETE", 0.4, safe, None),
+                     ("PRUNED", 0.9, {**safe, "train.lr": 5e-3}, "pruner")])
+    imp, note = plots.sweep_importances(s)
+    assert imp is None and "no knob varies" in note  # both completed trials have the same params
+    s.add_trial(_hand_study([("COMPLETE", 0.3, {**safe, "train.lr": 2e-4}, None)]).trials[0])
+    imp, note = plots.sweep_importances(s)
+    assert set(imp) == {"train.lr"} == set(plots.varying_params(s)) and sum(imp.values()) == pytest.approx(1.0)
+    m = plots.sweep_metrics(s)
+    assert m["states"]["COMPLETE"] == 3 and m["states"]["PRUNED"] == 2 and m["best"]["value"] == 0.3 and m["best"]["number"] == 4
+    assert [r["number"] for r in m["nonfinite"]] == [0] and m["nonfinite"][0]["ops"] == ["subspace:LinalgEighBackward0"]
+    rows = plots.parallel_rows(s)
+    assert [(r["outcome"], r["value"]) for r in rows] == [("nonfinite", None), ("complete", 0.5), ("complete", 0.4), ("pruned", 0.9),
+                                                          ("complete", 0.3)]
+    fig = plots.parallel_plotly(rows)
+    dims = {d.label: d for d in fig.data[0].dimensions}
+    assert list(dims) == ["fixes.subspace_backend", "train.lr", "val_nmse", "outcome"]
+    assert dims["val_nmse"].values[0] > 0.9 and dims["val_nmse"].ticktext[-1] == "none"  # no value: above the largest
+    assert [dims["outcome"].ticktext[int(v)] for v in dims["outcome"].values] == [r["outcome"] for r in rows]
+    for f in (plots.parallel_figure(rows), plots.outcomes_figure(m["outcome_fractions"], "fixes.subspace_backend"), plots.history_figure(s),
+              plots.importances_figure(s, list(imp))):
+        assert ui._png(f)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_panel_knob_and_more_trials(tmp_path):
+    p = ui.notebook_params("06_sweep", **{**ui.SweepParams.ci, "trials": 2}, out_dir=str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 6x6 RIS and width 16: more threads only add contention
+    try:
+        _sweep_panel_checks(p)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sweep_panel_checks(p):
+    from workbench import sweep
+
+    p.run(verbose=False)
+    panel = ui.SweepPanel(p)
+    res = panel.update()
+    assert res["summary"]["counts"]["done"] == 2 and "2 finished" in panel.status.value and "1 non-finite" in panel.status.value
+    panel.controls["knob"].value = "fixes.subspace_backend"  # the same function as the headless cell, filtered to one knob
+    assert panel.result["rows"] == [r for r in sweep.outcome_fractions(panel.study()) if r["param"] == "fixes.subspace_backend"]
+    assert panel.image.value[:8] == b"\x89PNG\r\n\x1a\n"
+    panel.controls["more"].value = 1
+    assert panel.result["summary"]["counts"]["done"] == 2  # the count alone runs nothing
+    panel.button.click()
+    assert panel.result["summary"]["counts"]["done"] == 3 and panel.controls["knob"].value == "fixes.subspace_backend"
+    assert sum(panel.result["states"].values()) == 3

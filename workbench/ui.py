@@ -520,3 +520,193 @@ class LocalisationPanel(Panel):
                        f"<td>{m['f1'][0]}</td></tr>" for n, m in res["covariances"].items())
         return (f"<table class='wb-table'><tr><th>covariance</th><th>RMSE φ °</th><th>RMSE θ °</th><th>RMSE r m</th><th>F1</th></tr>{rows}"
                 f"<tr><td>sqrt(CRB)</td><td>{crb['phi_deg'][0]}</td><td>{crb['theta_deg'][0]}</td><td>{crb['r_m'][0]}</td><td></td></tr></table>")
+
+
+# ---------------------------------------------------------------------------------------------
+# 06: Optuna sweep
+_SWEEP_CI_SPACE = {"fixed": {"fixes.qr_retraction": True},  # a rank-K_max projector: exactly degenerate eigenvalues
+                   "params": {"fixes.subspace_backend": ["eigh", "safe"], "loss.subspace": [0.0, 0.1],
+                              "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
+_SWEEP_BAD = {"fixes.subspace_backend": "eigh", "loss.subspace": 0.1}  # eigenvector gradients through a degenerate spectrum
+
+
+def _to_json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj)
+
+
+def _json_arg(where: str, text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} = {text[:80]!r}: not valid JSON ({e.msg} at character {e.pos})") from e
+
+
+@dataclass
+class SweepParams(NotebookParams):
+    """06: a small Optuna sweep (:func:`workbench.sweep.run_sweep`) over fixes and hyperparameters.
+
+    ``space``: "" (the built-in :data:`workbench.sweep.DEFAULT_SPACE`), a JSON object, or the path of a JSON/YAML
+    space file. ``enqueue``: a JSON list of {knob: value} dicts run first (knobs left out are sampled), e.g. a
+    configuration known to be bad. ``storage``: "" means ``sqlite:///<out_dir>/optuna.db``, so a notebook run
+    never touches ``runs/optuna.db``."""
+
+    _section: ClassVar[str] = "06_sweep"
+    ci: ClassVar[dict[str, Any]] = {"trials": 4, "epochs": 1, "n_train": 16, "n_val": 8, "batch_size": 8, "width": 16, "N_side": 6,
+                                    "space": _to_json(_SWEEP_CI_SPACE),
+                                    "enqueue": _to_json([{**_SWEEP_BAD, "train.lr": 1e-3}, {**_SWEEP_BAD, "fixes.subspace_backend": "safe",
+                                                                                            "train.lr": 1e-3}])}
+
+    trials: int = field(default=12, metadata=_rng(1, 100_000))
+    epochs: int = field(default=3, metadata=_rng(1, 100_000))
+    n_train: int = field(default=256, metadata=_rng(1, 10_000_000))
+    n_val: int = field(default=64, metadata=_rng(1, 10_000_000))
+    batch_size: int = field(default=32, metadata=_rng(1, 65_536))
+    width: int = field(default=64, metadata=_rng(8, 8192))
+    N_side: int = field(default=12, metadata=_rng(2, 64))
+    storage: str = ""
+    study: str = "06_sweep"
+    space: str = ""
+    enqueue: str = '[{"fixes.subspace_backend": "eigh", "loss.subspace": 0.1}]'
+    preset: str = field(default="recommended", metadata={"choices": PRESETS})
+    pruner: str = field(default="median", metadata={"choices": ("median", "none")})
+    seed: int = field(default=0, metadata=_rng(0, 2**31 - 1))
+    out_dir: str = "runs/06_sweep"
+
+    def _check_relations(self) -> None:
+        import re
+
+        if not self.study.strip():
+            raise ConfigError(f"{self._section}.study = {self.study!r}: expected a non-empty study name")
+        if self.storage and not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", self.storage):
+            raise ConfigError(f"{self._section}.storage = {self.storage!r}: expected '' (an SQLite file under out_dir) or an SQLAlchemy "
+                              "URL such as sqlite:///runs/optuna.db or postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB")
+        self.enqueued  # noqa: B018 - validates the space and the queued configurations
+
+    def overrides(self) -> dict[str, Any]:
+        """Dotted overrides of the base config: sizes, the small network (one layer) and the RIS side."""
+        return {"train.epochs": self.epochs, "train.n_train": self.n_train, "train.n_val": self.n_val, "train.batch_size": self.batch_size,
+                "train.seed": self.seed, "system.N_H": self.N_side, "system.N_V": self.N_side, "model.width": self.width,
+                "model.heads": 4 if self.width % 4 == 0 else 1, "model.layers": 1}
+
+    @property
+    def search_space(self):
+        """The validated :class:`workbench.sweep.SearchSpace` (ConfigError names ``06_sweep.space``)."""
+        from pathlib import Path
+
+        from . import sweep
+
+        text = self.space.strip()
+        spec: Any = None
+        if text.startswith("{"):
+            spec = _json_arg(f"{self._section}.space", text)
+        elif text:
+            if not Path(text).is_file():
+                raise ConfigError(f"{self._section}.space = {text!r}: neither a JSON object nor an existing space file")
+            spec = text
+        try:
+            return sweep.load_space(spec, self.preset, self.overrides())
+        except ConfigError as e:
+            raise ConfigError(f"{self._section}.space: {e}") from e
+
+    @property
+    def enqueued(self) -> list[dict[str, Any]]:
+        """The queued configurations, each checked against the search space (knob searched, value inside its range)."""
+        from optuna.distributions import CategoricalDistribution
+
+        where = f"{self._section}.enqueue"
+        items = _json_arg(where, self.enqueue) if self.enqueue.strip() else []
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise ConfigError(f"{where} = {self.enqueue[:80]!r}: expected a JSON list of {{knob: value}} objects")
+        space = self.search_space
+        for item in items:
+            for k, v in item.items():
+                d = space.params.get(k)
+                if d is None:
+                    raise ConfigError(f"{where}: knob {k!r} is not searched; searched: {', '.join(space.params)}")
+                inside = v in d.choices if isinstance(d, CategoricalDistribution) else (
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and d.low <= v <= d.high)
+                if not inside:
+                    raise ConfigError(f"{where}: {k} = {v!r} is outside the search space ({d})")
+            space.config(item)  # the config accepts the values
+        return items
+
+    @property
+    def storage_url(self) -> str:
+        from pathlib import Path
+
+        return self.storage or f"sqlite:///{(Path(self.out_dir) / 'optuna.db').resolve()}"
+
+    def experiment(self) -> ExperimentConfig:
+        return self.search_space.base
+
+    def run(self, trials: int | None = None, verbose: bool = True):
+        """Create (or resume) the study, queue :attr:`enqueued` (once: already-queued ones are skipped), run
+        it until it holds ``trials`` (default ``self.trials``) finished trials, return the optuna.Study."""
+        from . import sweep
+
+        space = self.search_space
+        s = sweep.create_study(space, self.storage_url, self.study, self.pruner)
+        for item in self.enqueued:
+            s.enqueue_trial(item, skip_if_exists=True)
+        return sweep.run_sweep(space, trials=trials or self.trials, study=self.study, storage=self.storage_url, seed=self.seed,
+                               pruner=self.pruner, verbose=verbose)
+
+
+NOTEBOOK_PARAMS[SweepParams._section] = SweepParams
+
+
+class SweepPanel(Panel):
+    """06: choose the knob whose outcome fractions are shown (:func:`workbench.sweep.outcome_fractions`, as
+    the headless cell), and run more trials on the same study (:meth:`SweepParams.run`, as the headless cell)."""
+
+    def __init__(self, params: SweepParams):
+        self.params = params
+        knobs = list(params.search_space.params)
+        controls = {
+            "knob": _dropdown(["(all)", *knobs], "(all)", "knob"),
+            "more": widgets.BoundedIntText(value=2, min=1, max=1000, description="more trials", style={"description_width": "initial"}),
+        }
+        super().__init__(controls)
+        controls["more"].unobserve(self.update, names="value")  # changing the count alone recomputes nothing
+        self.button = widgets.Button(description="run more trials", button_style="primary")
+        self.button.on_click(lambda _: self.run_more())
+        self.widget.children = (widgets.HBox([*controls.values(), self.button]), self.status, self.image)
+
+    def study(self):
+        from . import sweep
+
+        return sweep.load_study(self.params.storage_url, self.params.study)
+
+    def run_more(self) -> Any:
+        """Run ``more`` trials beyond those already finished, then redraw."""
+        from . import sweep
+
+        done = sweep.progress_counts(self.study())["done"]
+        self.params.run(done + self.controls["more"].value, verbose=False)
+        return self.update()
+
+    def compute(self) -> dict:
+        from . import plots, sweep
+
+        s = self.study()
+        knob = self.controls["knob"].value
+        rows = sweep.outcome_fractions(s)
+        return {"summary": sweep.summarize(s), "states": plots.sweep_metrics(s)["states"],
+                "rows": rows if knob == "(all)" else [r for r in rows if r["param"] == knob], "knob": None if knob == "(all)" else knob}
+
+    def describe(self, result: dict) -> str:
+        c, best = result["summary"]["counts"], result["summary"]["best"]
+        line = (f"{c['done']} finished: {c['complete']} complete, {c['pruned']} pruned ({result['summary']['nonfinite']} non-finite), "
+                f"{c['failed']} failed")
+        if best:
+            line += f"; best trial {best['number']}: val_nmse {best['value']:.4g}"
+        return html.escape(line)
+
+    def figure(self, result: dict):
+        from . import plots
+
+        return plots.outcomes_figure(result["rows"], result["knob"]) if result["rows"] else None
