@@ -54,6 +54,10 @@ def test_seed_table_measures_the_norms_of_the_pipeline():
     for name in SEED_PRESETS:
         assert rows[name]["R_blend_rank"]["median"] == N
     assert rows["seed_fix3"]["terms"]["gap"] >= 0 and "ok" in rows["seed_fix3"]
+    # an exact prediction scores 0 only where both sides of the NMSE share the preprocessing
+    assert rows["recommended"]["oracle_nmse"]["q75"] < 1e-10
+    for name in SEED_PRESETS:
+        assert rows[name]["oracle_nmse"]["q25"] > 1e-3
 
 
 def test_seed_fix3_verdict_the_active_eigengap_hinge_is_not_a_nan_source():
