@@ -58,26 +58,54 @@ def blend(R_pred: torch.Tensor, R_samp: torch.Tensor, beta: float) -> torch.Tens
 
 # ---------------------------------------------------------------------------------------------
 # Sample-covariance estimators of the RIS-domain covariance from L snapshots.
-def ridge_solutions(y: torch.Tensor, G: torch.Tensor, ridge: float) -> torch.Tensor:
+def ridge_solutions(y: torch.Tensor, G: torch.Tensor | tuple[torch.Tensor, torch.Tensor], ridge: float) -> torch.Tensor:
     """Per-snapshot ridge least squares x_l = G_l^H (G_l G_l^H + ridge I)^-1 y_l.
 
-    y [n,L,M], G [n,L,M,N] -> [n,L,N]. The M x M form is exact and cheaper than the N x N one."""
+    y [n,L,M], G [n,L,M,N] -> [n,L,N]. The M x M form is exact and cheaper than the N x N one.
+    ``G`` may also be the pair (H [n,M,N], codes [n,L,N]) with G_l = H diag(c_l): then G is never
+    formed, x_l = conj(c_l) * (H^H w_l), and for unit-modulus codes (every RIS configuration) the
+    Gram matrix G_l G_l^H = H H^H is shared by the L snapshots, so one M x M solve per scene suffices.
+    Same result up to float rounding."""
+    if isinstance(G, (tuple, list)):
+        return _ridge_solutions_factored(y, *G, ridge)
     M = G.shape[-2]
     gram = G @ G.mH + ridge * torch.eye(M, dtype=G.dtype, device=G.device)
     w = torch.linalg.solve(gram, y[..., None])
-    return (G.mH @ w)[..., 0]
+    return (w.mH @ G).conj()[..., 0, :]  # (G^H w)^T without conjugating the large G
+
+
+def _ridge_solutions_factored(y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, ridge: float) -> torch.Tensor:
+    """:func:`ridge_solutions` for G_l = H diag(c_l): y [n,L,M], H [n,M,N], codes [n,L,N] -> [n,L,N]."""
+    M = H.shape[-2]
+    eye = ridge * torch.eye(M, dtype=H.dtype, device=H.device)
+    mod2 = codes.real.square() + codes.imag.square()
+    if bool(((mod2 - 1).abs() < 1e-5).all()):  # |c| = 1: G_l G_l^H = H H^H for every l
+        w = torch.linalg.solve(H @ H.mH + eye, y.mT).mT  # [n,L,M]
+    else:
+        gram = (H[:, None] * mod2[:, :, None, :].to(H.dtype)) @ H.mH[:, None] + eye
+        w = torch.linalg.solve(gram, y[..., None])[..., 0]
+    return codes.conj() * (w @ H.conj())  # x_l = conj(c_l) * (H^H w_l)
+
+
+def _as_G(G: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The measurement matrices [n,L,M,N] from either accepted form of ``G``."""
+    if isinstance(G, (tuple, list)):
+        H, codes = G
+        return H[:, None, :, :] * codes[:, :, None, :]
+    return G
 
 
 def sample_covariance(
     y: torch.Tensor,
-    G: torch.Tensor,
+    G: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     estimator: str = "seed",
     ridge: float = 1e-3,
     noise_var: torch.Tensor | None = None,
     rank: int | None = 5,
     system: SystemConfig | None = None,
 ) -> torch.Tensor:
-    """Estimate the N x N RIS-domain covariance from snapshots y [n,L,M] and G [n,L,M,N].
+    """Estimate the N x N RIS-domain covariance from snapshots y [n,L,M] and G [n,L,M,N] (or the pair
+    (H [n,M,N], codes [n,L,N]) with G_l = H diag(c_l), which the seed estimators use without forming G).
 
     * ``"seed"``: the original pipeline. Ridge LS per snapshot, mean-centred across snapshots, scatter
       matrix (1/L) sum_l (x_l - mean)(x_l - mean)^H. Each x_l lies in the M-dimensional row space of
@@ -94,15 +122,16 @@ def sample_covariance(
     if estimator in ("covariance_matching", "beamscan") and noise_var is None:
         raise ConfigError(f"noise_var: the {estimator} estimator needs the noise variance per scene")
     if estimator == "covariance_matching":
-        return covariance_matching(y, G, noise_var, rank=rank)
+        return covariance_matching(y, _as_G(G), noise_var, rank=rank)
     if estimator == "beamscan":
         if system is None:
             raise ConfigError("system: the beamscan estimator needs the SystemConfig (array geometry)")
-        return beamscan_covariance(y, G, noise_var, system, n_sources=rank or system.K_max)
+        return beamscan_covariance(y, _as_G(G), noise_var, system, n_sources=rank or system.K_max)
     X = ridge_solutions(y, G, ridge)  # [n,L,N]
     if estimator == "seed":
         X = X - X.mean(dim=1, keepdim=True)
-    return X.mT @ X.conj() / X.shape[1]  # (1/L) sum_l x_l x_l^H
+    Xc = X.conj() / X.shape[1] ** 0.5
+    return Xc.mH @ Xc  # (1/L) sum_l x_l x_l^H, as one [N,L] @ [L,N] product per scene
 
 
 def _matching_operator(R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -291,3 +320,37 @@ def spectrum_stats(R: torch.Tensor, K: torch.Tensor | int | None = None, rtol: f
 def nmse(R_hat: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """||R_hat - R||_F^2 / ||R||_F^2 per matrix, [...]."""
     return torch.linalg.matrix_norm(R_hat - R) ** 2 / torch.linalg.matrix_norm(R) ** 2
+
+
+def estimator_table(system: SystemConfig | None = None, snrs: tuple[float, ...] = (0.0, 10.0, 20.0, 30.0), n: int = 64, seed: int = 0,
+                    estimators: tuple[str, ...] = SAMPLE_ESTIMATORS, device: str = "cpu") -> list[dict]:
+    """NMSE of each R_samp estimator against R_true at fixed SNRs, as rows of data.
+
+    For each SNR the same ``n`` scenes are simulated (same ``seed``: geometry, channel, symbols and noise
+    draws are shared, only the noise scale changes, so the SNR columns are paired). Both sides are
+    hermitised and trace-normalised to N before the NMSE; "scaled_identity" is the best multiple of the
+    identity (I, after normalisation) as the uninformative reference. Returns one dict per (SNR,
+    estimator): snr_db, estimator, nmse_median, nmse_q25, nmse_q75, n.
+    """
+    from .physics import simulate
+
+    system = SystemConfig() if system is None else system
+    for name in estimators:
+        if name not in SAMPLE_ESTIMATORS:
+            raise ConfigError(f"estimators: {name!r} is not allowed: choose from {', '.join(map(repr, SAMPLE_ESTIMATORS))}")
+    rows = []
+    for snr in snrs:
+        sys_snr = system.replace(snr_db_min=float(snr), snr_db_max=float(snr))
+        batch = simulate(sys_snr, n, seed=seed, device=device)
+        R_true = trace_normalise(hermitise(batch.R_true))
+        eye = torch.eye(system.N, dtype=R_true.dtype, device=R_true.device).expand_as(R_true)
+        results = {"scaled_identity": nmse(eye, R_true)}
+        for name in estimators:
+            G = (batch.H, batch.codes)
+            R = sample_covariance(batch.y, G, name, system.ridge, batch.noise_var, rank=system.K_max, system=sys_snr)
+            results[name] = nmse(trace_normalise(hermitise(R)), R_true)
+        for name, v in results.items():
+            q = torch.quantile(v.double().cpu(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+            rows.append({"snr_db": float(snr), "estimator": name, "nmse_median": q[1].item(),
+                         "nmse_q25": q[0].item(), "nmse_q75": q[2].item(), "n": n})
+    return rows

@@ -204,17 +204,31 @@ def _crandn(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     return torch.complex(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) / math.sqrt(2.0)
 
 
+def _weighted_steering(system: SystemConfig, phi, theta, r, power, mask) -> torch.Tensor:
+    """sqrt(p_k) a_k for every source slot, zero in padded slots: [n,K_max,N] complex64."""
+    A = steering(system, phi.float(), theta.float(), torch.where(mask, r, 1.0).float())  # [n,Kmax,N]
+    return A * (power.float().sqrt() * mask)[..., None]
+
+
+def source_covariance(system: SystemConfig, phi: torch.Tensor, theta: torch.Tensor, r: torch.Tensor,
+                      power: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """R_true = sum_k p_k a_k a_k^H over the valid slots: phi, theta [n,K_max] radians, r [n,K_max] metres,
+    power [n,K_max] mW, mask [n,K_max] bool -> [n,N,N] complex64 (mW). ``simulate`` uses exactly this."""
+    Bc = _weighted_steering(system, phi, theta, r, power, mask).conj().resolve_conj()
+    return Bc.mH @ Bc
+
+
 def _measure(system, phi, theta, r, power, mask, H, codes, sym, noise, snr_db, K) -> SceneBatch:
     L = system.L
-    A = steering(system, phi.float(), theta.float(), torch.where(mask, r, 1.0).float())  # [s,Kmax,N]
-    A = A * mask[..., None]
-    sqrt_p = power.sqrt().float()
-    R_true = torch.einsum("skn,sk,skm->snm", A, power.float().to(A.dtype), A.conj())
-    x = torch.einsum("skn,sk,skl->snl", A, sqrt_p.to(A.dtype), sym.expand(-1, -1, L))  # [s,N,L]
-    signal = torch.einsum("smn,sln,snl->slm", H, codes, x)  # H diag(c_l) x_l
+    B = _weighted_steering(system, phi, theta, r, power, mask)  # sqrt(p_k) a_k, [s,Kmax,N]
+    Bc = B.conj().resolve_conj()
+    R_true = Bc.mH @ Bc  # sum_k p_k a_k a_k^H, [s,N,N] (as source_covariance)
+    x = B.mT @ sym  # x_l = sum_k sqrt(p_k) a_k s_{k,l}, [s,N,L] (or [s,N,1] for coherent symbols)
+    signal = (H @ (codes.mT * x)).mT.contiguous()  # H diag(c_l) x_l, [s,L,M]
     # expected signal power per entry: (1/(L M)) sum_l sum_k p_k ||H diag(c_l) a_k||^2
-    GA = torch.einsum("smn,sln,skn->slmk", H, codes, A)
-    p_sig = (GA.abs() ** 2 * power.float()[:, None, None, :]).sum(dim=(1, 2, 3)) / (L * system.M)
+    CB = (codes[:, :, None, :] * B[:, None, :, :]).reshape(codes.shape[0], -1, codes.shape[-1])  # [s,L*Kmax,N]
+    GB = H @ CB.mT  # [s,M,L*Kmax]
+    p_sig = torch.view_as_real(GB).square().sum((-3, -2, -1)) / (L * system.M)
     noise_var = p_sig / 10 ** (snr_db.float() / 10)
     y = signal + noise.to(signal.dtype) * noise_var.sqrt()[:, None, None]
     return SceneBatch(
