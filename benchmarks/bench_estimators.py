@@ -10,26 +10,13 @@ each spectrum can stall for seconds; the best of several repeats is reported, an
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import best_time  # noqa: E402
 
 from workbench import estimators as E
 from workbench.config import SystemConfig, resolve_device
 from workbench.physics import simulate
-
-
-def _best(fn, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls (seconds), after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def _full_table_spectrum(R: torch.Tensor, K: torch.Tensor, table: torch.Tensor, method: str) -> torch.Tensor:
@@ -42,10 +29,13 @@ def _full_table_spectrum(R: torch.Tensor, K: torch.Tensor, table: torch.Tensor, 
 def _measure(method: str, system, grid, R, K, table, repeats: int) -> tuple:
     B = R.shape[0]
     kw = {"K": K} if method == "music" else {}
-    t_batch = _best(lambda: E.spectrum(R, system, grid, method, **kw), repeats)
-    t_scene = _best(lambda: [E.spectrum(R[i : i + 1], system, grid, method, **({"K": K[i : i + 1]} if kw else {})) for i in range(B)], repeats)
-    t_full = _best(lambda: _full_table_spectrum(R, K, table, method), repeats)
-    t_loc = _best(lambda: E.localise(R, system, grid, method, K=K), repeats)
+    t_batch = best_time(lambda: E.spectrum(R, system, grid, method, **kw), repeats, warmup=True)
+    def per_scene():
+        return [E.spectrum(R[i : i + 1], system, grid, method, **({"K": K[i : i + 1]} if kw else {})) for i in range(B)]
+
+    t_scene = best_time(per_scene, repeats, warmup=True)
+    t_full = best_time(lambda: _full_table_spectrum(R, K, table, method), repeats, warmup=True)
+    t_loc = best_time(lambda: E.localise(R, system, grid, method, K=K), repeats, warmup=True)
     ref = _full_table_spectrum(R, K, table, method).reshape(B, *grid.shape)
     new = E.spectrum(R, system, grid, method, **kw)
     agree = ((new - ref).abs() / ref.abs()).max().item()

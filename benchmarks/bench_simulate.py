@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from naive_simulate import naive_simulate  # noqa: E402
+from timing import best_time  # noqa: E402
 
 from workbench.config import SystemConfig  # noqa: E402
 from workbench.covariance import sample_covariance, trace_normalise  # noqa: E402
@@ -36,15 +36,6 @@ def vectorised(system: SystemConfig, n: int, seed: int, device: str, chunk: int,
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:
