@@ -5,12 +5,27 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+from typing import Any
 
 from .config import ConfigError
 
 # modules that register subcommands, in the order they appear in --help
 COMMAND_MODULES = ("data", "diagnostics", "train", "sweep", "report")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON when it parses (numbers, true/false, lists, objects), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(pairs: list[list[str]]) -> dict[str, Any]:
+    """``--set KEY VALUE`` pairs as a dict of dotted keys to parsed values."""
+    return {key: parse_value(value) for key, value in pairs}
 
 
 def build_parser() -> argparse.ArgumentParser:

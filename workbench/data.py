@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .cli import parse_value
 from .config import ConfigError, ExperimentConfig, SystemConfig
 from .physics import SceneBatch, simulate, source_covariance
 
@@ -223,13 +224,6 @@ def generate(system: SystemConfig, n: int, out: str | os.PathLike, seed: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def system_from_args(config: str | None, sets: list[list[str]] | None) -> SystemConfig:
     """A SystemConfig from ``--config`` (a JSON object or a path to a JSON file: a system dict, or an
     experiment dict with a "system" section) and ``--set FIELD VALUE`` pairs (VALUE parsed as JSON)."""
@@ -245,7 +239,7 @@ def system_from_args(config: str | None, sets: list[list[str]] | None) -> System
         if "system" in data and isinstance(data["system"], dict):
             data = ExperimentConfig.from_dict(data).system.to_dict()
     for key, value in sets or []:
-        data[key.removeprefix("system.")] = _parse_value(value)
+        data[key.removeprefix("system.")] = parse_value(value)
     return SystemConfig.from_dict(data)
 
 

@@ -231,16 +231,6 @@ def register_cli(sub) -> None:
     p.set_defaults(func=_cli_diagnose)
 
 
-def parse_overrides(pairs: list[list[str]]) -> dict:
-    out = {}
-    for key, value in pairs:
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def _cli_seed_table(args) -> int:
     rows = seed_table(n_scenes=args.n, seed=args.seed)
     print(format_seed_table(rows))
@@ -250,6 +240,8 @@ def _cli_seed_table(args) -> int:
 
 
 def _cli_diagnose(args) -> int:
+    from .cli import parse_overrides
+
     cfg = preset(args.preset, **parse_overrides(args.set))
     print(json.dumps(gradient_report(cfg, n=args.n), indent=2))
     return 0

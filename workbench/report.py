@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .cli import parse_value
 from .config import ConfigError
 from .io import atomic_write_json, atomic_write_text
 
@@ -60,14 +61,6 @@ def ci_parameters(name: str) -> dict:
 
     cls = NOTEBOOK_PARAMS.get(name)
     return dict(cls.ci) if cls is not None else {}
-
-
-def parse_value(text: str):
-    """A ``-p`` value: JSON when it parses (numbers, true/false, lists), else the string itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 @dataclass

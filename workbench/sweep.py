@@ -619,7 +619,7 @@ def register_cli(sub) -> None:
 
 
 def _cli_sweep(args) -> int:
-    from .diagnostics import parse_overrides
+    from .cli import parse_overrides
     from .io import atomic_write_json
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

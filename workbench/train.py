@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, ExperimentConfig, preset, resolve_device
 from .covariance import rsamp_for
-from .diagnostics import group_norms, parse_overrides, provenance
+from .diagnostics import group_norms, provenance
 from .io import atomic_torch_save, atomic_write_json
 from .losses import TERMS, compute_losses, term_weights, validation_nmse
 from .model import CovarianceNet, build_model
@@ -265,6 +265,8 @@ def register_cli(sub) -> None:
 
 
 def _cli_config(args) -> ExperimentConfig:
+    from .cli import parse_overrides
+
     overrides = parse_overrides(args.set)
     if args.epochs is not None:
         overrides["train.epochs"] = args.epochs
