@@ -24,10 +24,10 @@ report: $(STAMP)  ## every notebook headless into runs/, with an index page
 	$(VENV)/bin/workbench report
 
 lint: $(STAMP)
-	$(PY) -m ruff check workbench tests benchmarks
+	$(PY) -m ruff check workbench tests benchmarks notebooks
 
 test: $(STAMP)  ## lint, then the whole test suite
-	$(PY) -m ruff check workbench tests benchmarks
+	$(PY) -m ruff check workbench tests benchmarks notebooks
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -31,8 +31,7 @@ def split_times(run: report.NotebookRun) -> dict[str, float]:
     imports = compute = 0.0
     for cell, sec in zip(nb.cells, run.cell_seconds):
         tags = cell.metadata.get("tags", [])
-        first_code = cell.cell_type == "code" and "from workbench import plots, ui" in cell.source
-        if "config" in tags or "parameters" in tags or "injected-parameters" in tags or first_code:
+        if "config" in tags or "parameters" in tags or "injected-parameters" in tags:
             imports += sec
         else:
             compute += sec

@@ -18,7 +18,7 @@ from workbench.config import preset
 from workbench.losses import compute_losses
 from workbench.model import build_model
 from workbench.physics import simulate
-from workbench.train import precompute_rsamp
+from workbench.covariance import rsamp_for
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     batch, repeats = (8, 2) if args.quick else (args.batch, args.repeats)
     base = preset("recommended")
     data = simulate(base.system, batch, seed=0)
-    R_samp = precompute_rsamp(data, base)
+    R_samp = rsamp_for(data, base.fixes, base.system)
     variants = {
         "NMSE only": (base, ("nmse",)),
         "all terms, recommended (eigvalsh + safe)": (base, None),

@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 from workbench.config import ConfigError, SystemConfig
 from workbench.covariance import (
     blend,
-    estimator_table,
     hermitise,
     load,
     nmse,
@@ -18,6 +17,7 @@ from workbench.covariance import (
     trace,
     trace_normalise,
 )
+from workbench.studies.pipeline import estimator_table
 
 FAST = settings(max_examples=40, deadline=None)
 

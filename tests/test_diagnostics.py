@@ -5,7 +5,8 @@ import math
 import torch
 
 from workbench.config import SEED_PRESETS, preset
-from workbench.diagnostics import gradient_report, nonfinite_origins, seed_table
+from workbench.diagnostics import gradient_report, nonfinite_origins
+from workbench.studies.seed_note import seed_table
 
 SMALL = {"model.width": 32, "model.layers": 1, "model.heads": 2}
 

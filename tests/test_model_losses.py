@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from workbench.config import ModelConfig, SystemConfig, preset
-from workbench.covariance import load, rsamp_for, trace_normalise
-from workbench.losses import TERMS, aux_loss, compute_losses, predicted_covariance, term_weights
+from workbench.covariance import load, predicted_covariance, rsamp_for, trace_normalise
+from workbench.losses import TERMS, aux_loss, compute_losses, term_weights
 from workbench.model import REFERENCE_MODEL, ModelOutput, build_model, n_parameters
 from workbench.physics import simulate
 

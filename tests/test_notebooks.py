@@ -13,7 +13,8 @@ import nbformat
 import pytest
 import torch
 
-from workbench import cli, report, ui
+from workbench import cli, report
+from workbench import params as wp
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -41,7 +42,7 @@ def _png(path: Path) -> bool:
 def test_01_covariance_normalisation(runs_root):
     run, m = _run("01_covariance_normalisation", runs_root)
     assert _png(Path(run.out_dir) / "norms.png")
-    params = ui.notebook_params("01_covariance_normalisation", **m["params"])
+    params = wp.notebook_params("01_covariance_normalisation", **m["params"])
     system = params.experiment().system
     N = system.N
     rows = {r["preset"]: r for r in m["rows"]}
@@ -51,7 +52,7 @@ def test_01_covariance_normalisation(runs_root):
     from workbench.physics import simulate
 
     b = simulate(system, params.n_scenes, seed=params.seed)
-    raw = sample_covariance(b.y, b.G, "seed", system.ridge, b.noise_var)
+    raw = sample_covariance(b.y, b.G, "seed", system.ridge, b.noise_var)  # the full G: an independent path
     raw_fro = float(torch.linalg.matrix_norm(raw).double().quantile(0.5))
     norm_fro = float(torch.linalg.matrix_norm(trace_normalise(hermitise(raw))).double().quantile(0.5))
     for name, r in rows.items():
@@ -90,8 +91,8 @@ def test_02_eigen_spectrum(runs_root):
     out = Path(run.out_dir)
     assert _png(out / "spectrum.png") and _png(out / "loading.png")
     assert "plotly" in (out / "spectrum.html").read_text()[:5000].lower() and (out / "plotly.min.js").exists()
-    c_eps = m["params"]["c_eps"]
-    N = ui.notebook_params("02_eigen_spectrum", **m["params"]).experiment().system.N
+    c_eps = m["fixes"]["c_eps"]  # the preset's value unless the notebook was given one
+    N = wp.notebook_params("02_eigen_spectrum", **m["params"]).experiment().system.N
     # R_true = sum_k p_k a_k a_k^H has rank K in every scene
     assert m["rank"]["R_true"] == m["K"]
     ev = m["scene"]["eigvals"]
@@ -102,7 +103,7 @@ def test_02_eigen_spectrum(runs_root):
     assert m["rank"]["R_blend"] == [N] * len(m["K"])
     # loading shifts the floor by exactly the change of C_EPS and leaves the gap unchanged
     sweep = m["loading_sweep"]
-    assert len(sweep) == len(ui.notebook_params("02_eigen_spectrum", **m["params"]).c_eps_values)
+    assert len(sweep) == len(wp.notebook_params("02_eigen_spectrum", **m["params"]).c_eps_values)
     for a, b in zip(sweep, sweep[1:]):
         assert b["gap"] == pytest.approx(a["gap"], rel=1e-4, abs=1e-4)
         assert b["lower_min"] - a["lower_min"] == pytest.approx(b["c_eps"] - a["c_eps"], abs=1e-3)
@@ -112,7 +113,7 @@ def test_02_eigen_spectrum(runs_root):
 def test_03_nan_gradients(runs_root):
     run, m = _run("03_nan_gradients", runs_root)
     assert _png(Path(run.out_dir) / "gradients.png")
-    p = ui.notebook_params("03_nan_gradients", **m["params"])
+    p = wp.notebook_params("03_nan_gradients", **m["params"])
     cfg = p.experiment()
     # eigenvalue-only gradients are finite under heavy degeneracy; eigh's eigenvectors are not; `safe` is
     deg = {(r["term"], r["backend"]): r for r in m["degeneracy"]}
@@ -123,7 +124,7 @@ def test_03_nan_gradients(runs_root):
     assert deg[("subspace", "safe")]["grad_finite"]
     # independent value of the always-active hinge (margin 1e3) from plain eigvalsh on the same matrices
     from workbench.covariance import load, trace_normalise
-    from workbench.plots import scene_batch
+    from workbench.studies.pipeline import scene_batch
 
     batch = scene_batch(cfg, p.n_scenes, p.seed)
     R = load(trace_normalise(batch.R_true), cfg.fixes.c_eps)
@@ -153,7 +154,7 @@ def test_03_nan_gradients(runs_root):
 def test_04_training(runs_root):
     run, m = _run("04_training", runs_root)
     assert _png(Path(run.out_dir) / "training.png")
-    p = ui.notebook_params("04_training", **m["params"])
+    p = wp.notebook_params("04_training", **m["params"])
     assert set(m["runs"]) == set(p.preset_names)
     names = {"loss finite and in range", "gradients finite", "training loss decreasing", "weights changing"}
     for name, r in m["runs"].items():
@@ -166,7 +167,7 @@ def test_04_training(runs_root):
     from workbench import train
 
     name = p.preset_names[-1]
-    res = train.fit(p.experiment(name), progress=False)
+    res = train.fit(p.experiment(name), train.TrainingData.simulate(p.experiment(p.preset_names[0])), progress=False)
     hist = m["runs"][name]["history"]
     assert [h["train_loss"] for h in hist] == pytest.approx([h["train_loss"] for h in res.history], rel=1e-3, nan_ok=True)
     assert hist[-1]["val_nmse"] == pytest.approx(res.history[-1]["val_nmse"], rel=1e-3, nan_ok=True)
@@ -175,7 +176,7 @@ def test_04_training(runs_root):
 def test_05_localisation(runs_root):
     run, m = _run("05_localisation", runs_root)
     assert _png(Path(run.out_dir) / "localisation.png")
-    p = ui.notebook_params("05_localisation", **m["params"])
+    p = wp.notebook_params("05_localisation", **m["params"])
     res = m["localisation"]
     assert res["snr_db"] == p.snr_values and set(res["covariances"]) == {"R_true", *(f"R_samp[{e}]" for e in p.estimator_names)}
     # the exact, noise-free covariance with the true K: MUSIC finds every source (to refinement accuracy)
@@ -194,7 +195,7 @@ def test_05_localisation(runs_root):
     [
         ("02_eigen_spectrum", {"c_eps": -1.0}, "c_eps = -1.0 is out of range"),
         ("01_covariance_normalisation", {"n_scenes": "many"}, "01_covariance_normalisation.n_scenes = 'many': expected an integer"),
-        ("03_nan_gradients", {"gap_backend": "qr"}, "03_nan_gradients.gap_backend = 'qr' is not allowed"),
+        ("03_nan_gradients", {"gap_backend": "qr"}, "03_nan_gradients.gap_backend: fixes.gap_backend = 'qr' is not allowed"),
     ],
 )
 def test_bad_parameter_fails_in_config_cell(tmp_path, name, params, field):
@@ -224,13 +225,13 @@ def test_06_sweep(runs_root):
 
     run, m = _run("06_sweep", runs_root)
     out = Path(run.out_dir)
-    p = ui.notebook_params("06_sweep", **m["params"])
+    p = wp.notebook_params("06_sweep", **m["params"])
     for name in ("history", "parallel", "outcomes"):
         assert _png(out / f"{name}.png")
         assert "plotly" in (out / f"{name}.html").read_text()[:5000].lower()
     # the default storage is a file under out_dir, never runs/optuna.db
     db = out / "optuna.db"
-    assert m["storage"] == f"sqlite:///{db.resolve()}" and db.exists()
+    assert m["storage"] == f"sqlite:///{db}" and db.exists()
     trials = optuna.load_study(study_name=p.study, storage=f"sqlite:///{db}").get_trials()
     assert m["states"] == {s.name: sum(t.state == s for t in trials) for s in TrialState}
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]

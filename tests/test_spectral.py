@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from workbench import spectral as sp
+from workbench.checks import check_covariance, check_K
 from workbench.config import ConfigError
 
 C128 = torch.complex128
@@ -58,19 +59,19 @@ def hinge_grad(R, K, backend, **kw):
 )
 def test_check_covariance_shape_dtype(bad, match):
     with pytest.raises(ConfigError, match=match):
-        sp.check_covariance(bad)
+        check_covariance(bad)
 
 
 def test_check_covariance_nonfinite_and_nonhermitian():
     R = random_psd(3, 5)
     R[1, 2, 2] = float("nan")
     with pytest.raises(ConfigError, match=r"R: non-finite entries .* scene\(s\) \[1\]"):
-        sp.check_covariance(R)
+        check_covariance(R)
     R = random_psd(3, 5)
     R[2, 0, 1] += 0.5
     with pytest.raises(ConfigError, match=r"R_blend: not Hermitian in scene\(s\) \[2\]"):
-        sp.check_covariance(R, name="R_blend")
-    sp.check_covariance(random_psd(3, 5))  # valid input passes
+        check_covariance(R, name="R_blend")
+    check_covariance(random_psd(3, 5))  # valid input passes
 
 
 @pytest.mark.parametrize(
@@ -84,8 +85,8 @@ def test_check_covariance_nonfinite_and_nonhermitian():
 )
 def test_check_K(K, match):
     with pytest.raises(ConfigError, match=match):
-        sp.check_K(torch.tensor(K), B=2, N=5)
-    assert sp.check_K(torch.tensor([1, 4], dtype=torch.int32), 2, 5).dtype == torch.int64
+        check_K(torch.tensor(K), B=2, N=5)
+    assert check_K(torch.tensor([1, 4], dtype=torch.int32), 2, 5).dtype == torch.int64
 
 
 def test_bad_inputs_reach_the_terms():

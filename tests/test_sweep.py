@@ -12,9 +12,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from workbench import sweep
+from workbench import figures, sweep
 from workbench.cli import main
 from workbench.config import ConfigError
+from workbench.figures import sweeps as fig_sweeps
+from workbench.studies import sweeps
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -143,18 +145,19 @@ def test_nonfinite_trial_is_pruned_with_its_provenance(pruned_study):
 
 
 def test_outcome_fractions_and_figures(pruned_study):
-    rows = {(r["param"], r["value"]): r for r in sweep.outcome_fractions(pruned_study)}
+    fractions = sweeps.outcome_fractions(pruned_study)
+    rows = {(r["param"], r["value"]): r for r in fractions}
     eigh = rows[("fixes.subspace_backend", "eigh")]
     assert eigh["n"] == 1 and eigh["nonfinite"] == 1.0
     safe = rows[("fixes.subspace_backend", "safe")]
     assert safe["n"] == 3 and safe["complete"] == pytest.approx(2 / 3) and safe["pruned"] == pytest.approx(1 / 3)
     for r in rows.values():
         assert r["complete"] + r["pruned"] + r["nonfinite"] + r["failed"] == pytest.approx(1.0)
-    fig = sweep.plot_outcomes(pruned_study)
+    fig = fig_sweeps.outcomes_plotly(fractions)
     assert len(fig.data) == 4 * 4  # 4 outcomes x 4 knobs
-    assert len(sweep.plot_history(pruned_study).data) >= 1
-    par = sweep.plot_parallel(pruned_study)
-    assert {"val_nmse", "train.lr", "loss.subspace"} <= set(par.layout.xaxis.ticktext) and par.data
+    assert len(fig_sweeps.history_plotly(pruned_study).data) >= 1
+    par = fig_sweeps.parallel_plotly(sweeps.parallel_rows(pruned_study))
+    assert {"val_nmse", "train.lr", "loss.subspace", "outcome"} <= {d.label for d in par.data[0].dimensions}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,3 +252,52 @@ def test_two_workers_share_a_study_and_survive_a_killed_worker(backend, request)
     # the study is still usable: one more trial
     sweep.run_worker(url, "shared", len(finished) + 1, heartbeat=1, verbose=False)
     assert sweep.progress_counts(sweep.load_study(url, "shared", heartbeat=None))["done"] == len(finished) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the study views on a hand-made study (no training)
+def _hand_study(values: list[tuple[str, float | None, dict, str | None]]):
+    """In-memory study from (state, value or last intermediate, params, pruned_reason) without training."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    dists = {"fixes.subspace_backend": CategoricalDistribution(["eigh", "safe"]), "train.lr": FloatDistribution(1e-4, 1e-2, log=True)}
+    s = optuna.create_study(direction="minimize")
+    for state, value, params, reason in values:
+        attrs = {"pruned_reason": reason} if reason else {}
+        if reason == "nonfinite":
+            attrs |= {"provenance": [{"term": "subspace", "op": "LinalgEighBackward0"}], "provenance_count": 3, "nonfinite_steps": 2}
+        inter = {0: value} if value is not None else {}
+        s.add_trial(create_trial(state=TrialState[state], value=value if state == "COMPLETE" else None, params=params, distributions=dists,
+                                 user_attrs=attrs, intermediate_values=inter))
+    return s
+
+
+def test_sweep_views_on_a_hand_made_study():
+    eigh, safe = {"fixes.subspace_backend": "eigh", "train.lr": 1e-3}, {"fixes.subspace_backend": "safe", "train.lr": 1e-3}
+    s = _hand_study([("PRUNED", None, eigh, "nonfinite"), ("COMPLETE", 0.5, safe, None)])
+    imp, note = sweeps.sweep_importances(s)
+    assert imp is None and "at least 2 completed trials" in note and "has 1" in note
+    s = _hand_study([("PRUNED", None, eigh, "nonfinite"), ("COMPLETE", 0.5, safe, None), ("COMPLETE", 0.4, safe, None),
+                     ("PRUNED", 0.9, {**safe, "train.lr": 5e-3}, "pruner")])
+    imp, note = sweeps.sweep_importances(s)
+    assert imp is None and "no knob varies" in note  # both completed trials have the same params
+    s.add_trial(_hand_study([("COMPLETE", 0.3, {**safe, "train.lr": 2e-4}, None)]).trials[0])
+    imp, note = sweeps.sweep_importances(s)
+    assert set(imp) == {"train.lr"} == set(sweeps.varying_params(s)) and sum(imp.values()) == pytest.approx(1.0)
+    m = sweeps.sweep_metrics(s)
+    assert m["states"]["COMPLETE"] == 3 and m["states"]["PRUNED"] == 2 and m["best"]["value"] == 0.3 and m["best"]["number"] == 4
+    assert [r["number"] for r in m["nonfinite"]] == [0] and m["nonfinite"][0]["ops"] == ["subspace:LinalgEighBackward0"]
+    rows = sweeps.parallel_rows(s)
+    assert [(r["outcome"], r["value"]) for r in rows] == [("nonfinite", None), ("complete", 0.5), ("complete", 0.4), ("pruned", 0.9),
+                                                          ("complete", 0.3)]
+    fig = fig_sweeps.parallel_plotly(rows)
+    dims = {d.label: d for d in fig.data[0].dimensions}
+    assert list(dims) == ["fixes.subspace_backend", "train.lr", "val_nmse", "outcome"]
+    assert dims["val_nmse"].values[0] > 0.9 and dims["val_nmse"].ticktext[-1] == "none"  # no value: above the largest
+    assert [dims["outcome"].ticktext[int(v)] for v in dims["outcome"].values] == [r["outcome"] for r in rows]
+    for f in (fig_sweeps.parallel_figure(rows), fig_sweeps.outcomes_figure(m["outcome_fractions"], "fixes.subspace_backend"),
+              fig_sweeps.history_figure(s),
+              fig_sweeps.importances_figure(s, list(imp))):
+        assert figures.png_bytes(f)[:8] == b"\x89PNG\r\n\x1a\n"

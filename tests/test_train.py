@@ -7,7 +7,7 @@ import torch
 
 from workbench.cli import main
 from workbench.config import ConfigError, preset
-from workbench.train import checks, fit, load_checkpoint, make_datasets, precompute_rsamp, save_checkpoint, verify
+from workbench.train import TrainingData, checks, fit, load_checkpoint, save_checkpoint, verify
 
 TINY = {"model.width": 32, "model.layers": 1, "model.heads": 2, "train.n_train": 48, "train.n_val": 16,
         "train.batch_size": 16, "train.epochs": 2, "fixes.rsamp_estimator": "ls_scatter"}
@@ -45,8 +45,8 @@ def test_checkpoint_round_trip_and_corrupt_file(tiny_run, tmp_path):
     path = save_checkpoint(tmp_path / "ckpt.pt", tiny_run)
     loaded = load_checkpoint(path)
     assert loaded.config == tiny_run.config and loaded.history == tiny_run.history
-    b = make_datasets(tiny_run.config)[1][:4]
-    Rs = precompute_rsamp(b, tiny_run.config)
+    scenes = TrainingData.simulate(tiny_run.config)
+    b, Rs = scenes.val[:4], scenes.rsamp("val", tiny_run.config)[:4]
     torch.testing.assert_close(loaded.model(b.y, b.H, b.codes, R_samp=Rs).A, tiny_run.model(b.y, b.H, b.codes, R_samp=Rs).A)
     data = path.read_bytes()
     (tmp_path / "bad.pt").write_bytes(data[: len(data) // 2])
@@ -90,11 +90,12 @@ def test_cli_rejects_a_bad_override(capsys):
 
 def test_rsamp_is_computed_once_per_dataset_and_estimator():
     cfg = preset("recommended", **TINY)
-    train, _ = make_datasets(cfg)
-    first = precompute_rsamp(train, cfg)
-    assert precompute_rsamp(train.to("cpu"), cfg) is first
-    other = precompute_rsamp(train, cfg.replace(**{"fixes.rsamp_estimator": "seed"}))
+    data = TrainingData.simulate(cfg)
+    first = data.rsamp("train", cfg)
+    assert data.to("cpu").rsamp("train", cfg) is first
+    other = data.rsamp("train", cfg.replace(**{"fixes.rsamp_estimator": "seed"}))
     assert other is not first and not torch.allclose(other, first)
+    assert data.rsamp("val", cfg).shape[0] == cfg.train.n_val
 
 
 def test_recommended_trains_without_a_skipped_step_on_a_small_array():

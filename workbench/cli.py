@@ -1,46 +1,26 @@
-"""The ``workbench`` command. Each module that offers a subcommand defines ``register_cli(subparsers)``;
-this file only collects them, so a new command lives beside the code it runs."""
+"""The ``workbench`` command: collects the subcommands that the modules owning each concern define.
+
+Each module below defines ``register_cli(subparsers)`` beside the code it runs; this file lists them in the
+order of ``--help`` and turns a :class:`~workbench.config.ConfigError` into a one-line error and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import sys
-from typing import Any
 
+from . import data, diagnostics, report, sweep, train
 from .config import ConfigError
+from .studies import seed_note
 
-# modules that register subcommands, in the order they appear in --help
-COMMAND_MODULES = ("data", "diagnostics", "train", "sweep", "report")
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value: JSON when it parses (numbers, true/false, lists, objects), else the string itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_overrides(pairs: list[list[str]]) -> dict[str, Any]:
-    """``--set KEY VALUE`` pairs as a dict of dotted keys to parsed values."""
-    return {key: parse_value(value) for key, value in pairs}
+COMMAND_MODULES = (data, seed_note, diagnostics, train, sweep, report)  # in the order of --help
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="RIS covariance-learning workbench")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"workbench.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"workbench.{name}":
-                continue  # not written yet
-            raise
-        register = getattr(module, "register_cli", None)
-        if register is not None:
-            register(sub)
+    for module in COMMAND_MODULES:
+        module.register_cli(sub)
     return parser
 
 

@@ -66,8 +66,8 @@ class ConfigBase:
                 if (lo is not None and value < lo) or (hi is not None and value > hi):
                     raise ConfigError(f"{where} = {value!r} is out of range: allowed {_fmt_range(lo, hi)}")
             choices = f.metadata.get("choices")
-            if choices is not None and value not in choices:
-                raise ConfigError(f"{where} = {value!r} is not allowed: choose one of {', '.join(map(repr, choices))}")
+            if choices is not None:
+                check_choice(where, value, choices)
         self._check_relations()
 
     def _check_relations(self) -> None:
@@ -119,12 +119,37 @@ class ConfigBase:
         return type(self).from_dict(data)
 
 
+def check_choice(where: str, value: Any, choices) -> None:
+    """ConfigError unless ``value`` is one of ``choices``; the message names ``where`` and lists the choices."""
+    if value not in choices:
+        raise ConfigError(f"{where} = {value!r} is not allowed: choose one of {', '.join(map(repr, choices))}")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line or notebook value: JSON when it parses (numbers, true/false, lists, objects), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(pairs: list[list[str]]) -> dict[str, Any]:
+    """``--set KEY VALUE`` pairs as a dict of dotted keys to parsed values."""
+    return {key: parse_value(value) for key, value in pairs}
+
+
 def _fmt_range(lo: float | None, hi: float | None) -> str:
     return f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
 
 
 def _check_type(where: str, value: Any, expected: Any) -> Any:
-    """Check ``value`` against a simple annotation; ints are accepted (and converted) for floats."""
+    """Check ``value`` against a simple annotation (bool, int, float, str, or one of them or None); ints are
+    accepted (and converted) for floats."""
+    args = typing.get_args(expected)
+    if type(None) in args:  # an optional field: None, or the other type
+        if value is None:
+            return None
+        (expected,) = [a for a in args if a is not type(None)]
     if expected is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} = {value!r}: expected true/false")
@@ -326,8 +351,7 @@ SEED_PRESETS = ("seed_before", "seed_fix1", "seed_fix2", "seed_fix3")
 
 def preset(name: str, **overrides: Any) -> ExperimentConfig:
     """A named preset as a full :class:`ExperimentConfig`; dotted ``overrides`` change fields."""
-    if name not in _FIX_PRESETS:
-        raise ConfigError(f"preset = {name!r} is not allowed: choose one of {', '.join(map(repr, PRESETS))}")
+    check_choice("preset", name, PRESETS)
     cfg = ExperimentConfig(fixes=FixConfig(**_FIX_PRESETS[name]), loss=LossWeights(**_LOSS_PRESETS.get(name, {})),
                            model=ModelConfig(**_MODEL_PRESETS.get(name, {})))
     return cfg.replace(**overrides) if overrides else cfg

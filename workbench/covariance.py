@@ -1,4 +1,10 @@
-"""Batched covariance operations of the pipeline (DESIGN.md section 3).
+"""The covariance pipeline of one batch (R_samp -> R_pred -> R_blend -> NMSE) and the operations it is built of.
+
+Owns: hermitise, trace normalisation, diagonal loading (C_EPS), the blend, the R_samp estimators, Fix 1
+(:func:`rsamp_for`), Fix 2 and C_EPS (:func:`blend_pipeline`), the NMSE and its target (fact 4:
+:func:`nmse_target`), the whole per-batch pipeline (:func:`pipeline`) and spectrum statistics. The loss, the
+oracle floor of the diagnostics and the notebooks all call these; none assembles the pipeline itself.
+Must not: hold loss weights, train, or loop over presets or SNRs (that is :mod:`workbench.studies`).
 
 All functions take batch-first complex tensors [..., N, N] (complex64 for compute, complex128 in
 gradient checks) and are differentiable unless stated otherwise.
@@ -6,15 +12,14 @@ gradient checks) and are differentiable unless stated otherwise.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .config import SAMPLE_ESTIMATORS, ConfigError, FixConfig, SystemConfig
-
-
-def _check_square(R: torch.Tensor, name: str = "R") -> None:
-    if not isinstance(R, torch.Tensor) or R.ndim < 2 or R.shape[-1] != R.shape[-2]:
-        shape = tuple(R.shape) if isinstance(R, torch.Tensor) else type(R).__name__
-        raise ConfigError(f"{name}: expected a tensor of square matrices [..., N, N], got shape {shape}")
+from .checks import check_square
+from .config import SAMPLE_ESTIMATORS, ConfigError, FixConfig, SystemConfig, check_choice
+from .grid import Grid
+from .physics import measurement_matrices
 
 
 def hermitise(R: torch.Tensor) -> torch.Tensor:
@@ -30,7 +35,7 @@ def trace(R: torch.Tensor) -> torch.Tensor:
 def trace_normalise(R: torch.Tensor, target: float | None = None, eps: float = 1e-30) -> torch.Tensor:
     """Scale each matrix so its trace is ``target`` (default N). ``eps`` floors the trace magnitude:
     a vanishing trace is a real NaN/inf source (DESIGN.md fact 5), so it is floored, not divided by."""
-    _check_square(R)
+    check_square(R)
     target = R.shape[-1] if target is None else target
     tr = trace(R)
     tr = torch.where(tr.abs() < eps, torch.full_like(tr, eps), tr)
@@ -39,7 +44,7 @@ def trace_normalise(R: torch.Tensor, target: float | None = None, eps: float = 1
 
 def load(R: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
     """Diagonal loading R + c I: raises every eigenvalue by c, leaves every gap unchanged."""
-    _check_square(R)
+    check_square(R)
     eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
     c = torch.as_tensor(c, device=R.device)
     if c.ndim:
@@ -88,11 +93,8 @@ def _ridge_solutions_factored(y: torch.Tensor, H: torch.Tensor, codes: torch.Ten
 
 
 def _as_G(G: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The measurement matrices [n,L,M,N] from either accepted form of ``G``."""
-    if isinstance(G, (tuple, list)):
-        H, codes = G
-        return H[:, None, :, :] * codes[:, :, None, :]
-    return G
+    """G [n,L,M,N] from G itself or from the pair (H, codes)."""
+    return measurement_matrices(*G) if isinstance(G, (tuple, list)) else G
 
 
 def sample_covariance(
@@ -117,8 +119,7 @@ def sample_covariance(
 
     Returns [n,N,N], raw units (not normalised, not hermitised beyond what the formula gives).
     """
-    if estimator not in SAMPLE_ESTIMATORS:
-        raise ConfigError(f"rsamp_estimator = {estimator!r} is not allowed: choose one of {', '.join(map(repr, SAMPLE_ESTIMATORS))}")
+    check_choice("rsamp_estimator", estimator, SAMPLE_ESTIMATORS)
     if estimator in ("covariance_matching", "beamscan") and noise_var is None:
         raise ConfigError(f"noise_var: the {estimator} estimator needs the noise variance per scene")
     if estimator == "covariance_matching":
@@ -185,38 +186,11 @@ def psd_projection(R: torch.Tensor, rank: int | None = None) -> torch.Tensor:
     return (V * keep[..., None, :].to(V.dtype)) @ V.mH
 
 
-def separable_grid(system: SystemConfig, n_phi: int = 61, n_theta: int = 31, n_r: int = 8, device=None):
-    """A (phi, theta, r) search grid over the field of view, in the separable form of the steering.
-
-    The near-field phase splits into an x part and a z part, so a(phi, theta, r) = kron(a_z, a_x) with
-    a_z [N_V] depending on (theta, r) and a_x [N_H] on (phi, theta, r); both come from
-    :func:`~workbench.physics.steering` on the one-row and one-column sub-arrays. Ranges are uniform in
-    1/r (near-field range resolution is roughly uniform there). Returns (phi [P], theta [T], r [T],
-    a_z [T,N_V], a_x [T,P,N_H]) with T = n_theta * n_r (theta-major), float32/complex64."""
-    from .physics import steering  # physics imports this module's users; keep the import local
-
-    phi = torch.deg2rad(torch.linspace(-system.phi_max_deg, system.phi_max_deg, n_phi, device=device))
-    theta = torch.deg2rad(torch.linspace(-system.theta_max_deg, system.theta_max_deg, n_theta, device=device))
-    inv_r = torch.linspace(1 / system.r_max_m, 1 / system.r_min_m, n_r, device=device)
-    th, rr = (t.reshape(-1) for t in torch.meshgrid(theta, 1 / inv_r, indexing="ij"))
-    row = system.replace(N_V=1, K_min=1, K_max=1)  # z = 0: the x part of the phase
-    col = system.replace(N_H=1, K_min=1, K_max=1)  # x = 0: the z part
-    a_z = steering(col, torch.zeros_like(th), th, rr)
-    a_x = steering(row, phi[None, :], th[:, None], rr[:, None])
-    return phi, th, rr, a_z, a_x
-
-
-def _grid_scan(G: torch.Tensor, y: torch.Tensor, a_z: torch.Tensor, ax_t: torch.Tensor, n_v: int) -> torch.Tensor:
-    """a_g^H G_l^H y_l for every grid point g = (t, p): G [b,L,M,N], y [b,L,M] -> [b,L,T,P]."""
-    b, L, _, N = G.shape
-    T, Hn, P = ax_t.shape
-    bp = (G.mH @ y[..., None])[..., 0].reshape(b, L, n_v, Hn)
-    Z = torch.einsum("blvh,tv->tblh", bp, a_z.conj()).reshape(T, b * L, Hn)
-    return torch.bmm(Z, ax_t.conj()).reshape(T, b, L, P).permute(1, 2, 0, 3)
+BEAMSCAN_GRID = (61, 31, 8)  # phi x theta x r points: 2 deg, 2 deg, 8 ranges uniform in 1/r
 
 
 def beamscan_covariance(y: torch.Tensor, G: torch.Tensor, noise_var: torch.Tensor, system: SystemConfig,
-                        n_sources: int = 5, grid: tuple[int, int, int] = (61, 31, 8), chunk: int = 8) -> torch.Tensor:
+                        n_sources: int = 5, grid: Grid | None = None, chunk: int = 8) -> torch.Tensor:
     """Structured estimate: matched-filter beamscan in the measurement domain, then covariance matching
     of the powers of the picked steering vectors.
 
@@ -226,34 +200,27 @@ def beamscan_covariance(y: torch.Tensor, G: torch.Tensor, noise_var: torch.Tenso
     fitted by least squares to the snapshot outer products, E[y_l y_l^H] = sum_k p_k u_lk u_lk^H +
     sigma^2 I, then clipped at 0. Returns sum_k p_k a_k a_k^H, [n,N,N] in the units of y^2 / |G|^2.
 
-    Assumes i.i.d. symbols and the known noise variance; accuracy is limited by the grid (default 61 x
-    31 x 8 points: 2 deg, 2 deg, 8 ranges uniform in 1/r). Cost about L M N (n_theta n_r) + L M N_H
-    (n_phi n_theta n_r) complex MACs per scene, using the separable steering (:func:`separable_grid`)."""
+    Assumes i.i.d. symbols and the known noise variance ``noise_var`` [n] (the simulator's: oracle
+    knowledge); accuracy is limited by the grid (default :data:`BEAMSCAN_GRID`). Cost about
+    L M (N T Q + N_H P T Q) complex MACs per scene for the responses, the same per pick for the scan,
+    with the grid's separable contraction (:meth:`~workbench.grid.Grid.response`)."""
     n, L, M, N = G.shape
-    V, Hn = system.N_V, system.N_H
-    _, _, _, a_z, a_x = separable_grid(system, *grid, device=G.device)
-    T, P = a_x.shape[:2]
-    a_z, a_x = a_z.to(G.dtype), a_x.to(G.dtype)
-    ax_t = a_x.transpose(1, 2)  # [T,H,P]
+    grid = Grid.uniform(system, *BEAMSCAN_GRID) if grid is None else grid
     out = []
     for s in range(0, n, chunk):
         Gc, yc, nv = G[s:s + chunk], y[s:s + chunk], noise_var[s:s + chunk].to(G.real.dtype)
         b = Gc.shape[0]
-        # ||G_l a_g||^2 for every grid point: contract v with a_z, then h with a_x as one batched matmul
-        W = torch.einsum("blmvh,tv->tblmh", Gc.reshape(b, L, M, V, Hn), a_z).reshape(T, b * L * M, Hn)
-        U = torch.bmm(W, ax_t).reshape(T, b, L, M, P)
-        norm2 = torch.view_as_real(U).square().sum((-1, -3)).permute(1, 2, 0, 3).clamp_min(torch.finfo(U.real.dtype).tiny)
-        del W, U  # norm2: [b,L,T,P]
-
+        # ||G_l a_g||^2 for every grid point: the rows of G_l contracted with the steering tables
+        norm2 = torch.view_as_real(grid.response(system, Gc)).square().sum((-1, 2)).reshape(b, L, -1)
+        norm2 = norm2.clamp_min(torch.finfo(norm2.dtype).tiny)  # [b,L,grid]
         resid = yc
         picks, atoms = [], []
         for _ in range(n_sources):
-            power = (_grid_scan(Gc, resid, a_z, ax_t, V).abs().pow(2) / norm2).sum(1).reshape(b, T * P)
-            g = power.argmax(-1)
-            t_idx, p_idx = g // P, g % P
-            a = torch.einsum("bv,bh->bvh", a_z[t_idx], a_x[t_idx, p_idx]).reshape(b, N)
-            u = Gc @ a[:, None, :, None]  # [b,L,M,1]
-            u = u[..., 0]
+            back = (Gc.mH @ resid[..., None])[..., 0]  # G_l^H r_l, [b,L,N]
+            scan = torch.view_as_real(grid.response(system, back.conj())).square().sum(-1).reshape(b, L, -1)  # |a_g^H G_l^H r_l|^2
+            g = (scan / norm2).sum(1).argmax(-1)
+            a = grid.vectors(system, grid.unravel(g), dtype=G.dtype)  # [b,N]
+            u = (Gc @ a[:, None, :, None])[..., 0]  # [b,L,M]
             resid = resid - u * ((u.conj() * resid).sum(-1, keepdim=True) / u.abs().pow(2).sum(-1, keepdim=True).clamp_min(1e-38))
             picks.append(a)
             atoms.append(u)
@@ -267,12 +234,31 @@ def beamscan_covariance(y: torch.Tensor, G: torch.Tensor, noise_var: torch.Tenso
     return torch.cat(out)
 
 
+def rsamp_raw(batch, fixes: FixConfig, system: SystemConfig) -> torch.Tensor:
+    """The estimator's R_samp of a :class:`~workbench.physics.SceneBatch`, before Fix 1: [n,N,N] complex64 in
+    raw units. The seed estimators run on the factored (H, codes) form; the structured ones form G."""
+    return sample_covariance(batch.y, (batch.H, batch.codes), fixes.rsamp_estimator, system.ridge, batch.noise_var,
+                             rank=system.K_max, system=system)
+
+
+def apply_fix1(R_raw: torch.Tensor, fixes: FixConfig) -> torch.Tensor:
+    """Fix 1: hermitise R_samp and trace-normalise it to N when ``fixes.rsamp_normalise``; else unchanged."""
+    return trace_normalise(hermitise(R_raw)) if fixes.rsamp_normalise else R_raw
+
+
 def rsamp_for(batch, fixes: FixConfig, system: SystemConfig) -> torch.Tensor:
-    """R_samp of a :class:`~workbench.physics.SceneBatch` under ``fixes`` (estimator + Fix 1)."""
-    R = sample_covariance(batch.y, batch.G, fixes.rsamp_estimator, system.ridge, batch.noise_var, rank=system.K_max, system=system)
-    if fixes.rsamp_normalise:
-        R = trace_normalise(hermitise(R))
-    return R
+    """R_samp as the pipeline uses it: :func:`rsamp_raw`, then :func:`apply_fix1`."""
+    return apply_fix1(rsamp_raw(batch, fixes, system), fixes)
+
+
+def predicted_covariance(A: torch.Tensor, qr_retraction: bool) -> torch.Tensor:
+    """R_pred = A A^H from the network's factor A [B,N,K_max] (not normalised: the network sets the scale,
+    and the blend's trace normalisation, Fix 2's knob, is what can change it). With ``qr_retraction`` (the
+    seed pipeline) A is first replaced by the Q of its reduced QR decomposition: R_pred becomes a projector
+    of trace K_max, and QR's backward divides by the diagonal of R (a NaN source for a rank-deficient A)."""
+    if qr_retraction:
+        A = torch.linalg.qr(A, mode="reduced").Q
+    return A @ A.mH
 
 
 def blend_pipeline(R_pred: torch.Tensor, R_samp: torch.Tensor, fixes: FixConfig) -> torch.Tensor:
@@ -281,6 +267,56 @@ def blend_pipeline(R_pred: torch.Tensor, R_samp: torch.Tensor, fixes: FixConfig)
     if fixes.rblend_trace_normalise:
         R = trace_normalise(R)
     return load(R, fixes.c_eps) if fixes.c_eps else R
+
+
+def reference(R_true: torch.Tensor) -> torch.Tensor:
+    """R_ref: R_true trace-normalised to N, the scale every NMSE is measured in."""
+    return trace_normalise(R_true)
+
+
+def nmse_target(R_ref: torch.Tensor, R_samp: torch.Tensor, fixes: FixConfig) -> torch.Tensor:
+    """What R_blend is compared with (DESIGN fact 4). With ``nmse_same_preprocessing`` the reference goes
+    through the same blend, normalisation and loading as the prediction, so an exact prediction scores 0;
+    without it (the seed) the target is the bare R_ref, and loading only the prediction side puts a floor
+    under the NMSE."""
+    return blend_pipeline(R_ref, R_samp, fixes) if fixes.nmse_same_preprocessing else R_ref
+
+
+@dataclass
+class Covariances:
+    """The covariance pipeline of one batch, all [B,N,N] complex64: R_pred, R_samp, R_blend, the reference
+    R_ref (trace-normalised R_true) and the NMSE target (:func:`nmse_target`)."""
+
+    R_pred: torch.Tensor
+    R_samp: torch.Tensor
+    R_blend: torch.Tensor
+    R_ref: torch.Tensor
+    target: torch.Tensor
+
+    def nmse(self) -> torch.Tensor:
+        """The NMSE term per scene [B]: R_blend against the target."""
+        return nmse(self.R_blend, self.target)
+
+
+def pipeline(R_pred: torch.Tensor, R_samp: torch.Tensor, R_true: torch.Tensor, fixes: FixConfig) -> Covariances:
+    """Run the pipeline of ``fixes`` on a prediction: blend with R_samp, Fix 2, C_EPS, and the NMSE target.
+    An oracle prediction is ``pipeline(reference(R_true), R_samp, R_true, fixes)``."""
+    R_ref = reference(R_true)
+    return Covariances(R_pred=R_pred, R_samp=R_samp, R_blend=blend_pipeline(R_pred, R_samp, fixes), R_ref=R_ref,
+                       target=nmse_target(R_ref, R_samp, fixes))
+
+
+@torch.no_grad()
+def oracle_nmse(R_true: torch.Tensor, R_samp: torch.Tensor, fixes: FixConfig) -> torch.Tensor:
+    """The NMSE term [n] of an exact prediction R_pred = R_ref put through the same pipeline as a prediction
+    (the QR retraction is left out: it would change the oracle itself). Zero when both sides share the
+    preprocessing; otherwise the floor that loading only the prediction side puts under the loss (fact 4)."""
+    return pipeline(reference(R_true), R_samp, R_true, fixes).nmse()
+
+
+def nmse(R_hat: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """||R_hat - R||_F^2 / ||R||_F^2 per matrix, [...] (real)."""
+    return torch.linalg.matrix_norm(R_hat - R) ** 2 / torch.linalg.matrix_norm(R) ** 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +337,7 @@ def spectrum_stats(R: torch.Tensor, K: torch.Tensor | int | None = None, rtol: f
     ``rtol`` (default N * eps), cond [...] (lambda_max / lambda_min, inf when lambda_min <= 0), and,
     when K is given, gap [...] = lambda_K - lambda_{K+1} (1-based, descending order).
     """
-    _check_square(R)
+    check_square(R)
     ev = torch.linalg.eigvalsh(hermitise(R)).flip(-1)
     out = {
         "fro": torch.linalg.matrix_norm(R).real if R.is_complex() else torch.linalg.matrix_norm(R),
@@ -315,42 +351,3 @@ def spectrum_stats(R: torch.Tensor, K: torch.Tensor | int | None = None, rtol: f
         idx = (K - 1).clamp(0, ev.shape[-1] - 2)[..., None]
         out["gap"] = (ev.gather(-1, idx) - ev.gather(-1, idx + 1))[..., 0]
     return out
-
-
-def nmse(R_hat: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """||R_hat - R||_F^2 / ||R||_F^2 per matrix, [...]."""
-    return torch.linalg.matrix_norm(R_hat - R) ** 2 / torch.linalg.matrix_norm(R) ** 2
-
-
-def estimator_table(system: SystemConfig | None = None, snrs: tuple[float, ...] = (0.0, 10.0, 20.0, 30.0), n: int = 64, seed: int = 0,
-                    estimators: tuple[str, ...] = SAMPLE_ESTIMATORS, device: str = "cpu") -> list[dict]:
-    """NMSE of each R_samp estimator against R_true at fixed SNRs, as rows of data.
-
-    For each SNR the same ``n`` scenes are simulated (same ``seed``: geometry, channel, symbols and noise
-    draws are shared, only the noise scale changes, so the SNR columns are paired). Both sides are
-    hermitised and trace-normalised to N before the NMSE; "scaled_identity" is the best multiple of the
-    identity (I, after normalisation) as the uninformative reference. Returns one dict per (SNR,
-    estimator): snr_db, estimator, nmse_median, nmse_q25, nmse_q75, n.
-    """
-    from .physics import simulate
-
-    system = SystemConfig() if system is None else system
-    for name in estimators:
-        if name not in SAMPLE_ESTIMATORS:
-            raise ConfigError(f"estimators: {name!r} is not allowed: choose from {', '.join(map(repr, SAMPLE_ESTIMATORS))}")
-    rows = []
-    for snr in snrs:
-        sys_snr = system.replace(snr_db_min=float(snr), snr_db_max=float(snr))
-        batch = simulate(sys_snr, n, seed=seed, device=device)
-        R_true = trace_normalise(hermitise(batch.R_true))
-        eye = torch.eye(system.N, dtype=R_true.dtype, device=R_true.device).expand_as(R_true)
-        results = {"scaled_identity": nmse(eye, R_true)}
-        for name in estimators:
-            G = (batch.H, batch.codes)
-            R = sample_covariance(batch.y, G, name, system.ridge, batch.noise_var, rank=system.K_max, system=sys_snr)
-            results[name] = nmse(trace_normalise(hermitise(R)), R_true)
-        for name, v in results.items():
-            q = torch.quantile(v.double().cpu(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-            rows.append({"snr_db": float(snr), "estimator": name, "nmse_median": q[1].item(),
-                         "nmse_q25": q[0].item(), "nmse_q75": q[2].item(), "n": n})
-    return rows

@@ -33,8 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .cli import parse_value
-from .config import ConfigError, ExperimentConfig, SystemConfig
+from .config import ConfigError, ExperimentConfig, SystemConfig, parse_value
 from .physics import SceneBatch, simulate, source_covariance
 
 FORMAT = 1

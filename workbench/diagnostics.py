@@ -1,5 +1,7 @@
-"""Gradient diagnostics: per-group and per-term gradient norms, the ``ok`` flag, NaN provenance, and the
-seed note's Progress table rebuilt from simulated scenes.
+"""Gradient diagnostics: per-group and per-term gradient norms, the ``ok`` flag and NaN provenance.
+
+Owns: what one forward/backward pass says (:func:`gradient_report`) and where a NaN came from. Must not:
+loop over presets or backends (the studies do: :mod:`workbench.studies.seed_note`, :mod:`.studies.gradients`).
 
 NaN provenance is data, not a traceback: :func:`nonfinite_origins` registers a hook on every node of a
 term's autograd graph and records the nodes whose incoming gradient was finite but whose outgoing
@@ -11,13 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .config import SEED_PRESETS, ExperimentConfig, preset
-from .covariance import blend_pipeline, rsamp_for, sample_covariance, spectrum_stats, trace_normalise
-from .io import atomic_write_json
+from .config import ExperimentConfig, preset
+from .covariance import rsamp_for, spectrum_stats
 from .losses import TERMS, compute_losses, term_weights
 from .model import CovarianceNet, build_model
 from .physics import SceneBatch, simulate
@@ -136,93 +137,7 @@ def gradient_report(cfg: ExperimentConfig, batch: SceneBatch | None = None, mode
     }
 
 
-def _quantiles(x: torch.Tensor) -> dict[str, float]:
-    q = torch.quantile(x.double().flatten(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-    return {"median": float(q[1]), "q25": float(q[0]), "q75": float(q[2])}
-
-
-@torch.no_grad()
-def oracle_nmse(batch: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig) -> torch.Tensor:
-    """The NMSE term, per scene [n], of an exact prediction: R_pred = trace-normalised R_true, put through
-    the same pipeline as a prediction (blend, normalisation, loading; QR retraction left out, since it
-    would change the oracle itself). Zero when both sides share the preprocessing; otherwise the floor
-    that loading only the prediction side puts under the loss (DESIGN.md fact 4)."""
-    R_ref = trace_normalise(batch.R_true)
-    R_hat = blend_pipeline(R_ref, R_samp, cfg.fixes)
-    target = blend_pipeline(R_ref, R_samp, cfg.fixes) if cfg.fixes.nmse_same_preprocessing else R_ref
-    return torch.linalg.matrix_norm(R_hat - target) ** 2 / torch.linalg.matrix_norm(target) ** 2
-
-
-def seed_table(n_scenes: int = 64, presets: Iterable[str] = (*SEED_PRESETS, "recommended"), seed: int = 0,
-               n_grad: int = 16, overrides: dict | None = None) -> list[dict]:
-    """The seed note's Progress table, measured: for each preset, over the same ``n_scenes`` scenes and
-    the same untrained model, ||R_samp||_F (raw and as used), ||R_blend||_F and rank(R_blend) (median and
-    quartiles), then the loss, the gradient norm per group and ``ok`` from :func:`gradient_report` on the
-    first ``n_grad`` scenes. ``overrides`` (dotted keys, e.g. {"system.N_H": 6}) apply to every preset."""
-    rows = []
-    for name in presets:
-        cfg = preset(name, **(overrides or {}))
-        batch = simulate(cfg.system, n_scenes, seed=seed)
-        model = build_model(cfg.system, cfg.model, seed=seed)
-        with torch.no_grad():
-            raw = sample_covariance(batch.y, batch.G, cfg.fixes.rsamp_estimator, cfg.system.ridge, batch.noise_var,
-                                    rank=cfg.system.K_max, system=cfg.system)
-            R_samp = rsamp_for(batch, cfg.fixes, cfg.system)
-            out = model(batch.y, batch.H, batch.codes, R_samp=R_samp)
-            _, cov = compute_losses(out, batch, R_samp, cfg, terms=("nmse",))
-            stats = spectrum_stats(cov.R_blend)
-            oracle = oracle_nmse(batch, R_samp, cfg)
-        report = gradient_report(cfg, batch[:n_grad], model, seed=seed)
-        rows.append(
-            {
-                "preset": name,
-                "R_samp_raw_fro": _quantiles(torch.linalg.matrix_norm(raw)),
-                "R_samp_fro": _quantiles(torch.linalg.matrix_norm(R_samp)),
-                "R_blend_fro": _quantiles(stats["fro"]),
-                "R_blend_rank": _quantiles(stats["rank"].float()),
-                "oracle_nmse": _quantiles(oracle),
-                "loss": report["loss"],
-                "terms": report["terms"],
-                "grad_norm": report["grad_norm"],
-                "ok": report["ok"],
-                "provenance": report["provenance"],
-            }
-        )
-    return rows
-
-
-SEED_NOTE_ROWS = {  # the seed note's own figures, for side-by-side display
-    "seed_before": {"R_samp_fro": 0.000285, "R_blend_fro": 3.46e12, "loss": 1.7e25, "grad": "NaN"},
-    "seed_fix2": {"R_samp_fro": 41.03, "R_blend_fro": 22.96, "loss": 2695.97, "grad": "NaN", "rank": 144},
-}
-
-
-def format_seed_table(rows: list[dict]) -> str:
-    """Markdown table of :func:`seed_table` rows (medians, with the interquartile range in brackets)."""
-    def q(d):
-        return f"{d['median']:.4g} [{d['q25']:.3g}, {d['q75']:.3g}]"
-
-    lines = [
-        "| preset | raw ‖R_samp‖_F | ‖R_samp‖_F | ‖R_blend‖_F | rank(R_blend) | oracle NMSE | loss | grad backbone | grad head | ok | NaN from |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        prov = "; ".join(f"{p['term']}:{p['op']}" for p in r["provenance"]) or "-"
-        lines.append(
-            f"| {r['preset']} | {q(r['R_samp_raw_fro'])} | {q(r['R_samp_fro'])} | {q(r['R_blend_fro'])} | "
-            f"{r['R_blend_rank']['median']:.0f} | {q(r['oracle_nmse'])} | {r['loss']:.4g} | {r['grad_norm']['backbone']:.3g} | "
-            f"{r['grad_norm']['head']:.3g} | {r['ok']} | {prov} |"
-        )
-    return "\n".join(lines)
-
-
 def register_cli(sub) -> None:
-    p = sub.add_parser("seed-table", help="rebuild the seed note's Progress table from simulated scenes")
-    p.add_argument("--n", type=int, default=64, help="scenes per preset (default 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    p.set_defaults(func=_cli_seed_table)
-
     p = sub.add_parser("diagnose", help="one forward/backward pass: gradient norms per group and term, NaN provenance")
     p.add_argument("--preset", default="recommended")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
@@ -231,16 +146,8 @@ def register_cli(sub) -> None:
     p.set_defaults(func=_cli_diagnose)
 
 
-def _cli_seed_table(args) -> int:
-    rows = seed_table(n_scenes=args.n, seed=args.seed)
-    print(format_seed_table(rows))
-    if args.json:
-        atomic_write_json(args.json, rows)
-    return 0
-
-
 def _cli_diagnose(args) -> int:
-    from .cli import parse_overrides
+    from .config import parse_overrides
 
     cfg = preset(args.preset, **parse_overrides(args.set))
     print(json.dumps(gradient_report(cfg, n=args.n), indent=2))

@@ -48,3 +48,10 @@ def _jsonable(o: Any) -> Any:
     if hasattr(o, "to_dict"):
         return o.to_dict()
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def save_metrics(out_dir: str | os.PathLike, metrics: dict, name: str = "metrics.json") -> str:
+    """``metrics.json`` under ``out_dir`` (created), written atomically. Returns its path."""
+    path = os.path.join(os.fspath(out_dir), name)
+    atomic_write_json(path, metrics)
+    return path

@@ -2,10 +2,8 @@
 
 Terms (all means over the batch, float32 scalars):
 
-* ``nmse``: ||P(R_pred) - P(R_ref)||_F^2 / ||P(R_ref)||_F^2 with P the covariance pipeline
-  (blend with R_samp, optional trace normalisation, C_EPS loading). With ``nmse_same_preprocessing``
-  the target goes through the same P, so an oracle prediction scores exactly 0; without it (the seed)
-  the target is the bare trace-normalised R_true and even an oracle scores a floor (DESIGN.md fact 4).
+* ``nmse``: ||R_blend - target||_F^2 / ||target||_F^2 of :func:`workbench.covariance.pipeline` (blend with
+  R_samp, optional trace normalisation, C_EPS loading; the target of fact 4, :func:`~workbench.covariance.nmse_target`).
 * ``k_ce``: cross-entropy of the K logits (class j <-> K = j + 1).
 * ``aux``: permutation-invariant squared error of the (phi, theta, r) slots against the true sources,
   each coordinate scaled to [-1, 1] by the field of view; the minimum over slot permutations.
@@ -20,14 +18,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from . import spectral
 from .config import ExperimentConfig, SystemConfig
-from .covariance import blend_pipeline, trace_normalise
+from .covariance import Covariances, pipeline, predicted_covariance
 from .model import ModelOutput
 from .physics import SceneBatch, steering
 
@@ -40,39 +37,9 @@ def term_weights(cfg: ExperimentConfig) -> dict[str, float]:
     return {"nmse": w.nmse, "k_ce": w.k_ce, "aux": w.aux, "gap": cfg.fixes.lam_gap, "subspace": w.subspace}
 
 
-@dataclass
-class Covariances:
-    """The covariance pipeline of one batch: R_pred, R_samp, R_blend, the reference R_ref (trace-normalised
-    R_true) and the NMSE target, all [B,N,N] complex64."""
-
-    R_pred: torch.Tensor
-    R_samp: torch.Tensor
-    R_blend: torch.Tensor
-    R_ref: torch.Tensor
-    target: torch.Tensor
-
-
-def predicted_covariance(A: torch.Tensor, qr_retraction: bool) -> torch.Tensor:
-    """R_pred = A A^H from the factor A [B,N,K_max] (not normalised: the network sets the scale, and the
-    blend's trace normalisation, Fix 2's knob, is what can change it). With ``qr_retraction`` (the seed
-    pipeline) A is first replaced by the Q of its reduced QR decomposition: R_pred becomes a projector of
-    trace K_max, and QR's backward divides by the diagonal of R (a NaN source for a rank-deficient A)."""
-    if qr_retraction:
-        A = torch.linalg.qr(A, mode="reduced").Q
-    return A @ A.mH
-
-
 def covariances(out: ModelOutput, batch: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig) -> Covariances:
-    fixes = cfg.fixes
-    R_pred = predicted_covariance(out.A, fixes.qr_retraction)
-    R_blend = blend_pipeline(R_pred, R_samp, fixes)
-    R_ref = trace_normalise(batch.R_true)
-    target = blend_pipeline(R_ref, R_samp, fixes) if fixes.nmse_same_preprocessing else R_ref
-    return Covariances(R_pred=R_pred, R_samp=R_samp, R_blend=R_blend, R_ref=R_ref, target=target)
-
-
-def _nmse(R_hat: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    return (torch.linalg.matrix_norm(R_hat - R) ** 2 / torch.linalg.matrix_norm(R) ** 2).mean()
+    """The covariance pipeline (:func:`workbench.covariance.pipeline`) of the network's prediction for ``batch``."""
+    return pipeline(predicted_covariance(out.A, cfg.fixes.qr_retraction), R_samp, batch.R_true, cfg.fixes)
 
 
 def aux_loss(angles: torch.Tensor, batch: SceneBatch, system: SystemConfig) -> torch.Tensor:
@@ -103,7 +70,7 @@ def compute_losses(out: ModelOutput, batch: SceneBatch, R_samp: torch.Tensor, cf
     K = batch.K
     losses: dict[str, torch.Tensor] = {}
     if "nmse" in terms:
-        losses["nmse"] = _nmse(cov.R_blend, cov.target)
+        losses["nmse"] = cov.nmse().mean()
     if "k_ce" in terms:
         losses["k_ce"] = F.cross_entropy(out.k_logits, K - 1)
     if "aux" in terms:
@@ -120,11 +87,3 @@ def compute_losses(out: ModelOutput, batch: SceneBatch, R_samp: torch.Tensor, cf
     total = sum(weights[name] * value for name, value in losses.items() if weights[name] != 0.0)
     losses["total"] = total if isinstance(total, torch.Tensor) else torch.zeros((), device=R_samp.device)
     return losses, cov
-
-
-@torch.no_grad()
-def validation_nmse(R_pred: torch.Tensor, R_true: torch.Tensor) -> torch.Tensor:
-    """Unweighted NMSE of R_pred against the trace-normalised R_true, per scene [B]. No knob enters it,
-    so it is the quantity a sweep can optimise without rewarding its own weights."""
-    R_ref = trace_normalise(R_true)
-    return torch.linalg.matrix_norm(R_pred - R_ref) ** 2 / torch.linalg.matrix_norm(R_ref) ** 2

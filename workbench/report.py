@@ -17,8 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .cli import parse_value
-from .config import ConfigError
+from .config import ConfigError, parse_value
 from .io import atomic_write_json, atomic_write_text
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -48,16 +47,33 @@ def select(notebooks: list[Path], only: list[str] | None) -> list[Path]:
 
 
 def notebook_parameters(path: str | os.PathLike) -> dict[str, dict]:
-    """The ``parameters`` cell of a notebook: {name: {"type", "default", "help"}} (papermill's inspect_notebook)."""
-    import papermill
+    """The ``parameters`` cell of a notebook: {name: {"type", "default", "help"}}, in order.
 
-    raw = papermill.inspect_notebook(str(path))
-    return {k: {"type": v.get("inferred_type_name"), "default": v.get("default"), "help": v.get("help", "")} for k, v in raw.items()}
+    Read with Python's own parser (papermill's inspector does not parse ``float | None`` annotations): every
+    annotated assignment is a parameter, its trailing comment is the help text."""
+    import ast
+    import io
+    import tokenize
+
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    cell = next((c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])), None)
+    if cell is None:
+        raise ConfigError(f"notebook {str(path)!r} has no cell tagged 'parameters'")
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokenize.generate_tokens(io.StringIO(cell.source).readline)
+                if t.type == tokenize.COMMENT}
+    out = {}
+    for node in ast.parse(cell.source).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out[node.target.id] = {"type": ast.unparse(node.annotation), "default": ast.get_source_segment(cell.source, node.value),
+                                   "help": comments.get(node.end_lineno, "")}
+    return out
 
 
 def ci_parameters(name: str) -> dict:
-    """The small parameters CI uses for notebook ``name`` (from its parameter class in :mod:`workbench.ui`)."""
-    from .ui import NOTEBOOK_PARAMS
+    """The small parameters CI uses for notebook ``name`` (from its parameter class in :mod:`workbench.params`)."""
+    from .params import NOTEBOOK_PARAMS
 
     cls = NOTEBOOK_PARAMS.get(name)
     return dict(cls.ci) if cls is not None else {}
@@ -98,7 +114,7 @@ def run_notebook(path: str | os.PathLike, out_root: str | os.PathLike = "runs", 
 
     path = Path(path)
     name = path.stem
-    out_dir = Path(out_root) / name
+    out_dir = Path(out_root).resolve() / name  # absolute: the kernel may run elsewhere
     declared = notebook_parameters(path)
     params = {**(ci_parameters(name) if ci else {}), **(parameters or {})}
     unknown = sorted(set(params) - set(declared))

@@ -39,63 +39,12 @@ from dataclasses import dataclass
 import torch
 
 from . import config
-from .config import ConfigError
+from .checks import check_covariance, check_K
+from .config import ConfigError, check_choice
 
 GAP_BACKENDS = config.GAP_BACKENDS
 SUBSPACE_BACKENDS = config.SUBSPACE_BACKENDS
 SOLVERS = ("eigh", "topk")  # where the ``safe`` subspace backward gets its eigenvectors
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-def check_covariance(R, name: str = "R", hermitian_tol: float = 1e-4) -> None:
-    """Raise ConfigError unless R is a finite, Hermitian batch of square matrices [B,N,N], N >= 2.
-
-    dtype: complex64/complex128 (real float32/float64 symmetric matrices are accepted too). Hermitian means
-    ||R - R^H||_F <= hermitian_tol * ||R||_F per scene. One device sync for the whole batch."""
-    if not isinstance(R, torch.Tensor):
-        raise ConfigError(f"{name}: expected a torch.Tensor of shape [B,N,N], got {type(R).__name__}")
-    if R.ndim != 3 or R.shape[-1] != R.shape[-2] or R.shape[-1] < 2:
-        raise ConfigError(f"{name}: expected a batch of square matrices [B,N,N] with N >= 2, got shape {tuple(R.shape)}")
-    if not (R.is_complex() or R.is_floating_point()):
-        raise ConfigError(f"{name}: dtype {R.dtype} is not allowed: use complex64/complex128 (or float32/float64)")
-    with torch.no_grad():
-        finite = torch.isfinite(R).flatten(1).all(-1)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero().flatten()[:5].tolist()
-            raise ConfigError(f"{name}: non-finite entries (NaN/inf) in scene(s) {bad}: a covariance must be finite")
-        asym = torch.linalg.matrix_norm(R - R.mH) / torch.linalg.matrix_norm(R).clamp_min(torch.finfo(R.real.dtype).tiny)
-        bad_h = asym > hermitian_tol
-        if bool(bad_h.any()):
-            idx = bad_h.nonzero().flatten()[:5].tolist()
-            raise ConfigError(f"{name}: not Hermitian in scene(s) {idx}: ||R - R^H||/||R|| = {asym[idx[0]].item():.3g}, allowed <= {hermitian_tol:g}")
-
-
-def check_K(K, B: int, N: int, name: str = "K") -> torch.Tensor:
-    """Validate a per-scene source count and return it as int64 [B]. Allowed values 1..N-1
-    (the eigengap needs lambda_{K+1})."""
-    if not isinstance(K, torch.Tensor):
-        try:
-            K = torch.as_tensor(K)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ConfigError(f"{name}: expected integer counts of shape [{B}], got {K!r}") from err
-    if K.dtype == torch.bool or K.is_floating_point() or K.is_complex():
-        raise ConfigError(f"{name}: dtype {K.dtype} is not allowed: use an integer tensor (int64) of shape [{B}]")
-    if K.ndim == 0:
-        K = K.expand(B)
-    if tuple(K.shape) != (B,):
-        raise ConfigError(f"{name}: shape {tuple(K.shape)} does not match the batch: expected [{B}]")
-    K = K.to(torch.int64)
-    bad = (K < 1) | (K > N - 1)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ConfigError(f"{name}: value {int(K[i])} in scene {i} is out of range: allowed 1..{N - 1} (N = {N})")
-    return K
-
-
-def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} = {value!r} is not allowed: choose one of {allowed}")
 
 
 def _eye_like(R: torch.Tensor) -> torch.Tensor:
@@ -333,7 +282,7 @@ def eigengap_hinge(
       top eigenvalues are distinct).
 
     All but ``finite_diff`` and ``svd_flipped`` have the same value and gradient V diag(g) V^H (fact 1)."""
-    _check_choice(backend, GAP_BACKENDS, "gap_backend")
+    check_choice("gap_backend", backend, GAP_BACKENDS)
     if validate:
         check_covariance(R)
     B, N = R.shape[0], R.shape[-1]
@@ -520,8 +469,8 @@ def subspace_energy(
       finite under any degeneracy inside the signal or the noise subspace. ``solver="topk"`` takes the top
       K_max eigenvectors from :func:`top_eigh` and applies the noise resolvent by conjugate gradients
       instead of a full eigendecomposition."""
-    _check_choice(backend, SUBSPACE_BACKENDS, "subspace_backend")
-    _check_choice(solver, SOLVERS, "solver")
+    check_choice("subspace_backend", backend, SUBSPACE_BACKENDS)
+    check_choice("solver", solver, SOLVERS)
     K = _check_subspace_inputs(R, a_true, mask, K) if validate else K.to(torch.int64)
     K = K.to(R.device)
     kmax = a_true.shape[1]

@@ -113,6 +113,19 @@ class SearchSpace:
         """The base config with the trial's values applied (validated)."""
         return self.base.replace(**values)
 
+    def check_point(self, values: dict[str, Any], where: str = "point") -> None:
+        """ConfigError unless every knob of ``values`` is searched and its value lies inside its distribution,
+        and the config accepts them all (e.g. a configuration to enqueue)."""
+        for k, v in values.items():
+            d = self.params.get(k)
+            if d is None:
+                raise ConfigError(f"{where}: knob {k!r} is not searched; searched: {', '.join(self.params)}")
+            inside = v in d.choices if isinstance(d, CategoricalDistribution) else (
+                isinstance(v, (int, float)) and not isinstance(v, bool) and d.low <= v <= d.high)
+            if not inside:
+                raise ConfigError(f"{where}: {k} = {v!r} is outside the search space ({d})")
+        self.config(values)
+
     def to_dict(self) -> dict:
         """JSON-able form: {"params": {key: distribution JSON}, "base": config dict}."""
         return {"params": {k: json.loads(optuna.distributions.distribution_to_json(d)) for k, d in self.params.items()},
@@ -335,19 +348,20 @@ def load_study(storage: str | None = None, study: str = DEFAULT_STUDY, heartbeat
 
 # ---------------------------------------------------------------------------------------------
 # objective
-_DATA: dict[str, tuple] = {}
+class TrialData:
+    """The scenes of the trials a worker runs, owned by the worker: simulated once per system, sizes and seed
+    (trials usually share them) with their R_samp cache (:class:`workbench.train.TrainingData`)."""
 
+    def __init__(self):
+        self.data = None
 
-def _datasets(cfg: ExperimentConfig):
-    """Training/validation scenes, cached per process: they depend only on the system, sizes and seed."""
-    from .train import make_datasets
+    def for_config(self, cfg: ExperimentConfig):
+        from .train import TrainingData
 
-    t = cfg.train
-    key = json.dumps([cfg.system.to_dict(), t.n_train, t.n_val, t.seed, t.device], sort_keys=True)
-    if key not in _DATA:
-        _DATA.clear()
-        _DATA[key] = make_datasets(cfg, resolve_device(t.device))
-    return _DATA[key]
+        key = TrainingData.key_of(cfg)
+        if self.data is None or self.data.key != key:
+            self.data = TrainingData.simulate(cfg, resolve_device(cfg.train.device))
+        return self.data
 
 
 def _jsonable(obj: Any) -> Any:
@@ -355,13 +369,14 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def train_objective(trial: optuna.Trial, cfg: ExperimentConfig, fit: Callable | None = None) -> float:
+def train_objective(trial: optuna.Trial, cfg: ExperimentConfig, fit: Callable | None = None, data: TrialData | None = None) -> float:
     """Train under ``cfg``; returns the last epoch's unweighted validation NMSE of R_pred.
 
     Reports ``val_nmse`` every epoch (step = epoch) and raises ``optuna.TrialPruned`` when the pruner says
     so, or when a step was non-finite; then the trial's user attributes hold ``pruned_reason``
     ("pruner" | "nonfinite"), and for non-finite trials ``nonfinite_steps``, ``provenance`` (the first
-    records of train.fit's NaN provenance) and ``provenance_count``. ``fit`` is injectable (tests)."""
+    records of train.fit's NaN provenance) and ``provenance_count``. ``fit`` is injectable (tests); ``data``
+    holds the worker's scenes (a fresh :class:`TrialData` when None)."""
     if fit is None:
         from .train import fit
     state: dict[str, Any] = {"reason": None, "epochs": []}
@@ -380,8 +395,7 @@ def train_objective(trial: optuna.Trial, cfg: ExperimentConfig, fit: Callable | 
             return True
         return False
 
-    train, val = _datasets(cfg)
-    result = fit(cfg, train, val, on_epoch=on_epoch, progress=False)
+    result = fit(cfg, (data or TrialData()).for_config(cfg), on_epoch=on_epoch, progress=False)
     trial.set_user_attr("epochs", state["epochs"])
     if state["reason"] == "nonfinite":
         prov = list(result.provenance)
@@ -423,7 +437,8 @@ def run_worker(storage: str | None = None, study: str = DEFAULT_STUDY, trials: i
         raise ConfigError(f"trials = {trials!r}: expected an integer >= 1")
     s = load_study(storage, study, heartbeat, grace, sampler=optuna.samplers.TPESampler(seed=seed + 1000 * worker, n_startup_trials=4))
     space, _ = study_space(s)
-    objective = objective or train_objective
+    trial_data = TrialData()  # scenes shared by this worker's trials
+    objective = objective or (lambda trial, cfg: train_objective(trial, cfg, data=trial_data))
     host = f"{socket.gethostname()}:{os.getpid()}"
     ran: list[int] = []
 
@@ -473,18 +488,25 @@ def spawn_worker(storage: str, study: str, trials: int, *, worker: int = 0, seed
 def run_sweep(space: str | os.PathLike | dict | SearchSpace | None = None, *, trials: int = 8, epochs: int = 2, n_train: int = 256,
               n_val: int = 64, study: str = DEFAULT_STUDY, storage: str | None = None, workers: int = 1, preset_name: str = "recommended",
               overrides: dict[str, Any] | None = None, seed: int = 0, pruner: str = "median", pruner_startup: int = 2,
-              heartbeat: int = 10, grace: int | None = None, verbose: bool = True) -> optuna.Study:
+              heartbeat: int = 10, grace: int | None = None, enqueue: list[dict[str, Any]] | None = None,
+              verbose: bool = True) -> optuna.Study:
     """Validate the space, create (or resume) the study, run ``workers`` workers, return the study.
 
-    One worker runs in this process; more run as child processes (``workbench sweep --join``), each with
-    cpu_count // workers torch threads. Every check on the input happens before any trial starts."""
+    ``enqueue``: configurations ({knob: value}, knobs left out are sampled) queued before the sampler's, once
+    (a resumed study does not queue them again). One worker runs in this process; more run as child
+    processes (``workbench sweep --join``), each with cpu_count // workers torch threads. Every check on the
+    input happens before any trial starts."""
     for name, v, lo in (("trials", trials, 1), ("epochs", epochs, 1), ("n_train", n_train, 1), ("n_val", n_val, 1), ("workers", workers, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ConfigError(f"{name} = {v!r}: expected an integer >= {lo}")
     if not isinstance(space, SearchSpace):
         space = load_space(space, preset_name, {"train.epochs": epochs, "train.n_train": n_train, "train.n_val": n_val, **(overrides or {})})
+    for item in enqueue or []:
+        space.check_point(item, "enqueue")
     url = storage or default_storage_url()
     s = create_study(space, url, study, pruner, pruner_startup)
+    for item in enqueue or []:
+        s.enqueue_trial(item, skip_if_exists=True)
     if workers == 1:
         run_worker(url, study, trials, worker=0, seed=seed, heartbeat=heartbeat, grace=grace, verbose=verbose)
     else:
@@ -497,7 +519,7 @@ def run_sweep(space: str | os.PathLike | dict | SearchSpace | None = None, *, tr
 
 
 # ---------------------------------------------------------------------------------------------
-# summaries and figures
+# summaries
 def trials_table(study: optuna.Study) -> list[dict]:
     """One plain dict per trial: number, state, value, params, pruned_reason, nonfinite_steps, worker, seconds."""
     rows = []
@@ -518,78 +540,6 @@ def summarize(study: optuna.Study) -> dict:
         b = study.best_trial
         best = {"number": b.number, "value": b.value, "params": b.params}
     return {"study": study.study_name, "counts": c, "nonfinite": sum(r["pruned_reason"] == "nonfinite" for r in rows), "best": best}
-
-
-def plot_history(study: optuna.Study):
-    """Optimisation history (plotly): val_nmse per trial and the best so far."""
-    return optuna.visualization.plot_optimization_history(study, target_name="val_nmse")
-
-
-def plot_importances(study: optuna.Study):
-    """Parameter importances (fANOVA, plotly) over completed trials; needs >= 2 of them."""
-    return optuna.visualization.plot_param_importances(study, target_name="val_nmse")
-
-
-def plot_parallel(study: optuna.Study, params: list[str] | None = None):
-    """Parallel coordinates of the knobs versus val_nmse (plotly), completed trials."""
-    return optuna.visualization.plot_parallel_coordinate(study, params=params, target_name="val_nmse")
-
-
-def outcome_fractions(study: optuna.Study, bins: int = 3) -> list[dict]:
-    """Per knob and value, the fraction of finished trials that completed, were pruned by the pruner, were
-    non-finite, or failed. Numeric knobs are cut into ``bins`` quantile bins. Rows: {"param", "value", "n",
-    "complete", "pruned", "nonfinite", "failed"} (fractions in [0, 1])."""
-    import numpy as np
-
-    finished = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
-    names = sorted({k for t in finished for k in t.params})
-    rows = []
-    for name in names:
-        ts = [t for t in finished if name in t.params]
-        values = [t.params[name] for t in ts]
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and len(set(values)) > bins
-        if numeric:
-            edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)))
-            idx = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
-            labels = [f"[{edges[i]:.3g}, {edges[i + 1]:.3g}]" for i in idx]
-        else:
-            labels = [str(v) for v in values]
-        for label in sorted(set(labels), key=lambda x: (len(x), x)):
-            group = [t for t, lab in zip(ts, labels) if lab == label]
-            n = len(group)
-            kind = [_outcome(t) for t in group]
-            rows.append({"param": name, "value": label, "n": n, **{k: kind.count(k) / n for k in ("complete", "pruned", "nonfinite", "failed")}})
-    return rows
-
-
-def _outcome(t: optuna.trial.FrozenTrial) -> str:
-    if t.state == TrialState.COMPLETE:
-        return "complete"
-    if t.state == TrialState.FAIL:
-        return "failed"
-    return "nonfinite" if t.user_attrs.get("pruned_reason") == "nonfinite" else "pruned"
-
-
-def plot_outcomes(study: optuna.Study, bins: int = 3):
-    """Stacked bars per knob value: fraction complete / pruned / non-finite / failed (plotly, one panel per knob)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    rows = outcome_fractions(study, bins)
-    names = sorted({r["param"] for r in rows}) or ["(no trials)"]
-    cols = min(3, len(names))
-    fig = make_subplots(rows=math.ceil(len(names) / cols), cols=cols, subplot_titles=names)
-    colours = {"complete": "#2ca02c", "pruned": "#ff7f0e", "nonfinite": "#d62728", "failed": "#7f7f7f"}
-    for i, name in enumerate(names):
-        sub = [r for r in rows if r["param"] == name]
-        for kind, colour in colours.items():
-            fig.add_trace(go.Bar(x=[r["value"] for r in sub], y=[r[kind] for r in sub], name=kind, marker_color=colour,
-                                 legendgroup=kind, showlegend=i == 0, customdata=[r["n"] for r in sub],
-                                 hovertemplate="%{x}: %{y:.0%} of %{customdata} trials<extra>" + kind + "</extra>"),
-                          row=i // cols + 1, col=i % cols + 1)
-    fig.update_layout(barmode="stack", title="Trial outcome by knob value", height=300 * math.ceil(len(names) / cols))
-    fig.update_yaxes(range=[0, 1], tickformat=".0%")
-    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,7 +569,7 @@ def register_cli(sub) -> None:
 
 
 def _cli_sweep(args) -> int:
-    from .cli import parse_overrides
+    from .config import parse_overrides
     from .io import atomic_write_json
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

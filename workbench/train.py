@@ -20,10 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ConfigError, ExperimentConfig, preset, resolve_device
-from .covariance import rsamp_for
+from .covariance import nmse, rsamp_for
 from .diagnostics import group_norms, provenance
 from .io import atomic_torch_save, atomic_write_json
-from .losses import TERMS, compute_losses, term_weights, validation_nmse
+from .losses import TERMS, compute_losses, term_weights
 from .model import CovarianceNet, build_model
 from .physics import SceneBatch, simulate
 
@@ -39,22 +39,44 @@ class TrainResult:
     extra: dict = field(default_factory=dict)
 
 
-def make_datasets(cfg: ExperimentConfig, device="cpu") -> tuple[SceneBatch, SceneBatch]:
-    """Training and validation scenes, seeded from ``cfg.train.seed`` (disjoint seeds)."""
-    t = cfg.train
-    return (simulate(cfg.system, t.n_train, seed=t.seed, device=device),
-            simulate(cfg.system, t.n_val, seed=t.seed + VAL_SEED_OFFSET, device=device))
+class TrainingData:
+    """The scenes of a training run (``train``, ``val``: SceneBatch) and the R_samp of each, computed once per
+    (estimator, Fix 1) and kept here, so that runs on the same data (sweep trials, the presets of a
+    comparison) share it. ``key`` says what the scenes depend on (system, sizes, seed, device)."""
 
+    def __init__(self, train: SceneBatch, val: SceneBatch, key: str = ""):
+        self.train, self.val, self.key = train, val, key
+        self._rsamp: dict[tuple, torch.Tensor] = {}
 
-@torch.no_grad()
-def precompute_rsamp(data: SceneBatch, cfg: ExperimentConfig, chunk: int = 256) -> torch.Tensor:
-    """R_samp of every scene under ``cfg.fixes`` [n,N,N], in chunks. The result is cached on the dataset
-    object, keyed by everything it depends on, so repeated runs on the same data (sweep trials) reuse it."""
-    key = (cfg.fixes.rsamp_estimator, cfg.fixes.rsamp_normalise, cfg.system.to_json())
-    cache = data.__dict__.setdefault("_rsamp_cache", {})
-    if key not in cache:
-        cache[key] = torch.cat([rsamp_for(data[s:s + chunk], cfg.fixes, cfg.system) for s in range(0, len(data), chunk)])
-    return cache[key]
+    @staticmethod
+    def key_of(cfg: ExperimentConfig) -> str:
+        t = cfg.train
+        return json.dumps([cfg.system.to_dict(), t.n_train, t.n_val, t.seed, t.device], sort_keys=True)
+
+    @classmethod
+    def simulate(cls, cfg: ExperimentConfig, device="cpu") -> TrainingData:
+        """Training and validation scenes, seeded from ``cfg.train.seed`` (disjoint seeds)."""
+        t = cfg.train
+        return cls(simulate(cfg.system, t.n_train, seed=t.seed, device=device),
+                   simulate(cfg.system, t.n_val, seed=t.seed + VAL_SEED_OFFSET, device=device), cls.key_of(cfg))
+
+    def to(self, device) -> TrainingData:
+        """The same data on ``device`` (self when it is already there); the R_samp cache moves along."""
+        train, val = self.train.to(device), self.val.to(device)
+        if train is self.train and val is self.val:
+            return self
+        moved = TrainingData(train, val, self.key)
+        moved._rsamp = {k: v.to(device) for k, v in self._rsamp.items()}
+        return moved
+
+    @torch.no_grad()
+    def rsamp(self, split: str, cfg: ExperimentConfig, chunk: int = 256) -> torch.Tensor:
+        """R_samp [n,N,N] of the ``split`` ("train" | "val") scenes under ``cfg.fixes``, computed in chunks once."""
+        key = (split, cfg.fixes.rsamp_estimator, cfg.fixes.rsamp_normalise, cfg.system.to_json())
+        if key not in self._rsamp:
+            data = getattr(self, split)
+            self._rsamp[key] = torch.cat([rsamp_for(data[s:s + chunk], cfg.fixes, cfg.system) for s in range(0, len(data), chunk)])
+        return self._rsamp[key]
 
 
 def _schedule(opt, cfg: ExperimentConfig, steps_per_epoch: int):
@@ -79,26 +101,26 @@ def evaluate(model: CovarianceNet, data: SceneBatch, R_samp: torch.Tensor, cfg: 
         losses, cov = compute_losses(out, b, R_samp[s:s + batch_size], cfg)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(b)
-        nm.append(validation_nmse(cov.R_pred, b.R_true))
+        nm.append(nmse(cov.R_pred, cov.R_ref))  # unweighted: no knob enters it
     model.train()
     n = len(data)
     return {"val_loss": sums["total"] / n, "val_terms": {k: v / n for k, v in sums.items() if k != "total"},
             "val_nmse": float(torch.cat(nm).mean())}
 
 
-def fit(cfg: ExperimentConfig, train_data: SceneBatch | None = None, val_data: SceneBatch | None = None,
-        on_epoch: Callable[[dict], bool | None] | None = None, progress: bool = True, model: CovarianceNet | None = None) -> TrainResult:
-    """Train under ``cfg``. ``on_epoch(record)`` runs after every epoch; returning True stops (pruning).
+def fit(cfg: ExperimentConfig, data: TrainingData | None = None, on_epoch: Callable[[dict], bool | None] | None = None,
+        progress: bool = True, model: CovarianceNet | None = None) -> TrainResult:
+    """Train under ``cfg`` on ``data`` (default: :meth:`TrainingData.simulate` of ``cfg``). ``on_epoch(record)``
+    runs after every epoch; returning True stops (pruning).
 
     History records: epoch, train_loss, terms (epoch means), val_loss, val_terms, val_nmse (unweighted
     NMSE of R_pred), grad_norm per group (mean over applied steps), param_change (L2 norm of the
     epoch's weight change), lr, steps, skipped_nonfinite, skipped_scaler, seconds."""
     t = cfg.train
     device = resolve_device(t.device)
-    if train_data is None or val_data is None:
-        train_data, val_data = make_datasets(cfg, device)
-    train_data, val_data = train_data.to(device), val_data.to(device)
-    Rs_train, Rs_val = precompute_rsamp(train_data, cfg), precompute_rsamp(val_data, cfg)
+    data = (TrainingData.simulate(cfg, device) if data is None else data).to(device)
+    train_data, val_data = data.train, data.val
+    Rs_train, Rs_val = data.rsamp("train", cfg), data.rsamp("val", cfg)
     model = build_model(cfg.system, cfg.model, device, seed=t.seed) if model is None else model.to(device)
     groups = model.groups()
     params = [p for ps in groups.values() for p in ps]
@@ -265,7 +287,7 @@ def register_cli(sub) -> None:
 
 
 def _cli_config(args) -> ExperimentConfig:
-    from .cli import parse_overrides
+    from .config import parse_overrides
 
     overrides = parse_overrides(args.set)
     if args.epochs is not None:

@@ -1,4 +1,4 @@
-"""Checks of workbench.estimators: spectra against a direct computation, recovery of sources from noise-free
+"""Checks of workbench.localisation: spectra against a direct computation, recovery of sources from noise-free
 R_true, the Cramer-Rao bound against a finite-difference Fisher matrix and a Monte-Carlo ML estimator, MDL/AIC
 on sample covariances, Hungarian matching, and bad input."""
 
@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from workbench import estimators as E
+from workbench import localisation as E
 from workbench.config import ConfigError, SystemConfig
+from workbench.grid import Grid
 from workbench.physics import measurement_matrices, pathloss, simulate, steering
+from workbench.studies.localisation import localisation_vs_snr
 
 SYSTEM = SystemConfig()
 
@@ -53,23 +55,10 @@ def _scenes(system: SystemConfig, Ks: list[int], seed: int, min_sep: float = 0.2
 
 
 # ---------------------------------------------------------------------------------------------
-# Grid and spectra
-def test_separable_tables_are_the_steering_vectors_and_memory_is_counted():
-    grid = E.Grid.uniform(SYSTEM, 9, 5, 4)
-    ax, az = grid.factors(SYSTEM, dtype=torch.complex128)
-    kron = (az[None, :, :, :, None] * ax[:, :, :, None, :]).reshape(*grid.shape, SYSTEM.N)
-    full = grid.steering_table(SYSTEM, dtype=torch.complex128)
-    assert torch.allclose(kron, full, atol=1e-12)
-    mem = grid.memory_bytes(SYSTEM, torch.complex128)
-    assert mem["separable"] == ax.nbytes + az.nbytes and mem["full"] == full.nbytes
-    d = E.Grid.default(SYSTEM)
-    assert d.shape == (61, 31, 16)
-    d.validate(SYSTEM)
-
-
+# Spectra
 def test_spectra_match_a_direct_computation():
     """Separable MUSIC/MVDR over the grid against the full steering table, eigh and linalg.solve (float64)."""
-    grid = E.Grid.uniform(SYSTEM, 11, 7, 5)
+    grid = Grid.uniform(SYSTEM, 11, 7, 5)
     *_, R = _scenes(SYSTEM, [2, 3], seed=3)
     R = R + 1e-6 * torch.eye(SYSTEM.N, dtype=R.dtype)  # a noise floor, so MVDR is not dominated by loading
     K = torch.tensor([2, 3])
@@ -90,7 +79,7 @@ def test_noise_free_r_true_sources_recovered(method):
     source in phi, theta and 1/r; refinement brings every error below 1e-3 deg and 1e-3 relative range."""
     Ks = [1, 2, 3, 4, 5] * 4
     phi, theta, r, power, mask, R = _scenes(SYSTEM, Ks, seed=11)
-    grid = E.Grid.default(SYSTEM)
+    grid = Grid.default(SYSTEM)
     est = E.localise(R.to(torch.complex64), SYSTEM, grid, method, K=torch.tensor(Ks))
     step = grid.steps()
     for b, K in enumerate(Ks):
@@ -110,7 +99,7 @@ def test_k_estimated_on_noise_free_r_true():
     *_, R = _scenes(SYSTEM, Ks, seed=5)
     for method in ("mdl", "aic"):
         assert E.count_sources(R.to(torch.complex64), 16, method).tolist() == Ks
-    est = E.localise(R.to(torch.complex64), SYSTEM, E.Grid.uniform(SYSTEM, 31, 16, 8), K=None, refine=False)
+    est = E.localise(R.to(torch.complex64), SYSTEM, Grid.uniform(SYSTEM, 31, 16, 8), K=None, refine=False)
     assert est.K.tolist() == Ks and est.mask.sum(1).tolist() == Ks
 
 
@@ -285,19 +274,19 @@ def test_bad_input_fails_clearly():
     pm = math.radians(SYSTEM.phi_max_deg)
     ok = torch.tensor([0.0])
     for field_, grid in (
-        ("grid.phi", E.Grid(torch.tensor([-pm, pm + 0.01]), ok, torch.tensor([2.0]))),
-        ("grid.theta", E.Grid(ok, torch.tensor([math.radians(31.0)]), torch.tensor([2.0]))),
-        ("grid.r", E.Grid(ok, ok, torch.tensor([0.4, 2.0]))),
+        ("grid.phi", Grid(torch.tensor([-pm, pm + 0.01]), ok, torch.tensor([2.0]))),
+        ("grid.theta", Grid(ok, torch.tensor([math.radians(31.0)]), torch.tensor([2.0]))),
+        ("grid.r", Grid(ok, ok, torch.tensor([0.4, 2.0]))),
     ):
         with pytest.raises(ConfigError, match=field_):
             grid.validate(SYSTEM)
         with pytest.raises(ConfigError, match=field_):
             E.mvdr_spectrum(torch.eye(SYSTEM.N, dtype=torch.complex64), SYSTEM, grid)
     with pytest.raises(ConfigError, match="grid.r"):
-        E.Grid(ok, ok, torch.tensor([3.0, 2.0]))  # not increasing
+        Grid(ok, ok, torch.tensor([3.0, 2.0]))  # not increasing
     R = torch.eye(SYSTEM.N, dtype=torch.complex64)[None]
-    small = E.Grid.uniform(SYSTEM, 3, 3, 2)
-    with pytest.raises(ConfigError, match=r"K = \[144\].*N - 1 = 143"):
+    small = Grid.uniform(SYSTEM, 3, 3, 2)
+    with pytest.raises(ConfigError, match=r"K: value 144 in scene 0 is out of range: allowed 0\.\.143"):
         E.music_spectrum(R, SYSTEM, 144, small)
     with pytest.raises(ConfigError, match="K"):
         E.localise(R, SYSTEM, small, K=-1)
@@ -324,8 +313,8 @@ def test_bad_input_fails_clearly():
 # Evaluation for the notebook
 def test_localisation_vs_snr_returns_plain_json_ready_results():
     system = SystemConfig(N_H=6, N_V=6, K_max=2, phi_max_deg=45.0, theta_max_deg=20.0)
-    grid = E.Grid.uniform(system, 19, 9, 6)
-    out = E.localisation_vs_snr(system, [-10.0, 30.0], 4, {"R_true": lambda b: b.R_true}, method="mvdr", grid=grid, seed=1)
+    grid = Grid.uniform(system, 19, 9, 6)
+    out = localisation_vs_snr(system, [-10.0, 30.0], 4, {"R_true": lambda b: b.R_true}, method="mvdr", grid=grid, seed=1)
     json.dumps(out, allow_nan=False)
     assert out["snr_db"] == [-10.0, 30.0] and set(out["covariances"]) == {"R_true"}
     res = out["covariances"]["R_true"]
@@ -333,4 +322,4 @@ def test_localisation_vs_snr_returns_plain_json_ready_results():
     assert res["k_accuracy"] == [1.0, 1.0]  # noise-free R_true: MDL counts the rank at any SNR
     assert all(q > out["sqrt_crb"]["phi_deg"][1] for q in out["sqrt_crb"]["phi_deg"][:1])
     with pytest.raises(ConfigError, match="covariances"):
-        E.localisation_vs_snr(system, [0.0], 1, {})
+        localisation_vs_snr(system, [0.0], 1, {})

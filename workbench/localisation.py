@@ -4,211 +4,32 @@ Everything is batched (covariances [B, N, N], complex) and runs on the device of
 vectors come only from :func:`workbench.physics.steering`. Radians and metres inside; degrees only in the
 metrics' names (``*_deg``).
 
-Search grid and its cost. The Fresnel phase of element i = v N_H + h splits into a row part and a
-column part, phase = k0 [x_h sin(phi) cos(theta) - x_h^2/(2r)] + k0 [z_v sin(theta) - z_v^2/(2r)], so
-a(phi, theta, r) = kron(a_z(theta, r), a_x(phi, theta, r)), and both factors are ``steering`` of the
-1 x N_V and N_H x 1 sub-arrays. A spectrum over the grid is a sum of |f_j^H a(g)|^2 over the columns f_j
-of an N x J matrix F (MUSIC: the top-K eigenvectors, J = K; MVDR: U (Lambda + delta)^-1/2, J = N).
-Contracting the column index v with a_z first costs J (N T Q + N_H P T Q) complex MACs per scene instead
-of J N P T Q with the full steering table; for MVDR the quadratic form a_x^H M_tq a_x with one N_H x N_H
-matrix M_tq per (theta, r) costs N^2 T Q + N_H^2 P T Q. The tables take P T Q N_H + T Q N_V entries
-instead of P T Q N (see :meth:`Grid.memory_bytes`).
+Owns: spectra over a :class:`~workbench.grid.Grid`, peak picking and refinement, source counting, the
+stochastic Cramer-Rao bound and the matching metrics. Must not: simulate scenes or loop over SNRs (the
+studies in :mod:`workbench.studies.localisation` do), draw figures.
+
+A spectrum over the grid is a sum of |f_j^H a(g)|^2 over the columns f_j of an N x J matrix F (MUSIC: the
+top-K eigenvectors, J = K; MVDR: U (Lambda + delta)^-1/2, J = N), evaluated with the grid's separable
+contractions (:mod:`workbench.grid`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as nnf
 from scipy.optimize import linear_sum_assignment
 
-from .config import ConfigError, SystemConfig, resolve_device
-from .physics import SceneBatch, measurement_matrices, simulate, steering
+from .checks import check_covariance, check_K
+from .config import ConfigError, SystemConfig, check_choice
+from .grid import Grid
+from .physics import SceneBatch, measurement_matrices, steering
 
 METHODS = ("music", "mvdr")
 COUNT_METHODS = ("mdl", "aic")
-
-
-# ---------------------------------------------------------------------------------------------
-# The search grid
-@dataclass(frozen=True, eq=False)
-class Grid:
-    """A search grid over the field of view.
-
-    phi [P], theta [T] (radians) and r [Q] (metres): 1-D float64 CPU tensors, strictly increasing. The
-    spectrum over the grid has shape [B, P, T, Q]. Build with :meth:`default` or :meth:`uniform`; a grid
-    from raw tensors is checked against a system by :meth:`validate` (every estimator calls it).
-    """
-
-    phi: torch.Tensor
-    theta: torch.Tensor
-    r: torch.Tensor
-    _cache: dict = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        for name in ("phi", "theta", "r"):
-            t = torch.as_tensor(getattr(self, name), dtype=torch.float64).detach().cpu().reshape(-1)
-            if t.numel() == 0 or not torch.isfinite(t).all():
-                raise ConfigError(f"grid.{name}: expected a non-empty 1-D array of finite values, got {t.tolist()}")
-            if t.numel() > 1 and not (t[1:] > t[:-1]).all():
-                raise ConfigError(f"grid.{name}: values must be strictly increasing")
-            object.__setattr__(self, name, t)
-
-    @classmethod
-    def uniform(cls, system: SystemConfig, n_phi: int, n_theta: int, n_r: int) -> Grid:
-        """n_phi x n_theta x n_r points: phi and theta uniform over +-phi_max, +-theta_max; r uniform in 1/r
-        over [1/r_max, 1/r_min] (the Fresnel term is linear in 1/r, so this spaces range cells evenly)."""
-        for name, n in (("n_phi", n_phi), ("n_theta", n_theta), ("n_r", n_r)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ConfigError(f"grid.{name} = {n!r}: expected an integer >= 1")
-        pm, tm = math.radians(system.phi_max_deg), math.radians(system.theta_max_deg)
-        phi = torch.linspace(-pm, pm, n_phi, dtype=torch.float64) if n_phi > 1 else torch.zeros(1, dtype=torch.float64)
-        theta = torch.linspace(-tm, tm, n_theta, dtype=torch.float64) if n_theta > 1 else torch.zeros(1, dtype=torch.float64)
-        if n_r > 1:
-            r = 1.0 / torch.linspace(1.0 / system.r_min_m, 1.0 / system.r_max_m, n_r, dtype=torch.float64)
-        else:
-            r = torch.tensor([2.0 / (1.0 / system.r_min_m + 1.0 / system.r_max_m)], dtype=torch.float64)
-        grid = cls(phi, theta, r)
-        grid.validate(system)
-        return grid
-
-    @classmethod
-    def default(cls, system: SystemConfig, step_deg: float = 2.0, n_r: int = 16) -> Grid:
-        """The default grid: ``step_deg`` in phi and theta, ``n_r`` ranges uniform in 1/r.
-
-        For the default system (12 x 12 RIS, +-60 deg x +-30 deg, 0.5..10 m) this is 61 x 31 x 16 = 30,256
-        points. The half-power beam is about 2/N_H rad ~ 10 deg wide at broadside, so 2 deg gives 5 points
-        per beam; the range resolution in 1/r is about lambda/x_max^2 ~ 0.44 1/m over a span of 1.9 1/m,
-        so 16 ranges give 3-4 points per range cell. Tables: 2.9 MB separable (complex64), 34.9 MB as a
-        full steering table; one float32 spectrum is 121 kB per scene.
-        """
-        if not (isinstance(step_deg, (int, float)) and step_deg > 0):
-            raise ConfigError(f"grid.step_deg = {step_deg!r}: expected a number > 0 (degrees)")
-        n_phi = int(round(2 * system.phi_max_deg / step_deg)) + 1
-        n_theta = int(round(2 * system.theta_max_deg / step_deg)) + 1
-        return cls.uniform(system, n_phi, n_theta, n_r)
-
-    def validate(self, system: SystemConfig) -> None:
-        """Fail with ConfigError when a grid point lies outside the system's field of view."""
-        tol = 1e-9
-        limits = {
-            "phi": (-math.radians(system.phi_max_deg), math.radians(system.phi_max_deg), "system.phi_max_deg", math.degrees),
-            "theta": (-math.radians(system.theta_max_deg), math.radians(system.theta_max_deg), "system.theta_max_deg", math.degrees),
-            "r": (system.r_min_m, system.r_max_m, "system.r_min_m/r_max_m", float),
-        }
-        for name, (lo, hi, source, show) in limits.items():
-            t = getattr(self, name)
-            if t.min() < lo - tol or t.max() > hi + tol:
-                unit = "m" if name == "r" else "deg"
-                raise ConfigError(
-                    f"grid.{name} spans [{show(t.min().item()):.6g}, {show(t.max().item()):.6g}] {unit}: outside the field of view "
-                    f"[{show(lo):.6g}, {show(hi):.6g}] {unit} ({source})"
-                )
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.phi.numel(), self.theta.numel(), self.r.numel())
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    def steps(self) -> torch.Tensor:
-        """Typical spacing (phi rad, theta rad, 1/r in 1/m), [3] float64; 1 where an axis has one point."""
-        inv_r = 1.0 / self.r
-        out = [(t.max() - t.min()).item() / (t.numel() - 1) if t.numel() > 1 else 1.0 for t in (self.phi, self.theta, inv_r)]
-        return torch.tensor(out, dtype=torch.float64)
-
-    def memory_bytes(self, system: SystemConfig, dtype: torch.dtype = torch.complex64) -> dict[str, int]:
-        """Bytes of the separable steering tables, of a full [P,T,Q,N] table, and of one real spectrum."""
-        item = torch.empty((), dtype=dtype).element_size()
-        P, T, Q = self.shape
-        return {
-            "separable": item * (P * T * Q * system.N_H + T * Q * system.N_V),
-            "full": item * P * T * Q * system.N,
-            "spectrum_per_scene": (item // 2) * P * T * Q,
-        }
-
-    def factors(self, system: SystemConfig, device=None, dtype: torch.dtype = torch.complex64) -> tuple[torch.Tensor, torch.Tensor]:
-        """Separable steering tables a_x [P,T,Q,N_H] and a_z [T,Q,N_V] (cached per system/device/dtype),
-        with a(phi_p, theta_t, r_q)[v N_H + h] = a_z[t,q,v] a_x[p,t,q,h]."""
-        key = (system.N_H, system.N_V, system.carrier_hz, system.spacing_wavelengths, str(device), dtype)
-        if key not in self._cache:
-            self.validate(system)
-            ph, th, r = self.phi[:, None, None], self.theta[None, :, None], self.r[None, None, :]
-            ax = _subarray_steering(system, system.N_H, 1, ph, th, r)  # [P,T,Q,N_H]
-            az = _subarray_steering(system, 1, system.N_V, torch.zeros(()), th[0], r[0])  # [T,Q,N_V]
-            self._cache[key] = (ax.to(device=device, dtype=dtype), az.to(device=device, dtype=dtype))
-        return self._cache[key]
-
-    def steering_table(self, system: SystemConfig, device=None, dtype: torch.dtype = torch.complex64) -> torch.Tensor:
-        """The full steering table [P,T,Q,N] straight from :func:`steering` (for checks and benchmarks)."""
-        self.validate(system)
-        a = steering(system, self.phi[:, None, None], self.theta[None, :, None], self.r[None, None, :])
-        return a.to(device=device, dtype=dtype)
-
-
-def _subarray_steering(system: SystemConfig, n_h: int, n_v: int, phi, theta, r) -> torch.Tensor:
-    """``steering`` of the n_h x n_v sub-array that shares the system's row (n_v = 1) or column (n_h = 1)
-    coordinates: the sub-array sits at z = 0 (resp. x = 0), which drops the other half of the phase."""
-    n = n_h * n_v
-    if n == 1:
-        shape = torch.broadcast_shapes(torch.as_tensor(phi).shape, torch.as_tensor(theta).shape, torch.as_tensor(r).shape)
-        return torch.ones(*shape, 1, dtype=torch.complex128)
-    sub = system.replace(N_H=n_h, N_V=n_v, K_min=1, K_max=1)
-    return steering(sub, torch.as_tensor(phi, dtype=torch.float64), theta, r)
-
-
-# ---------------------------------------------------------------------------------------------
-# Input checks
-def _check_covariance(R: torch.Tensor, system: SystemConfig, name: str = "R") -> torch.Tensor:
-    """A complex [B,N,N] Hermitian batch with N = system.N ([N,N] is promoted to [1,N,N])."""
-    if not isinstance(R, torch.Tensor):
-        raise ConfigError(f"{name}: expected a torch.Tensor [B, N, N], got {type(R).__name__}")
-    if R.ndim == 2:
-        R = R[None]
-    N = system.N
-    if R.ndim != 3 or R.shape[-2:] != (N, N):
-        raise ConfigError(f"{name}: expected shape [B, {N}, {N}] (N = system.N), got {tuple(R.shape)}")
-    if not R.is_complex():
-        R = R.to(torch.complex128 if R.dtype == torch.float64 else torch.complex64)
-    if not torch.isfinite(torch.view_as_real(R)).all():
-        raise ConfigError(f"{name}: contains NaN or inf")
-    rtol = 1e-4 if R.dtype == torch.complex64 else 1e-10
-    asym = torch.linalg.matrix_norm(R - R.mH)
-    scale = torch.linalg.matrix_norm(R)
-    bad = asym > rtol * scale + torch.finfo(scale.dtype).tiny
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
-        raise ConfigError(
-            f"{name}[{i}] is not Hermitian: ||R - R^H||_F / ||R||_F = {(asym[i] / scale[i]).item():.3g} > {rtol:g}; "
-            "pass a covariance (workbench.covariance.hermitise if it is one up to rounding)"
-        )
-    return R
-
-
-def _check_K(K, B: int, N: int, device) -> torch.Tensor:
-    """Number of sources per scene, int or [B] -> [B] int64 in [0, N-1]."""
-    K = torch.as_tensor(K, device=device)
-    if K.is_floating_point() or K.is_complex() or K.dtype == torch.bool:
-        raise ConfigError(f"K: expected integers, got dtype {K.dtype}")
-    K = K.to(torch.int64).reshape(-1)
-    if K.numel() == 1:
-        K = K.expand(B)
-    if K.numel() != B:
-        raise ConfigError(f"K: expected an int or one value per scene ({B}), got {K.numel()} values")
-    if (K < 0).any() or (K > N - 1).any():
-        raise ConfigError(f"K = {K.tolist()} is out of range: allowed [0, N - 1 = {N - 1}] (a subspace method needs a noise subspace)")
-    return K.clone()
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} = {value!r} is not allowed: choose one of {', '.join(map(repr, choices))}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,38 +51,35 @@ def _projector_factor(R: torch.Tensor, method: str, K: torch.Tensor | None, load
     return U * (lam + delta).rsqrt()[:, None, :]
 
 
-def _grid_quadratic(F: torch.Tensor, system: SystemConfig, grid: Grid, max_bytes: int = 2**23) -> torch.Tensor:
+def _grid_quadratic(F: torch.Tensor, system: SystemConfig, grid: Grid) -> torch.Tensor:
     """sum_j |f_j^H a(g)|^2 = a(g)^H F F^H a(g) over the grid, [B,P,T,Q] real (float32 for complex64 F).
 
-    Two separable evaluations (module docstring), the cheaper one by operation count, in chunks of scenes
-    whose largest intermediate stays under ``max_bytes``:
-    * columns (few columns, MUSIC): contract v with a_z, then h with a_x: J (N T Q + N_H P T Q) MACs;
-    * quadratic form (MVDR, J = N): M_tq = (a_z^H (x) I) F F^H (a_z (x) I), an N_H x N_H matrix per (t, q),
-      then a_x^H M_tq a_x: N^2 T Q + N_H^2 P T Q MACs (about 40 times fewer than J N P T Q)."""
+    The cheaper of the grid's two separable contractions by operation count: per column (few columns,
+    MUSIC: J (N T Q + N_H P T Q) MACs) or as a quadratic form (MVDR, J = N: N^2 T Q + N_H^2 P T Q MACs)."""
     B, N, J = F.shape
-    N_H, N_V = system.N_H, system.N_V
-    rdtype = torch.float32 if F.dtype == torch.complex64 else torch.float64
-    ax, az = grid.factors(system, device=F.device, dtype=F.dtype)
     P, T, Q = grid.shape
-    axT = ax.permute(1, 2, 3, 0)  # [T,Q,N_H,P]
-    item = torch.empty((), dtype=F.dtype).element_size()
-    columns = J * (N * T * Q + N_H * P * T * Q) <= N * N * T * Q + N_H * N_H * P * T * Q
-    out = torch.empty(B, P, T, Q, dtype=rdtype, device=F.device)
-    per_scene = item * P * T * Q * (J if columns else N_H)
-    bc = max(1, max_bytes // per_scene)
-    for b in range(0, B, bc):
-        Fb = F[b : b + bc]
-        n = Fb.shape[0]
-        if columns:
-            W = torch.einsum("bvhj,tqv->tqbjh", Fb.conj().reshape(n, N_V, N_H, J), az).reshape(T, Q, n * J, N_H)
-            Z = torch.view_as_real(W @ axT).square().sum(-1).reshape(T, Q, n, J, P).sum(3)  # [T,Q,n,P]
-            out[b : b + bc] = Z.permute(2, 3, 0, 1)
-        else:
-            Qm = (Fb @ Fb.mH).reshape(n, N_V, N_H, N_V, N_H)
-            M = torch.einsum("tqv,bvhwk,tqw->btqhk", az.conj(), Qm, az)  # [n,T,Q,N_H,N_H]
-            X = M @ axT  # [n,T,Q,N_H,P]
-            out[b : b + bc] = (axT.conj() * X).sum(-2).real.permute(0, 3, 1, 2)
-    return out
+    if J * (N * T * Q + system.N_H * P * T * Q) <= N * N * T * Q + system.N_H**2 * P * T * Q:
+        resp = grid.response(system, F.conj().transpose(-2, -1))  # a_g^H f_j conjugated, [B,J,P,T,Q]
+        return torch.view_as_real(resp).square().sum((-1, 1))
+    return grid.quadratic(system, F @ F.mH)
+
+
+def _checked(R: torch.Tensor, system: SystemConfig, grid: Grid | None, method: str) -> tuple[torch.Tensor, Grid]:
+    """The covariance as a complex [B,N,N] batch (N = system.N) and the validated grid (default :meth:`Grid.default`)."""
+    check_choice("method", method, METHODS)
+    R = check_covariance(R, N=system.N, allow_single=True)
+    if not R.is_complex():
+        R = R.to(torch.complex128 if R.dtype == torch.float64 else torch.complex64)
+    grid = Grid.default(system) if grid is None else grid
+    grid.validate(system)
+    return R, grid
+
+
+def _spectrum_values(q: torch.Tensor, method: str) -> torch.Tensor:
+    """The pseudo-spectrum from the grid quadratic form q: MUSIC 1 / (1 - q) (floored at eps), MVDR 1 / q."""
+    if method == "music":
+        return 1.0 / (1.0 - q).clamp_min(torch.finfo(q.dtype).eps)
+    return 1.0 / q.clamp_min(torch.finfo(q.dtype).tiny)
 
 
 def spectrum(
@@ -278,19 +96,13 @@ def spectrum(
       is finite for a rank-deficient R_true and in the units of R.
     Returns [B,P,T,Q], float32 for complex64 input and float64 for complex128 input, on R's device.
     """
-    _check_choice("method", method, METHODS)
-    R = _check_covariance(R, system)
-    grid = Grid.default(system) if grid is None else grid
-    grid.validate(system)
+    R, grid = _checked(R, system, grid, method)
     if method == "music":
         if K is None:
             raise ConfigError("K: MUSIC needs the number of sources per scene (or use localise(..., K=None) to estimate it)")
-        K = _check_K(K, R.shape[0], system.N, R.device)
+        K = check_K(K, R.shape[0], system.N, k_min=0).to(R.device)
     F = _projector_factor(R, method, K, loading).to(R.dtype)
-    q = _grid_quadratic(F, system, grid)
-    if method == "music":
-        return 1.0 / (1.0 - q).clamp_min(torch.finfo(q.dtype).eps)
-    return 1.0 / q.clamp_min(torch.finfo(q.dtype).tiny)
+    return _spectrum_values(_grid_quadratic(F, system, grid), method)
 
 
 def music_spectrum(R: torch.Tensor, system: SystemConfig, K, grid: Grid | None = None) -> torch.Tensor:
@@ -311,14 +123,12 @@ def find_peaks(spec: torch.Tensor, grid: Grid, K: torch.Tensor) -> tuple[torch.T
     Returns (idx [B,Kp,3] int64 grid indices (p,t,q), value [B,Kp], valid [B,Kp] bool), Kp = max(K, 1);
     a slot is invalid beyond a scene's K or when the spectrum has fewer local maxima than K."""
     B = spec.shape[0]
-    P, T, Q = grid.shape
     pooled = nnf.max_pool3d(spec[:, None], kernel_size=3, stride=1, padding=1)[:, 0]
     vals = torch.where(spec >= pooled, spec, torch.full_like(spec, -math.inf)).reshape(B, -1)
     kp = min(max(int(K.max()) if K.numel() else 1, 1), vals.shape[1])
     value, flat = vals.topk(kp, dim=1)
     valid = (torch.arange(kp, device=spec.device)[None, :] < K[:, None]) & torch.isfinite(value)
-    idx = torch.stack((flat // (T * Q), (flat // Q) % T, flat % Q), dim=-1)
-    return idx, value, valid
+    return grid.unravel(flat), value, valid
 
 
 def _objective(F: torch.Tensor, system: SystemConfig, u: torch.Tensor, scale: torch.Tensor, method: str) -> torch.Tensor:
@@ -402,18 +212,14 @@ def localise(
     ``k_method`` ("mdl" | "aic", :func:`count_sources`, with ``n_snapshots`` defaulting to system.L and the
     count capped at system.K_max). ``loading`` is MVDR's relative diagonal loading (see :func:`spectrum`).
     """
-    _check_choice("method", method, METHODS)
-    R = _check_covariance(R, system)
-    grid = Grid.default(system) if grid is None else grid
-    grid.validate(system)
+    R, grid = _checked(R, system, grid, method)
     if K is None:
         K = count_sources(R, system.L if n_snapshots is None else n_snapshots, k_method, k_max=system.K_max)
-    K = _check_K(K, R.shape[0], system.N, R.device)
+    K = check_K(K, R.shape[0], system.N, k_min=0).to(R.device)
     F = _projector_factor(R, method, K, loading)
-    q = _grid_quadratic(F.to(R.dtype), system, grid)
-    spec = 1.0 / (1.0 - q).clamp_min(torch.finfo(q.dtype).eps) if method == "music" else 1.0 / q.clamp_min(torch.finfo(q.dtype).tiny)
+    spec = _spectrum_values(_grid_quadratic(F.to(R.dtype), system, grid), method)
     idx, value, valid = find_peaks(spec, grid, K)
-    gphi, gth, gr = (ax.to(R.device)[idx[..., i]] for i, ax in enumerate((grid.phi, grid.theta, grid.r)))
+    gphi, gth, gr = grid.coords(idx)
     if refine and valid.any():
         phi, theta, r = refine_peaks(F, system, grid, gphi, gth, gr, valid, method, iters)
     else:
@@ -463,7 +269,7 @@ def count_sources(R: torch.Tensor, n_snapshots: int, method: str = "mdl", k_max:
     rank; with an uneven tail (R_samp, an approximate R_pred) a larger n counts more sources. The
     workbench passes system.L by convention. ``k_max`` defaults to N - 1.
     """
-    _check_choice("count method", method, COUNT_METHODS)
+    check_choice("count method", method, COUNT_METHODS)
     if R.ndim == 2:
         R = R[None]
     if R.ndim != 3 or R.shape[-1] != R.shape[-2]:
@@ -567,7 +373,9 @@ def crb_for(batch: SceneBatch, system: SystemConfig, nuisance: bool = True) -> t
 DEFAULT_TOLERANCES = {"phi_deg": 5.0, "theta_deg": 5.0, "r_m": 1.0}
 
 
-def _tolerances(tol: dict | None) -> np.ndarray:
+def tolerances_array(tol: dict | None) -> np.ndarray:
+    """The matching tolerances (phi rad, theta rad, r m) [3] from a dict of phi_deg/theta_deg/r_m (defaults
+    filled in); ConfigError on a bad key or value."""
     t = {**DEFAULT_TOLERANCES, **(tol or {})}
     unknown = sorted(set(t) - set(DEFAULT_TOLERANCES))
     if unknown:
@@ -589,7 +397,7 @@ def match(pred: np.ndarray, true: np.ndarray, tolerances: dict | None = None) ->
     pred, true = np.asarray(pred, dtype=np.float64).reshape(-1, 3), np.asarray(true, dtype=np.float64).reshape(-1, 3)
     if len(pred) == 0 or len(true) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    scale = _tolerances(tolerances)
+    scale = tolerances_array(tolerances)
     cost = np.linalg.norm((pred[:, None, :] - true[None, :, :]) / scale, axis=-1)
     rows, cols = linear_sum_assignment(cost)
     return rows.astype(np.int64), cols.astype(np.int64)
@@ -610,7 +418,7 @@ def match_metrics(est: Localisation, true_phi, true_theta, true_r, true_mask, to
     or not; NaN when there is none), so gross errors count. k_accuracy: fraction of scenes whose
     number of detected sources equals the true K.
     """
-    tol = _tolerances(tolerances)
+    tol = tolerances_array(tolerances)
     to_np = lambda t: t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)  # noqa: E731
     ep, et, er, em = (to_np(t) for t in (est.phi, est.theta, est.r, est.mask))
     tp_, tt_, tr_, tm_ = (to_np(t) for t in (true_phi, true_theta, true_r, true_mask))
@@ -637,78 +445,4 @@ def match_metrics(est: Localisation, true_phi, true_theta, true_r, true_mask, to
         "rmse_r_m": float(rmse[2]),
         "n_matched": float(len(sq)),
         "k_accuracy": k_ok / len(em) if len(em) else math.nan,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation for the notebook
-def _json_float(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
-def localisation_vs_snr(
-    system: SystemConfig,
-    snrs_db: Sequence[float],
-    n_per_snr: int,
-    covariances: dict[str, Callable[[SceneBatch], torch.Tensor]],
-    method: str = "music",
-    seed: int = 0,
-    grid: Grid | None = None,
-    use_true_k: bool = True,
-    k_method: str = "mdl",
-    n_snapshots: int | None = None,
-    tolerances: dict | None = None,
-    nuisance: bool = True,
-    device: str = "cpu",
-) -> dict:
-    """RMSE, detection and counting versus SNR for several covariance sources, with sqrt(CRB).
-
-    For each SNR s: ``n_per_snr`` scenes from ``simulate(system with snr fixed at s, seed + i)``; for each
-    name, R = covariances[name](batch) [n,N,N] (e.g. ``lambda b: b.R_true``, an R_samp estimator, a
-    model's R_pred) is localised by ``method`` with the true K (``use_true_k``) or the K counted by
-    ``k_method``, and matched to the truth (:func:`match_metrics`). ``k_accuracy`` always scores the count
-    of ``k_method`` (``n_snapshots`` default system.L, capped at system.K_max) against the true K.
-    sqrt_crb: sqrt of the CRB averaged over all sources at that SNR (comparable to the RMSE over sources).
-    Returns plain lists/floats (NaN as None), ready for json.dump:
-    {"snr_db", "method", "n_per_snr", "tolerances", "sqrt_crb": {"phi_deg", "theta_deg", "r_m"},
-     "covariances": {name: {"rmse_phi_deg", "rmse_theta_deg", "rmse_r_m", "precision", "recall", "f1",
-     "k_accuracy"}}}, each a list over snrs_db.
-    """
-    _check_choice("method", method, METHODS)
-    _check_choice("k_method", k_method, COUNT_METHODS)
-    if isinstance(n_per_snr, bool) or not isinstance(n_per_snr, int) or n_per_snr < 1:
-        raise ConfigError(f"n_per_snr = {n_per_snr!r}: expected an integer >= 1")
-    if not covariances:
-        raise ConfigError("covariances: expected at least one name -> callable(batch) -> R")
-    _tolerances(tolerances)
-    grid = Grid.default(system) if grid is None else grid
-    grid.validate(system)
-    n_snap = system.L if n_snapshots is None else n_snapshots
-    dev = resolve_device(device)
-    keys = ("rmse_phi_deg", "rmse_theta_deg", "rmse_r_m", "precision", "recall", "f1", "k_accuracy")
-    res = {name: {k: [] for k in keys} for name in covariances}
-    bound = {"phi_deg": [], "theta_deg": [], "r_m": []}
-    for i, snr in enumerate(snrs_db):
-        sys_s = system.replace(snr_db_min=float(snr), snr_db_max=float(snr))
-        batch = simulate(sys_s, n_per_snr, seed=seed + i, device=dev)
-        c = crb_for(batch, sys_s, nuisance)[batch.mask]  # [sources, 3]
-        rms = c.mean(0).sqrt().cpu().tolist()
-        bound["phi_deg"].append(_json_float(math.degrees(rms[0])))
-        bound["theta_deg"].append(_json_float(math.degrees(rms[1])))
-        bound["r_m"].append(_json_float(rms[2]))
-        for name, fn in covariances.items():
-            R = fn(batch)
-            k_hat = count_sources(_check_covariance(R, sys_s, name), n_snap, k_method, k_max=system.K_max)
-            est = localise(R, sys_s, grid, method, K=batch.K if use_true_k else k_hat)
-            m = match_metrics(est, batch.phi, batch.theta, batch.r, batch.mask, tolerances)
-            m["k_accuracy"] = (k_hat.cpu() == batch.K.cpu()).double().mean().item()
-            for k in keys:
-                res[name][k].append(_json_float(m[k]))
-    return {
-        "snr_db": [float(s) for s in snrs_db],
-        "method": method,
-        "n_per_snr": n_per_snr,
-        "tolerances": {**DEFAULT_TOLERANCES, **(tolerances or {})},
-        "sqrt_crb": bound,
-        "covariances": res,
     }

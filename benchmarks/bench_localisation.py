@@ -1,7 +1,7 @@
 """Spectra per second over the full default grid (CPU, 2 threads): batched versus per-scene, separable versus a
 full steering table, and the grid memory at the default resolution. Prints a markdown table.
 
-    .venv/bin/python benchmarks/bench_estimators.py [--quick] [--device cpu|cuda|auto] [--threads 2]
+    .venv/bin/python benchmarks/bench_localisation.py [--quick] [--device cpu|cuda|auto] [--threads 2]
 
 On an oversubscribed machine (more busy threads than cores) multi-threaded LAPACK calls such as the eigh of
 each spectrum can stall for seconds; the best of several repeats is reported, and --threads 1 is steadier.
@@ -14,7 +14,8 @@ import argparse
 import torch
 from timing import best_time  # noqa: E402
 
-from workbench import estimators as E
+from workbench import localisation as E
+from workbench.grid import Grid
 from workbench.config import SystemConfig, resolve_device
 from workbench.physics import simulate
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     system = SystemConfig()
-    grid = E.Grid.default(system)
+    grid = Grid.default(system)
     B, repeats = (4, 1) if args.quick else (16, 3)
     batch = simulate(system, B, seed=0, device=dev)
     R, K = batch.R_true, batch.K

@@ -1,0 +1,175 @@
+"""Figures of :mod:`workbench.studies.sweeps` (notebook 06): optimisation history, importances, knobs versus
+outcome, outcome fractions per knob value; each as a static matplotlib figure and an interactive plotly one."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import optuna
+from matplotlib.figure import Figure
+
+from ..studies.sweeps import OUTCOMES
+
+OUTCOME_COLOURS = {"complete": "#2ca02c", "pruned": "#ff7f0e", "nonfinite": "#d62728", "failed": "#7f7f7f"}
+
+
+def importances_plotly(study, params: Sequence[str]):
+    """Parameter importances of ``params`` for val_nmse (plotly; the same evaluator as :func:`sweep_importances`)."""
+    return optuna.visualization.plot_param_importances(study, params=list(params), target_name="val_nmse")
+
+
+def _optuna_mpl(builder, *args, **kwargs) -> Figure:
+    import warnings
+
+    # Optuna's builders call plt.style.use("ggplot"): rc_context keeps that style out of every later figure
+    with warnings.catch_warnings(), plt.rc_context():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        ax = builder(*args, **kwargs)
+    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+    fig.set_size_inches(8.0, 4.0)
+    fig.tight_layout()
+    return fig
+
+
+def history_figure(study) -> Figure:
+    """Optimisation history (val_nmse per completed trial and best so far), Optuna's matplotlib builder."""
+    from optuna.visualization import matplotlib as om
+
+    return _optuna_mpl(om.plot_optimization_history, study, target_name="val_nmse")
+
+
+def importances_figure(study, params: Sequence[str]) -> Figure:
+    """Parameter importances of ``params`` (see :func:`sweep_importances` for when they exist)."""
+    from optuna.visualization import matplotlib as om
+
+    return _optuna_mpl(om.plot_param_importances, study, params=list(params), target_name="val_nmse")
+
+
+def _parallel_axes(rows: list[dict]) -> list[dict]:
+    """Axes of the parallel-coordinates view: each knob, val_nmse (missing values on a 'none' tick above the
+    largest), the outcome. Each: {"label", "values" (float per row), "ticks" [(value, text)] or None}."""
+    names = sorted({k for r in rows for k in r["params"]})
+    axes = []
+    for name in names:
+        vals = [r["params"].get(name) for r in rows]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            axes.append({"label": name, "values": [float(v) for v in vals], "ticks": None})
+        else:
+            cats = sorted({str(v) for v in vals})
+            axes.append({"label": name, "values": [float(cats.index(str(v))) for v in vals], "ticks": [(float(i), c) for i, c in enumerate(cats)]})
+    finite = [r["value"] for r in rows if r["value"] is not None and math.isfinite(r["value"])]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        none = hi + 0.1 * (hi - lo or abs(hi) or 1.0)
+        digits = next((d for d in range(4, 12) if f"{lo:.{d}g}" != f"{hi:.{d}g}"), 12)  # enough to tell lo from hi
+        ticks = [(lo, f"{lo:.{digits}g}"), (hi, f"{hi:.{digits}g}")] if hi > lo else [(lo, f"{lo:.4g}")]
+        axes.append({"label": "val_nmse", "values": [r["value"] if r["value"] is not None and math.isfinite(r["value"]) else none for r in rows],
+                     "ticks": ticks + [(none, "none")]})
+    axes.append({"label": "outcome", "values": [float(OUTCOMES.index(r["outcome"])) for r in rows],
+                 "ticks": [(float(i), o) for i, o in enumerate(OUTCOMES)]})
+    return axes
+
+
+def parallel_plotly(rows: list[dict]):
+    """Parallel coordinates of the knobs, val_nmse and the outcome of every finished trial (plotly),
+    coloured by outcome: unlike Optuna's view it keeps the pruned and non-finite trials."""
+    import plotly.graph_objects as go
+
+    axes = _parallel_axes(rows)
+    dims = []
+    for a in axes:
+        d = {"label": a["label"], "values": a["values"]}
+        if a["ticks"]:
+            d |= {"tickvals": [v for v, _ in a["ticks"]], "ticktext": [t for _, t in a["ticks"]]}
+            lo, hi = min(v for v, _ in a["ticks"]), max(v for v, _ in a["ticks"])
+            d["range"] = [lo, hi] if hi > lo else [lo - 0.5, hi + 0.5]
+        dims.append(d)
+    n = len(OUTCOMES) - 1
+    scale = [[i / n, OUTCOME_COLOURS[o]] for i, o in enumerate(OUTCOMES)]
+    line = {"color": [OUTCOMES.index(r["outcome"]) for r in rows], "colorscale": scale, "cmin": 0, "cmax": n}
+    fig = go.Figure(go.Parcoords(dimensions=dims, line=line))
+    fig.update_layout(title="Knobs versus outcome (every finished trial; colour: complete / pruned / non-finite / failed)")
+    return fig
+
+
+def parallel_figure(rows: list[dict]) -> Figure:
+    """The parallel-coordinates view of :func:`parallel_plotly` as a static matplotlib figure: each axis
+    scaled to [0, 1] over its ticks or values, one line per trial coloured by outcome."""
+    axes = _parallel_axes(rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(axes)), 4.0))
+    scaled = []
+    for a in axes:
+        pts = a["values"] + [v for v, _ in a["ticks"] or []]
+        lo, hi = min(pts, default=0.0), max(pts, default=1.0)
+        span = hi - lo or 1.0
+        scaled.append([(v - lo) / span for v in a["values"]])
+        x = len(scaled) - 1
+        ax.axvline(x, color="k", lw=0.8)
+        for v, text in a["ticks"] or [(lo, f"{lo:.3g}"), (hi, f"{hi:.3g}")]:
+            ax.text(x + 0.03, (v - lo) / span, text, fontsize=7, va="center")
+    for i, r in enumerate(rows):
+        ax.plot(range(len(axes)), [s[i] for s in scaled], color=OUTCOME_COLOURS[r["outcome"]], alpha=0.7, lw=1.2)
+    for o in OUTCOMES:
+        ax.plot([], [], color=OUTCOME_COLOURS[o], label=o)
+    ax.set_xticks(range(len(axes)), [a["label"] for a in axes], rotation=20, fontsize=8)
+    ax.set_yticks([])
+    ax.set_xlim(-0.2, len(axes) - 0.5)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("Knobs versus outcome (every finished trial)")
+    fig.tight_layout()
+    return fig
+
+
+def _short(label: str) -> str:
+    """A float label to 3 significant digits (bin labels and other text unchanged)."""
+    try:
+        return f"{float(label):.3g}"
+    except ValueError:
+        return label
+
+
+def outcomes_figure(rows: list[dict], param: str | None = None) -> Figure:
+    """Stacked bars per knob value of :func:`workbench.sweep.outcome_fractions` rows: the fraction of trials
+    that completed, were pruned, were non-finite or failed (one panel per knob, or only ``param``)."""
+    names = [param] if param else sorted({r["param"] for r in rows})
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(max(4.0, 3.6 * len(names)), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        sub = [r for r in rows if r["param"] == name]
+        x = range(len(sub))
+        bottom = [0.0] * len(sub)
+        for o in OUTCOMES:
+            ax.bar(x, [r[o] for r in sub], bottom=bottom, color=OUTCOME_COLOURS[o], label=o)
+            bottom = [b + r[o] for b, r in zip(bottom, sub)]
+        ax.set_xticks(list(x), [f"{_short(r['value'])}\n(n={r['n']})" for r in sub], fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("fraction of trials")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+def history_plotly(study: optuna.Study):
+    """Optimisation history (plotly): val_nmse per trial and the best so far."""
+    return optuna.visualization.plot_optimization_history(study, target_name="val_nmse")
+
+
+def outcomes_plotly(rows: list[dict]):
+    """Stacked bars per knob value: fraction complete / pruned / non-finite / failed (plotly, one panel per knob)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    names = sorted({r["param"] for r in rows}) or ["(no trials)"]
+    cols = min(3, len(names))
+    fig = make_subplots(rows=math.ceil(len(names) / cols), cols=cols, subplot_titles=names)
+    for i, name in enumerate(names):
+        sub = [r for r in rows if r["param"] == name]
+        for kind in OUTCOMES:
+            fig.add_trace(go.Bar(x=[r["value"] for r in sub], y=[r[kind] for r in sub], name=kind, marker_color=OUTCOME_COLOURS[kind],
+                                 legendgroup=kind, showlegend=i == 0, customdata=[r["n"] for r in sub],
+                                 hovertemplate="%{x}: %{y:.0%} of %{customdata} trials<extra>" + kind + "</extra>"),
+                          row=i // cols + 1, col=i % cols + 1)
+    fig.update_layout(barmode="stack", title="Trial outcome by knob value", height=300 * math.ceil(len(names) / cols))
+    fig.update_yaxes(range=[0, 1], tickformat=".0%")
+    return fig
