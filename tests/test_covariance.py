@@ -5,13 +5,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workbench.config import ConfigError, SystemConfig
+from workbench.config import ConfigError, FixConfig, SystemConfig
 from workbench.covariance import (
     blend,
+    blend_factored,
+    blend_pipeline,
+    frobenius2,
     hermitise,
     load,
+    low_rank_factor,
     nmse,
     numerical_rank,
+    pipeline,
+    rsamp_for,
     sample_covariance,
     spectrum_stats,
     trace,
@@ -129,11 +135,80 @@ def test_numerical_rank_tolerance_is_relative():
     assert numerical_rank(ev, rtol=0.5).item() == 1
 
 
+def test_frobenius2_against_numpy():
+    X = _complex(3, (2, 3, 4, 5))
+    ref = np.linalg.norm(X.numpy(), axis=(-2, -1)) ** 2
+    np.testing.assert_allclose(frobenius2(X).numpy(), ref, rtol=1e-12)
+    np.testing.assert_allclose(frobenius2(X.mH).numpy(), ref, rtol=1e-12)  # a lazily conjugated view
+    np.testing.assert_allclose(frobenius2(X.real).numpy(), np.linalg.norm(X.real.numpy(), axis=(-2, -1)) ** 2, rtol=1e-12)
+    Y = X.to(torch.complex64).requires_grad_()
+    (g,) = torch.autograd.grad(frobenius2(Y).sum(), Y)
+    torch.testing.assert_close(g, 2 * Y.detach())  # d||X||^2 / d conj(X), PyTorch's convention
+
+
 def test_nmse_definition():
     A, B = _complex(1, (3, 5, 5)), _complex(2, (3, 5, 5))
     ref = [np.linalg.norm(A[i] - B[i]) ** 2 / np.linalg.norm(B[i]) ** 2 for i in range(3)]
     np.testing.assert_allclose(nmse(A, B).numpy(), ref)
     assert torch.allclose(nmse(B, B), torch.zeros(3, dtype=torch.float64))
+
+
+# --- factored R_blend -----------------------------------------------------------------------------
+@pytest.mark.parametrize("rank", [1, 5, 9])
+def test_low_rank_factor_is_exact_up_to_rank_plus_oversampling(rank):
+    R = _psd(rank, 3, 40, rank)
+    F = low_rank_factor(R, rank=5)  # sketch of 5 + 4 = 9 columns
+    assert F is not None and F.shape[-1] == rank  # only the columns some matrix needs
+    torch.testing.assert_close(F @ F.mH, R, rtol=0, atol=1e-12 * R.abs().max().item())
+
+
+def test_low_rank_factor_refuses_what_it_cannot_reproduce():
+    assert low_rank_factor(_psd(0, 3, 40, 10), rank=5) is None  # rank above the sketch
+    high = torch.cat([_psd(1, 2, 40, 3), _psd(2, 1, 40, 30)])  # one matrix of the batch is enough
+    assert low_rank_factor(high, rank=5) is None
+    assert low_rank_factor(_psd(3, 2, 40, 2) - _psd(4, 2, 40, 1), rank=5) is None  # indefinite: no F F^H
+    zero = torch.zeros(2, 6, 6, dtype=torch.complex128)  # rank 0 is exact
+    assert torch.equal(low_rank_factor(zero, rank=2) @ low_rank_factor(zero, rank=2).mH, zero)
+
+
+def _fixes(**kw) -> FixConfig:
+    return FixConfig(**{"rblend_trace_normalise": False, "qr_retraction": False, "c_eps": 0.01, **kw})
+
+
+def test_blend_factored_reproduces_r_blend(batch, system):
+    """(1 - beta) A A^H + beta R_samp + C_EPS I = F F^H + C_EPS I, with R_samp from the beamscan estimator (rank <= K_max)."""
+    A = _complex(5, (6, system.N, system.K_max), torch.complex64)
+    R_samp = rsamp_for(batch[:6], _fixes(rsamp_estimator="beamscan"), system)
+    for beta in (0.0, 0.3):
+        fixes = _fixes(beta=beta, rsamp_estimator="beamscan")
+        R_blend = blend_pipeline(A @ A.mH, R_samp, fixes)
+        X = blend_factored(A, R_samp, R_blend, fixes)
+        assert X is not None and X.R is R_blend and X.shift == fixes.c_eps
+        assert X.F.shape[-1] <= 2 * system.K_max and (beta > 0 or X.F is A)
+        err = torch.linalg.matrix_norm(load(X.F @ X.F.mH, X.shift) - R_blend) / torch.linalg.matrix_norm(R_blend)
+        assert err.max() < 1e-5  # complex64 rounding
+
+
+def test_blend_factored_leaves_the_seed_pipeline_on_the_full_path(batch, system):
+    A = _complex(5, (4, system.N, system.K_max), torch.complex64)
+    seed_rsamp = rsamp_for(batch[:4], _fixes(rsamp_estimator="seed"), system)  # rank L - 1 = 15 > K_max + 4
+    identity = load(torch.zeros_like(seed_rsamp), 1.0)  # full rank
+    for fixes, R_samp in [(_fixes(qr_retraction=True, beta=0.0), seed_rsamp), (_fixes(rblend_trace_normalise=True, beta=0.0), seed_rsamp),
+                          (_fixes(beta=0.3), seed_rsamp), (_fixes(beta=0.3), identity)]:
+        assert blend_factored(A, R_samp, blend_pipeline(A @ A.mH, R_samp, fixes), fixes) is None
+    grad_rsamp = (A @ A.mH).detach().requires_grad_()  # a differentiable R_samp is kept whole
+    assert blend_factored(A, grad_rsamp, blend_pipeline(A @ A.mH, grad_rsamp, _fixes(beta=0.3)), _fixes(beta=0.3)) is None
+
+
+def test_pipeline_carries_the_factored_blend_only_when_given_the_factor(batch, system):
+    A = _complex(5, (4, system.N, system.K_max), torch.complex64)
+    fixes = _fixes(beta=0.0, rsamp_estimator="beamscan", nmse_same_preprocessing=True)
+    R_samp = rsamp_for(batch[:4], fixes, system)
+    with_factor = pipeline(A @ A.mH, R_samp, batch.R_true[:4], fixes, factor=A)
+    without = pipeline(A @ A.mH, R_samp, batch.R_true[:4], fixes)
+    assert without.factored is None and without.eigen_input() is without.R_blend
+    assert with_factor.eigen_input() is with_factor.factored and with_factor.factored.F is A
+    torch.testing.assert_close(with_factor.R_blend, without.R_blend)
 
 
 # --- sample-covariance estimators -----------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Owns: hermitise, trace normalisation, diagonal loading (C_EPS), the blend, the R_samp estimators, Fix 1
 (:func:`rsamp_for`), Fix 2 and C_EPS (:func:`blend_pipeline`), the NMSE and its target (fact 4:
-:func:`nmse_target`), the whole per-batch pipeline (:func:`pipeline`) and spectrum statistics. The loss, the
-oracle floor of the diagnostics and the notebooks all call these; none assembles the pipeline itself.
+:func:`nmse_target`), the whole per-batch pipeline (:func:`pipeline`), the factored description of R_blend
+that the eigen-terms use when the pipeline has one (:class:`Factored`, :func:`blend_factored`) and spectrum
+statistics. The loss, the oracle floor of the diagnostics and the notebooks all call these; none assembles the
+pipeline itself.
 Must not: hold loss weights, train, or loop over presets or SNRs (that is :mod:`workbench.studies`).
 
 All functions take batch-first complex tensors [..., N, N] (complex64 for compute, complex128 in
@@ -30,6 +32,14 @@ def hermitise(R: torch.Tensor) -> torch.Tensor:
 def trace(R: torch.Tensor) -> torch.Tensor:
     """Real part of the trace, [...]."""
     return torch.diagonal(R, dim1=-2, dim2=-1).real.sum(-1)
+
+
+def frobenius2(X: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norm ||X||_F^2 of each matrix of X [..., n, m] (real or complex) -> [...] real: the sum of
+    the squared real and imaginary parts (about 20x faster than torch.linalg.matrix_norm on complex64, and exact
+    to float rounding)."""
+    parts = torch.view_as_real(X.resolve_conj()) if X.is_complex() else X[..., None]
+    return parts.square().sum((-3, -2, -1))
 
 
 def trace_normalise(R: torch.Tensor, target: float | None = None, eps: float = 1e-30) -> torch.Tensor:
@@ -269,6 +279,74 @@ def blend_pipeline(R_pred: torch.Tensor, R_samp: torch.Tensor, fixes: FixConfig)
     return load(R, fixes.c_eps) if fixes.c_eps else R
 
 
+# ---------------------------------------------------------------------------------------------
+# R_blend in factored form: F F^H + c I with a thin F, so eigen-terms need only an r x r problem.
+@dataclass
+class Factored:
+    """A batch of Hermitian PSD matrices together with a thin factor: R = F F^H + shift I.
+
+    R [B,N,N] the matrices themselves (what every full-matrix path uses); F [B,N,r] complex, the dtype of R,
+    r small (K_max in ``recommended``; K_max + rank(R_samp) with a blend); shift: float >= 0 (C_EPS). R and F
+    hang on the same autograd graph. The eigenpairs of R other than the shift come from the r x r Gram matrix
+    F^H F (:mod:`workbench.spectral`); every other eigenvalue of R equals ``shift``."""
+
+    R: torch.Tensor
+    F: torch.Tensor
+    shift: float
+
+
+def _factor_tolerance(dtype: torch.dtype, n: int) -> float:
+    """Relative Frobenius error accepted as 'exact to rounding' for a rank-revealing factor of an n x n matrix."""
+    return 32.0 * n**0.5 * torch.finfo(dtype).eps
+
+
+@torch.no_grad()
+def low_rank_factor(R: torch.Tensor, rank: int, oversample: int = 4, seed: int = 0) -> torch.Tensor | None:
+    """F [B,N,r] with F F^H = R to rounding, r <= rank + oversample, or None when no such factor exists.
+
+    R [B,N,N] Hermitian (complex64/complex128), not differentiated. Randomized range finder (Halko, Martinsson &
+    Tropp 2011): Y = R Omega with a seeded Gaussian Omega [N,p], p = rank + oversample; Q = qr(Y).Q; the p x p
+    matrix T = Q^H R Q = U diag(t) U^H; F = Q U diag(sqrt(t)) over the t above rounding. Exact (with probability
+    one) for PSD matrices of rank <= p, with matmuls, one QR and one p x p eigh: no N x N decomposition. The
+    result is checked: None when ||R - F F^H||_F > tol ||R||_F for some matrix (rank above p, or R not PSD),
+    tol = 32 sqrt(N) eps(dtype). r is the largest numerical rank in the batch (a matrix of lower rank gets columns
+    that are zero to rounding)."""
+    N = R.shape[-1]
+    p = min(rank + oversample, N)
+    gen = torch.Generator(device=R.device).manual_seed(seed)
+    omega = torch.randn(N, p, dtype=R.dtype, device=R.device, generator=gen)
+    Q = torch.linalg.qr(R @ omega).Q
+    t, U = torch.linalg.eigh(hermitise(Q.mH @ R @ Q))
+    t, U = t.flip(-1), U.flip(-1)
+    tol = _factor_tolerance(R.real.dtype, N)
+    keep = max(1, int((t > tol * t[:, :1].abs()).sum(-1).max()))
+    F = (Q @ U[..., :keep]) * t[:, None, :keep].clamp_min(0).sqrt().to(R.dtype)
+    err2 = frobenius2(R - F @ F.mH) / frobenius2(R).clamp_min(torch.finfo(t.dtype).tiny)
+    return F if bool((err2 <= tol**2).all()) else None
+
+
+def blend_factored(A: torch.Tensor, R_samp: torch.Tensor, R_blend: torch.Tensor, fixes: FixConfig) -> Factored | None:
+    """R_blend of :func:`blend_pipeline` as a :class:`Factored`, or None where the config or R_samp has no such form.
+
+    A [B,N,k] the prediction's factor (R_pred = A A^H), R_samp [B,N,N], R_blend [B,N,N] = blend_pipeline(A A^H,
+    R_samp, fixes). (1 - beta) A A^H + beta R_samp + C_EPS I = F F^H + C_EPS I with F = [sqrt(1 - beta) A,
+    sqrt(beta) F_samp] and F_samp F_samp^H = R_samp (:func:`low_rank_factor`, rank <= k + 4; not needed at beta = 0).
+    None with the QR retraction or the blend's trace normalisation (the seed's pipeline keeps the full-matrix
+    path), when R_samp carries a gradient, or when R_samp has no exact low-rank factor (e.g. the seed estimator,
+    rank L - 1 = 15)."""
+    if fixes.qr_retraction or fixes.rblend_trace_normalise:
+        return None
+    F = A
+    if fixes.beta > 0:
+        if R_samp.requires_grad:
+            return None
+        F_samp = low_rank_factor(R_samp, A.shape[-1])
+        if F_samp is None:
+            return None
+        F = torch.cat([(1.0 - fixes.beta) ** 0.5 * A, fixes.beta**0.5 * F_samp.to(A.dtype)], dim=-1)
+    return Factored(R=R_blend, F=F, shift=float(fixes.c_eps))
+
+
 def reference(R_true: torch.Tensor) -> torch.Tensor:
     """R_ref: R_true trace-normalised to N, the scale every NMSE is measured in."""
     return trace_normalise(R_true)
@@ -285,25 +363,37 @@ def nmse_target(R_ref: torch.Tensor, R_samp: torch.Tensor, fixes: FixConfig) -> 
 @dataclass
 class Covariances:
     """The covariance pipeline of one batch, all [B,N,N] complex64: R_pred, R_samp, R_blend, the reference
-    R_ref (trace-normalised R_true) and the NMSE target (:func:`nmse_target`)."""
+    R_ref (trace-normalised R_true) and the NMSE target (:func:`nmse_target`); ``factored``: R_blend with its
+    thin factor (:func:`blend_factored`) when the pipeline found one, else None."""
 
     R_pred: torch.Tensor
     R_samp: torch.Tensor
     R_blend: torch.Tensor
     R_ref: torch.Tensor
     target: torch.Tensor
+    factored: Factored | None = None
 
     def nmse(self) -> torch.Tensor:
         """The NMSE term per scene [B]: R_blend against the target."""
         return nmse(self.R_blend, self.target)
 
+    def eigen_input(self) -> torch.Tensor | Factored:
+        """R_blend as the eigen-terms take it: the :class:`Factored` description when there is one, else R_blend."""
+        return self.R_blend if self.factored is None else self.factored
 
-def pipeline(R_pred: torch.Tensor, R_samp: torch.Tensor, R_true: torch.Tensor, fixes: FixConfig) -> Covariances:
+
+def pipeline(R_pred: torch.Tensor, R_samp: torch.Tensor, R_true: torch.Tensor, fixes: FixConfig,
+             factor: torch.Tensor | None = None) -> Covariances:
     """Run the pipeline of ``fixes`` on a prediction: blend with R_samp, Fix 2, C_EPS, and the NMSE target.
-    An oracle prediction is ``pipeline(reference(R_true), R_samp, R_true, fixes)``."""
+    An oracle prediction is ``pipeline(reference(R_true), R_samp, R_true, fixes)``.
+
+    ``factor``: the network's A [B,N,K_max] with R_pred = predicted_covariance(A, fixes.qr_retraction), if known;
+    then ``factored`` is set wherever :func:`blend_factored` allows it."""
     R_ref = reference(R_true)
-    return Covariances(R_pred=R_pred, R_samp=R_samp, R_blend=blend_pipeline(R_pred, R_samp, fixes), R_ref=R_ref,
-                       target=nmse_target(R_ref, R_samp, fixes))
+    R_blend = blend_pipeline(R_pred, R_samp, fixes)
+    factored = None if factor is None else blend_factored(factor, R_samp, R_blend, fixes)
+    return Covariances(R_pred=R_pred, R_samp=R_samp, R_blend=R_blend, R_ref=R_ref,
+                       target=nmse_target(R_ref, R_samp, fixes), factored=factored)
 
 
 @torch.no_grad()
@@ -316,7 +406,7 @@ def oracle_nmse(R_true: torch.Tensor, R_samp: torch.Tensor, fixes: FixConfig) ->
 
 def nmse(R_hat: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """||R_hat - R||_F^2 / ||R||_F^2 per matrix, [...] (real)."""
-    return torch.linalg.matrix_norm(R_hat - R) ** 2 / torch.linalg.matrix_norm(R) ** 2
+    return frobenius2(R_hat - R) / frobenius2(R)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +430,7 @@ def spectrum_stats(R: torch.Tensor, K: torch.Tensor | int | None = None, rtol: f
     check_square(R)
     ev = torch.linalg.eigvalsh(hermitise(R)).flip(-1)
     out = {
-        "fro": torch.linalg.matrix_norm(R).real if R.is_complex() else torch.linalg.matrix_norm(R),
+        "fro": frobenius2(R).sqrt(),
         "trace": trace(R) if R.is_complex() else torch.diagonal(R, dim1=-2, dim2=-1).sum(-1),
         "eigvals": ev,
         "rank": numerical_rank(ev, rtol),

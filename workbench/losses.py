@@ -6,9 +6,13 @@ Terms (all means over the batch, float32 scalars):
   R_samp, optional trace normalisation, C_EPS loading; the target of fact 4, :func:`~workbench.covariance.nmse_target`).
 * ``k_ce``: cross-entropy of the K logits (class j <-> K = j + 1).
 * ``aux``: permutation-invariant squared error of the (phi, theta, r) slots against the true sources,
-  each coordinate scaled to [-1, 1] by the field of view; the minimum over slot permutations.
+  each coordinate scaled to [-1, 1] by the field of view; the minimum over assignments of slots to sources.
 * ``gap``: the eigengap hinge relu(margin - (lambda_K - lambda_{K+1})) of R_blend + EPS_PSD I.
 * ``subspace``: energy of the true steering vectors in the noise subspace of R_blend (MUSIC denominator).
+
+The eigen-terms take R_blend as :meth:`~workbench.covariance.Covariances.eigen_input` gives it: factored
+(F F^H + C_EPS I, F thin) where the pipeline allows it, so the ``exact`` hinge and the ``safe`` subspace term
+cost a K_max x K_max problem instead of an N x N one (:mod:`workbench.spectral`).
 
 Weights: ``LossWeights`` for nmse/k_ce/aux/subspace and ``FixConfig.lam_gap`` for the gap: see
 :func:`term_weights`, the one place they are read.
@@ -16,11 +20,12 @@ Weights: ``LossWeights`` for nmse/k_ce/aux/subspace and ``FixConfig.lam_gap`` fo
 
 from __future__ import annotations
 
-import itertools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 from . import spectral
 from .config import ExperimentConfig, SystemConfig
@@ -39,23 +44,44 @@ def term_weights(cfg: ExperimentConfig) -> dict[str, float]:
 
 def covariances(out: ModelOutput, batch: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig) -> Covariances:
     """The covariance pipeline (:func:`workbench.covariance.pipeline`) of the network's prediction for ``batch``."""
-    return pipeline(predicted_covariance(out.A, cfg.fixes.qr_retraction), R_samp, batch.R_true, cfg.fixes)
+    return pipeline(predicted_covariance(out.A, cfg.fixes.qr_retraction), R_samp, batch.R_true, cfg.fixes, factor=out.A)
 
 
-def aux_loss(angles: torch.Tensor, batch: SceneBatch, system: SystemConfig) -> torch.Tensor:
-    """Permutation-invariant slot loss. angles [B,K_max,3] (phi, theta rad; r m). For each scene the
-    K true sources are matched to the assignment of slots with the least total squared error (all
-    K_max! permutations, batched; K_max <= 6 keeps that at most 720)."""
-    Kmax = angles.shape[1]
+def slot_costs(angles: torch.Tensor, batch: SceneBatch, system: SystemConfig) -> torch.Tensor:
+    """Squared error of every slot against every true source, [B,slot,source] real: angles [B,K_max,3] (phi,
+    theta in rad, r in m) against the batch's sources, each coordinate scaled to [-1, 1] by the field of view."""
     scale = angles.new_tensor([math.radians(system.phi_max_deg) or 1.0, math.radians(system.theta_max_deg) or 1.0,
                                (system.r_max_m - system.r_min_m) / 2 or 1.0])
     true = torch.stack([batch.phi, batch.theta, batch.r], -1)
-    cost = (((angles[:, :, None, :] - true[:, None, :, :]) / scale) ** 2).sum(-1)  # [B,slot,source]
-    cost = cost * batch.mask[:, None, :]
-    perms = torch.tensor(list(itertools.permutations(range(Kmax))), device=angles.device)  # [P,Kmax]
-    src = torch.arange(Kmax, device=angles.device)
-    per_perm = cost[:, perms, src].sum(-1)  # cost[b, perms[p, j], j] summed over sources j -> [B,P]
-    return (per_perm.min(dim=1).values / batch.K.clamp_min(1)).mean()
+    return (((angles[:, :, None, :] - true[:, None, :, :]) / scale) ** 2).sum(-1)
+
+
+def best_assignment(cost: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cheapest one-to-one assignment of slots to the real sources of every scene (not differentiable).
+
+    cost [B,slot,source], mask [B,source] bool (True for the scene's K real sources). Hungarian algorithm
+    (scipy's linear_sum_assignment, O(K_max^3) per scene) on the detached cost. Returns index tensors
+    (scene, slot, source) of the matched pairs, int64 [sum K] each, on the cost's device."""
+    c, m = cost.detach().cpu().numpy(), mask.cpu().numpy()
+    scenes, slots, sources = [], [], []
+    for b in range(c.shape[0]):
+        real = np.flatnonzero(m[b])
+        rows, cols = linear_sum_assignment(c[b][:, real])
+        scenes.append(np.full(len(rows), b))
+        slots.append(rows)
+        sources.append(real[cols])
+    return tuple(torch.as_tensor(np.concatenate(x), dtype=torch.int64, device=cost.device) for x in (scenes, slots, sources))
+
+
+def aux_loss(angles: torch.Tensor, batch: SceneBatch, system: SystemConfig) -> torch.Tensor:
+    """Permutation-invariant slot loss, a scalar. angles [B,K_max,3] (phi, theta rad; r m). For each scene the K
+    true sources are matched to the slots with the least total squared error (:func:`slot_costs`,
+    :func:`best_assignment`); the loss is the matched cost / K, differentiable in the angles, averaged over
+    scenes. Polynomial in K_max (the minimum over all K_max! permutations, without enumerating them)."""
+    cost = slot_costs(angles, batch, system)
+    scene, slot, source = best_assignment(cost, batch.mask)
+    matched = cost.new_zeros(cost.shape[0]).index_add(0, scene, cost[scene, slot, source])
+    return (matched / batch.K.clamp_min(1)).mean()
 
 
 def compute_losses(out: ModelOutput, batch: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig,
@@ -76,13 +102,11 @@ def compute_losses(out: ModelOutput, batch: SceneBatch, R_samp: torch.Tensor, cf
     if "aux" in terms:
         losses["aux"] = aux_loss(out.angles, batch, cfg.system)
     if "gap" in terms:
-        losses["gap"] = spectral.eigengap_hinge(cov.R_blend, K, fixes.gap_margin, fixes.eps_psd, fixes.gap_backend).mean()
+        losses["gap"] = spectral.eigengap_hinge(cov.eigen_input(), K, fixes.gap_margin, fixes.eps_psd, fixes.gap_backend).mean()
     if "subspace" in terms:
         a_true = steering(cfg.system, batch.phi, batch.theta, torch.where(batch.mask, batch.r, 1.0))
-        # solver="eigh": the topk solver's CG-based safe backward was measured wrong (relative error ~0.9 on 2 of
-        # 16 scenes of notebook 04's CI settings, where lambda_K sits just above the loaded noise floor)
         losses["subspace"] = spectral.subspace_energy(
-            cov.R_blend, a_true, batch.mask, K, fixes.subspace_backend, fixes.lorentzian_eps, solver="eigh"
+            cov.eigen_input(), a_true, batch.mask, K, fixes.subspace_backend, fixes.lorentzian_eps
         ).mean()
     total = sum(weights[name] * value for name, value in losses.items() if weights[name] != 0.0)
     losses["total"] = total if isinstance(total, torch.Tensor) else torch.zeros((), device=R_samp.device)
