@@ -13,6 +13,15 @@ TINY = {"model.width": 32, "model.layers": 1, "model.heads": 2, "train.n_train":
         "train.batch_size": 16, "train.epochs": 2, "fixes.rsamp_estimator": "ls_scatter"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: a second torch thread only spins (measured several times slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_run():
     cfg = preset("recommended", **TINY)
@@ -99,7 +108,7 @@ def test_rsamp_is_computed_once_per_dataset_and_estimator():
 
 
 def test_recommended_trains_without_a_skipped_step_on_a_small_array():
-    """Regression: on a 6 x 6 RIS the safe subspace backward once produced NaN (topk solver); every step must apply."""
+    """Regression: on a 6 x 6 RIS the safe subspace backward once produced NaN (the since-removed topk solver); every step must apply."""
     cfg = preset("recommended", **{**TINY, "system.N_H": 6, "system.N_V": 6, "fixes.rsamp_estimator": "beamscan",
                                    "train.n_train": 16, "train.batch_size": 8})
     res = fit(cfg, progress=False)

@@ -6,8 +6,10 @@ Validation lives in one place, :meth:`ConfigBase.validate`, driven by each field
 * ``range=(lo, hi)``: inclusive numeric bounds (``None`` for an open side);
 * ``choices=(...)``: the allowed values of a string field.
 
-A wrong type, an out-of-range value or an unknown key raises :class:`ConfigError` whose message names
-the field, the value and what is allowed. Configs round-trip through plain dicts and JSON.
+A wrong type, an out-of-range or non-finite value (NaN, inf and -inf are refused for every float field) or an
+unknown key raises :class:`ConfigError` whose message names the field, the value and what is allowed. Relations
+between fields are checked too, e.g. a BS-RIS distance whose path gain would underflow the float32 channel
+(:meth:`SystemConfig._check_path_gains`). Configs round-trip through plain dicts and JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ SAMPLE_ESTIMATORS = ("seed", "ls_scatter", "covariance_matching", "beamscan")
 GAP_BACKENDS = ("eigh", "svd", "svd_flipped", "eigvalsh", "finite_diff", "exact")
 SUBSPACE_BACKENDS = ("eigh", "detach", "lorentzian", "safe")
 DEVICES = ("auto", "cpu", "cuda")
+MIN_CHANNEL_GAIN = 1e-16  # smallest BS-RIS path gain: beamscan fails from ~1e-19 on (|H|^4 below float32's range)
 
 
 class ConfigError(ValueError):
@@ -61,8 +64,8 @@ class ConfigBase:
             object.__setattr__(self, f.name, value)
             lo, hi = f.metadata.get("range", (None, None))
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if isinstance(value, float) and math.isnan(value):
-                    raise ConfigError(f"{where} = nan: must be a number in {_fmt_range(lo, hi)}")
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{where} = {value!r}: must be a finite number in {_fmt_range(lo, hi)}")
                 if (lo is not None and value < lo) or (hi is not None and value > hi):
                     raise ConfigError(f"{where} = {value!r} is out of range: allowed {_fmt_range(lo, hi)}")
             choices = f.metadata.get("choices")
@@ -210,6 +213,24 @@ class SystemConfig(ConfigBase):
             raise ConfigError(f"system.r_min_m = {self.r_min_m} must be <= system.r_max_m = {self.r_max_m}")
         if self.snr_db_min > self.snr_db_max:
             raise ConfigError(f"system.snr_db_min = {self.snr_db_min} must be <= system.snr_db_max = {self.snr_db_max}")
+        self._check_path_gains()
+
+    def _check_path_gains(self) -> None:
+        """The free-space path gain (lambda / (4 pi d))^2 of the simulated links must be meaningful and representable:
+        at most 1 (a distance below lambda / (4 pi) would amplify), and for the BS-RIS channel at least
+        MIN_CHANNEL_GAIN (the estimators square |H|^2; below it float32 underflows and the channel is singular)."""
+        nearest = self.wavelength_m / (4 * math.pi)
+        for name in ("bs_distance_m", "r_min_m"):
+            d = getattr(self, name)
+            if d < nearest:
+                raise ConfigError(f"system.{name} = {d!r} is closer than lambda / (4 pi) = {nearest:.3g} m at system.carrier_hz = "
+                                  f"{self.carrier_hz:g}: the free-space path gain would exceed 1; use a distance >= {nearest:.3g} m")
+        gain = self.path_gain(self.bs_distance_m)
+        if gain < MIN_CHANNEL_GAIN:
+            farthest = nearest / math.sqrt(MIN_CHANNEL_GAIN)
+            raise ConfigError(f"system.bs_distance_m = {self.bs_distance_m!r}: the BS-RIS path gain (lambda / (4 pi d))^2 = {gain:.3g} "
+                              f"makes the channel numerically singular (float32 underflow; needs >= {MIN_CHANNEL_GAIN:g}); "
+                              f"use bs_distance_m <= {farthest:.3g} m at system.carrier_hz = {self.carrier_hz:g}")
 
     @property
     def N(self) -> int:
@@ -226,6 +247,10 @@ class SystemConfig(ConfigBase):
     @property
     def k0(self) -> float:
         return 2.0 * math.pi / self.wavelength_m
+
+    def path_gain(self, distance_m: float) -> float:
+        """Free-space power gain (lambda / (4 pi d))^2 at ``distance_m`` (as :func:`workbench.physics.pathloss`)."""
+        return (self.wavelength_m / (4 * math.pi * distance_m)) ** 2
 
 
 @dataclass

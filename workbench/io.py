@@ -1,9 +1,15 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, then os.replace, so a reader
-never sees a half-written file and an existing file is only replaced by a complete one."""
+never sees a half-written file and an existing file is only replaced by a complete one.
+
+JSON written here is strict (RFC 8259) JSON: a float that is not finite (NaN, inf, -inf; Python, NumPy or
+a 0-d tensor) is written as ``null``. In every JSON file of the workbench, ``null`` where a number is
+expected means "no finite value": e.g. the train_loss of an epoch whose every step was skipped, or a
+val_nmse that overflowed. Readers treat it as missing, never as zero."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -21,11 +27,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp's file is private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -33,7 +55,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    """``obj`` as strict JSON (non-finite floats as null, see the module docstring), written atomically."""
+    return atomic_write_text(path, dumps_json(obj))
+
+
+def dumps_json(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of ``obj`` (sorted keys, a final newline): non-finite floats become null, objects with
+    ``tolist()`` or ``to_dict()`` (arrays, tensors, configs) are converted, anything else fails."""
+    return json.dumps(finite_or_none(obj), indent=indent, sort_keys=True, allow_nan=False) + "\n"
+
+
+def finite_or_none(obj: Any) -> Any:
+    """A copy of ``obj`` in plain JSON types, with every non-finite float replaced by None."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {_key(k): finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return finite_or_none(_jsonable(obj))
+
+
+def _key(k: Any) -> Any:
+    """A dict key as JSON allows it (str, int, float, bool or None: json.dumps converts those itself)."""
+    return k if isinstance(k, (str, int, float, bool)) or k is None else str(k)
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
@@ -43,6 +92,8 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def _jsonable(o: Any) -> Any:
+    if hasattr(o, "item") and getattr(o, "ndim", None) == 0:  # NumPy scalars, 0-d arrays and tensors
+        return o.item()
     if hasattr(o, "tolist"):
         return o.tolist()
     if hasattr(o, "to_dict"):

@@ -9,23 +9,28 @@ or validation NMSE is non-finite) is pruned, and its NaN provenance is kept as t
 Storage. Everything goes through Optuna's ``RDBStorage``: the default is an SQLite file
 ``runs/optuna.db`` (no server; one file a researcher can copy, and the same schema, heartbeats and
 stale-trial handling as the server path), and ``--storage postgresql+psycopg2://...`` shares one study
-between workers on many machines. The study is created once, before any worker starts (concurrent first
-creation of an SQLite study races); it stores the search space, the base config and the pruner settings
-as study user attributes, so a worker elsewhere only needs ``--storage``, ``--study`` and ``--join``.
+between workers on many machines. Creating the schema and the study happens under a :class:`StorageLock`
+(a file lock beside an SQLite file, an advisory lock on PostgreSQL), so processes started at the same moment
+on a new database all succeed. The study stores the search space, the base config and the pruner settings
+as study user attributes, so a worker elsewhere only needs the storage, ``--study`` and ``--join``; ``--join``
+never creates a database. URLs are shown with their secrets masked (:func:`mask_url`), and workers started
+here get the URL through the environment (``WORKBENCH_STORAGE``), never on a command line that ``ps`` shows.
 
 Workers. Each worker runs trials until the study holds ``trials`` finished trials (COMPLETE, PRUNED, or
 FAIL that was not retried); re-running the same command therefore resumes the study, and a larger
-``--trials`` extends it. Heartbeats mark a killed worker's running trial FAIL after the grace period and
-re-queue it once with the same parameters (``RetryHeartbeatStaleTrialCallback``), so a killed worker loses
-at most its running trial. Two workers that check the count at the same instant may each start the last
-trial: the study can end with up to ``workers - 1`` trials more than asked (Optuna's usual behaviour).
+``--trials`` extends it. Counting the finished and running trials and creating the next one happen under the
+same lock, so workers together never start more than ``trials``. Heartbeats (every ``heartbeat`` >= 1 seconds;
+0 is refused) mark a killed worker's running trial FAIL after the grace period and re-queue it once with the
+same parameters (``RetryHeartbeatStaleTrialCallback``), so a killed worker loses at most its running trial; a
+RUNNING trial that never sent a heartbeat (its worker died right after creating it) is failed the same way once
+it is older than the grace period, so a worker waiting for it never hangs.
 
 Search-space file (JSON, or YAML when PyYAML is installed)::
 
     {"preset": "recommended",                       # optional, the base config
      "fixed": {"train.batch_size": 32},             # optional, dotted overrides not searched
      "params": {"fixes.c_eps": {"type": "float", "low": 1e-3, "high": 1.0, "log": true},
-                "fixes.gap_backend": ["eigh", "topk"],        # a list is a categorical
+                "fixes.gap_backend": ["eigh", "exact"],       # a list is a categorical
                 "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": true}}}
 
 A mapping without ``params`` is taken as the params themselves.
@@ -34,6 +39,7 @@ A mapping without ``params`` is taken as the params themselves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -44,9 +50,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +62,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from .config import ConfigError, ExperimentConfig, FixConfig, LossWeights, preset, resolve_device
+from .config import GAP_BACKENDS, PRESETS, ConfigError, ExperimentConfig, FixConfig, LossWeights, preset, resolve_device
 
 # Knobs a space may search: every fix knob, every loss weight and the optimiser's hyperparameters.
 TRAIN_KNOBS = ("lr", "weight_decay", "grad_clip", "batch_size", "schedule")
@@ -70,7 +78,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "fixes.c_eps": {"type": "float", "low": 1e-3, "high": 1.0, "log": True},
     "fixes.lam_gap": {"type": "float", "low": 0.0, "high": 0.05},
     # finite_diff is left out of the default: it costs one forward per eigenvalue direction
-    "fixes.gap_backend": ["eigh", "svd", "svd_flipped", "eigvalsh", "topk"],
+    "fixes.gap_backend": [b for b in GAP_BACKENDS if b != "finite_diff"],
     "fixes.subspace_backend": ["eigh", "detach", "lorentzian", "safe"],
     "fixes.rsamp_estimator": ["seed", "ls_scatter", "covariance_matching"],
     "fixes.beta": {"type": "float", "low": 0.0, "high": 0.6},
@@ -242,7 +250,7 @@ def load_space(space: str | os.PathLike | dict | None = None, preset_name: str =
         raise ConfigError(f"search space fixed = {fixed!r}: expected a mapping of dotted keys")
     base = preset(data.get("preset", preset_name))
     try:
-        base = base.replace(**fixed, **(overrides or {}))
+        base = base.replace(**{**fixed, **(overrides or {})})  # the overrides win over the space's fixed values
     except ConfigError as e:
         raise ConfigError(f"search space base config: {e}") from e
     return SearchSpace(params={k: _distribution(k, v, base) for k, v in params.items()}, base=base)
@@ -250,31 +258,183 @@ def load_space(space: str | os.PathLike | dict | None = None, preset_name: str =
 
 # ---------------------------------------------------------------------------------------------
 # storage
+STORAGE_ENV = "WORKBENCH_STORAGE"  # the storage URL for `workbench sweep` when --storage is not given (workers get it here)
+SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "sslpassword", "api_key", "apikey")
+LOCK_KEY = 0x776F726B62656E63  # "workbenc": the PostgreSQL advisory lock of the sweep's critical sections
+
+
 def default_storage_url(runs_dir: str | os.PathLike = "runs") -> str:
     """``sqlite:///<abs>/runs/optuna.db``: absolute, so worker processes started elsewhere agree."""
     return f"sqlite:///{(Path(runs_dir) / 'optuna.db').resolve()}"
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***."""
-    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The URL with every secret replaced by ***: the password of the user info (the user info ends at the LAST
+    '@' of the authority, so a user name or password holding '@' is masked whole) and query-string values whose
+    key names a secret (``?password=...``). Parsed with urllib, never pattern-matched; the rest stays as written."""
+    url = str(url)
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        url = url.replace(f"//{parts.netloc}", f"//{userinfo.partition(':')[0]}:***@{host}", 1)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if any(_is_secret(k) for k, _ in query):
+        masked = urllib.parse.urlencode([(k, "***" if _is_secret(k) else v) for k, v in query], safe="*")
+        url = url.replace(f"?{parts.query}", f"?{masked}", 1)
+    return url
 
 
-def open_storage(url: str | None = None, heartbeat: int | None = 10, grace: int | None = None) -> optuna.storages.RDBStorage:
+def _is_secret(key: str) -> bool:
+    return key.lower() in SECRET_QUERY_KEYS
+
+
+def _redact(text: str, url: str) -> str:
+    """``text`` (an error message) with the URL and each of its secrets (4 characters or more) masked."""
+    text = text.replace(url, mask_url(url))
+    parts = urllib.parse.urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    secrets = [userinfo.partition(":")[2]] + [v for k, v in urllib.parse.parse_qsl(parts.query) if _is_secret(k)]
+    for secret in secrets:
+        for form in {secret, urllib.parse.unquote(secret)}:
+            if len(form) >= 4:
+                text = text.replace(form, "***")
+    return text
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of an ``sqlite:///PATH`` URL (None for other back ends and in-memory databases)."""
+    if not url.startswith("sqlite") or ":///" not in url:
+        return None
+    path = url.split(":///", 1)[1].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def check_heartbeat(heartbeat: Any, grace: Any = None) -> None:
+    """ConfigError unless ``heartbeat`` is an integer >= 1 and ``grace`` (if given) an integer > heartbeat: without
+    heartbeats a killed worker's trial stays RUNNING for ever and every worker waiting for it hangs."""
+    if isinstance(heartbeat, bool) or not isinstance(heartbeat, int) or heartbeat < 1:
+        raise ConfigError(f"heartbeat = {heartbeat!r}: expected an integer >= 1 (seconds between a running trial's heartbeats; "
+                          "without them a killed worker's trial would never be failed and the sweep would hang)")
+    if grace is not None and (isinstance(grace, bool) or not isinstance(grace, int) or grace <= heartbeat):
+        raise ConfigError(f"grace = {grace!r}: expected an integer > heartbeat = {heartbeat} (seconds without a heartbeat before "
+                          "a trial counts as dead)")
+
+
+class StorageLock:
+    """One exclusive lock per storage, shared by every process that uses it, for short critical sections:
+    creating the schema and the study, and claiming the next trial (so that workers never start more trials
+    than asked). SQLite: ``flock`` on ``<database>.lock`` beside the file (one machine); PostgreSQL: a session
+    advisory lock (any machine). Either is released by the system when its holder dies. Other back ends: no
+    lock. ``acquire``/``release`` pair up; ``release`` of a lock not held does nothing."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._fd: int | None = None
+        self._conn = None
+        self._engine = None
+
+    def acquire(self) -> None:
+        path = sqlite_path(self.url)
+        if path is not None and self._fd is None:
+            import fcntl
+
+            fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._fd = fd
+        elif self.url.startswith("postgresql") and self._conn is None:
+            import sqlalchemy
+
+            if self._engine is None:
+                self._engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10})
+            conn = self._engine.connect()
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": LOCK_KEY})
+            self._conn = conn
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the descriptor releases the flock
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()  # ends the session: the advisory lock goes with it
+
+    def __enter__(self) -> StorageLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def storage_errors(url: str):
+    """Turn database errors into one-line ConfigErrors naming the (masked) storage: a corrupt SQLite file says so."""
+    import sqlalchemy
+
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError, OSError, RuntimeError) as e:
+        cause = e.__cause__ or e  # sqlalchemy and the drivers raise many kinds (OperationalError, DatabaseError, ArgumentError, ...)
+        msg = _redact(str(cause).strip().splitlines()[0] if str(cause).strip() else "", url)
+        path = sqlite_path(url)
+        if path is not None and any(w in msg for w in ("file is not a database", "malformed", "disk image")):
+            raise ConfigError(f"storage = {mask_url(url)!r}: {path} is not a valid SQLite database ({msg}); move it away or give "
+                              "another --storage") from None
+        raise ConfigError(f"storage = {mask_url(url)!r}: cannot open the study storage ({type(cause).__name__}: {msg})") from None
+
+
+class _Storage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage whose stale trials also include RUNNING trials that never recorded a heartbeat and
+    started more than the grace period ago: their worker died between creating the trial and its first
+    heartbeat, or ran without heartbeats. Optuna skips those, so they would stay RUNNING and hang the sweep."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        return stale + [t for t in self._silent_trial_ids(study_id) if t not in stale]
+
+    def _silent_trial_ids(self, study_id: int) -> list[int]:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        grace = timedelta(seconds=self.grace_period or 2 * self.heartbeat_interval)
+        now = datetime.now()  # optuna's datetime_start: local time, naive
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        old = [t._trial_id for t in running if t.datetime_start is not None and now - t.datetime_start > grace]
+        if not old:
+            return []
+        beat = models.TrialHeartbeatModel
+        with _create_scoped_session(self.scoped_session) as session:
+            beating = {tid for (tid,) in session.query(beat.trial_id).filter(beat.trial_id.in_(old))}
+        return [t for t in old if t not in beating]
+
+
+def open_storage(url: str | None = None, heartbeat: int | None = 10, grace: int | None = None, create: bool = True) -> optuna.storages.RDBStorage:
     """Open (and create the tables of) the study storage at ``url`` (default: :func:`default_storage_url`).
 
-    ``heartbeat``: seconds between a running trial's heartbeats (None: off); ``grace``: seconds without a
-    heartbeat after which a running trial counts as dead (default 3 heartbeats). A dead trial is failed and
-    re-queued once with the same parameters. ConfigError names the (password-masked) URL on failure."""
+    ``heartbeat``: seconds between a running trial's heartbeats (None: off, for readers only); ``grace``: seconds
+    without a heartbeat after which a running trial counts as dead (default 3 heartbeats). A dead trial is failed
+    and re-queued once with the same parameters. ``create=False``: an SQLite file must exist already (nothing is
+    created otherwise). The schema is created under the :class:`StorageLock`, so processes starting together on a
+    new database do not race. ConfigError names the (password-masked) URL on failure."""
     url = url or default_storage_url()
     if not isinstance(url, str) or not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", url):
-        raise ConfigError(f"storage = {url!r}: expected an SQLAlchemy URL such as sqlite:///runs/optuna.db "
+        shown = mask_url(url) if isinstance(url, str) else url
+        raise ConfigError(f"storage = {shown!r}: expected an SQLAlchemy URL such as sqlite:///runs/optuna.db "
                           "or postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB")
+    if urllib.parse.urlsplit(url).netloc.count("@") > 1:
+        raise ConfigError(f"storage = {mask_url(url)!r}: the user name or password holds an unencoded '@'; write it as %40")
+    if heartbeat is not None:
+        check_heartbeat(heartbeat, grace)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    path = sqlite_path(url)
+    if path is not None:
+        if not create and not path.is_file():
+            raise ConfigError(f"storage = {mask_url(url)!r}: {path} does not exist, so there is no study to join (nothing was created); "
+                              "create the study first with `workbench sweep` without --join, or check --storage")
+        path.parent.mkdir(parents=True, exist_ok=True)
     if url.startswith("sqlite"):
-        path = url.split(":///", 1)[1] if ":///" in url else ""
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": 60}  # wait for the file lock instead of failing at once
     elif url.startswith("postgresql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
@@ -287,13 +447,9 @@ def open_storage(url: str | None = None, heartbeat: int | None = 10, grace: int 
             kwargs["heartbeat_stale_trial_callback"] = retry(max_retry=1)
         else:  # optuna < 4.9
             kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except Exception as e:  # sqlalchemy raises many kinds (OperationalError, ArgumentError, NoSuchModuleError)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ConfigError(f"storage = {mask_url(url)!r}: cannot open the study storage ({type(e).__name__}: {mask_url(msg)})") from e
+    with storage_errors(url), StorageLock(url), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _Storage(url, engine_kwargs=engine_kwargs, **kwargs)
 
 
 def _pruner(settings: dict) -> optuna.pruners.BasePruner:
@@ -314,13 +470,14 @@ def create_study(space: SearchSpace, storage: str | None = None, study: str = DE
         raise ConfigError(f"pruner_startup = {pruner_startup!r}: expected an integer >= 0")
     settings = {"pruner": pruner, "startup": pruner_startup}
     st = open_storage(storage)
-    s = optuna.create_study(study_name=study, storage=st, direction="minimize", load_if_exists=True, pruner=_pruner(settings))
-    want = space.to_dict()
-    have = s.user_attrs.get("space")
-    if have is None:
-        s.set_user_attr("space", want)
-        s.set_user_attr("pruner", settings)
-    elif json.dumps(have, sort_keys=True) != json.dumps(want, sort_keys=True) or s.user_attrs.get("pruner") != settings:
+    with storage_errors(st.url), StorageLock(st.url):  # processes creating the same study together see one creation
+        s = optuna.create_study(study_name=study, storage=st, direction="minimize", load_if_exists=True, pruner=_pruner(settings))
+        want = space.to_dict()
+        have = s.user_attrs.get("space")
+        if have is None:
+            s.set_user_attr("space", want)
+            s.set_user_attr("pruner", settings)
+    if have is not None and (json.dumps(have, sort_keys=True) != json.dumps(want, sort_keys=True) or s.user_attrs.get("pruner") != settings):
         raise ConfigError(f"study = {study!r} already exists in {mask_url(st.url)!r} with a different search space, base config "
                           "or pruner; resume it with the same command, or choose a new --study name")
     return s
@@ -335,12 +492,14 @@ def study_space(study: optuna.Study) -> tuple[SearchSpace, dict]:
 
 def load_study(storage: str | None = None, study: str = DEFAULT_STUDY, heartbeat: int | None = 10, grace: int | None = None,
                sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
-    """Load an existing study, with the pruner it was created with. ConfigError when there is none."""
-    st = open_storage(storage, heartbeat, grace)
-    names = [s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)]
-    if study not in names:
-        raise ConfigError(f"study = {study!r} not found in {mask_url(st.url)!r}; existing: {', '.join(names) or 'none'}")
-    s = optuna.load_study(study_name=study, storage=st, sampler=sampler)
+    """Load an existing study, with the pruner it was created with. ConfigError when there is none (a missing
+    SQLite file is not created)."""
+    st = open_storage(storage, heartbeat, grace, create=False)
+    with storage_errors(st.url):
+        names = [s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)]
+        if study not in names:
+            raise ConfigError(f"study = {study!r} not found in {mask_url(st.url)!r}; existing: {', '.join(names) or 'none'}")
+        s = optuna.load_study(study_name=study, storage=st, sampler=sampler)
     _, settings = study_space(s)
     s.pruner = _pruner(settings)
     return s
@@ -431,18 +590,24 @@ def run_worker(storage: str | None = None, study: str = DEFAULT_STUDY, trials: i
     """Run trials of an existing study until it holds ``trials`` done trials (see :func:`progress_counts`).
 
     ``objective(trial, cfg) -> float`` defaults to :func:`train_objective`. Returns the trial numbers this
-    worker ran. Waits (polling once per heartbeat) while the remaining trials are running elsewhere, so
-    that a dead worker's trial, once failed by its stale heartbeat, is re-run here."""
+    worker ran. Waits (polling every half heartbeat) while the remaining trials are running elsewhere, so that a
+    dead worker's trial, once failed by its stale (or missing) heartbeat, is re-run here. Counting the trials and
+    creating the next one happen under the storage's :class:`StorageLock`, so workers together never start more
+    than ``trials``."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"trials = {trials!r}: expected an integer >= 1")
-    s = load_study(storage, study, heartbeat, grace, sampler=optuna.samplers.TPESampler(seed=seed + 1000 * worker, n_startup_trials=4))
+    check_heartbeat(heartbeat, grace)
+    url = storage or default_storage_url()
+    s = load_study(url, study, heartbeat, grace, sampler=optuna.samplers.TPESampler(seed=seed + 1000 * worker, n_startup_trials=4))
     space, _ = study_space(s)
     trial_data = TrialData()  # scenes shared by this worker's trials
     objective = objective or (lambda trial, cfg: train_objective(trial, cfg, data=trial_data))
     host = f"{socket.gethostname()}:{os.getpid()}"
     ran: list[int] = []
+    claim = StorageLock(url)
 
     def func(trial: optuna.Trial) -> float:
+        claim.release()  # the trial exists (RUNNING): other workers count it from now on
         trial.set_user_attr("worker", {"index": worker, "host": host})
         cfg = space.config(space.suggest(trial))
         try:
@@ -459,30 +624,46 @@ def run_worker(storage: str | None = None, study: str = DEFAULT_STUDY, trials: i
             what = f"{t.value:.5g}" if t.state == TrialState.COMPLETE else t.user_attrs.get("pruned_reason") or t.user_attrs.get("error", "")
             print(f"[worker {worker}] trial {t.number} {t.state.name.lower()} {what}", flush=True)
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), storage_errors(claim.url):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         while True:
-            optuna.storages.fail_stale_trials(s)
-            c = progress_counts(s)
-            if c["done"] >= trials:
-                break
-            if c["done"] + c["running"] >= trials:  # the rest run elsewhere: wait, they may die
-                time.sleep(max(1, heartbeat // 2))
-                continue
-            s.optimize(func, n_trials=1, catch=(Exception,), callbacks=[log], gc_after_trial=False)
+            claim.acquire()
+            try:
+                step = _next_step(s, trials)
+                if step == "done":
+                    break
+                if step == "wait":  # the rest run elsewhere: wait, they may die
+                    claim.release()
+                    time.sleep(max(1, heartbeat // 2))
+                    continue
+                s.optimize(func, n_trials=1, catch=(Exception,), callbacks=[log], gc_after_trial=False)
+            finally:
+                claim.release()
     return ran
+
+
+def _next_step(study: optuna.Study, trials: int) -> str:
+    """"done" (the study holds ``trials`` done trials), "wait" (the rest are running elsewhere) or "run"."""
+    optuna.storages.fail_stale_trials(study)
+    c = progress_counts(study)
+    if c["done"] >= trials:
+        return "done"
+    return "wait" if c["done"] + c["running"] >= trials else "run"
 
 
 def spawn_worker(storage: str, study: str, trials: int, *, worker: int = 0, seed: int = 0, heartbeat: int = 10,
                  grace: int | None = None, threads: int | None = None, **popen_kwargs) -> subprocess.Popen:
-    """Start ``workbench sweep --join`` as a child process (same interpreter); returns the Popen."""
-    cmd = [sys.executable, "-m", "workbench.cli", "sweep", "--join", "--storage", storage, "--study", study,
+    """Start ``workbench sweep --join`` as a child process (same interpreter); returns the Popen. The storage URL
+    goes through the environment (:data:`STORAGE_ENV`), never the command line, where ``ps`` would show a password."""
+    check_heartbeat(heartbeat, grace)
+    cmd = [sys.executable, "-m", "workbench.cli", "sweep", "--join", "--study", study,
            "--trials", str(trials), "--worker-index", str(worker), "--seed", str(seed), "--heartbeat", str(heartbeat)]
     if grace:
         cmd += ["--grace", str(grace)]
     if threads:
         cmd += ["--threads", str(threads)]
-    return subprocess.Popen(cmd, **popen_kwargs)
+    env = {**(popen_kwargs.pop("env", None) or os.environ), STORAGE_ENV: storage}
+    return subprocess.Popen(cmd, env=env, **popen_kwargs)
 
 
 def run_sweep(space: str | os.PathLike | dict | SearchSpace | None = None, *, trials: int = 8, epochs: int = 2, n_train: int = 256,
@@ -503,10 +684,12 @@ def run_sweep(space: str | os.PathLike | dict | SearchSpace | None = None, *, tr
         space = load_space(space, preset_name, {"train.epochs": epochs, "train.n_train": n_train, "train.n_val": n_val, **(overrides or {})})
     for item in enqueue or []:
         space.check_point(item, "enqueue")
+    check_heartbeat(heartbeat, grace)
     url = storage or default_storage_url()
     s = create_study(space, url, study, pruner, pruner_startup)
-    for item in enqueue or []:
-        s.enqueue_trial(item, skip_if_exists=True)
+    with storage_errors(url), StorageLock(url):
+        for item in enqueue or []:
+            s.enqueue_trial(item, skip_if_exists=True)
     if workers == 1:
         run_worker(url, study, trials, worker=0, seed=seed, heartbeat=heartbeat, grace=grace, verbose=verbose)
     else:
@@ -553,19 +736,38 @@ def register_cli(sub) -> None:
     p.add_argument("--n-val", type=int, default=64)
     p.add_argument("--study", default=DEFAULT_STUDY)
     p.add_argument("--space", help="search-space file (JSON, or YAML); default: the built-in space over every fix knob")
-    p.add_argument("--storage", help="SQLAlchemy URL; default sqlite:///runs/optuna.db; postgresql+psycopg2://... to share across machines")
+    p.add_argument("--storage", help=f"SQLAlchemy URL (default: ${STORAGE_ENV}, else sqlite:///runs/optuna.db); postgresql+psycopg2://... "
+                   f"to share across machines. A URL with a password is better passed in ${STORAGE_ENV}: a command line is visible to ps")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
-    p.add_argument("--preset", default="recommended", help="base config (a space file's 'preset' wins)")
+    p.add_argument("--preset", default="recommended", choices=PRESETS, metavar="PRESET",
+                   help=f"base config, one of {', '.join(PRESETS)} (default recommended; a space file's 'preset' wins)")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="fixed override of the base config")
     p.add_argument("--pruner", choices=PRUNERS, default="median")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--heartbeat", type=int, default=10, help="seconds between trial heartbeats; a trial silent for 3 of them is re-run")
-    p.add_argument("--grace", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--heartbeat", type=_seconds("--heartbeat"), default=10,
+                   help="seconds (>= 1) between trial heartbeats; a trial silent for 3 of them is failed and re-run")
+    p.add_argument("--grace", type=_seconds("--grace"), help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, help="torch threads in this process")
     p.add_argument("--join", action="store_true", help="run one worker on an existing study (no creation)")
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", help="write the study summary here")
     p.set_defaults(func=_cli_sweep)
+
+
+def _seconds(flag: str) -> Callable[[str], int]:
+    """An argparse type: a whole number of seconds >= 1; anything else is refused, naming ``flag``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} = {text!r}: expected a whole number of seconds >= 1 "
+                                             "(0 or less would let a killed worker's trial hang the sweep)")
+        return value
+
+    return parse
 
 
 def _cli_sweep(args) -> int:
@@ -577,7 +779,7 @@ def _cli_sweep(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    url = args.storage or default_storage_url()
+    url = args.storage or os.environ.get(STORAGE_ENV) or default_storage_url()
     if args.join:
         run_worker(url, args.study, args.trials, worker=args.worker_index, seed=args.seed, heartbeat=args.heartbeat, grace=args.grace)
         return 0

@@ -1,28 +1,46 @@
-"""The training loop, its history, checkpoints, and the seed note's four checks (``verify``).
+"""The training loop, its history, checkpoints, run folders, and the seed note's four checks (``verify``).
 
 Every batch is a step. The learning-rate schedule is stepped at the granularity it is defined with
 (``cosine_per_step``: every batch; ``step_per_epoch``: every epoch). Gradients are clipped. A step whose
 gradient is non-finite is skipped, counted and its NaN provenance recorded; a mixed-precision scaler's
 own skipped steps (float16 overflow on CUDA) are counted separately as ``skipped_scaler``, not as NaN.
-No non-finite value is ever written into the weights: a step that would do so is rolled back.
+No non-finite value is ever written into the weights: a step that would do so is rolled back. Scenes with a
+non-finite input (y, H, ...) or an invalid source count never reach a step: :func:`fit` refuses the data first,
+naming the split and the scene index (:func:`workbench.data.check_scenes`).
+
+Run folders (``workbench train --out DIR``). After every epoch the whole resumable state (weights, optimiser,
+scheduler, scaler, epoch counter, RNG states, history, provenance) is written as ``checkpoint.pt`` together with
+``history.json`` into a fresh folder ``DIR/.epoch-*``; the symbolic link ``DIR/state`` is then switched to it
+with one atomic rename, and ``DIR/history.json`` and ``DIR/checkpoint.pt`` are links through ``state``. So the two
+files always describe the same epoch of the same run, whenever the process is killed. ``--resume DIR``
+continues from it and, with the configuration unchanged, ends exactly where an uninterrupted run would.
+Checkpoints are verified on load: a different system or model config, another architecture, missing keys or
+non-finite weights raise :class:`~workbench.config.ConfigError` naming the checkpoint and what differs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError, ExperimentConfig, preset, resolve_device
+from .config import PRESETS, ConfigError, ExperimentConfig, parse_overrides, preset, resolve_device
 from .covariance import nmse, rsamp_for
+from .data import check_scenes
 from .diagnostics import group_norms, provenance
-from .io import atomic_torch_save, atomic_write_json
+from .io import atomic_torch_save, atomic_write_json, fsync_dir
 from .losses import TERMS, compute_losses, term_weights
 from .model import CovarianceNet, build_model
 from .physics import SceneBatch, simulate
@@ -70,12 +88,18 @@ class TrainingData:
         return moved
 
     @torch.no_grad()
-    def rsamp(self, split: str, cfg: ExperimentConfig, chunk: int = 256) -> torch.Tensor:
-        """R_samp [n,N,N] of the ``split`` ("train" | "val") scenes under ``cfg.fixes``, computed in chunks once."""
+    def rsamp(self, split: str, cfg: ExperimentConfig, chunk: int = 64, progress: bool = False) -> torch.Tensor:
+        """R_samp [n,N,N] of the ``split`` ("train" | "val") scenes under ``cfg.fixes``, computed in chunks once
+        (with a progress bar over the scenes when ``progress``: the beamscan estimator takes seconds per chunk)."""
         key = (split, cfg.fixes.rsamp_estimator, cfg.fixes.rsamp_normalise, cfg.system.to_json())
         if key not in self._rsamp:
             data = getattr(self, split)
-            self._rsamp[key] = torch.cat([rsamp_for(data[s:s + chunk], cfg.fixes, cfg.system) for s in range(0, len(data), chunk)])
+            parts = []
+            with tqdm(total=len(data), disable=not progress, desc=f"R_samp {split} ({cfg.fixes.rsamp_estimator})", unit="scene") as bar:
+                for s in range(0, len(data), chunk):
+                    parts.append(rsamp_for(data[s:s + chunk], cfg.fixes, cfg.system))
+                    bar.update(len(parts[-1]))
+            self._rsamp[key] = torch.cat(parts)
         return self._rsamp[key]
 
 
@@ -109,161 +133,368 @@ def evaluate(model: CovarianceNet, data: SceneBatch, R_samp: torch.Tensor, cfg: 
 
 
 def fit(cfg: ExperimentConfig, data: TrainingData | None = None, on_epoch: Callable[[dict], bool | None] | None = None,
-        progress: bool = True, model: CovarianceNet | None = None) -> TrainResult:
+        progress: bool = True, model: CovarianceNet | None = None, run_dir: str | os.PathLike | None = None,
+        resume: bool = False) -> TrainResult:
     """Train under ``cfg`` on ``data`` (default: :meth:`TrainingData.simulate` of ``cfg``). ``on_epoch(record)``
-    runs after every epoch; returning True stops (pruning).
+    runs after every epoch; returning True stops (pruning). ``run_dir``: write the run folder (module docstring)
+    after every epoch, checked for writability before anything else; ``resume``: continue the run saved there
+    (its system and model config must equal ``cfg``'s). Every scene is checked first (:func:`check_scenes`).
 
     History records: epoch, train_loss, terms (epoch means), val_loss, val_terms, val_nmse (unweighted
     NMSE of R_pred), grad_norm per group (mean over applied steps), param_change (L2 norm of the
     epoch's weight change), lr, steps, skipped_nonfinite, skipped_scaler, seconds."""
     t = cfg.train
+    run = RunFolder(run_dir) if run_dir is not None else None
+    if resume and run is None:
+        raise ConfigError("resume: give the run folder to resume (run_dir)")
+    saved = run.read() if resume else None
+    if run is not None:
+        run.check_writable()
+    if saved is not None:
+        check_same_run(ExperimentConfig.from_json(saved["config"]), cfg, f"run '{run.path}'")
     device = resolve_device(t.device)
     data = (TrainingData.simulate(cfg, device) if data is None else data).to(device)
-    train_data, val_data = data.train, data.val
-    Rs_train, Rs_val = data.rsamp("train", cfg), data.rsamp("val", cfg)
-    model = build_model(cfg.system, cfg.model, device, seed=t.seed) if model is None else model.to(device)
-    groups = model.groups()
-    params = [p for ps in groups.values() for p in ps]
-    weights = term_weights(cfg)
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    n = len(train_data)
-    steps_per_epoch = math.ceil(n / t.batch_size)
-    sched, granularity = _schedule(opt, cfg, steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda", enabled=t.amp and device.type == "cuda")
-    gen = torch.Generator().manual_seed(t.seed)
-    history: list[dict] = []
-    prov: list[dict] = []
-    step = 0
-    bar = tqdm(total=t.epochs * steps_per_epoch, disable=not progress, desc="train", unit="step")
-    for epoch in range(t.epochs):
+    check_scenes(data.train, cfg.system, "training scenes (train split)")
+    check_scenes(data.val, cfg.system, "training scenes (val split)")
+    Rs_train, Rs_val = data.rsamp("train", cfg, progress=progress), data.rsamp("val", cfg, progress=progress)
+    steps_per_epoch = math.ceil(len(data.train) / t.batch_size)
+    loop = _Loop(cfg, device, model, steps_per_epoch)
+    if saved is not None:
+        loop.restore(saved, f"checkpoint '{run.checkpoint}'")
+    bar = tqdm(total=max(0, t.epochs - loop.epoch) * steps_per_epoch, disable=not progress, desc="train", unit="step")
+    while loop.epoch < t.epochs:
         t0 = time.perf_counter()
-        start = [p.detach().clone() for p in params]
-        term_sums = dict.fromkeys(["total", *TERMS], 0.0)
-        gsum = dict.fromkeys(groups, 0.0)
-        applied = skipped_nonfinite = skipped_scaler = 0
-        for idx in torch.randperm(n, generator=gen).split(t.batch_size):
-            idx = idx.to(device)
-            b = train_data[idx]
-            out = model(b.y, b.H, b.codes, R_samp=Rs_train[idx], amp=t.amp)
-            losses, _ = compute_losses(out, b, Rs_train[idx], cfg)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(losses["total"]).backward()
-            scaler.unscale_(opt)
-            norms = group_norms([p.grad for p in params], params, groups)
-            finite = math.isfinite(float(losses["total"].detach())) and all(math.isfinite(v) for v in norms.values())
-            step += 1
-            bar.update()
-            if not finite and scaler.is_enabled():
-                scaler.step(opt)  # the scaler sees the inf, skips the step and lowers its scale
-                scaler.update()
-                skipped_scaler += 1
-                continue
-            if not finite:
-                skipped_nonfinite += 1
-                out = model(b.y, b.H, b.codes, R_samp=Rs_train[idx], amp=t.amp)  # recompute the graph to trace the NaN's origin
-                records = provenance(compute_losses(out, b, Rs_train[idx], cfg)[0], model, weights)
-                prov.extend({"epoch": epoch, "step": step, **r} for r in records or [{"term": "total", "op": "unknown", "groups": []}])
-                opt.zero_grad(set_to_none=True)
-                continue
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            before = [p.detach().clone() for p in params]
-            scaler.step(opt)
-            scaler.update()
-            if not all(bool(torch.isfinite(p).all()) for p in params):  # never keep a non-finite weight
-                with torch.no_grad():
-                    for p, old in zip(params, before):
-                        p.copy_(old)
-                skipped_nonfinite += 1
-                prov.append({"epoch": epoch, "step": step, "term": "total", "op": "optimizer_step", "groups": list(groups)})
-                continue
-            applied += 1
-            for k in term_sums:
-                term_sums[k] += float(losses[k].detach())
-            for g, v in norms.items():
-                gsum[g] += v
-            if granularity == "step":
-                sched.step()
-        if granularity == "epoch":
-            sched.step()
-        with torch.no_grad():
-            change = float(torch.stack([(p - s).abs().pow(2).sum() for p, s in zip(params, start)]).sum().sqrt())
-        record = {
-            "epoch": epoch,
-            "train_loss": term_sums["total"] / applied if applied else float("nan"),
-            "terms": {k: term_sums[k] / applied if applied else float("nan") for k in TERMS},
-            **evaluate(model, val_data, Rs_val, cfg),
-            "grad_norm": {g: v / applied if applied else float("nan") for g, v in gsum.items()},
-            "param_change": change,
-            "lr": opt.param_groups[0]["lr"],
-            "steps": applied + skipped_nonfinite + skipped_scaler,
-            "skipped_nonfinite": skipped_nonfinite,
-            "skipped_scaler": skipped_scaler,
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(record)
+        record = _train_epoch(loop, cfg, data.train, Rs_train, bar)
+        record = _ordered({**record, **evaluate(loop.model, data.val, Rs_val, cfg), "seconds": time.perf_counter() - t0})
+        loop.history.append(record)
+        loop.epoch += 1
+        if run is not None:
+            run.write(loop.payload(cfg), {"config": cfg.to_dict(), "epoch": loop.epoch, "history": loop.history, "provenance": loop.prov})
         bar.set_postfix(loss=f"{record['train_loss']:.4g}", val_nmse=f"{record['val_nmse']:.4g}")
         if on_epoch is not None and on_epoch(record):
             break
     bar.close()
-    return TrainResult(history=history, provenance=prov, model=model, config=cfg)
+    return TrainResult(history=loop.history, provenance=loop.prov, model=loop.model, config=cfg)
+
+
+RECORD_ORDER = ("epoch", "train_loss", "terms", "val_loss", "val_terms", "val_nmse", "grad_norm", "param_change", "lr", "steps",
+                "skipped_nonfinite", "skipped_scaler", "seconds")
+
+
+def _ordered(record: dict) -> dict:
+    return {k: record[k] for k in RECORD_ORDER}
+
+
+class _Loop:
+    """The mutable state of a training run: everything a checkpoint holds and a resume restores."""
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device, model: CovarianceNet | None, steps_per_epoch: int):
+        t = cfg.train
+        self.device = device
+        self.model = build_model(cfg.system, cfg.model, device, seed=t.seed) if model is None else model.to(device)
+        self.groups = self.model.groups()
+        self.params = [p for ps in self.groups.values() for p in ps]
+        self.weights = term_weights(cfg)
+        self.opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
+        self.sched, self.granularity = _schedule(self.opt, cfg, steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp and device.type == "cuda")
+        self.gen = torch.Generator().manual_seed(t.seed)
+        self.history: list[dict] = []
+        self.prov: list[dict] = []
+        self.step = 0
+        self.epoch = 0  # completed epochs
+
+    def payload(self, cfg: ExperimentConfig) -> dict:
+        """The checkpoint: config, counters, weights, optimiser/scheduler/scaler states, RNG states, history."""
+        rng = {"torch": torch.get_rng_state(), "permutation": self.gen.get_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"format": CHECKPOINT_FORMAT, "config": cfg.to_json(), "epoch": self.epoch, "step": self.step,
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict() if self.sched is not None else None, "scaler": self.scaler.state_dict(),
+                "rng": rng, "history": json.dumps(self.history), "provenance": json.dumps(self.prov)}
+
+    def restore(self, payload: dict, where: str) -> None:
+        """Continue from ``payload`` (a checkpoint of this run, :func:`check_same_run` already passed)."""
+        missing = [k for k in ("optimizer", "rng", "epoch", "step") if k not in payload]
+        if missing:
+            raise ConfigError(f"{where}: not resumable (no {', '.join(missing)}: a weights-only checkpoint)")
+        load_weights(self.model, payload["model"], where)
+        try:
+            self.opt.load_state_dict(payload["optimizer"])
+            if self.sched is not None and payload.get("scheduler") is not None:
+                self.sched.load_state_dict(payload["scheduler"])
+            self.scaler.load_state_dict(payload["scaler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ConfigError(f"{where}: the optimiser or scheduler state does not fit this run ({type(e).__name__}: {e})") from None
+        torch.set_rng_state(payload["rng"]["torch"])
+        self.gen.set_state(payload["rng"]["permutation"])
+        if "cuda" in payload["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        self.epoch, self.step = int(payload["epoch"]), int(payload["step"])
+        self.history, self.prov = json.loads(payload["history"]), json.loads(payload["provenance"])
+
+
+def _train_epoch(loop: _Loop, cfg: ExperimentConfig, train_data: SceneBatch, Rs_train: torch.Tensor, bar) -> dict:
+    """One pass over the training scenes in a seeded random order; the epoch's record without validation and time."""
+    t, params, groups = cfg.train, loop.params, loop.groups
+    start = [p.detach().clone() for p in params]
+    term_sums = dict.fromkeys(["total", *TERMS], 0.0)
+    gsum = dict.fromkeys(groups, 0.0)
+    counts = {"applied": 0, "nonfinite": 0, "scaler": 0}
+    for idx in torch.randperm(len(train_data), generator=loop.gen).split(t.batch_size):
+        idx = idx.to(loop.device)
+        outcome, losses, norms = _train_step(loop, cfg, train_data[idx], Rs_train[idx])
+        bar.update()
+        counts[outcome] += 1
+        if outcome != "applied":
+            continue
+        for k in term_sums:
+            term_sums[k] += float(losses[k].detach())
+        for g, v in norms.items():
+            gsum[g] += v
+        if loop.granularity == "step":
+            loop.sched.step()
+    if loop.granularity == "epoch":
+        loop.sched.step()
+    with torch.no_grad():
+        change = float(torch.stack([(p - s).abs().pow(2).sum() for p, s in zip(params, start)]).sum().sqrt())
+    applied = counts["applied"]
+
+    def mean(v: float) -> float:
+        return v / applied if applied else float("nan")
+
+    return {"epoch": loop.epoch, "train_loss": mean(term_sums["total"]), "terms": {k: mean(term_sums[k]) for k in TERMS},
+            "grad_norm": {g: mean(v) for g, v in gsum.items()}, "param_change": change, "lr": loop.opt.param_groups[0]["lr"],
+            "steps": sum(counts.values()), "skipped_nonfinite": counts["nonfinite"], "skipped_scaler": counts["scaler"]}
+
+
+def _train_step(loop: _Loop, cfg: ExperimentConfig, b: SceneBatch, Rs: torch.Tensor) -> tuple[str, dict, dict]:
+    """One optimiser step on batch ``b``: ("applied" | "nonfinite" | "scaler", losses, gradient norms per group).
+    A non-finite loss or gradient skips the step and records its provenance; a step that would write a
+    non-finite weight is rolled back."""
+    t, model, params, opt, scaler = cfg.train, loop.model, loop.params, loop.opt, loop.scaler
+    out = model(b.y, b.H, b.codes, R_samp=Rs, amp=t.amp)
+    losses, _ = compute_losses(out, b, Rs, cfg)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(losses["total"]).backward()
+    scaler.unscale_(opt)
+    norms = group_norms([p.grad for p in params], params, loop.groups)
+    finite = math.isfinite(float(losses["total"].detach())) and all(math.isfinite(v) for v in norms.values())
+    loop.step += 1
+    if not finite and scaler.is_enabled():
+        scaler.step(opt)  # the scaler sees the inf, skips the step and lowers its scale
+        scaler.update()
+        return "scaler", losses, norms
+    if not finite:
+        out = model(b.y, b.H, b.codes, R_samp=Rs, amp=t.amp)  # recompute the graph to trace the NaN's origin
+        records = provenance(compute_losses(out, b, Rs, cfg)[0], model, loop.weights)
+        loop.prov.extend({"epoch": loop.epoch, "step": loop.step, **r} for r in records or [{"term": "total", "op": "unknown", "groups": []}])
+        opt.zero_grad(set_to_none=True)
+        return "nonfinite", losses, norms
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+    before = [p.detach().clone() for p in params]
+    scaler.step(opt)
+    scaler.update()
+    if not all(bool(torch.isfinite(p).all()) for p in params):  # never keep a non-finite weight
+        with torch.no_grad():
+            for p, old in zip(params, before):
+                p.copy_(old)
+        loop.prov.append({"epoch": loop.epoch, "step": loop.step, "term": "total", "op": "optimizer_step", "groups": list(loop.groups)})
+        return "nonfinite", losses, norms
+    return "applied", losses, norms
 
 
 # ---------------------------------------------------------------------------------------------
-def save_checkpoint(path: str | Path, result: TrainResult) -> Path:
-    """Atomic checkpoint: weights, config (JSON) and history (JSON); loadable with weights_only=True."""
-    payload = {
-        "model": result.model.state_dict(),
-        "config": result.config.to_json(),
-        "history": json.dumps(result.history),
-        "provenance": json.dumps(result.provenance),
-        "format": 1,
-    }
-    return atomic_torch_save(path, payload)
+# checkpoints and run folders
+CHECKPOINT_FORMAT = 2
+HISTORY_FILE = "history.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+STATE_LINK = "state"
 
 
-def load_checkpoint(path: str | Path, device="cpu") -> TrainResult:
-    path = Path(path)
+def check_same_run(saved: ExperimentConfig, cfg: ExperimentConfig, where: str) -> None:
+    """ConfigError unless ``cfg`` has the system and model config ``saved`` was trained with (naming each difference)."""
+    diffs = []
+    for section in ("system", "model"):
+        have, want = getattr(saved, section).to_dict(), getattr(cfg, section).to_dict()
+        diffs += [f"{section}.{k}: checkpoint {have[k]!r} != requested {want[k]!r}" for k in want if have.get(k) != want[k]]
+    if diffs:
+        raise ConfigError(f"{where} was trained with another system or model config ({'; '.join(diffs)}); "
+                          "resume with the run's own configuration, or start a new run in another folder")
+
+
+def load_weights(model: CovarianceNet, state: Any, where: str) -> None:
+    """Load ``state`` into ``model`` after checking it: the same parameter names and shapes, every value finite.
+    ConfigError naming the checkpoint and the offending keys otherwise (never a shape traceback)."""
+    if not isinstance(state, dict):
+        raise ConfigError(f"{where}: the weights are a {type(state).__name__}, not a state dict")
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own if k in state
+              and (not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"missing keys {_few(missing)}" if missing else "", f"unexpected keys {_few(unexpected)}" if unexpected else "",
+                 f"shape mismatch {_few(shapes)}" if shapes else ""]
+        raise ConfigError(f"{where}: the weights do not fit this model (another architecture or version?): "
+                          + "; ".join(p for p in parts if p))
+    bad = [k for k, v in state.items() if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConfigError(f"{where}: non-finite weights (NaN/inf) in {_few(bad)}; refusing to load them")
+    model.load_state_dict(state)
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _read_payload(path: Path) -> dict:
+    """A checkpoint file's payload with its config checked; ConfigError for a missing, truncated or foreign file."""
     if not path.is_file():
         raise ConfigError(f"checkpoint = {str(path)!r}: no such file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = ExperimentConfig.from_json(payload["config"])
+        ExperimentConfig.from_json(payload["config"])
     except ConfigError:
         raise
     except Exception as e:  # truncated or foreign files raise many different errors
         raise ConfigError(f"checkpoint = {str(path)!r}: not a readable workbench checkpoint ({type(e).__name__}: {e})") from e
+    if "model" not in payload:
+        raise ConfigError(f"checkpoint = {str(path)!r}: holds no weights (no 'model' entry)")
+    return payload
+
+
+def save_checkpoint(path: str | Path, result: TrainResult) -> Path:
+    """A standalone checkpoint of a finished run (weights, config, history; not resumable), written atomically;
+    loadable with weights_only=True. ``workbench train`` writes resumable ones into its run folder."""
+    payload = {"model": result.model.state_dict(), "config": result.config.to_json(), "history": json.dumps(result.history),
+               "provenance": json.dumps(result.provenance), "format": CHECKPOINT_FORMAT}
+    return atomic_torch_save(path, payload)
+
+
+def load_checkpoint(path: str | Path, device="cpu") -> TrainResult:
+    """A checkpoint file (standalone, or a run folder's ``checkpoint.pt``) as a TrainResult, after the checks of
+    :func:`load_weights`."""
+    path = Path(path)
+    payload = _read_payload(path)
+    cfg = ExperimentConfig.from_json(payload["config"])
     model = build_model(cfg.system, cfg.model)
-    model.load_state_dict(payload["model"])
+    load_weights(model, payload["model"], f"checkpoint = {str(path)!r}")
     return TrainResult(history=json.loads(payload["history"]), provenance=json.loads(payload["provenance"]),
                        model=model.to(resolve_device(device) if isinstance(device, str) else device), config=cfg)
+
+
+def check_out_folder(path: Path) -> None:
+    """ConfigError unless ``path`` is a folder (created if missing) in which a file can be written: checked before
+    any training, so a bad ``--out`` never costs a run."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out = '{path}' is a file, not a folder: give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"--out = '{path}' is not a writable folder ({type(e).__name__}: {e.strerror or e})") from None
+
+
+class RunFolder:
+    """A training run folder (module docstring): ``checkpoint.pt`` and ``history.json`` switched together."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / STATE_LINK / CHECKPOINT_FILE
+
+    def check_writable(self) -> None:
+        """ConfigError unless the folder exists or can be created, accepts files, and is not an older layout."""
+        p = self.path
+        check_out_folder(p)
+        for name in (HISTORY_FILE, CHECKPOINT_FILE):
+            if (p / name).exists() and not (p / name).is_symlink():
+                raise ConfigError(f"--out = '{p}' holds a {name} of an older workbench (a plain file, not a run folder of this "
+                                  "version); give another --out or move the old files away")
+
+    def read(self) -> dict:
+        """The checkpoint payload of the last complete epoch; ConfigError if the folder holds none."""
+        if not self.checkpoint.is_file():
+            raise ConfigError(f"--resume '{self.path}': no run to resume ({STATE_LINK}/{CHECKPOINT_FILE} is missing)")
+        return _read_payload(self.checkpoint)
+
+    def config(self) -> ExperimentConfig:
+        return ExperimentConfig.from_json(self.read()["config"])
+
+    def write(self, payload: dict, history: dict) -> None:
+        """Write the epoch's checkpoint and history into a fresh folder, then switch ``state`` to it (atomic)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._clean()
+        folder = Path(tempfile.mkdtemp(prefix=f".epoch-{payload['epoch']:05d}-", dir=self.path))
+        atomic_torch_save(folder / CHECKPOINT_FILE, payload)
+        atomic_write_json(folder / HISTORY_FILE, history)
+        os.chmod(folder, 0o755)  # mkdtemp makes it private
+        for name in (HISTORY_FILE, CHECKPOINT_FILE):
+            _symlink(self.path / name, f"{STATE_LINK}/{name}")  # once per folder; dangling until the first switch
+        _symlink(self.path / STATE_LINK, folder.name)  # the switch
+        self._clean()
+
+    def _clean(self) -> None:
+        """Remove epoch folders that ``state`` does not point to (the previous epoch's, or a killed write's)."""
+        link = self.path / STATE_LINK
+        current = os.readlink(link) if link.is_symlink() else None
+        for p in self.path.glob(".epoch-*"):
+            if p.name != current and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.path.glob(".link.*.tmp"):
+            p.unlink(missing_ok=True)
+
+
+def _symlink(path: Path, target: str) -> None:
+    """Make ``path`` a symbolic link to ``target`` with one atomic rename (nothing to do when it already is)."""
+    if path.is_symlink() and os.readlink(path) == target:
+        return
+    tmp = path.parent / f".link.{uuid.uuid4().hex}.tmp"
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------
 LOSS_RANGE = (0.0, 1e4)  # "loss finite and in range": the seed note expected ~1e3 on its own scale
 
 
+def _finite(x) -> bool:
+    """A finite number (None, as strict JSON writes a non-finite one, is not)."""
+    return x is not None and math.isfinite(x)
+
+
 def checks(history: list[dict], provenance_records: list[dict] | None = None, loss_range=LOSS_RANGE) -> list[dict]:
     """The seed note's four checks on a training history, each {"name", "passed", "detail"}."""
     losses = [h["train_loss"] for h in history]
-    finite = all(math.isfinite(x) for x in losses)
+    finite = all(_finite(x) for x in losses)
     in_range = finite and all(loss_range[0] <= x <= loss_range[1] for x in losses)
     skipped = sum(h["skipped_nonfinite"] for h in history)
-    gfinite = skipped == 0 and all(math.isfinite(v) for h in history for v in h["grad_norm"].values())
-    drops = [b < a for a, b in zip(losses, losses[1:])]
+    gfinite = skipped == 0 and all(_finite(v) for h in history for v in h["grad_norm"].values())
+    drops = [finite and b < a for a, b in zip(losses, losses[1:])]
     decreasing = finite and len(losses) >= 2 and losses[-1] < losses[0] and sum(drops) >= len(drops) / 2
     changes = [h["param_change"] for h in history]
     ops = sorted({f"{p['term']}:{p['op']}" for p in provenance_records or []})
     return [
         {"name": "loss finite and in range", "passed": in_range,
-         "detail": f"train loss per epoch {', '.join(f'{x:.4g}' for x in losses)}; range {loss_range}"},
+         "detail": f"train loss per epoch {', '.join(_fmt(x) for x in losses)}; range {loss_range}"},
         {"name": "gradients finite", "passed": gfinite,
          "detail": f"{skipped} non-finite steps skipped" + (f" (from {', '.join(ops)})" if ops else "")},
         {"name": "training loss decreasing", "passed": decreasing,
-         "detail": f"first {losses[0]:.4g} -> last {losses[-1]:.4g}; fell in {sum(drops)}/{len(drops)} epoch steps"},
-        {"name": "weights changing", "passed": bool(changes) and all(c > 0 and math.isfinite(c) for c in changes),
-         "detail": "parameter change per epoch " + ", ".join(f"{c:.3g}" for c in changes)},
+         "detail": f"first {_fmt(losses[0])} -> last {_fmt(losses[-1])}; fell in {sum(drops)}/{len(drops)} epoch steps"},
+        {"name": "weights changing", "passed": bool(changes) and all(_finite(c) and c > 0 for c in changes),
+         "detail": "parameter change per epoch " + ", ".join(_fmt(c, 3) for c in changes)},
     ]
+
+
+def _fmt(x, digits: int = 4) -> str:
+    return "nan" if x is None else f"{x:.{digits}g}"
 
 
 def verify(cfg: ExperimentConfig, progress: bool = True, **fit_kwargs) -> dict:
@@ -273,45 +504,114 @@ def verify(cfg: ExperimentConfig, progress: bool = True, **fit_kwargs) -> dict:
     return {"checks": c, "passed": all(x["passed"] for x in c), "history": result.history, "provenance": result.provenance}
 
 
+# ---------------------------------------------------------------------------------------------
+# command line
+DEFAULT_PRESET = "recommended"
+# `workbench verify` without --epochs/--n-train: enough for the four checks, under a minute on 2 CPU cores
+VERIFY_BUDGET = {"train.n_train": 32, "train.n_val": 8, "train.epochs": 3, "train.batch_size": 8}
+# one torch thread for it: measured 20 s on the shared 2-core machine, against 167 s with two (OpenMP threads spinning on busy cores)
+VERIFY_THREADS = 1
+
+
 def register_cli(sub) -> None:
-    for name, helptext in (("train", "train a model under a preset"), ("verify", "the seed note's four checks, PASS/FAIL")):
+    budget = ", ".join(f"{k.split('.')[1]} {v}" for k, v in VERIFY_BUDGET.items())
+    for name, helptext in (("train", "train a model under a preset (a resumable run folder)"),
+                           ("verify", f"the seed note's four checks after a short training ({budget}), PASS/FAIL")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--preset", default="recommended")
+        resumed = "; with --resume: the run's own config" if name == "train" else ""
+        p.add_argument("--preset", choices=PRESETS, metavar="PRESET",
+                       help=f"base config, one of {', '.join(PRESETS)} (default {DEFAULT_PRESET}{resumed})")
         p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                        help="override a field, e.g. --set train.epochs 3 (value parsed as JSON when possible)")
-        p.add_argument("--epochs", type=int)
-        p.add_argument("--n-train", type=int)
-        p.add_argument("--out", help="folder for history.json and checkpoint.pt" + (" (default runs/train_PRESET)" if name == "train" else ""))
+        default_epochs = "the preset's" if name == "train" else VERIFY_BUDGET["train.epochs"]
+        p.add_argument("--epochs", type=int, help=f"epochs (default {default_epochs})")
+        p.add_argument("--n-train", type=int, help="training scenes" + (f" (default {VERIFY_BUDGET['train.n_train']})" if name == "verify" else ""))
+        if name == "train":
+            p.add_argument("--out", help="run folder for history.json and checkpoint.pt (default runs/train_PRESET)")
+            p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint (same system and model config)")
+        else:
+            p.add_argument("--out", help="folder for verify.json")
+        p.add_argument("--threads", type=int, default=None if name == "train" else VERIFY_THREADS,
+                       help="torch threads (default: torch's choice)" if name == "train" else
+                       f"torch threads (default {VERIFY_THREADS}: the default budget's batches are tiny, and spare threads only wait)")
         p.add_argument("--no-progress", action="store_true")
         p.set_defaults(func=_cli_train if name == "train" else _cli_verify)
 
 
-def _cli_config(args) -> ExperimentConfig:
-    from .config import parse_overrides
-
+def _cli_overrides(args) -> dict[str, Any]:
     overrides = parse_overrides(args.set)
     if args.epochs is not None:
         overrides["train.epochs"] = args.epochs
     if args.n_train is not None:
         overrides["train.n_train"] = args.n_train
-    return preset(args.preset, **overrides)
+    return overrides
+
+
+def _cli_config(args, base: ExperimentConfig | None = None) -> ExperimentConfig:
+    """``--preset`` (or ``base``, or the default preset) with ``--set``/``--epochs``/``--n-train`` applied."""
+    overrides = _cli_overrides(args)
+    if args.preset is not None or base is None:
+        return preset(args.preset or DEFAULT_PRESET, **overrides)
+    return base.replace(**overrides) if overrides else base
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Run the block with ``n`` torch threads (None: unchanged), restoring the count after it."""
+    if n is not None and n < 1:
+        raise ConfigError(f"--threads = {n}: expected an integer >= 1")
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cli_train(args) -> int:
-    cfg = _cli_config(args)
-    result = fit(cfg, progress=not args.no_progress)
-    out = Path(args.out or f"runs/train_{args.preset}")
-    atomic_write_json(out / "history.json", {"config": cfg.to_dict(), "history": result.history, "provenance": result.provenance})
-    save_checkpoint(out / "checkpoint.pt", result)
-    print(f"wrote {out}/history.json and {out}/checkpoint.pt; final val_nmse {result.history[-1]['val_nmse']:.4g}")
+    with _threads(args.threads):
+        return _train_command(args)
+
+
+def _train_command(args) -> int:
+    if args.resume:
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise ConfigError(f"--out = '{args.out}' and --resume = '{args.resume}': a resumed run stays in its folder; give one of them")
+        out = Path(args.resume)
+        cfg = _cli_config(args, base=RunFolder(out).config())
+    else:
+        cfg = _cli_config(args)
+        out = Path(args.out or f"runs/train_{args.preset or DEFAULT_PRESET}")
+    RunFolder(out).check_writable()  # before any scene is simulated
+    result = fit(cfg, progress=not args.no_progress, run_dir=out, resume=bool(args.resume))
+    last = result.history[-1] if result.history else {}
+    print(f"wrote {out}/{HISTORY_FILE} and {out}/{CHECKPOINT_FILE} ({len(result.history)} epochs); final val_nmse {_fmt(last.get('val_nmse'))}")
     return 0
 
 
-def _cli_verify(args) -> int:
+def _verify_config(args) -> ExperimentConfig:
+    """The verify config: the preset and overrides, with :data:`VERIFY_BUDGET` for every budget key not given."""
     cfg = _cli_config(args)
-    report = verify(cfg, progress=not args.no_progress)
+    given = set(_cli_overrides(args))
+    budget = {k: v for k, v in VERIFY_BUDGET.items() if k not in given}
+    return cfg.replace(**budget) if budget else cfg
+
+
+def _cli_verify(args) -> int:
+    cfg = _verify_config(args)
+    if args.out:
+        check_out_folder(Path(args.out))
+    t0 = time.perf_counter()
+    with _threads(args.threads):
+        report = verify(cfg, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
     for c in report["checks"]:
         print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']}: {c['detail']}")
+    passed = sum(c["passed"] for c in report["checks"])
+    t = cfg.train
+    print(f"verdict: {'PASS' if report['passed'] else 'FAIL'} ({passed}/{len(report['checks'])} checks) in {seconds:.1f} s "
+          f"({t.epochs} epochs, {t.n_train} training / {t.n_val} validation scenes; --epochs / --n-train for a longer run)")
     if args.out:
-        atomic_write_json(Path(args.out) / "verify.json", report)
+        atomic_write_json(Path(args.out) / "verify.json", {**report, "seconds": seconds, "config": cfg.to_dict()})
     return 0 if report["passed"] else 1
