@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install lab report test lint bench clean
+.PHONY: install notebooks lab report test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-lab: $(STAMP)  ## JupyterLab on localhost (token auth on), opened on notebooks/
-	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
+notebooks: $(STAMP)  ## the .ipynb of every notebook from its percent-format .py source (jupytext keeps the pair in sync)
+	$(VENV)/bin/jupytext --sync notebooks/*.py
+
+lab: notebooks  ## JupyterLab on localhost (token auth on), rooted at the checkout and opened on notebooks/
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --ServerApp.root_dir=. --ServerApp.default_url=/lab/tree/notebooks \
+		$(if $(filter 0,$(shell id -u)),--allow-root,)
 
 report: $(STAMP)  ## every notebook headless into runs/, with an index page
 	$(VENV)/bin/workbench report

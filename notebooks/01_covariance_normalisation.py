@@ -16,10 +16,18 @@
 # %% [markdown]
 # # 01 · Covariance normalisation: Fix 1 and Fix 2
 #
-# **Question.** The seed note says R_samp was 1e5 too small (Fix 1: hermitise and trace-normalise it) and
-# R_blend 1e12 too large (Fix 2: stop trace-normalising the blend). What are the Frobenius norms, traces and
-# ranks of R_samp, R_pred and R_blend under each preset, measured on simulated scenes, and how does the
-# seed's Progress table compare with the measured one?
+# **Question.** The debugging note this project grew from says R_samp was 1e5 too small (Fix 1: hermitise and
+# trace-normalise it) and R_blend 1e12 too large (Fix 2: stop trace-normalising the blend). What are the
+# Frobenius norms, traces and ranks of R_samp, R_pred and R_blend under each preset, measured on simulated
+# scenes, and how does the note's Progress table compare with the measured one?
+#
+# **Terms.** R_samp: the covariance estimated from the L snapshots; R_pred = A A^H: the network's prediction
+# (untrained here: its scale is what matters); R_blend = (1 - beta) R_pred + beta R_samp, optionally
+# trace-normalised, plus C_EPS I. "Trace-N units": scaled so the trace is N. The presets are the note's
+# states: `seed_before` (no fix), `seed_fix1..3` (its fixes, cumulative), and `recommended`. Full glossary:
+# [docs/glossary.md](../docs/glossary.md).
+#
+# **Time.** About 40 s with the defaults on a 2-core CPU; `n_scenes` and `N_side` are the big knobs.
 
 # %% tags=["parameters"]
 presets: str = "seed_before,seed_fix1,seed_fix2,seed_fix3,recommended"  # comma-separated presets to compare
@@ -47,7 +55,8 @@ params
 
 # %% [markdown]
 # ## Norms, traces, ranks per preset
-# Medians over the scenes; `R_samp_raw` is the estimator's output before Fix 1.
+# Medians over the scenes; `R_samp_raw` is the estimator's output before Fix 1. Look for the jump of R_samp
+# between `seed_before` and `seed_fix1` (Fix 1) and of R_blend between `seed_fix1` and `seed_fix2` (Fix 2).
 
 # %%
 rows = pipeline.normalisation_rows(configs, params.n_scenes, params.seed)
@@ -56,11 +65,14 @@ display(Markdown(fig_pipeline.summary_markdown(rows)))
 
 # %%
 display(Image(figures.save_figure(fig_pipeline.norms_figure(rows), out / "norms.png")))
+metrics["conclusion"] = pipeline.normalisation_conclusion(rows)
+display(Markdown(metrics["conclusion"]))
 
 # %% [markdown]
-# ## The seed note's Progress table beside the measured one
+# ## The note's Progress table beside the measured one
 # `seed_note` is what the note reported; `measured` is the median over the simulated scenes (the untrained
-# model's loss and gradients). It runs under the same `N_side` and `width` as the rest of this notebook.
+# model's loss and gradients). It runs under the same `N_side` and `width` as the rest of this notebook. Look
+# at the gradient column (the note had NaN everywhere) and at the oracle NMSE: what an exact prediction scores.
 
 # %%
 seed_rows = seed_note.seed_table(params.n_scenes, params.preset_names, params.seed, n_grad=params.n_grad,
@@ -69,13 +81,16 @@ metrics["seed_table"] = seed_rows
 metrics["seed_comparison"] = seed_note.seed_comparison(seed_rows)
 display(Markdown(figures.markdown_table(metrics["seed_comparison"])))
 display(Markdown(seed_note.format_seed_table(seed_rows)))
+metrics["conclusion"] += "\n" + seed_note.seed_conclusion(seed_rows)
+display(Markdown(seed_note.seed_conclusion(seed_rows)))
 
 # %%
 save_metrics(out, metrics);
 
 # %% [markdown]
 # ## Explore
-# Toggle the fixes: the panel calls `pipeline.pipeline_summary`, the function behind the table above.
+# Toggle the fixes: the panel calls `pipeline.pipeline_summary`, the function behind the table above, on the
+# same scenes and network. Choosing a preset resets the toggles to that preset's values.
 
 # %%
 ui.NormalisationPanel(params, initial={k: rows[0][k] for k in pipeline.SUMMARISED})

@@ -1,12 +1,17 @@
 """Real browser: JupyterLab on 127.0.0.1 (token auth), Debian's chromium driven headless by Playwright.
 
-Opens 03_nan_gradients (with small parameters), runs all cells, switches the subspace eigen backend in the
-widget panel from ``eigh`` to ``safe`` and waits for the displayed gradient status to change from NaN to
-finite. Saves a screenshot under runs/. Skipped locally when chromium or playwright is missing; in CI
-(.ci/setup-browser.sh sets WORKBENCH_REQUIRE_BROWSER=1) a missing browser is a failure."""
+Every notebook, with its CI parameters written into its parameters cell, is opened and run; then one control of
+its widget panel is changed the way a user would. Asserted for every panel: it shows a busy state while it
+computes (the ``wb-busy`` class on the panel), its status changes, and no shown image is empty or broken. The
+update time of each panel (control change to new status) is measured in the page and written, with the slowest,
+to runs/browser_panel_times.json. Notebook 03's headline is checked by text: switching the subspace backward from
+``eigh`` to ``safe`` turns the red "gradient NaN" status into "gradient finite". Screenshots go under runs/.
+Skipped locally when chromium or playwright is missing; in CI (.ci/setup-browser.sh sets
+WORKBENCH_REQUIRE_BROWSER=1) a missing browser is a failure."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -21,14 +26,24 @@ import nbformat
 import pytest
 
 from workbench import report
+from workbench.params import NOTEBOOK_PARAMS
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
-SMALL = {"n_scenes": 2, "N_side": 6, "width": 16, "subspace_backend": "eigh", "subspace_weight": 0.1}
+EXTRA = {"03_nan_gradients": {"subspace_backend": "eigh", "subspace_weight": 0.1}}
+# the control each panel's check changes: (CSS class of the widget, how, new value); "click" presses a button
+ACTIONS = {
+    "01_covariance_normalisation": ("wb-estimator", "select", "ls_scatter"),
+    "02_eigen_spectrum": ("wb-estimator", "select", "ls_scatter"),
+    "03_nan_gradients": ("wb-subspace-backend", "select", "safe"),
+    "04_training": ("wb-train", "click", None),
+    "05_localisation": ("wb-method", "select", "mvdr"),
+    "06_sweep": ("wb-knob", "select", "fixes.subspace_backend"),
+}
 
 
 def _missing() -> str | None:
@@ -47,11 +62,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _small_notebook(dest: Path) -> None:
-    """03_nan_gradients with small parameters written into its parameters cell (the cell stays tagged)."""
-    nb = nbformat.read(report.NOTEBOOK_DIR / "03_nan_gradients.ipynb", as_version=4)
+def _small_notebook(name: str, dest: Path, runs: Path) -> None:
+    """The notebook with its CI parameters (and out_dir under ``runs``) written into its parameters cell."""
+    nb = report.read_notebook(name)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    extra = {**SMALL, "out_dir": str(dest.parent / "runs" / "03_nan_gradients")}
+    extra = {**NOTEBOOK_PARAMS[name].ci, **EXTRA.get(name, {}), "out_dir": str(runs / name)}
     cell.source += "\n" + "\n".join(f"{k} = {v!r}" for k, v in extra.items())
     nbformat.write(nb, dest)
 
@@ -65,7 +80,8 @@ def lab(tmp_path):
         pytest.skip(why)
     work = tmp_path / "lab"
     work.mkdir()
-    _small_notebook(work / "03_nan_gradients.ipynb")
+    for name in report.list_notebooks():
+        _small_notebook(name.stem, work / f"{name.stem}.ipynb", tmp_path / "runs")
     port, token = _free_port(), secrets.token_hex(16)
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
            "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "ws"),
@@ -100,42 +116,71 @@ def lab(tmp_path):
         log.close()
 
 
-def _status_text(page) -> str:
-    loc = page.locator(".wb-grad-status .wb-grad-line")
+OBSERVE = """() => { window.__wbBusy = false; window.__wbObs && window.__wbObs.disconnect();
+  window.__wbObs = new MutationObserver(() => { if (document.querySelector('.wb-panel.wb-busy')) window.__wbBusy = true; });
+  window.__wbObs.observe(document.body, {attributes: true, subtree: true, attributeFilter: ['class']}); }"""
+BROKEN_IMAGES = """() => Array.from(document.querySelectorAll('.wb-panel img')).filter(i => i.offsetParent !== null)
+  .filter(i => !i.getAttribute('src') || !i.complete || i.naturalWidth === 0).length"""
+
+
+def _status(page) -> str:
+    loc = page.locator(".wb-panel .wb-status")
     return loc.first.inner_text() if loc.count() else ""
 
 
-def test_gradient_panel_in_a_real_browser(lab):
+def _run_panel(page, url: str, token: str, name: str, shots: Path) -> float:
+    """Open and run one notebook, change its panel's control, return the update time in seconds."""
+    page.goto(f"{url}/lab/tree/{name}.ipynb?token={token}")
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+                           " && window.jupyterapp.shell.currentWidget.sessionContext"
+                           " && window.jupyterapp.shell.currentWidget.sessionContext.session"
+                           " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
+                           " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'",
+                           timeout=120_000)
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.wait_for_selector(".wb-panel .wb-status", timeout=300_000)
+    page.wait_for_function("() => !document.querySelector('.wb-panel.wb-busy')", timeout=300_000)
+    cls, how, value = ACTIONS[name]
+    before = _status(page)
+    page.locator(".wb-panel").first.scroll_into_view_if_needed()
+    page.evaluate(OBSERVE)
+    t0 = time.perf_counter()
+    if how == "select":
+        page.locator(f".{cls} select").select_option(value)
+    else:
+        page.locator(f"button.{cls}").click()
+    page.wait_for_function("() => window.__wbBusy", timeout=60_000)  # the busy state showed
+    page.wait_for_function("() => !document.querySelector('.wb-panel.wb-busy')", timeout=300_000)
+    seconds = time.perf_counter() - t0
+    after = _status(page)
+    assert after and after != before, (name, before, after)
+    assert page.evaluate(BROKEN_IMAGES) == 0, f"{name}: an empty or broken image is shown"
+    page.screenshot(path=str(shots / f"browser_{name}.png"), full_page=False)
+    if name == "03_nan_gradients":
+        assert before.startswith("gradient NaN") and after.startswith("gradient finite"), (before, after)
+    return seconds
+
+
+def test_every_panel_in_a_real_browser(lab):
     from playwright.sync_api import sync_playwright
 
     url, token, tmp = lab
     shots = ROOT / "runs"
     shots.mkdir(exist_ok=True)
+    times = {}
     with sync_playwright() as pw:
         ctx = pw.chromium.launch_persistent_context(str(tmp / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS,
                                                     viewport={"width": 1400, "height": 1000})
+        page = ctx.new_page()
         try:
-            page = ctx.new_page()
-            page.goto(f"{url}/lab/tree/03_nan_gradients.ipynb?token={token}")
-            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
-                                   " && window.jupyterapp.shell.currentWidget.sessionContext"
-                                   " && window.jupyterapp.shell.currentWidget.sessionContext.session"
-                                   " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
-                                   " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'",
-                                   timeout=120_000)
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            page.wait_for_selector(".wb-grad-status .wb-grad-line", timeout=240_000)
-            before = _status_text(page)
-            assert before.startswith("gradient NaN"), before
-            page.locator(".wb-subspace-backend select").select_option("safe")
-            page.wait_for_function("() => { const e = document.querySelector('.wb-grad-status .wb-grad-line');"
-                                   " return e && e.textContent.startsWith('gradient finite'); }", timeout=120_000)
-            after = _status_text(page)
-            page.locator(".wb-grad-status").first.scroll_into_view_if_needed()
-            page.screenshot(path=str(shots / "browser_03_nan_gradients.png"), full_page=False)
+            for name in ACTIONS:
+                times[name] = _run_panel(page, url, token, name, shots)
+                page.evaluate("() => window.jupyterapp.commands.execute('kernelmenu:shutdown')")
         except Exception:
-            page.screenshot(path=str(shots / "browser_03_nan_gradients_failure.png"))
+            page.screenshot(path=str(shots / "browser_failure.png"))
             raise
         finally:
             ctx.close()
-    assert after != before and after.startswith("gradient finite")
+    slowest = max(times, key=times.get)
+    (shots / "browser_panel_times.json").write_text(json.dumps({"seconds": times, "slowest": slowest}, indent=2) + "\n")
+    assert set(times) == set(NOTEBOOK_PARAMS)

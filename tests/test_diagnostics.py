@@ -1,7 +1,9 @@
 """Gradient norms, NaN provenance and the seed table."""
 
+import json
 import math
 
+import pytest
 import torch
 
 from workbench.config import SEED_PRESETS, preset
@@ -63,13 +65,31 @@ def test_seed_table_measures_the_norms_of_the_pipeline():
 
 def test_seed_fix3_verdict_the_active_eigengap_hinge_is_not_a_nan_source():
     """The seed's Fix 3 set lam_gap = 0 because eigh's backward was blamed for NaN gradients. Measured on the
-    seed's own ingredients (C_EPS = 1 loading, full-rank R_blend with a ~139-fold degenerate lower spectrum,
-    eigh with the vectors unused), with the hinge made active by a wide margin: its gradient is finite and
-    non-zero for every eigenvalue backend, so it cannot have produced the NaN."""
-    for backend in ("eigh", "svd", "eigvalsh", "topk"):
+    seed's own ingredients on seed_fix2 (C_EPS = 1 loading, a full-rank R_blend whose lower spectrum is 124-fold
+    degenerate on the 12 x 12 array: a rank-5 projector blended with a rank <= 15 seed R_samp; eigh with the vectors
+    unused), with the hinge made active by a wide margin: its gradient is finite and non-zero for every eigenvalue
+    backend, so it cannot have produced the NaN."""
+    for backend in ("eigh", "svd", "eigvalsh", "exact"):
         cfg = preset("seed_fix2", **SMALL, **{"fixes.gap_margin": 1e3, "fixes.gap_backend": backend})
         report = gradient_report(cfg, n=4)
         assert report["terms"]["gap"] > 0  # active
         g = report["term_grad_norm"]["gap"]
         assert all(math.isfinite(v) and v > 0 for v in g.values()), (backend, g)
         assert report["ok"] and report["norms"]["rank_R_blend"] == cfg.system.N
+
+
+def test_diagnose_cli_prints_a_summary_and_strict_json(capsys):
+    from workbench.cli import main
+
+    args = ["diagnose", "--preset", "seed_fix2", "--set", "loss.subspace", "0.1", "--set", "system.N_H", "6", "--set", "system.N_V", "6",
+            "--set", "model.width", "16", "--n", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "gradient NON-FINITE" in out and "created by LinalgEighBackward0" in out
+    assert any(line.startswith("subspace") and line.rstrip().endswith("nan") for line in out.splitlines())
+    assert main([*args, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)  # strict: NaN norms are null, not the non-JSON token NaN
+    assert record["ok"] is False and record["term_grad_norm"]["subspace"]["head"] is None
+    with pytest.raises(SystemExit) as e:  # argparse lists the presets
+        main(["diagnose", "--preset", "seed_fix9"])
+    assert e.value.code == 2 and "seed_before" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import nbformat
@@ -27,7 +28,7 @@ def runs_root(tmp_path_factory) -> Path:
 
 
 def _run(name: str, root: Path) -> tuple[report.NotebookRun, dict]:
-    run = report.run_notebook(NB / f"{name}.ipynb", root, ci=True)
+    run = report.run_notebook(report.notebook_path(name), root, ci=True)
     assert run.status == "ok", f"{name} failed in cell {run.cell}: {run.error}"
     metrics = json.loads((Path(run.out_dir) / "metrics.json").read_text())
     assert metrics["params"]["out_dir"] == str(root / name)
@@ -36,6 +37,19 @@ def _run(name: str, root: Path) -> tuple[report.NotebookRun, dict]:
 
 def _png(path: Path) -> bool:
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _explained(out: Path, m: dict, numbers: list[str]) -> None:
+    """The notebook's conclusion quotes numbers of its own run, and every saved figure has a title and labelled axes."""
+    assert m["conclusion"].startswith("- ")
+    missing = [n for n in numbers if n not in m["conclusion"]]
+    assert not missing, (missing, m["conclusion"])
+    figs = json.loads((out / "figures.json").read_text())
+    assert [f["file"] for f in figs] and {f["file"] for f in figs} == {p.name for p in out.glob("*.png")}
+    for f in figs:
+        assert f["title"], f
+        for a in f["axes"]:
+            assert a["xlabel"] and a["ylabel"], f
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +98,7 @@ def test_01_covariance_normalisation(runs_root):
         assert cmp[("seed_fix2", "R_samp_fro")]["measured"] == pytest.approx(rows["seed_fix2"]["R_samp"]["fro"], rel=1e-4)
         assert cmp[("seed_fix2", "R_samp_fro")]["seed_note"] == 41.03
     assert {r["preset"] for r in m["seed_table"]} == set(params.preset_names)
+    _explained(Path(run.out_dir), m, [f"{rows['seed_fix2']['R_blend']['fro']:.3g}", f"{m['seed_table'][0]['oracle_nmse']['median']:.3g}"])
 
 
 def test_02_eigen_spectrum(runs_root):
@@ -108,6 +123,8 @@ def test_02_eigen_spectrum(runs_root):
         assert b["gap"] == pytest.approx(a["gap"], rel=1e-4, abs=1e-4)
         assert b["lower_min"] - a["lower_min"] == pytest.approx(b["c_eps"] - a["c_eps"], abs=1e-3)
         assert b["lower_max"] - a["lower_max"] == pytest.approx(b["c_eps"] - a["c_eps"], abs=1e-3)
+    k = m["scene"]["K"]
+    _explained(out, m, [f"{ev['R_blend'][k - 1] - ev['R_blend'][k]:.3g}", f"{sweep[0]['gap']:.4g}"])
 
 
 def test_03_nan_gradients(runs_root):
@@ -118,7 +135,7 @@ def test_03_nan_gradients(runs_root):
     # eigenvalue-only gradients are finite under heavy degeneracy; eigh's eigenvectors are not; `safe` is
     deg = {(r["term"], r["backend"]): r for r in m["degeneracy"]}
     assert deg[("gap", "eigh")]["degenerate"] >= cfg.system.N - cfg.system.K_max
-    for b in ("eigh", "eigvalsh", "svd", "topk"):
+    for b in ("eigh", "eigvalsh", "svd", "exact"):
         assert deg[("gap", b)]["grad_finite"], b
     assert not deg[("subspace", "eigh")]["grad_finite"]
     assert deg[("subspace", "safe")]["grad_finite"]
@@ -134,7 +151,7 @@ def test_03_nan_gradients(runs_root):
     assert deg[("gap", "eigvalsh")]["value"] == pytest.approx(float((1e3 - gap).sum()), rel=1e-6)
     # float64 finite differences agree with autograd for the exact backends; SVD = eigh; the flip inverts the hinge
     fd = {r["backend"]: r for r in m["fd_check"]}
-    for b in ("eigh", "eigvalsh", "svd", "topk"):
+    for b in ("eigh", "eigvalsh", "svd", "exact"):
         assert fd[b]["rel_err"] < 1e-4, (b, fd[b])
         assert fd[b]["gap"] == pytest.approx(fd[b]["gap_eigvalsh"], rel=1e-6)
     assert fd["svd"]["autograd"] == pytest.approx(fd["eigh"]["autograd"], rel=1e-8)
@@ -149,6 +166,11 @@ def test_03_nan_gradients(runs_root):
     assert rows[("subspace", "safe")]["term_finite"] and all(math.isfinite(v) for v in rows[("subspace", "safe")]["grad_norm"].values())
     c = m["conclusions"]
     assert "safe" in c["subspace_backends_finite_in_network"] and "eigh" not in c["subspace_backends_finite_in_network"]
+    _explained(Path(run.out_dir), m, [f"{deg[('gap', 'eigh')]['degenerate']:.0f} smallest eigenvalues", "LinalgEighBackward0"])
+    gap_rows = [r for r in m["backends"] if r["kind"] == "gap"]
+    if all(r["hinge_active"] is False for r in gap_rows):  # an inactive hinge is said to be inactive, with its zero gradient
+        assert "hinge is inactive" in m["conclusion"] and all(v == 0.0 for r in gap_rows if r["backend"] != "svd_flipped"
+                                                              for v in r["term_grad_norm"].values())
 
 
 def test_04_training(runs_root):
@@ -199,7 +221,7 @@ def test_05_localisation(runs_root):
     ],
 )
 def test_bad_parameter_fails_in_config_cell(tmp_path, name, params, field):
-    run = report.run_notebook(NB / f"{name}.ipynb", tmp_path, params, ci=True)
+    run = report.run_notebook(report.notebook_path(name), tmp_path, params, ci=True)
     assert run.status == "failed"
     assert run.error.startswith("ConfigError") and field in run.error
     executed = nbformat.read(Path(run.out_dir) / run.notebook, as_version=4)
@@ -211,7 +233,11 @@ def test_report_cli_failure_names_notebook_and_cell(tmp_path, capsys):
     rc = cli.main(["report", "--only", "02", "--ci", "-p", "c_eps", "-1", "--out", str(tmp_path), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "02_eigen_spectrum failed in cell" in err and "c_eps = -1.0" in err and "[config]" in err
+    assert "c_eps = -1.0" in err and "[config]" in err
+    # the cell is named as the user sees it: the line of the notebook's source where the config cell starts
+    line = int(re.search(r"02_eigen_spectrum failed in 02_eigen_spectrum\.py line (\d+)", err).group(1))
+    assert report.notebook_path("02_eigen_spectrum").read_text().splitlines()[line - 1] == '# %% tags=["config"]'
+
     assert (tmp_path / "02_eigen_spectrum" / "02_eigen_spectrum.ipynb").exists()  # partial output kept
     index = (tmp_path / "index.html").read_text()
     assert "02_eigen_spectrum" in index and "failed" in index
@@ -265,12 +291,25 @@ def test_06_sweep(runs_root):
     else:
         assert set(m["importances"]) == varying and sum(m["importances"].values()) == pytest.approx(1.0)
         assert _png(out / "importances.png")
+    _explained(out, m, [f"{len(finished)} finished trials"] + ([f"{m['best']['value']:.4g}"] if m["best"] else []))
+    for r in m["outcome_fractions"]:  # small groups carry their caveat
+        assert ("only" in r["caveat"]) == (r["n"] < 3)
 
 
 def test_06_bad_space_fails_in_config_cell(tmp_path):
-    run = report.run_notebook(NB / "06_sweep.ipynb", tmp_path, {"space": '{"fixes.c_epsilon": [0.1, 1.0]}'}, ci=True)
+    run = report.run_notebook(report.notebook_path("06_sweep"), tmp_path, {"space": '{"fixes.c_epsilon": [0.1, 1.0]}'}, ci=True)
     assert run.status == "failed" and run.error.startswith("ConfigError")
     assert "06_sweep.space" in run.error and "'fixes.c_epsilon'" in run.error
     executed = nbformat.read(Path(run.out_dir) / run.notebook, as_version=4)
     assert "config" in executed.cells[run.cell].metadata.get("tags", [])
     assert not (Path(run.out_dir) / "optuna.db").exists()  # failed before any study was created
+
+
+def test_report_cli_takes_negative_numbers_and_writes_a_results_page(tmp_path):
+    """`workbench report --only 05 -p snrs_db -10,0 --ci`: the negative list is a value, the run uses it, and the
+    index is a results page (the conclusion, captioned figures, the parameters the notebook actually used)."""
+    assert cli.main(["report", "--only", "05", "-p", "snrs_db", "-10,0", "--ci", "--out", str(tmp_path), "--no-progress"]) == 0
+    m = json.loads((tmp_path / "05_localisation" / "metrics.json").read_text())
+    assert m["params"]["snrs_db"] == "-10,0" and m["localisation"]["snr_db"] == [-10.0, 0.0]
+    page = (tmp_path / "index.html").read_text()
+    assert "class='conclusion'" in page and "<figcaption>" in page and "n_per_snr" in page  # a default the run used, not only -p's

@@ -1,5 +1,6 @@
-"""Notebook sources and parameters: every notebook is a jupytext pair in sync, has the uniform structure, declares
-exactly its parameter dataclass's fields, and its config cell gives the chosen preset plus the explicit overrides."""
+"""Notebook sources and parameters: every notebook is a percent-format source that jupytext turns into a clean
+notebook, has the uniform structure, declares exactly its parameter dataclass's fields, and its config cell gives
+the chosen preset plus the explicit overrides; running a notebook in the lab leaves git clean."""
 
 from __future__ import annotations
 
@@ -24,22 +25,49 @@ def _code(path: Path) -> list:
     return [c for c in jupytext.read(path).cells if c.cell_type == "code"]
 
 
-def test_every_notebook_has_a_parameter_class_and_a_pair():
+def test_every_notebook_has_a_parameter_class():
     assert set(NAMES) == set(wp.NOTEBOOK_PARAMS)
-    assert {p.stem for p in report.list_notebooks()} == set(NAMES)
+    assert report.list_notebooks() == SOURCES  # the report runs the sources (a generated .ipynb beside one is not counted twice)
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.stem)
-def test_pair_in_sync_and_committed_without_outputs(path):
-    """The .ipynb holds the same cells as its percent-format .py source, and no outputs."""
-    text, nb = jupytext.read(path), nbformat.read(path.with_suffix(".ipynb"), as_version=4)
+def test_source_makes_a_clean_notebook(path):
+    """The percent-format source round-trips through jupytext to a valid notebook without outputs, on the python3 kernel."""
+    nb = report.read_notebook(path)
     nbformat.validate(nb)
-    assert [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in text.cells] == \
-           [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in nb.cells], f"{path.name}: run `jupytext --sync notebooks/*.py`"
-    for c in nb.cells:
-        if c.cell_type == "code":
-            assert c.outputs == [] and c.execution_count is None, f"{path.name}: committed with outputs"
+    assert all(c.outputs == [] for c in nb.cells if c.cell_type == "code")
     assert nb.metadata["kernelspec"]["name"] == "python3"
+    assert jupytext.writes(nb, fmt="py:percent") == path.read_text()  # the source is in jupytext's canonical form
+
+
+def test_running_a_notebook_in_the_lab_leaves_git_clean(tmp_path):
+    """With the project's .gitignore and jupytext pairing, saving an executed notebook (outputs and execution counts,
+    as JupyterLab does) rewrites its .py identically and leaves the generated .ipynb ignored: git status stays clean."""
+    import shutil
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    shutil.copy(NB.parent / ".gitignore", tmp_path / ".gitignore")
+    (tmp_path / "notebooks").mkdir()
+    shutil.copy(NB / "jupytext.toml", tmp_path / "notebooks" / "jupytext.toml")
+    src = tmp_path / "notebooks" / "02_eigen_spectrum.py"
+    shutil.copy(NB / "02_eigen_spectrum.py", src)
+    git("add", ".")
+    git("-c", "user.email=t@example.org", "-c", "user.name=t", "commit", "-q", "-m", "sources")
+    nb = jupytext.read(src)
+    for i, c in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        c.execution_count = i + 1
+        c.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"output {i}\n")]
+    config = jupytext.config.load_jupytext_configuration_file(str(tmp_path / "notebooks" / "jupytext.toml"))
+    formats = jupytext.formats.long_form_multiple_formats(",".join(config.formats) if isinstance(config.formats, list) else config.formats)
+    assert {f["extension"] for f in formats} == {".ipynb", ".py"}
+    for fmt in formats:  # what jupytext's contents manager writes on save: every paired format
+        jupytext.write(nb, src.with_suffix(fmt["extension"]), fmt=fmt)
+    assert "output 0" in src.with_suffix(".ipynb").read_text()
+    assert git("status", "--porcelain") == ""
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.stem)
@@ -72,7 +100,7 @@ def test_parameters_cell_matches_the_dataclass(path):
         assert annotation == fields[name].type, name
         assert default == fields[name].default, name
     assert set(cls.ci) <= set(declared)
-    assert report.notebook_parameters(path.with_suffix(".ipynb")).keys() == declared.keys()  # papermill sees the same
+    assert report.notebook_parameters(path).keys() == declared.keys()  # the report reads the same
 
 
 def _run_config_cell(path: Path, tmp_path: Path, **injected) -> dict:

@@ -20,7 +20,7 @@ def test_select_and_parse_value():
 
 
 def test_notebook_parameters_read_modern_annotations_and_comments():
-    ps = report.notebook_parameters(report.NOTEBOOK_DIR / "02_eigen_spectrum.ipynb")
+    ps = report.notebook_parameters(report.notebook_path("02_eigen_spectrum"))
     assert ps["c_eps"] == {"type": "float | None", "default": "None", "help": ps["c_eps"]["help"]}
     assert "preset's value" in ps["c_eps"]["help"] and ps["n_scenes"]["type"] == "int"
 
@@ -40,3 +40,18 @@ def test_write_index_links_everything(tmp_path):
         assert needle in page
     data = json.loads((tmp_path / "index.json").read_text())
     assert data[0]["kernel_seconds"] == pytest.approx(1.5)
+
+
+def test_outputs_are_readable_by_the_group(tmp_path):
+    """Figures, figures.json and metrics.json are 0644 like any ordinary file (mkstemp's temporary file is 0600)."""
+    import matplotlib.pyplot as plt
+
+    from workbench import figures
+    from workbench.io import save_metrics
+
+    fig, ax = plt.subplots()
+    ax.set(title="t", xlabel="x", ylabel="y")
+    figures.save_figure(fig, tmp_path / "f.png")
+    save_metrics(tmp_path, {"a": 1.0})
+    for name in ("f.png", "figures.json", "metrics.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

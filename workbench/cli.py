@@ -7,6 +7,7 @@ order of ``--help`` and turns a :class:`~workbench.config.ConfigError` into a on
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from . import data, diagnostics, report, sweep, train
@@ -16,8 +17,18 @@ from .studies import seed_note
 COMMAND_MODULES = (data, seed_note, diagnostics, train, sweep, report)  # in the order of --help
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a value that looks like a negative number or a list of numbers ("-10,0", "-1e-3")
+    is a value, not an unknown option: ``-p snrs_db -10,0`` and ``--set system.snr_db_min -5`` work. Subparsers
+    inherit the class."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d)[\d.,eE+-]*$")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="workbench", description="RIS covariance-learning workbench")
+    parser = _Parser(prog="workbench", description="RIS covariance-learning workbench")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register_cli(sub)

@@ -11,14 +11,14 @@ gradient was not. Those are the operations that *created* the NaN/inf (for insta
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 
 import torch
 
-from .config import ExperimentConfig, preset
+from .config import PRESETS, ExperimentConfig, preset
 from .covariance import rsamp_for, spectrum_stats
+from .io import dumps_json
 from .losses import TERMS, compute_losses, term_weights
 from .model import CovarianceNet, build_model
 from .physics import SceneBatch, simulate
@@ -137,12 +137,38 @@ def gradient_report(cfg: ExperimentConfig, batch: SceneBatch | None = None, mode
     }
 
 
+def format_report(report: dict) -> str:
+    """A :func:`gradient_report` as text: the verdict line with the NaN's provenance, a table of the terms
+    (value, weight, gradient norm per group) and the pipeline's norms."""
+    groups = list(report["grad_norm"])
+    norms = ", ".join(f"{g} {v:.3g}" for g, v in report["grad_norm"].items())
+    if report["ok"]:
+        lines = [f"gradient finite (norm: {norms})"]
+    else:
+        lines = [f"gradient NON-FINITE (norm: {norms})"]
+    for p in report["provenance"]:
+        where = "in the total" if p.get("in_total") else "weight 0: not in the total"
+        lines.append(f"  {p['term']} ({where}): created by {p['op']}, reaches {', '.join(p['groups']) or 'no group'}")
+    header = f"{'term':<10} {'value':>11} {'weight':>8} " + " ".join(f"{'grad ' + g:>14}" for g in groups)
+    lines += ["", header, "-" * len(header)]
+    for term, gn in report["term_grad_norm"].items():
+        lines.append(f"{term:<10} {report['terms'][term]:>11.4g} {report['weights'].get(term, 0.0):>8.3g} "
+                     + " ".join(f"{gn[g]:>14.3g}" for g in groups))
+    lines.append(f"{'total':<10} {report['loss']:>11.4g}")
+    n = report["norms"]
+    lines += ["", f"medians: ||R_samp||_F {n['R_samp']:.3g}, ||R_pred||_F {n['R_pred']:.3g}, ||R_blend||_F {n['R_blend']:.3g}, "
+                  f"rank(R_blend) {n['rank_R_blend']:.0f}"]
+    return "\n".join(lines)
+
+
 def register_cli(sub) -> None:
     p = sub.add_parser("diagnose", help="one forward/backward pass: gradient norms per group and term, NaN provenance")
-    p.add_argument("--preset", default="recommended")
+    p.add_argument("--preset", default="recommended", choices=PRESETS, metavar="PRESET",
+                   help=f"base config, one of {', '.join(PRESETS)} (default recommended)")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="override a field, e.g. --set fixes.gap_backend svd (value parsed as JSON when possible)")
-    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--n", type=int, default=16, help="scenes in the batch (default 16)")
+    p.add_argument("--json", action="store_true", help="print the raw record as strict JSON instead of the summary")
     p.set_defaults(func=_cli_diagnose)
 
 
@@ -150,5 +176,10 @@ def _cli_diagnose(args) -> int:
     from .config import parse_overrides
 
     cfg = preset(args.preset, **parse_overrides(args.set))
-    print(json.dumps(gradient_report(cfg, n=args.n), indent=2))
+    report = gradient_report(cfg, n=args.n)
+    if args.json:
+        print(dumps_json(report), end="")
+    else:
+        print(f"workbench diagnose: preset {args.preset}" + "".join(f", {k}={v}" for k, v in args.set) + f", {args.n} scenes, N = {cfg.system.N}")
+        print(format_report(report))
     return 0

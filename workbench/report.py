@@ -3,14 +3,19 @@
 Every notebook in ``notebooks/`` is executed with papermill into ``runs/<name>/`` (the executed notebook,
 its figures, its metrics.json), with a progress display, and ``runs/index.html`` links them all. A failing
 notebook keeps its partial output (papermill saves after every cell) and makes the command exit non-zero,
-naming the notebook and the cell. The kernel is ``python3`` launched from the current interpreter, so a
-run from ``.venv/bin/workbench`` executes the notebooks with the project's environment.
+naming the notebook and the cell; so does a notebook whose kernel dies (killed, out of memory): the other
+notebooks still run and the index is written after each one. Before a notebook runs, the outputs of its
+previous run in that folder (executed notebook, figures, pages, metrics.json, figures.json) are removed, so a
+failed run never shows an earlier run's results as its own. ``out_dir`` is set by the report itself
+(``<out>/<name>``): passing it with ``-p`` is refused (use ``--out``). The kernel is ``python3`` launched from the
+current interpreter, so a run from ``.venv/bin/workbench`` executes the notebooks with the project's environment.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import logging
 import os
 import sys
 import time
@@ -24,24 +29,60 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 KERNEL = "python3"
 
 
+class _KnownParameters(logging.Filter):
+    """Hide papermill's "Passed unknown parameter" warning: parameters are checked against the notebook before a
+    run (:func:`notebook_parameters`, which also reads ``float | None`` annotations that papermill cannot)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passed unknown parameter")
+
+
+logging.getLogger("papermill").addFilter(_KnownParameters())
+
+
 def list_notebooks(folder: str | os.PathLike = NOTEBOOK_DIR) -> list[Path]:
-    """The notebooks to run, sorted by name (checkpoint copies excluded)."""
+    """The notebooks to run, sorted by name: each notebook's source, the percent-format ``NAME.py`` of a jupytext
+    pair (the ``NAME.ipynb`` beside it is generated and not counted again) or a lone ``NAME.ipynb``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"notebooks = {str(folder)!r}: not a folder")
-    return sorted(p for p in folder.glob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+    text = {p.stem: p for p in folder.glob("*.py") if _is_percent_notebook(p)}
+    books = {p.stem: p for p in folder.glob("*.ipynb") if p.stem not in text}
+    return [p for _, p in sorted({**books, **text}.items())]
 
 
-def select(notebooks: list[Path], only: list[str] | None) -> list[Path]:
+def _is_percent_notebook(path: Path) -> bool:
+    with open(path, encoding="utf-8") as f:
+        return any(line.startswith("# %%") for line in f)
+
+
+def notebook_path(name: str, folder: str | os.PathLike = NOTEBOOK_DIR) -> Path:
+    """The source of notebook ``name`` (e.g. "03_nan_gradients") in ``folder``."""
+    (path,) = select(list_notebooks(folder), [name])[:1]
+    return path
+
+
+def read_notebook(path: str | os.PathLike):
+    """A notebook as an nbformat NotebookNode from its percent-format source (jupytext) or an .ipynb file; a bare
+    name is looked up in ``notebooks/``."""
+    import jupytext
+
+    path = Path(path)
+    if path.suffix not in (".py", ".ipynb"):
+        path = notebook_path(str(path))
+    return jupytext.read(path)
+
+
+def select(notebooks: list[Path], only: list[str] | None, flag: str = "--only") -> list[Path]:
     """Notebooks whose name (without .ipynb) equals or starts with one of ``only`` (e.g. "03" or "03_nan_gradients")."""
     if not only:
         return notebooks
     picked = []
     for want in only:
-        stem = want.removesuffix(".ipynb")
+        stem = want.removesuffix(".ipynb").removesuffix(".py")
         match = [p for p in notebooks if p.stem == stem] or [p for p in notebooks if p.stem.startswith(stem)]
         if not match:
-            raise ConfigError(f"--only {want!r}: no such notebook; choose from {', '.join(p.stem for p in notebooks)}")
+            raise ConfigError(f"{flag} {want!r}: no such notebook; choose from {', '.join(p.stem for p in notebooks)}")
         picked += [p for p in match if p not in picked]
     return picked
 
@@ -55,9 +96,7 @@ def notebook_parameters(path: str | os.PathLike) -> dict[str, dict]:
     import io
     import tokenize
 
-    import nbformat
-
-    nb = nbformat.read(str(path), as_version=4)
+    nb = read_notebook(path)
     cell = next((c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])), None)
     if cell is None:
         raise ConfigError(f"notebook {str(path)!r} has no cell tagged 'parameters'")
@@ -82,7 +121,8 @@ def ci_parameters(name: str) -> dict:
 @dataclass
 class NotebookRun:
     """Outcome of one notebook: status "ok" | "failed", paths relative to the runs folder, seconds, and on
-    failure the cell index (in the executed notebook), its first source line and the error."""
+    failure the error, the cell index in the executed notebook, its first source line, and ``where``: the cell
+    as the user sees it in the source (its number, and the line of the .py source where it starts)."""
 
     name: str
     status: str
@@ -94,6 +134,7 @@ class NotebookRun:
     error: str | None = None
     cell: int | None = None
     cell_source: str | None = None
+    where: str | None = None
     figures: list[str] = field(default_factory=list)
     pages: list[str] = field(default_factory=list)
     metrics: str | None = None
@@ -116,6 +157,7 @@ def run_notebook(path: str | os.PathLike, out_root: str | os.PathLike = "runs", 
     name = path.stem
     out_dir = Path(out_root).resolve() / name  # absolute: the kernel may run elsewhere
     declared = notebook_parameters(path)
+    _refuse_out_dir(parameters)
     params = {**(ci_parameters(name) if ci else {}), **(parameters or {})}
     unknown = sorted(set(params) - set(declared))
     if unknown:
@@ -124,15 +166,19 @@ def run_notebook(path: str | os.PathLike, out_root: str | os.PathLike = "runs", 
         params["out_dir"] = str(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_nb = out_dir / f"{name}.ipynb"
+    clear_outputs(out_dir, name)
     t0 = time.perf_counter()
-    error = cell = source = None
+    error = cell = source = where = None
     try:
-        papermill.execute_notebook(str(path), str(out_nb), parameters=params, kernel_name=kernel_name, progress_bar=progress,
+        papermill.execute_notebook(read_notebook(path), str(out_nb), parameters=params, kernel_name=kernel_name, progress_bar=progress,
                                    cwd=str(cwd or Path.cwd()))
         status = "ok"
     except PapermillExecutionError as e:
         status, cell = "failed", e.cell_index
         error = f"{e.ename}: {e.evalue}"
+    except Exception as e:  # the kernel died (DeadKernelError), timed out, or could not start: this notebook failed
+        status = "failed"
+        error = f"{type(e).__name__}: {str(e).strip() or 'no message'} (the kernel stopped: killed, out of memory, or failed to start)"
     seconds = time.perf_counter() - t0
     cell_seconds = []
     if out_nb.exists():
@@ -140,43 +186,127 @@ def run_notebook(path: str | os.PathLike, out_root: str | os.PathLike = "runs", 
         cell_seconds = [float((c.metadata.get("papermill") or {}).get("duration") or 0.0) for c in nb.cells]
         if status == "failed":  # papermill inserts an error banner at the top: find the cell by its error output
             failed = [i for i, c in enumerate(nb.cells) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
-            cell = failed[0] if failed else cell
+            started = [i for i, c in enumerate(nb.cells) if (c.metadata.get("papermill") or {}).get("start_time")]
+            cell = failed[0] if failed else cell if cell is not None else (started[-1] if started else None)  # dead kernel: the last started
             if cell is not None and cell < len(nb.cells):
                 tags = [t for t in nb.cells[cell].metadata.get("tags", []) if t != "injected-parameters"]
                 first = next((ln for ln in nb.cells[cell].source.splitlines() if ln.strip()), "")
                 source = f"[{','.join(tags)}] {first}" if tags else first
+                where = source_location(path, nb, cell)
     run = NotebookRun(name=name, status=status, out_dir=str(out_dir), notebook=out_nb.name, parameters=params, seconds=seconds,
-                      cell_seconds=cell_seconds, error=error, cell=cell, cell_source=source)
-    run.figures = sorted(p.name for p in out_dir.glob("*.png"))
+                      cell_seconds=cell_seconds, error=error, cell=cell, cell_source=source, where=where)
+    run.figures = figure_files(out_dir)
     run.pages = sorted(p.name for p in out_dir.glob("*.html"))
     run.metrics = "metrics.json" if (out_dir / "metrics.json").exists() else None
     return run
 
 
-def write_index(runs: list[NotebookRun], out_root: str | os.PathLike = "runs") -> Path:
-    """runs/index.html (and index.json): each notebook's status, time, executed notebook, figures, metrics."""
-    out_root = Path(out_root)
-    blocks = []
-    for r in runs:
-        base = f"{html.escape(r.name)}/"
-        colour = "#070" if r.status == "ok" else "#b00"
-        err = (f"<p class='error'>failed in cell {r.cell} (<code>{html.escape(r.cell_source or '')}</code>): "
-               f"{html.escape(r.error or '')}</p>") if r.status != "ok" else ""
-        figs = "".join(f"<a href='{base}{html.escape(f)}'><img src='{base}{html.escape(f)}' alt='{html.escape(f)}'></a>" for f in r.figures)
-        pages = " ".join(f"<a href='{base}{html.escape(p)}'>{html.escape(p)}</a>" for p in r.pages if p != "plotly.min.js")
-        metrics = f"<a href='{base}{r.metrics}'>metrics.json</a>" if r.metrics else "no metrics.json"
-        params = html.escape(json.dumps(r.parameters))
-        blocks.append(
-            f"<section><h2>{html.escape(r.name)} <span style='color:{colour}'>{r.status}</span> "
+INJECTED = ("injected-parameters", "papermill-error-cell-tag")  # cells papermill adds to the executed notebook
+
+
+def source_location(path: Path, executed, cell: int) -> str:
+    """Where cell ``cell`` of the executed notebook is in the source: "cell N" counting the source's cells from 1
+    (papermill's injected cells left out) and, for a percent-format source, "NAME.py line L" of its ``# %%``."""
+    injected = sum(bool(set(c.metadata.get("tags", [])) & set(INJECTED)) for c in executed.cells[:cell])
+    number = cell - injected + 1
+    where = f"cell {number} of {path.name}"
+    if path.suffix == ".py":
+        markers = [i + 1 for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.startswith("# %%")]
+        if number <= len(markers):
+            where = f"{path.name} line {markers[number - 1]} (cell {number})"
+    return where
+
+
+def figure_files(out_dir: Path) -> list[str]:
+    """The run's PNG figures in the order the notebook saved them (figures.json), then any others by name."""
+    listed = []
+    manifest = out_dir / "figures.json"
+    if manifest.exists():
+        try:
+            listed = [e["file"] for e in json.loads(manifest.read_text()) if (out_dir / e["file"]).exists()]
+        except (ValueError, KeyError, TypeError):
+            listed = []
+    return listed + sorted(p.name for p in out_dir.glob("*.png") if p.name not in listed)
+
+
+OUTPUT_PATTERNS = ("*.png", "*.svg", "*.pdf", "*.html", "figures.json", "metrics.json")  # what a notebook run writes
+
+
+def clear_outputs(out_dir: str | os.PathLike, name: str) -> None:
+    """Remove the outputs of an earlier run of notebook ``name`` from its folder: the executed notebook, figures,
+    pages, figures.json and metrics.json. Other files (a study database, plotly.min.js) stay."""
+    out_dir = Path(out_dir)
+    for p in [out_dir / f"{name}.ipynb", *(q for pattern in OUTPUT_PATTERNS for q in out_dir.glob(pattern))]:
+        if p.is_file():
+            p.unlink()
+
+
+def _refuse_out_dir(parameters: dict | None) -> None:
+    if parameters and "out_dir" in parameters:
+        raise ConfigError(f"-p out_dir {parameters['out_dir']!r}: the report sets each notebook's out_dir to <--out>/<name> itself "
+                          "(so the index finds its outputs); choose the folder with --out instead")
+
+
+def _metrics(run: NotebookRun) -> dict:
+    path = Path(run.out_dir) / "metrics.json"
+    try:
+        return json.loads(path.read_text()) if run.metrics and path.exists() else {}
+    except ValueError:
+        return {}
+
+
+def _captions(run: NotebookRun) -> dict[str, str]:
+    path = Path(run.out_dir) / "figures.json"
+    try:
+        return {e["file"]: e.get("title", "") for e in json.loads(path.read_text())} if path.exists() else {}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def _parameter_table(params: dict) -> str:
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td><code>{html.escape(json.dumps(v))}</code></td></tr>" for k, v in params.items())
+    return f"<table class='params'>{rows}</table>"
+
+
+def _section(r: NotebookRun) -> str:
+    import mistune
+
+    base = f"{html.escape(r.name)}/"
+    colour = "#070" if r.status == "ok" else "#b00"
+    m = _metrics(r)
+    conclusion = mistune.html(m["conclusion"]) if r.status == "ok" and m.get("conclusion") else ""
+    err = (f"<p class='error'>failed in {html.escape(r.where or f'cell {r.cell}')} (<code>{html.escape(r.cell_source or '')}</code>): "
+           f"{html.escape(r.error or '')}</p>") if r.status != "ok" else ""
+    captions = _captions(r)
+    figs = "".join(f"<figure><a href='{base}{html.escape(f)}'><img src='{base}{html.escape(f)}' alt='{html.escape(captions.get(f, f))}'></a>"
+                   f"<figcaption>{html.escape(captions.get(f) or f)}</figcaption></figure>" for f in r.figures)
+    pages = " · ".join(f"<a href='{base}{html.escape(p)}'>{html.escape(p)} (interactive)</a>" for p in r.pages if p != "plotly.min.js")
+    links = " · ".join(x for x in (f"<a href='{base}{html.escape(r.notebook)}'>executed notebook</a>",
+                                   f"<a href='{base}{r.metrics}'>metrics.json</a>" if r.metrics else "no metrics.json", pages) if x)
+    used = m.get("params") or r.parameters
+    fixes = f"<details><summary>fix knobs used</summary>{_parameter_table(m['fixes'])}</details>" if m.get("fixes") else ""
+    return (f"<section id='{html.escape(r.name)}'><h2>{html.escape(r.name)} <span style='color:{colour}'>{r.status}</span> "
             f"<small>{r.seconds:.1f} s (kernel {r.kernel_seconds:.1f} s)</small></h2>{err}"
-            f"<p><a href='{base}{html.escape(r.notebook)}'>executed notebook</a> · {metrics} · {pages}</p>"
-            f"<p><small>parameters: <code>{params}</code></small></p><div class='figs'>{figs}</div></section>"
-        )
+            f"<div class='conclusion'>{conclusion}</div><div class='figs'>{figs}</div><p>{links}</p>"
+            f"<details><summary>parameters used</summary>{_parameter_table(used)}</details>{fixes}</section>")
+
+
+def write_index(runs: list[NotebookRun], out_root: str | os.PathLike = "runs") -> Path:
+    """runs/index.html (and index.json), a results page: per notebook its status and time, the conclusion its run
+    computed, its figures in the notebook's order with their titles, the parameters it actually ran with (the
+    validated values, defaults included, as the notebook recorded them), and links to the executed notebook,
+    metrics.json and the interactive pages."""
+    out_root = Path(out_root)
+    toc = " · ".join(f"<a href='#{html.escape(r.name)}' style='color:{'#070' if r.status == 'ok' else '#b00'}'>{html.escape(r.name)}</a>"
+                     for r in runs)
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>workbench report</title><style>"
-            "body{font-family:sans-serif;max-width:1100px;margin:auto} img{max-height:260px;margin:4px;border:1px solid #ccc}"
-            "section{border-bottom:1px solid #ddd;padding-bottom:8px}</style></head><body><h1>workbench report</h1>"
-            f"<p>{sum(r.status == 'ok' for r in runs)}/{len(runs)} notebooks ok, {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"
-            + "".join(blocks) + "</body></html>")
+            "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 12px} section{border-bottom:1px solid #ddd;padding-bottom:12px}"
+            ".figs{display:flex;flex-wrap:wrap;gap:10px} figure{margin:0;flex:1 1 560px;max-width:100%}"
+            "figure img{width:100%;border:1px solid #ccc} figcaption{font-size:0.85em;color:#444}"
+            ".conclusion{background:#f6f8fa;padding:2px 12px;border-left:4px solid #6a8} table.params{font-size:0.85em;border-collapse:collapse}"
+            "table.params td{padding:1px 8px;border-bottom:1px solid #eee} .error{color:#b00}</style></head><body><h1>workbench report</h1>"
+            f"<p>{sum(r.status == 'ok' for r in runs)}/{len(runs)} notebooks ok, {time.strftime('%Y-%m-%d %H:%M:%S')}: {toc}</p>"
+            + "".join(_section(r) for r in runs) + "</body></html>")
     atomic_write_json(out_root / "index.json", [asdict(r) | {"kernel_seconds": r.kernel_seconds} for r in runs])
     return atomic_write_text(out_root / "index.html", page)
 
@@ -188,6 +318,7 @@ def run_report(notebooks: list[Path], out_root: str | os.PathLike = "runs", para
     from tqdm.auto import tqdm
 
     parameters = parameters or {}
+    _refuse_out_dir(parameters)
     declared = {p: set(notebook_parameters(p)) for p in notebooks}
     unknown = sorted(k for k in parameters if not any(k in d for d in declared.values()))
     if unknown:
@@ -207,7 +338,8 @@ def register_cli(sub) -> None:
     p = sub.add_parser("report", help="execute every notebook headless with papermill into runs/, with an index page")
     p.add_argument("--only", action="append", metavar="NAME", help="run only this notebook (name or prefix, e.g. 03); repeatable")
     p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                   help="pass a parameter to the notebooks that declare it (VALUE parsed as JSON when possible)")
+                   help="pass a parameter to the notebooks that declare it (VALUE parsed as JSON when possible; negative numbers "
+                        "and lists such as -10,0 are values); --help-notebook NAME lists them")
     p.add_argument("--ci", action="store_true", help="small parameters, as in CI")
     p.add_argument("--out", default="runs", help="output folder (default runs/)")
     p.add_argument("--notebooks", default=str(NOTEBOOK_DIR), help="folder of the notebooks")
@@ -219,12 +351,12 @@ def register_cli(sub) -> None:
 def _cli_report(args) -> int:
     notebooks = list_notebooks(args.notebooks)
     if args.help_notebook:
-        (path,) = select(notebooks, [args.help_notebook])[:1]
+        path = select(notebooks, [args.help_notebook], "--help-notebook")[0]
         print(f"{path.stem}: parameters (pass with -p KEY VALUE)")
         ci = ci_parameters(path.stem)
         for k, v in notebook_parameters(path).items():
             extra = f" [--ci: {ci[k]!r}]" if k in ci else ""
-            print(f"  {k:<18} {v['type'] or '?':<6} default {v['default']:<14} {v['help']}{extra}")
+            print(f"  {k:<18} {v['type'] or '?':<13} default {v['default']:<14} {v['help']}{extra}")
         return 0
     selected = select(notebooks, args.only)
     params = {k: parse_value(v) for k, v in args.parameter}
@@ -233,7 +365,7 @@ def _cli_report(args) -> int:
         print(f"{r.name}: {r.status} in {r.seconds:.1f} s (cells {sum(r.cell_seconds):.1f} s) -> {r.out_dir}/{r.notebook}")
     failed = [r for r in runs if r.status != "ok"]
     for r in failed:
-        print(f"workbench report: notebook {r.name} failed in cell {r.cell} ({r.cell_source}): {r.error}; partial output in "
-              f"{r.out_dir}/{r.notebook}", file=sys.stderr)
+        print(f"workbench report: notebook {r.name} failed in {r.where or f'cell {r.cell}'} ({r.cell_source}): {r.error}; "
+              f"partial output in {r.out_dir}/{r.notebook}", file=sys.stderr)
     print(f"index: {Path(args.out) / 'index.html'}")
     return 1 if failed else 0

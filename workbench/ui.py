@@ -79,6 +79,8 @@ class Panel:
 
     def __init__(self, controls: dict[str, widgets.Widget], initial: Any = None, auto: bool = True, buttons: tuple = ()):
         self.controls = controls
+        for name, w in controls.items():
+            w.add_class(f"wb-{name.replace('_', '-')}")  # a stable handle for the browser test and user CSS
         self.status = widgets.HTML(value="").add_class("wb-status")
         self.progress = widgets.FloatProgress(value=0.0, min=0.0, max=1.0, layout=widgets.Layout(display="none", width="320px"))
         self.image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%", display="none"))
@@ -323,8 +325,6 @@ class GradientPanel(Panel):
             "subspace_weight": _float_text(cfg.loss.subspace, "subspace weight"),
             "c_eps": _log_slider(cfg.fixes.c_eps, "C_EPS"),
         }
-        controls["gap_backend"].add_class("wb-gap-backend")
-        controls["subspace_backend"].add_class("wb-subspace-backend")
         super().__init__(controls, initial)
         self.status.add_class("wb-grad-status")
 
@@ -371,7 +371,7 @@ class TrainingPanel(Panel):
                                         continuous_update=False),
             "lr": _log_slider(cfg.train.lr, "lr", -5, 0),
         }
-        self.button = widgets.Button(description="train", button_style="primary", icon="play")
+        self.button = widgets.Button(description="train", button_style="primary", icon="play").add_class("wb-train")
         self.button.on_click(lambda _: self.update())
         self.buttons = (self.button,)
         self._data: dict[str, Any] = {}
@@ -455,7 +455,7 @@ class SweepPanel(Panel):
             "more": widgets.BoundedIntText(value=2, min=1, max=1000, description="more trials", style={"description_width": "initial"},
                                            layout=widgets.Layout(width="160px")),
         }
-        self.button = widgets.Button(description="run more trials", button_style="primary", icon="play")
+        self.button = widgets.Button(description="run more trials", button_style="primary", icon="play").add_class("wb-run-more")
         self.button.on_click(lambda _: self.run_more())
         self.buttons = (self.button,)
         super().__init__(controls, None, buttons=self.buttons)

@@ -9,51 +9,63 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 
-from ..studies.pipeline import MATRICES, Spectra
-from . import COLOURS, markdown_table
+from ..studies.pipeline import MATRICES, SUMMARISED, Spectra
+from . import COLOURS, legend_outside, markdown_table
+
+ZERO_REL = 1e-9  # eigenvalues below this fraction of lambda_max are numerically zero (float32 rounding is ~1e-7)
 
 
 def norms_figure(rows: list[dict]) -> Figure:
-    """Grouped bars, log scale: median ||R||_F of each matrix per preset, with rank(R_blend) written on top."""
-    names = ("R_samp_raw", "R_samp", "R_pred", "R_blend")
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(rows)), 3.8))
-    width = 0.8 / len(names)
-    for j, name in enumerate(names):
-        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(rows))]
-        ax.bar(xs, [max(r[name]["fro"], 1e-30) for r in rows], width, label=name, color=COLOURS[name])
+    """Grouped bars, log scale: the median Frobenius norm of each matrix per preset, with rank(R_blend) above
+    its bar."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(rows)) + 1.6, 3.8))
+    width = 0.8 / len(SUMMARISED)
+    for j, name in enumerate(SUMMARISED):
+        xs = [i + (j - (len(SUMMARISED) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [r[name]["fro"] for r in rows], width, label=name.replace("R_samp_raw", "R_samp before Fix 1"), color=COLOURS[name])
     for i, r in enumerate(rows):
-        ax.annotate(f"rank {r['R_blend']['rank']:.0f}", (i + 1.5 * width, r["R_blend"]["fro"]), ha="center", va="bottom", fontsize=7)
+        ax.annotate(f"rank\n{r['R_blend']['rank']:.0f}", (i + 1.5 * width, r["R_blend"]["fro"]), ha="center", va="bottom", fontsize=7)
     ax.set_yscale("log")
+    ax.margins(y=0.25)
     ax.set_xticks(range(len(rows)), [r["preset"] for r in rows], rotation=15)
-    ax.set_ylabel("median Frobenius norm")
-    ax.set_title("Fix 1 / Fix 2: norms of the pipeline's matrices")
-    ax.legend(fontsize=8, ncol=2)
+    ax.set_xlabel("preset")
+    ax.set_ylabel("median ‖R‖_F (log scale)")
+    ax.set_title("Size of each matrix of the pipeline, per preset")
+    legend_outside(ax)
     fig.tight_layout()
     return fig
 
 
-def _floor(ev: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues clipped below at 1e-12 of the largest, so a log axis can show zeros and rounding noise."""
-    return ev.clamp_min(1e-12 * float(ev.abs().max()))
+def _nonzero(ev: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Eigenvalues with the numerically zero ones (below ZERO_REL lambda_max) replaced by NaN, and that floor."""
+    floor = ZERO_REL * float(ev.abs().max())
+    return torch.where(ev > floor, ev, torch.full_like(ev, math.nan)), floor
 
 
 def spectrum_figure(spec: Spectra, scene: int = 0, matrices: Iterable[str] = MATRICES) -> Figure:
-    """Sorted eigenvalues of one scene on a log axis, one line per matrix; K marked by a vertical line and
-    the gap lambda_K - lambda_{K+1} of R_blend shaded. Values below 1e-12 lambda_max are drawn at that floor."""
+    """Sorted eigenvalues of one scene on a log axis, one line per matrix; K marked by a vertical line and the
+    gap lambda_K - lambda_{K+1} of R_blend shaded. Eigenvalues below 1e-9 lambda_max (numerically zero:
+    rank deficiency and float32 rounding) are not drawn; the grey band says where they would be."""
     K = int(spec.K[scene])
-    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    fig, ax = plt.subplots(figsize=(8.6, 4.0))
     idx = torch.arange(1, spec.eigvals["R_blend"].shape[-1] + 1)
+    floors = []
     for name in matrices:
-        ev = spec.eigvals[name][scene]
-        ax.semilogy(idx, _floor(ev), ".-", ms=3, lw=1, color=COLOURS[name],
+        ev, floor = _nonzero(spec.eigvals[name][scene])
+        floors.append(floor)
+        ax.semilogy(idx, ev, ".-", ms=3, lw=1, color=COLOURS[name],
                     label=f"{name}: rank {int(spec.rank[name][scene])}, cond {float(spec.cond[name][scene]):.3g}")
     ev = spec.eigvals["R_blend"][scene]
-    ax.axhspan(float(ev[K]), float(ev[K - 1]), color=COLOURS["R_blend"], alpha=0.15, label=f"R_blend gap λ_K-λ_K+1 = {float(ev[K-1]-ev[K]):.3g}")
+    gap = float(ev[K - 1] - ev[K])
+    ax.axhspan(float(ev[K]), float(ev[K - 1]), color=COLOURS["R_blend"], alpha=0.15, label=f"R_blend gap λ_K − λ_K+1 = {gap:.3g}")
     ax.axvline(K + 0.5, color="k", ls="--", lw=0.8, label=f"K = {K}")
-    ax.set_xlabel("eigenvalue index (descending)")
-    ax.set_ylabel("eigenvalue (trace-N units)")
-    ax.set_title(f"Eigenvalue spectra, scene {scene}")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.set_ylim(bottom=max(floors))
+    ax.text(0.99, 0.02, "not drawn: eigenvalues below 1e-9 λ_max (numerically zero)", transform=ax.transAxes, ha="right",
+            fontsize=7, color="#555")
+    ax.set_xlabel("eigenvalue index (largest first)")
+    ax.set_ylabel("eigenvalue (trace-N units, log scale)")
+    ax.set_title(f"Eigenvalues of the pipeline's matrices, scene {scene} (K = {K})")
+    legend_outside(ax)
     fig.tight_layout()
     return fig
 
@@ -65,38 +77,39 @@ def spectrum_plotly(spec: Spectra, scene: int = 0):
     K = int(spec.K[scene])
     fig = go.Figure()
     for name in MATRICES:
-        ev = _floor(spec.eigvals[name][scene]).tolist()
+        ev = _nonzero(spec.eigvals[name][scene])[0].tolist()
         fig.add_trace(go.Scatter(x=list(range(1, len(ev) + 1)), y=ev, mode="lines+markers", name=name, marker={"size": 3},
-                                 line={"color": COLOURS[name]}))
+                                 line={"color": COLOURS[name]}, connectgaps=False))
     ev = spec.eigvals["R_blend"][scene]
     fig.add_hrect(y0=float(ev[K]), y1=float(ev[K - 1]), fillcolor=COLOURS["R_blend"], opacity=0.15, line_width=0)
     fig.add_vline(x=K + 0.5, line_dash="dash")
-    fig.update_yaxes(type="log", title="eigenvalue")
-    fig.update_xaxes(title="index (descending)")
-    fig.update_layout(title=f"Eigenvalue spectra, scene {scene} (K = {K})", height=420)
+    fig.update_yaxes(type="log", title="eigenvalue (trace-N units)")
+    fig.update_xaxes(title="eigenvalue index (largest first)")
+    fig.update_layout(title=f"Eigenvalues of the pipeline's matrices, scene {scene} (K = {K}); numerically zero ones not drawn", height=420)
     return fig
 
 
 def loading_figure(rows: list[dict]) -> Figure:
-    """Lower eigenvalues, gap, and condition number of R_blend against C_EPS (log-log)."""
-    c = [max(r["c_eps"], 1e-12) for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.0, 3.6))
-    a1.loglog(c, [max(r["lower_min"], 1e-16) for r in rows], "o-", label="min λ_{K+1..N}")
-    a1.loglog(c, [max(r["lower_max"], 1e-16) for r in rows], "s-", label="max λ_{K+1..N}")
-    a1.loglog(c, [max(r["gap"], 1e-16) for r in rows], "^-", label="gap λ_K-λ_{K+1}")
-    a1.set_xlabel("C_EPS")
-    a1.set_ylabel("median over scenes")
-    a1.legend(fontsize=8)
-    a1.set_title("loading lifts the floor, keeps the gap")
+    """Against C_EPS (log-log): the smallest and largest of R_blend's lower eigenvalues lambda_{K+1..N} and the gap
+    lambda_K - lambda_{K+1} (medians over scenes); and the condition number."""
+    c = [r["c_eps"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.5, 3.6))
+    a1.loglog(c, [r["lower_min"] for r in rows], "o-", label="smallest λ_K+1..N")
+    a1.loglog(c, [r["lower_max"] for r in rows], "s--", label="largest λ_K+1..N")
+    a1.loglog(c, [r["gap"] for r in rows], "^-", label="gap λ_K − λ_K+1")
+    a1.set_xlabel("diagonal loading C_EPS (trace-N units)")
+    a1.set_ylabel("eigenvalue, median over scenes")
+    a1.set_title("Loading lifts the floor and keeps the gap")
+    legend_outside(a1)
     a2.loglog(c, [r["cond"] if math.isfinite(r["cond"]) else float("nan") for r in rows], "o-")
-    a2.set_xlabel("C_EPS")
-    a2.set_ylabel("cond(R_blend)")
-    a2.set_title("condition number")
+    a2.set_xlabel("diagonal loading C_EPS (trace-N units)")
+    a2.set_ylabel("cond(R_blend) = λ_max / λ_min")
+    a2.set_title("Condition number of R_blend")
     fig.tight_layout()
     return fig
 
 
-def summary_markdown(rows: list[dict], matrices: Sequence[str] = ("R_samp_raw", "R_samp", "R_pred", "R_blend")) -> str:
-    """:func:`normalisation_rows` as one markdown table: preset, matrix, ||.||_F, trace, rank, cond (medians)."""
+def summary_markdown(rows: list[dict], matrices: Sequence[str] = SUMMARISED) -> str:
+    """Normalisation rows as one markdown table: preset, matrix, ||.||_F, trace, rank, cond (medians)."""
     flat = [{"preset": r["preset"], "matrix": m, **{k: r[m][k] for k in ("fro", "trace", "rank", "cond")}} for r in rows for m in matrices]
-    return markdown_table(flat)
+    return markdown_table(flat, ["preset", "matrix", "fro", "trace", "rank", "cond"])

@@ -11,6 +11,7 @@ import optuna
 from matplotlib.figure import Figure
 
 from ..studies.sweeps import OUTCOMES
+from . import legend_outside
 
 OUTCOME_COLOURS = {"complete": "#2ca02c", "pruned": "#ff7f0e", "nonfinite": "#d62728", "failed": "#7f7f7f"}
 
@@ -38,14 +39,23 @@ def history_figure(study) -> Figure:
     """Optimisation history (val_nmse per completed trial and best so far), Optuna's matplotlib builder."""
     from optuna.visualization import matplotlib as om
 
-    return _optuna_mpl(om.plot_optimization_history, study, target_name="val_nmse")
+    fig = _optuna_mpl(om.plot_optimization_history, study, target_name="val_nmse")
+    ax = fig.axes[0]
+    ax.set_title("Validation NMSE of each completed trial, and the best so far", fontsize=10)
+    ax.set_xlabel("trial number")
+    ax.set_ylabel("validation NMSE of R_pred")
+    return fig
 
 
-def importances_figure(study, params: Sequence[str]) -> Figure:
-    """Parameter importances of ``params`` (see :func:`sweep_importances` for when they exist)."""
+def importances_figure(study, params: Sequence[str], note: str = "") -> Figure:
+    """Parameter importances of ``params`` (see :func:`~workbench.studies.sweeps.sweep_importances` for when they
+    exist); ``note`` (e.g. how many trials they rest on) goes into the title."""
     from optuna.visualization import matplotlib as om
 
-    return _optuna_mpl(om.plot_param_importances, study, params=list(params), target_name="val_nmse")
+    fig = _optuna_mpl(om.plot_param_importances, study, params=list(params), target_name="val_nmse")
+    if note:
+        fig.axes[0].set_title(f"Importance of each knob for the validation NMSE ({note})", fontsize=9)
+    return fig
 
 
 def _parallel_axes(rows: list[dict]) -> list[dict]:
@@ -116,9 +126,11 @@ def parallel_figure(rows: list[dict]) -> Figure:
         ax.plot([], [], color=OUTCOME_COLOURS[o], label=o)
     ax.set_xticks(range(len(axes)), [a["label"] for a in axes], rotation=20, fontsize=8)
     ax.set_yticks([])
+    ax.set_xlabel("knob, validation NMSE, outcome")
+    ax.set_ylabel("value (each axis scaled to its own range)")
     ax.set_xlim(-0.2, len(axes) - 0.5)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("Knobs versus outcome (every finished trial)")
+    legend_outside(ax, title="outcome")
+    ax.set_title("Knobs versus outcome of every finished trial")
     fig.tight_layout()
     return fig
 
@@ -132,24 +144,38 @@ def _short(label: str) -> str:
 
 
 def outcomes_figure(rows: list[dict], param: str | None = None) -> Figure:
-    """Stacked bars per knob value of :func:`workbench.sweep.outcome_fractions` rows: the fraction of trials
-    that completed, were pruned, were non-finite or failed (one panel per knob, or only ``param``)."""
+    """Stacked bars per knob value of :func:`workbench.studies.sweeps.outcome_fractions` rows: the fraction of
+    trials that completed, were pruned, were non-finite or failed, one panel per knob (a grid of up to three
+    columns) or only ``param``. Each bar carries its number of trials; a bar with a caveat (few trials, or a
+    knob value always paired with another knob's value) is hatched and its caveat listed under the panel."""
     names = [param] if param else sorted({r["param"] for r in rows})
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(max(4.0, 3.6 * len(names)), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    cols = min(3, max(1, len(names)))
+    nrows = math.ceil(max(1, len(names)) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.3 * cols + 1.4, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
         sub = [r for r in rows if r["param"] == name]
-        x = range(len(sub))
+        x = list(range(len(sub)))
         bottom = [0.0] * len(sub)
         for o in OUTCOMES:
-            ax.bar(x, [r[o] for r in sub], bottom=bottom, color=OUTCOME_COLOURS[o], label=o)
+            ax.bar(x, [r[o] for r in sub], bottom=bottom, color=OUTCOME_COLOURS[o], label=o,
+                   hatch=["//" if r["caveat"] else "" for r in sub], edgecolor="white")
             bottom = [b + r[o] for b, r in zip(bottom, sub)]
-        ax.set_xticks(list(x), [f"{_short(r['value'])}\n(n={r['n']})" for r in sub], fontsize=7)
-        ax.set_ylim(0, 1)
+        for xi, r in zip(x, sub):
+            ax.text(xi, 1.01, f"n={r['n']}", ha="center", va="bottom", fontsize=7)
+        notes = [f"{_short(r['value'])}: {r['caveat']}" for r in sub if r["caveat"]]
+        ax.set_xticks(x, [_short(r["value"]) for r in sub], fontsize=7, rotation=15)
+        ax.set_ylim(0, 1.12)
         ax.set_title(name, fontsize=9)
         ax.set_ylabel("fraction of trials")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.set_xlabel("value" + ("\n" + "\n".join(notes) if notes else ""), fontsize=7)
+    legend_outside(axes.flat[min(len(names), cols) - 1], title="outcome")
+    fig.suptitle("Outcome of the trials per knob value (hatched: read with care)")
     fig.tight_layout()
     return fig
+
+
 def history_plotly(study: optuna.Study):
     """Optimisation history (plotly): val_nmse per trial and the best so far."""
     return optuna.visualization.plot_optimization_history(study, target_name="val_nmse")

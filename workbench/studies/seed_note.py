@@ -117,3 +117,21 @@ def _cli_seed_table(args) -> int:
     if args.json:
         atomic_write_json(args.json, rows)
     return 0
+
+
+def seed_conclusion(seed_rows: list[dict]) -> str:
+    """Markdown bullets: the seed note's claims beside what this run measured."""
+    by = {r["preset"]: r for r in seed_rows}
+    lines = []
+    for name, quoted in SEED_NOTE_ROWS.items():
+        r = by.get(name)
+        if r is None:
+            continue
+        lines.append(f"- **{name}**: the note had ‖R_samp‖_F {quoted['R_samp_fro']:g} and ‖R_blend‖_F {quoted['R_blend_fro']:g} with "
+                     f"{quoted['grad']} gradients; measured {r['R_samp_fro']['median']:.3g} and {r['R_blend_fro']['median']:.3g} with "
+                     f"{'finite' if r['ok'] else 'NaN'} gradients.")
+    floors = ", ".join(f"{r['preset']} {r['oracle_nmse']['median']:.3g}" for r in seed_rows)
+    lines.append(f"- An exact prediction scores NMSE {floors}: a non-zero floor wherever C_EPS loads only the prediction side.")
+    nan = [r["preset"] for r in seed_rows if not r["ok"]]
+    lines.append(f"- Gradients non-finite in: {', '.join(nan) if nan else 'none of these presets'}.")
+    return "\n".join(lines)

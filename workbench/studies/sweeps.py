@@ -78,10 +78,15 @@ def parallel_rows(study) -> list[dict]:
     return rows
 
 
+SMALL_N = 3  # groups with fewer trials than this get a caveat
+
+
 def outcome_fractions(study: optuna.Study, bins: int = 3) -> list[dict]:
     """Per knob and value, the fraction of finished trials that completed, were pruned by the pruner, were
     non-finite, or failed. Numeric knobs are cut into ``bins`` quantile bins. Rows: {"param", "value", "n",
-    "complete", "pruned", "nonfinite", "failed"} (fractions in [0, 1])."""
+    "complete", "pruned", "nonfinite", "failed" (fractions in [0, 1]), "paired_with" (other categorical knobs
+    that took one value in every trial of this group while taking several in the study: the group's outcome
+    cannot be told apart from theirs), "caveat" (why the fractions should not be read alone, or "")}."""
     finished = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
     names = sorted({k for t in finished for k in t.params})
     rows = []
@@ -94,10 +99,49 @@ def outcome_fractions(study: optuna.Study, bins: int = 3) -> list[dict]:
             idx = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
             labels = [f"[{edges[i]:.3g}, {edges[i + 1]:.3g}]" for i in idx]
         else:
-            labels = [str(v) for v in values]
+            labels = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in values]
         for label in sorted(set(labels), key=lambda x: (len(x), x)):
             group = [t for t, lab in zip(ts, labels) if lab == label]
             n = len(group)
             kind = [trial_outcome(t) for t in group]
-            rows.append({"param": name, "value": label, "n": n, **{k: kind.count(k) / n for k in OUTCOMES}})
+            paired = _paired(name, group, finished)
+            caveat = "; ".join(([f"only {n} trial{'s' * (n > 1)}"] if n < SMALL_N else [])
+                               + ([f"always with {', '.join(paired)}"] if paired else []))
+            rows.append({"param": name, "value": label, "n": n, **{k: kind.count(k) / n for k in OUTCOMES}, "paired_with": paired,
+                         "caveat": caveat})
     return rows
+
+
+def _paired(name: str, group: list, finished: list) -> list[str]:
+    """Other categorical knobs constant over ``group`` but varying over ``finished``, as "knob=value"."""
+    out = []
+    for other in sorted({k for t in finished for k in t.params} - {name}):
+        values = {repr(t.params.get(other)) for t in group}
+        numeric = all(isinstance(t.params.get(other), (int, float)) and not isinstance(t.params.get(other), bool) for t in finished)
+        if len(values) == 1 and not numeric and len({repr(t.params.get(other)) for t in finished}) > 1:
+            out.append(f"{other}={group[0].params.get(other)}")
+    return out
+
+
+def sweep_conclusion(metrics: dict) -> str:
+    """Markdown bullets from :func:`sweep_metrics` (+ importances): counts, the best trial, and which knob values
+    went non-finite, with their caveats."""
+    c, best = metrics["progress"], metrics["best"]
+    lines = [f"- {c['done']} finished trials: {c['complete']} complete, {c['pruned']} pruned ({len(metrics['nonfinite'])} for a "
+             f"non-finite step), {c['failed']} failed."]
+    if best:
+        knobs = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+        lines.append(f"- Best: trial {best['number']}, validation NMSE {best['value']:.4g} ({knobs}).")
+    for r in metrics["outcome_fractions"]:
+        if r["nonfinite"] > 0:
+            lines.append(f"- {r['param']} = {r['value']}: {r['nonfinite']:.0%} of {r['n']} trial(s) non-finite"
+                         + (f" (caveat: {r['caveat']})" if r["caveat"] else "") + ".")
+    ops = sorted({op for r in metrics["nonfinite"] for op in r["ops"]})
+    if ops:
+        lines.append(f"- Non-finite steps came from {', '.join(ops)}.")
+    if metrics.get("importances"):
+        top = max(metrics["importances"], key=metrics["importances"].get)
+        lines.append(f"- Most important knob for the validation NMSE: {top} ({metrics['importances_note']}).")
+    elif metrics.get("importances_note"):
+        lines.append(f"- No importances: {metrics['importances_note']}.")
+    return "\n".join(lines)
