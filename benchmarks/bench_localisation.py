@@ -15,8 +15,8 @@ import torch
 from timing import best_time  # noqa: E402
 
 from workbench import localisation as E
-from workbench.grid import Grid
 from workbench.config import SystemConfig, resolve_device
+from workbench.grid import Grid
 from workbench.physics import simulate
 
 
