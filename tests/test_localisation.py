@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from workbench import likelihood as LK
 from workbench import localisation as E
-from workbench.config import ConfigError, SystemConfig
+from workbench.config import ConfigError, ExperimentConfig, SystemConfig
 from workbench.grid import Grid
 from workbench.physics import measurement_matrices, pathloss, simulate, steering
-from workbench.studies.localisation import localisation_vs_snr
+from workbench.studies.localisation import localisation_sources, localisation_vs_snr
 
 SYSTEM = SystemConfig()
 
@@ -94,6 +95,56 @@ def test_noise_free_r_true_sources_recovered(method):
         assert np.degrees(err[:, :2]).max() < 1e-3 and (err[:, 2] / truth[cols, 2]).max() < 1e-3, (b, K, err)
 
 
+def _close_pairs(system: SystemConfig, n: int, seed: int):
+    """n scenes of two sources closer than a beamwidth: the second offset from the first by 0.025-0.06 in
+    direction cosines (u = sin(phi) cos(theta), v = sin(theta); the half-power beamwidth is ~0.15), at
+    independent ranges 1-9 m. Returns phi, theta, r [n,2] float64 and the noise-free R_true [n,N,N] complex64."""
+    rng = np.random.default_rng(seed)
+    phi1, th1 = rng.uniform(-0.8, 0.8, n), rng.uniform(-0.4, 0.4, n)
+    ang, sep = rng.uniform(0, 2 * np.pi, n), rng.uniform(0.025, 0.06, n)
+    v2 = np.sin(th1) + sep * np.sin(ang)
+    th2 = np.arcsin(v2)
+    phi2 = np.arcsin((np.sin(phi1) * np.cos(th1) + sep * np.cos(ang)) / np.cos(th2))
+    phi, theta = torch.tensor(np.stack([phi1, phi2], 1)), torch.tensor(np.stack([th1, th2], 1))
+    r = torch.tensor(rng.uniform(1.0, 9.0, (n, 2)))
+    A = steering(system, phi, theta, r)
+    R = torch.einsum("bkn,bk,bkm->bnm", A, pathloss(system, r).to(A.dtype), A.conj()).to(torch.complex64)
+    return phi, theta, r, R
+
+
+def _max_phi_error_deg(est, phi, theta, r) -> np.ndarray:
+    """Per scene, the largest |phi error| in degrees over the Hungarian pairs."""
+    out = []
+    for b in range(len(phi)):
+        i, j = E.match(torch.stack((est.phi[b], est.theta[b], est.r[b]), -1).numpy(), torch.stack((phi[b], theta[b], r[b]), -1).numpy())
+        out.append(np.degrees(np.abs(est.phi[b].numpy()[i] - phi[b].numpy()[j])).max())
+    return np.array(out)
+
+
+def test_music_separates_two_sources_that_share_one_grid_peak():
+    """Notebook 05's ~10 deg RMSE on noise-free R_true (issue item 3): two sources closer than two 2-deg grid
+    steps give one local maximum of the gridded MUSIC spectrum, so the K largest local maxima include a
+    sidelobe (spectrum ~1.2 against >= 20 at real peaks) that the Hungarian matching pairs with the missed
+    source. Shown here on 12 such pairs (|a_1^H a_2|^2 = 0.3-0.8): the single-scan peak picking misses one
+    source by more than 2 deg in at least 3 of them; RAP-MUSIC (the default) recovers every source to 1e-3 deg."""
+    phi, theta, r, R = _close_pairs(SYSTEM, 12, seed=3)
+    grid = Grid.default(SYSTEM)
+    single = _max_phi_error_deg(E.localise(R, SYSTEM, grid, K=2, sequential=False), phi, theta, r)
+    assert (single > 2.0).sum() >= 3, single
+    rap = _max_phi_error_deg(E.localise(R, SYSTEM, grid, K=2), phi, theta, r)
+    assert rap.max() < 1e-3, rap
+
+
+def test_notebook_05_default_noise_free_r_true_is_exact_at_every_snr():
+    """The default run of notebook 05 (default system, SNRs -5..20, 16 scenes per SNR, seed + i): MUSIC on the
+    noise-free R_true with the true K finds every source to 1e-3 deg at every SNR (the SNR does not enter
+    R_true; before the fix the -5 and 0 dB scenes, which hold close pairs, scored ~10 deg)."""
+    out = localisation_vs_snr(SYSTEM, [-5.0, 0.0, 5.0, 10.0, 20.0], 16, {"R_true": lambda b: b.R_true}, seed=0)
+    res = out["covariances"]["R_true"]
+    assert max(res["rmse_phi_deg"]) < 1e-3 and max(res["rmse_theta_deg"]) < 1e-3, res
+    assert res["recall"] == [1.0] * 5
+
+
 def test_k_estimated_on_noise_free_r_true():
     Ks = [1, 2, 3, 4, 5]
     *_, R = _scenes(SYSTEM, Ks, seed=5)
@@ -155,7 +206,7 @@ def test_fisher_information_matches_finite_difference_hessian():
     H, codes = batch.H.to(torch.complex128), batch.codes.to(torch.complex128)
     th0 = torch.cat([batch.phi, batch.theta, batch.r, batch.power, batch.noise_var[:, None]], 1).to(torch.float64)
     C0 = _expected_loglik(SMALL, H, codes, th0, None)
-    Fim = E.fisher_information(SMALL, H, codes, batch.phi, batch.theta, batch.r, batch.power, batch.noise_var, batch.mask, nuisance=True)
+    Fim = LK.fisher_information(SMALL, H, codes, batch.phi, batch.theta, batch.r, batch.power, batch.noise_var, batch.mask, nuisance=True)
     # fisher order: (phi_k, theta_k, r_k) for each k, then p_1, p_2, sigma^2; th0 order: phi_1 phi_2 theta_1 theta_2 r_1 r_2 p_1 p_2 s2
     perm = [0, 2, 4, 1, 3, 5, 6, 7, 8]
     P = th0.shape[1]
@@ -179,8 +230,8 @@ def test_fisher_information_matches_finite_difference_hessian():
     rel = (Fim - fd).abs() / (d[:, :, None] * d[:, None, :])
     assert rel.max() < 1e-4, rel.max()
     # the nuisance bound is never below the known-parameter bound
-    known = E.crb_for(batch, SMALL, nuisance=False)
-    unknown = E.crb_for(batch, SMALL, nuisance=True)
+    known = LK.crb_for(batch, SMALL, nuisance=False)
+    unknown = LK.crb_for(batch, SMALL, nuisance=True)
     assert (unknown >= known * (1 - 1e-9)).all()
 
 
@@ -206,14 +257,14 @@ def test_crb_matches_monte_carlo_ml_variance_at_high_snr():
         proj = (b.conj() * y).sum(-1).abs().square()
         return -(torch.log1p(p * nb / s2) + (y.abs().square().sum(-1) - p * proj / (s2 + p * nb)) / s2).sum(-1)
 
-    Fim = E.fisher_information(system, H, codes, truth[:, 0:1], truth[:, 1:2], truth[:, 2:3], p, s2, nuisance=False)[0]
+    Fim = LK.fisher_information(system, H, codes, truth[:, 0:1], truth[:, 1:2], truth[:, 2:3], p, s2, nuisance=False)[0]
     x = truth.expand(T, 3).clone()
     for _ in range(6):
         x.requires_grad_(True)
         (score,) = torch.autograd.grad(loglik(x).sum(), x)
         x = (x + torch.linalg.solve(Fim, score.T).T).detach()
     assert (torch.linalg.solve(Fim, score.T).T.abs() < 1e-3 * torch.diag(torch.linalg.inv(Fim)).sqrt()).float().mean() > 0.95
-    crb = E.crb(system, H, codes, truth[:, 0:1], truth[:, 1:2], truth[:, 2:3], p, s2, nuisance=False)[0, 0]
+    crb = LK.crb(system, H, codes, truth[:, 0:1], truth[:, 1:2], truth[:, 2:3], p, s2, nuisance=False)[0, 0]
     ratio = ((x - truth).square().mean(0) / crb).tolist()
     assert all(0.75 < q < 1.35 for q in ratio), ratio
 
@@ -306,7 +357,7 @@ def test_bad_input_fails_clearly():
         E.match(np.zeros((1, 3)), np.zeros((1, 3)), {"r_m": -1.0})
     b = simulate(SMALL.replace(coherent=True), 1)
     with pytest.raises(ConfigError, match="coherent"):
-        E.crb_for(b, SMALL.replace(coherent=True))
+        LK.crb_for(b, SMALL.replace(coherent=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,3 +374,52 @@ def test_localisation_vs_snr_returns_plain_json_ready_results():
     assert all(q > out["sqrt_crb"]["phi_deg"][1] for q in out["sqrt_crb"]["phi_deg"][:1])
     with pytest.raises(ConfigError, match="covariances"):
         localisation_vs_snr(system, [0.0], 1, {})
+
+
+def test_localisation_sources_offers_the_physics_baseline():
+    """notebook 05's sources with physics_k: the ML covariance (rank K) localised by MUSIC with the true K finds
+    well-separated sources at 30 dB to well under a degree (6 x 6 RIS, K = 1..2, r 1-4 m)."""
+    cfg = ExperimentConfig(system=SystemConfig(N_H=6, N_V=6, K_max=2, r_min_m=1.0, r_max_m=4.0))
+    sources = localisation_sources(cfg, [], physics_k="true")
+    assert set(sources) == {"R_true", "physics[ML]"}
+    out = localisation_vs_snr(cfg.system, [30.0], 6, {"physics[ML]": sources["physics[ML]"]}, grid=Grid.default(cfg.system, 4.0, 8), seed=3)
+    res = out["covariances"]["physics[ML]"]
+    assert res["recall"] == [1.0] and res["rmse_phi_deg"][0] < 0.5 and res["rmse_theta_deg"][0] < 0.5, res
+    with pytest.raises(ConfigError, match="physics_k"):
+        localisation_sources(cfg, [], physics_k="oracle")
+
+
+def test_a_source_with_its_own_count_is_scored_and_localised_with_it():
+    """A source returning (R, K_hat) is scored on K_hat (here the true K plus one, capped: accuracy 0 where K < K_max)
+    and, without use_true_k, localised with it; a plain source is counted by MDL."""
+    system = SystemConfig(N_H=6, N_V=6, K_max=3)
+    grid = Grid.default(system, 4.0, 6)
+    plus_one = lambda b: (b.R_true, (b.K + 1).clamp(max=system.K_max))  # noqa: E731
+    out = localisation_vs_snr(system, [20.0], 6, {"own": plus_one, "plain": lambda b: b.R_true}, grid=grid, seed=2, use_true_k=False)
+    assert out["k_source"] == {"own": "own", "plain": "mdl"}
+    from workbench.studies.localisation import snr_batch
+
+    K = snr_batch(system, 20.0, 6, 2).K
+    assert out["covariances"]["own"]["k_accuracy"][0] == pytest.approx(float((K == system.K_max).double().mean()))
+    assert out["covariances"]["plain"]["k_accuracy"][0] == 1.0  # MDL on the exact, noise-free R_true
+
+
+def test_scene_spectrum_marks_the_true_and_estimated_sources():
+    """The spectrum views of one scene from the exact R_true: the estimates are the true sources, the phi-theta map
+    peaks (0 dB) at the strongest estimate, the range cut peaks at its range; a bad scene index is refused."""
+    from workbench.studies.localisation import scene_spectrum
+
+    system = SystemConfig(N_H=6, N_V=6, K_max=2)
+    view = scene_spectrum(system, 20.0, 4, 7, 1, "R_true", lambda b: b.R_true, step_deg=1.0, n_r=48)
+    assert view["K"] == view["K_used"] == len(view["true"]) == len(view["estimated"])
+    for est in view["estimated"]:
+        assert min(abs(est["phi_deg"] - t["phi_deg"]) + abs(est["theta_deg"] - t["theta_deg"]) for t in view["true"]) < 1e-2
+    grid = np.array(view["map_db"])  # [theta, phi]
+    assert grid.shape == (len(view["theta_deg"]), len(view["phi_deg"])) and grid.max() == 0.0
+    t, p = np.unravel_index(grid.argmax(), grid.shape)
+    assert abs(view["phi_deg"][p] - view["at"]["phi_deg"]) <= 1.0 and abs(view["theta_deg"][t] - view["at"]["theta_deg"]) <= 1.0
+    q = int(np.argmax(view["cut_db"]))
+    assert abs(1 / view["r_m"][q] - 1 / view["at"]["r_m"]) <= 2 * abs(1 / view["r_m"][0] - 1 / view["r_m"][1])
+    json.dumps(view, allow_nan=False)
+    with pytest.raises(ConfigError, match="scene = 4: expected an integer in 0..3"):
+        scene_spectrum(system, 20.0, 4, 7, 4, "R_true", lambda b: b.R_true)

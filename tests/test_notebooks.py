@@ -175,32 +175,43 @@ def test_03_nan_gradients(runs_root):
 
 def test_04_training(runs_root):
     run, m = _run("04_training", runs_root)
-    assert _png(Path(run.out_dir) / "training.png")
+    out = Path(run.out_dir)
+    assert _png(out / "training.png")
     p = wp.notebook_params("04_training", **m["params"])
     assert set(m["runs"]) == set(p.preset_names)
     names = {"loss finite and in range", "gradients finite", "training loss decreasing", "weights changing"}
+    rows = {r["preset"]: r for r in m["rows"]}
     for name, r in m["runs"].items():
-        assert len(r["history"]) == p.epochs
-        assert {c["name"] for c in r["checks"]} == names
-        changes = [h["param_change"] for h in r["history"]]
-        weights = next(c for c in r["checks"] if c["name"] == "weights changing")
-        assert weights["passed"] == all(x > 0 for x in changes), name
-    # an independent training with the same config reproduces the notebook's history
+        assert len(r["history"]) == p.epochs and names <= set(rows[name])
+        assert rows[name]["weights changing"] == all(h["param_change"] > 0 for h in r["history"]), name
+        assert rows[name]["skipped steps"] == sum(h["skipped_nonfinite"] for h in r["history"])
+        assert (out / name / "checkpoint.pt").exists()  # a run folder per preset, for notebook 05
+    # an independent training of the last preset on the same scenes reproduces the notebook's history
     from workbench import train
+    from workbench.studies import compare
 
     name = p.preset_names[-1]
-    res = train.fit(p.experiment(name), train.TrainingData.simulate(p.experiment(p.preset_names[0])), progress=False)
+    data = train.TrainingData.simulate(p.experiment(p.preset_names[0]))
+    assert compare.scenes_digest(data) == m["scenes_digest"]
+    res = train.fit(p.experiment(name), data, progress=False)
     hist = m["runs"][name]["history"]
     assert [h["train_loss"] for h in hist] == pytest.approx([h["train_loss"] for h in res.history], rel=1e-3, nan_ok=True)
     assert hist[-1]["val_nmse"] == pytest.approx(res.history[-1]["val_nmse"], rel=1e-3, nan_ok=True)
+    _explained(out, m, [f"{rows[name]['final val NMSE']:.3g}"])
 
 
 def test_05_localisation(runs_root):
+    """Run after 04 in the same folder: 05 reuses 04's networks (same CI sizes) and localises from each of them, from
+    R_true, the R_samp estimators and the physics baseline."""
     run, m = _run("05_localisation", runs_root)
-    assert _png(Path(run.out_dir) / "localisation.png")
+    out = Path(run.out_dir)
+    assert _png(out / "localisation.png") and (out / "spectrum.html").exists()
     p = wp.notebook_params("05_localisation", **m["params"])
     res = m["localisation"]
-    assert res["snr_db"] == p.snr_values and set(res["covariances"]) == {"R_true", *(f"R_samp[{e}]" for e in p.estimator_names)}
+    expected = {"R_true", *(f"R_samp[{e}]" for e in p.estimator_names), "physics[ML]", *(f"{n}:R_pred" for n in p.preset_names)}
+    assert res["snr_db"] == p.snr_values and set(res["covariances"]) == expected
+    assert all(v["reused"] for v in m["models"].values()), m["models"]  # notebook 04's runs
+    assert set(res["k_source"].values()) == {"own", "mdl"} and res["k_source"]["physics[ML]"] == "own"
     # the exact, noise-free covariance with the true K: MUSIC finds every source (to refinement accuracy)
     true = res["covariances"]["R_true"]
     assert all(f == 1.0 for f in true["f1"])
@@ -209,6 +220,10 @@ def test_05_localisation(runs_root):
     lo, hi = res["snr_db"].index(min(res["snr_db"])), res["snr_db"].index(max(res["snr_db"]))
     if res["snr_db"][hi] - res["snr_db"][lo] >= 10:
         assert res["sqrt_crb"]["phi_deg"][hi] < res["sqrt_crb"]["phi_deg"][lo]
+    spec = m["spectrum"]
+    assert spec["name"] == p.spectrum_source and spec["snr_db"] == max(p.snr_values) and len(spec["true"]) == spec["K"]
+    ratio = res["covariances"]["R_true"]["rmse_phi_deg"][hi] / res["sqrt_crb"]["phi_deg"][hi]
+    _explained(out, m, [f"{ratio:.3g}"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,18 +103,49 @@ def test_training_panel_trains_only_on_the_button_with_progress():
     fractions = []
     panel.progress.observe(lambda c: fractions.append(c["new"]), names="value")
     panel.button.click()
-    assert len(panel.result["history"]) == 2 and len(panel.result["checks"]) == 4
+    assert len(panel.result.history) == 2 and panel.result.config.train.epochs == 2
     assert fractions[-1] == 1.0 and "final train loss" in panel.status.value and panel.progress.layout.display == "none"
+    assert "0 steps skipped" in panel.status.value and panel.image.value[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_localisation_panel_method_switch():
-    panel = ui.LocalisationPanel(wp.notebook_params("05_localisation", n_per_snr=1, N_side=4, snrs_db="20", estimators="seed"))
-    a = panel.update()
-    assert a["method"] == "music" and a["snr_db"] == [20.0] and "sqrt(CRB)" in panel.status.value
+def test_training_panel_starts_from_the_headless_run_and_shows_skipped_steps():
+    """Built with the headless cell's runs, the panel shows the last preset's run without training; a subspace weight
+    under a seed preset (plain eigh through a degenerate spectrum) shows skipped steps in the status."""
+    from workbench.studies import compare
+    from workbench.train import TrainingData
+
+    p = wp.notebook_params("04_training", presets="seed_fix2", epochs=1, n_train=8, n_val=4, batch_size=4, width=16, N_side=6)
+    configs = compare.entry_configs(p.preset_names, p.dotted_overrides())
+    data = TrainingData.simulate(configs["seed_fix2"])
+    runs = compare.train_entries(configs, data, progress=False)
+    panel = ui.TrainingPanel(p, data=data, initial=runs)
+    assert panel.result is runs["seed_fix2"] and "seed_fix2: final train loss" in panel.status.value
+    panel.controls["subspace"].value = 0.1
+    panel.button.click()
+    assert sum(h["skipped_nonfinite"] for h in panel.result.history) > 0
+    assert "0 steps skipped" not in panel.status.value and "✘ gradients finite" in panel.status.value
+
+
+def test_localisation_panel_draws_one_scene_within_a_second():
+    from workbench.studies import localisation
+
+    p = wp.notebook_params("05_localisation", n_per_snr=3, N_side=4, snrs_db="0,20", estimators="seed", presets="recommended",
+                           physics_baseline=False)
+    sources = localisation.localisation_sources(p.experiment(), p.estimator_names)
+    panel = ui.LocalisationPanel(p, sources)
+    view = panel.update()
+    assert view["name"] == "R_true" and view["snr_db"] == 20.0 and "K = " in panel.status.value  # no R_pred here: the first source
+    assert panel.plot.outputs and "application/vnd.plotly.v1+json" in panel.plot.outputs[0]["data"]
+    assert panel.image.layout.display == "none"  # the spectrum is interactive: no (empty) image
+    panel.controls["scene"].value = 2
+    assert panel.result["scene"] == 2 and panel.seconds < 1.0, panel.seconds
+    panel.controls["source"].value = "R_samp[seed]"
+    assert panel.result["name"] == "R_samp[seed]"
     panel.controls["method"].value = "mvdr"
-    assert panel.result["method"] == "mvdr" and panel.result is not a
-    panel.controls["snr_db"].value = 0.0
-    assert panel.result["snr_db"] == [0.0]
+    assert panel.result["method"] == "mvdr"
+    # the same function as the headless cell
+    again = localisation.scene_spectrum(p.experiment().system, 20.0, 3, p.seed + 1, 2, "R_samp[seed]", sources["R_samp[seed]"], "mvdr")
+    assert again["estimated"] == panel.result["estimated"]
 
 
 def test_panel_shows_invalid_combination():

@@ -12,9 +12,9 @@ import sys
 
 from . import data, diagnostics, report, sweep, train
 from .config import ConfigError
-from .studies import seed_note
+from .studies import compare, seed_note
 
-COMMAND_MODULES = (data, seed_note, diagnostics, train, sweep, report)  # in the order of --help
+COMMAND_MODULES = (data, seed_note, diagnostics, train, compare, sweep, report)  # in the order of --help
 
 
 class _Parser(argparse.ArgumentParser):

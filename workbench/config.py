@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-SAMPLE_ESTIMATORS = ("seed", "ls_scatter", "covariance_matching", "beamscan")
+SAMPLE_ESTIMATORS = ("seed", "ls_scatter", "covariance_matching", "beamscan", "beamscan_est")
 GAP_BACKENDS = ("eigh", "svd", "svd_flipped", "eigvalsh", "finite_diff", "exact")
 SUBSPACE_BACKENDS = ("eigh", "detach", "lorentzian", "safe")
 DEVICES = ("auto", "cpu", "cuda")
@@ -296,6 +296,7 @@ class ModelConfig(ConfigBase):
     ffn_mult: int = field(default=2, metadata=_num(1, 16))  # feed-forward width = ffn_mult * width
     dropout: float = field(default=0.0, metadata=_num(0.0, 0.9))
     rsamp_input: bool = False  # feed R_samp's top-K_max factor to the network and refine it (a skip)
+    head: str = field(default="factor", metadata=_choice("factor", "physics"))  # "physics": R_pred from ML source fits (model.py)
 
     def _check_relations(self) -> None:
         if self.width % self.heads:

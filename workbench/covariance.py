@@ -125,7 +125,9 @@ def sample_covariance(
       when symbols are coherent across snapshots.
     * ``"ls_scatter"``: the same without the centring (shows what the centring costs).
     * ``"covariance_matching"``: see :func:`covariance_matching`.
-    * ``"beamscan"``: structured, see :func:`beamscan_covariance` (needs ``system``).
+    * ``"beamscan"``: structured, see :func:`beamscan_covariance` (needs ``system``); its power fit uses the
+      given ``noise_var`` (the simulator's: oracle knowledge).
+    * ``"beamscan_est"``: the same with the noise variance estimated from the snapshots (no oracle).
 
     Returns [n,N,N], raw units (not normalised, not hermitised beyond what the formula gives).
     """
@@ -134,10 +136,11 @@ def sample_covariance(
         raise ConfigError(f"noise_var: the {estimator} estimator needs the noise variance per scene")
     if estimator == "covariance_matching":
         return covariance_matching(y, _as_G(G), noise_var, rank=rank)
-    if estimator == "beamscan":
+    if estimator in ("beamscan", "beamscan_est"):
         if system is None:
-            raise ConfigError("system: the beamscan estimator needs the SystemConfig (array geometry)")
-        return beamscan_covariance(y, _as_G(G), noise_var, system, n_sources=rank or system.K_max)
+            raise ConfigError(f"system: the {estimator} estimator needs the SystemConfig (array geometry)")
+        known = noise_var if estimator == "beamscan" else None
+        return beamscan_covariance(y, _as_G(G), known, system, n_sources=rank or system.K_max)
     X = ridge_solutions(y, G, ridge)  # [n,L,N]
     if estimator == "seed":
         X = X - X.mean(dim=1, keepdim=True)
@@ -211,14 +214,17 @@ def beamscan_covariance(y: torch.Tensor, G: torch.Tensor, noise_var: torch.Tenso
     sigma^2 I, then clipped at 0. Returns sum_k p_k a_k a_k^H, [n,N,N] in the units of y^2 / |G|^2.
 
     Assumes i.i.d. symbols and the known noise variance ``noise_var`` [n] (the simulator's: oracle
-    knowledge); accuracy is limited by the grid (default :data:`BEAMSCAN_GRID`). Cost about
-    L M (N T Q + N_H P T Q) complex MACs per scene for the responses, the same per pick for the scan,
+    knowledge), or, with ``noise_var`` None, estimates it per scene from the energy left after the picks'
+    least-squares fit, ||y - U c||^2 / (L (M - n_sources)) (the ML estimate of sigma^2 given the picks, with
+    the degrees of freedom the fit used removed; it is biased upward by missed sources). Accuracy is limited
+    by the grid (default :data:`BEAMSCAN_GRID`). Cost about L M (N T Q + N_H P T Q) complex MACs per scene for
+    the responses, the same per pick for the scan,
     with the grid's separable contraction (:meth:`~workbench.grid.Grid.response`)."""
     n, L, M, N = G.shape
     grid = Grid.uniform(system, *BEAMSCAN_GRID) if grid is None else grid
     out = []
     for s in range(0, n, chunk):
-        Gc, yc, nv = G[s:s + chunk], y[s:s + chunk], noise_var[s:s + chunk].to(G.real.dtype)
+        Gc, yc = G[s:s + chunk], y[s:s + chunk]
         b = Gc.shape[0]
         # ||G_l a_g||^2 for every grid point: the rows of G_l contracted with the steering tables
         norm2 = torch.view_as_real(grid.response(system, Gc)).square().sum((-1, 2)).reshape(b, L, -1)
@@ -236,6 +242,12 @@ def beamscan_covariance(y: torch.Tensor, G: torch.Tensor, noise_var: torch.Tenso
             atoms.append(u)
         A = torch.stack(picks, 1)  # [b,K,N]
         Uk = torch.stack(atoms, 2)  # [b,L,K,M]
+        if noise_var is None:
+            fit = torch.linalg.lstsq(Uk.mT, yc[..., None]).solution  # joint LS on the picked atoms, per snapshot
+            rest = yc - (Uk.mT @ fit)[..., 0]
+            nv = rest.abs().square().sum((1, 2)) / (L * max(M - n_sources, 1))
+        else:
+            nv = noise_var[s:s + chunk].to(G.real.dtype)
         gram = (Uk.conj() @ Uk.mT).abs().pow(2).sum(1)  # sum_l |u_lj^H u_lk|^2, [b,K,K]
         rhs = ((Uk.conj() * yc[:, :, None, :]).sum(-1).abs().pow(2) - nv[:, None, None] * Uk.abs().pow(2).sum(-1)).sum(1)
         gram = gram + 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(n_sources, device=G.device)

@@ -12,12 +12,22 @@ eigenpairs, and the factor output is s F diag(g) + (learned correction), s a lea
 and g [B,K_max] a per-scene gain of each column (softplus, initialised to 1), so training starts from the
 physics-based estimate and learns how far to trust each of its components.
 
+With ``head = "physics"`` the factor is built from source parameters instead of regressed entry by entry:
+the maximum-likelihood fits of the physics baseline (:func:`workbench.likelihood.ml_localise`, no gradient,
+memoised per scene) give k = 1..K_max sources with (phi, theta, r, p) each; the network's K logits start
+from the fits' MDL scores, and for the chosen fit it learns a gain per source and a small location correction,
+A[:, j] = sqrt(N g_j p_j / sum p) a(phi_j + dphi_j, theta_j + dtheta_j, r_j'), plus a learned correction of
+the whole factor (scaled by a learned scalar starting at 0). At initialisation R_pred is the trace-normalised
+ML covariance; training can only move it where the loss says the fit is wrong. The model then is a
+measurements-only estimator whatever ``rsamp_input`` says (R_samp, when given, is one more token feature).
+
 Mixed precision (``amp=True``) runs only the encoder under autocast (bfloat16 on CPU, float16 on CUDA);
 the complex inputs, the factor and every linear-algebra step stay float32/complex64.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -25,7 +35,10 @@ import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig, SystemConfig
-from .physics import element_positions
+from .likelihood import ml_localise
+from .physics import element_positions, steering
+
+PHYSICS_CORRECTION = (math.radians(1.0), math.radians(1.0), 0.05)  # largest learned change of phi, theta (rad), 1/r (1/m)
 
 REFERENCE_MODEL = ModelConfig(width=512, layers=4, heads=8, ffn_mult=7)  # about 19 M parameters, for a GPU
 
@@ -68,12 +81,22 @@ class CovarianceNet(nn.Module):
                 "angles": nn.Linear(W, 3 * K),
             }
         )
-        if cfg.rsamp_input:
+        if cfg.rsamp_input and cfg.head == "factor":
             self.head["prior_scale"] = _Scale(math.sqrt(N))
             self.head["prior_gain"] = nn.Linear(W, K)  # per-scene trust in each column of the prior factor
             nn.init.zeros_(self.head["prior_gain"].weight)
             nn.init.constant_(self.head["prior_gain"].bias, math.log(math.e - 1))  # softplus(bias) = 1
+        if cfg.head == "physics":
+            self.head["slot"] = nn.Linear(W + 3, 4)  # per source: gain logit, dphi, dtheta, d(1/r)
+            nn.init.zeros_(self.head["slot"].weight)
+            nn.init.zeros_(self.head["slot"].bias)
+            nn.init.constant_(self.head["slot"].bias[:1], math.log(math.e - 1))  # gain softplus(bias) = 1
+            nn.init.zeros_(self.head["k"].weight)
+            nn.init.zeros_(self.head["k"].bias)
+            self.head["k_temperature"] = _Scale(1.0)  # K logits = k(pooled) - t (MDL(k) - min MDL)
+            self.head["correction"] = _Scale(0.0)  # weight of the regressed factor added to the physics factor
         self.N, self.K_max = N, K
+        self._fits: dict[bytes, dict[str, torch.Tensor]] = {}  # physics head: ML fits per scene (not state)
 
     def features(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Token features [B,N,2L+2] float32 from y [B,L,M], H [B,M,N], codes [B,L,N]."""
@@ -110,6 +133,8 @@ class CovarianceNet(nn.Module):
         h = h.float()
         f = self.head["factor"](h).view(h.shape[0], self.N, 2, self.K_max)
         A = torch.complex(f[:, :, 0], f[:, :, 1]) / math.sqrt(self.K_max)  # trace(A A^H) = O(N) at init
+        if self.cfg.head == "physics":
+            return self._physics_head(h, A, self.physics_fits(y, H, codes))
         if prior is not None:
             gain = nn.functional.softplus(self.head["prior_gain"](h.mean(dim=1)))  # [B,K_max]
             A = self.head["prior_scale"](prior) * gain[:, None, :] + 0.1 * A
@@ -121,6 +146,51 @@ class CovarianceNet(nn.Module):
         theta = u[..., 1] * math.radians(s.theta_max_deg)
         r = s.r_min_m + (u[..., 2] + 1) * 0.5 * (s.r_max_m - s.r_min_m)
         return ModelOutput(A=A, k_logits=k_logits, angles=torch.stack([phi, theta, r], -1))
+
+    # -- the physics head -----------------------------------------------------------------------
+    def physics_fits(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The nested ML fits of every scene (:attr:`~workbench.likelihood.SnapshotFit.levels` plus the MDL
+        ``criterion``), [B,K_max,K_max] / [B,K_max] float64 on y's device. Computed once per scene and memoised
+        by a digest of its (y, H, codes) bytes: the fit is a deterministic function of them and costs about a
+        second per scene on a CPU, while training shows every scene once per epoch."""
+        keys = [_digest(y[b], H[b], codes[b]) for b in range(y.shape[0])]
+        missing = [b for b, k in enumerate(keys) if k not in self._fits]
+        if missing:
+            idx = torch.tensor(missing, device=y.device)
+            with torch.no_grad():
+                fit = ml_localise(y[idx], H[idx], codes[idx], self.system)
+            for j, b in enumerate(missing):
+                self._fits[keys[b]] = {**{k: v[j].cpu() for k, v in fit.levels.items()}, "criterion": fit.criterion[j].cpu()}
+        return {k: torch.stack([self._fits[key][k] for key in keys]).to(y.device) for k in self._fits[keys[0]]}
+
+    def _physics_head(self, h: torch.Tensor, A_corr: torch.Tensor, fits: dict[str, torch.Tensor]) -> ModelOutput:
+        """ModelOutput of the physics head from the encoded tokens h [B,N,W], the regressed factor A_corr
+        [B,N,K_max] and the ML fits (:meth:`physics_fits`)."""
+        s, B, Kmax = self.system, h.shape[0], self.K_max
+        pooled = h.mean(dim=1)
+        crit = fits["criterion"]
+        k_logits = self.head["k"](pooled) - self.head["k_temperature"]((crit - crit.min(1, keepdim=True).values).float())
+        K = k_logits.detach().argmax(1) + 1
+        level = lambda name: fits[name][torch.arange(B, device=h.device), K - 1]  # noqa: E731  (the fit of K sources)
+        phi, theta, r, p = (level(n).float() for n in ("phi", "theta", "r", "power"))
+        mask = torch.arange(Kmax, device=h.device)[None, :] < K[:, None]
+        share = p / p.sum(1, keepdim=True).clamp_min(1e-30)
+        snr = (p / level("noise_var").float()[:, None]).clamp_min(1e-6).log() / 10
+        slot_in = torch.cat([pooled[:, None, :].expand(-1, Kmax, -1), torch.stack([snr, share, mask.float()], -1)], -1)
+        o = self.head["slot"](slot_in)  # [B,Kmax,4]
+        gain = nn.functional.softplus(o[..., 0])
+        d = torch.tanh(o[..., 1:]) * o.new_tensor(PHYSICS_CORRECTION)
+        pm, tm = math.radians(s.phi_max_deg), math.radians(s.theta_max_deg)
+        phi = (phi + d[..., 0]).clamp(-pm, pm)
+        theta = (theta + d[..., 1]).clamp(-tm, tm)
+        inv_r = (1.0 / torch.where(mask, r, torch.ones_like(r)) + d[..., 2]).clamp(1.0 / s.r_max_m, 1.0 / s.r_min_m)
+        a = steering(s, phi, theta, 1.0 / inv_r)  # [B,Kmax,N] complex64
+        w = torch.where(mask, (self.N * gain * share).clamp_min(1e-20).sqrt(), torch.zeros_like(gain))  # no sqrt at 0: NaN gradient
+        A = (a * w[..., None].to(a.dtype)).mT + self.head["correction"](A_corr)
+        top = {n: fits[n][:, -1].float() for n in ("phi", "theta", "r")}  # unused slots: the K_max-source fit
+        angles = torch.stack([torch.where(mask, phi, top["phi"]), torch.where(mask, theta, top["theta"]),
+                              torch.where(mask, 1.0 / inv_r, top["r"])], -1)
+        return ModelOutput(A=A, k_logits=k_logits, angles=angles)
 
     def groups(self) -> dict[str, list[nn.Parameter]]:
         """Named parameter groups, as in the seed's ``[GRAD] backbone=... head=...`` line."""
@@ -136,6 +206,14 @@ class _Scale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * x
+
+
+def _digest(*tensors: torch.Tensor) -> bytes:
+    """A 16-byte digest of the tensors' bytes (the physics head's memo key of one scene)."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.digest()
 
 
 def build_model(system: SystemConfig, cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> CovarianceNet:

@@ -213,17 +213,21 @@ class GradientParams(NotebookParams):
 
 @dataclass
 class TrainingParams(NotebookParams):
+    """04: every preset trained on the same scenes for the same budget (:func:`workbench.studies.compare.train_entries`).
+    The defaults equal ``workbench compare --budget quick``; the run folders land in ``out_dir/<preset>/``."""
+
     _section: ClassVar[str] = "04_training"
     ci: ClassVar[dict[str, Any]] = {"presets": "seed_fix2,recommended", "epochs": 2, "n_train": 16, "n_val": 8, "batch_size": 8,
                                     "width": 16, "N_side": 6}
     fixed: ClassVar[dict[str, Any]] = {"model.layers": 1, "train.device": "auto"}
 
-    presets: str = "seed_before,seed_fix2,seed_fix3,recommended"
+    presets: str = "seed_before,seed_fix1,seed_fix2,seed_fix3,recommended"
     epochs: int = field(default=3, metadata=_rng(1, 100_000))
     n_train: int = field(default=128, metadata=_rng(1, 10_000_000))
-    n_val: int = field(default=32, metadata=_rng(1, 10_000_000))
+    n_val: int = field(default=64, metadata=_rng(1, 10_000_000))
     batch_size: int = field(default=32, metadata=_rng(1, 65_536))
     lr: float | None = None
+    subspace_weight: float | None = None
     width: int = field(default=32, metadata=_rng(8, 8192))
     N_side: int = field(default=8, metadata=_rng(3, 64))
     seed: int = field(default=0, metadata=_rng(0, 2**31 - 1))
@@ -232,21 +236,43 @@ class TrainingParams(NotebookParams):
 
 @dataclass
 class LocalisationParams(NotebookParams):
+    """05: localisation from R_true, the R_samp estimators, the physics baseline and every preset's trained network.
+    The networks are trained as in notebook 04 (same fields, same defaults) into ``models_dir``, or reused from it
+    when a complete run of exactly that config is there (:func:`workbench.studies.compare.train_entries`)."""
+
     _section: ClassVar[str] = "05_localisation"
-    ci: ClassVar[dict[str, Any]] = {"n_per_snr": 2, "N_side": 6, "snrs_db": "0,20"}
+    ci: ClassVar[dict[str, Any]] = {"n_per_snr": 2, "snrs_db": "0,20", "estimators": "beamscan", "presets": "seed_fix2,recommended",
+                                    "epochs": 2, "n_train": 16, "n_val": 8, "batch_size": 8, "width": 16, "N_side": 6}
+    fixed: ClassVar[dict[str, Any]] = {"model.layers": 1, "train.device": "auto"}
 
     method: str = field(default="music", metadata={"choices": ("music", "mvdr")})
-    snrs_db: str = "-5,0,5,10,20"
+    snrs_db: str = "0,10,20"
     n_per_snr: int = field(default=8, metadata=_rng(1, 100_000))
-    estimators: str = "seed,covariance_matching,beamscan"
+    estimators: str = "seed,beamscan"
+    physics_baseline: bool = True
     use_true_k: bool = True
-    N_side: int = field(default=12, metadata=_rng(3, 64))
+    presets: str = "seed_before,seed_fix1,seed_fix2,seed_fix3,recommended"
+    blend: bool = False
+    spectrum_of: str = ""
+    scene: int = field(default=0, metadata=_rng(0, None))
+    models_dir: str = ""
+    epochs: int = field(default=3, metadata=_rng(1, 100_000))
+    n_train: int = field(default=128, metadata=_rng(1, 10_000_000))
+    n_val: int = field(default=64, metadata=_rng(1, 10_000_000))
+    batch_size: int = field(default=32, metadata=_rng(1, 65_536))
+    width: int = field(default=32, metadata=_rng(8, 8192))
+    N_side: int = field(default=8, metadata=_rng(3, 64))
     seed: int = field(default=0, metadata=_rng(0, 2**31 - 1))
     out_dir: str = "runs/05_localisation"
 
     def _check_relations(self) -> None:
         self.snr_values  # noqa: B018 - validates
         self.estimator_names  # noqa: B018
+        if self.scene >= self.n_per_snr:
+            raise ConfigError(f"{self._section}.scene = {self.scene} must be < n_per_snr = {self.n_per_snr}")
+        if self.spectrum_of and self.spectrum_of not in self.source_names:
+            raise ConfigError(f"{self._section}.spectrum_of = {self.spectrum_of!r}: expected '' or one of the sources this run "
+                              f"localises from: {', '.join(self.source_names)}")
         super()._check_relations()
 
     @property
@@ -256,6 +282,27 @@ class LocalisationParams(NotebookParams):
     @property
     def estimator_names(self) -> list[str]:
         return _names(f"{self._section}.estimators", self.estimators, SAMPLE_ESTIMATORS)
+
+    @property
+    def source_names(self) -> list[str]:
+        """Every covariance source this run localises from (:func:`workbench.studies.localisation.localisation_sources`)."""
+        names = ["R_true", *(f"R_samp[{e}]" for e in self.estimator_names), *(["physics[ML]"] if self.physics_baseline else [])]
+        for p in self.preset_names:
+            names += [f"{p}:R_pred", *([f"{p}:R_blend"] if self.blend else [])]
+        return names
+
+    @property
+    def spectrum_source(self) -> str:
+        """``spectrum_of``, or for "" the last preset's R_pred."""
+        return self.spectrum_of or f"{self.preset_names[-1]}:R_pred"
+
+    @property
+    def models_path(self) -> Path:
+        """``models_dir`` as an absolute folder: "" is notebook 04's output folder beside ``out_dir`` (so a report
+        or a lab session reuses what 04 trained); relative values are under :func:`project_root`."""
+        if not self.models_dir:
+            return self.out_path.parent / "04_training"
+        return Path(self.models_dir) if os.path.isabs(self.models_dir) else project_root() / self.models_dir
 
 
 # ---------------------------------------------------------------------------------------------

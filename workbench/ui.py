@@ -36,14 +36,18 @@ def fmt(v: Any, digits: int = 3) -> str:
     return str(v) if isinstance(v, int) else f"{v:.{digits}g}"
 
 
+def plotly_bundle(fig) -> dict:
+    """A plotly figure as a mimetype bundle: JupyterLab's plotly extension renders it; the text fallback keeps
+    headless runs quiet."""
+    return {"application/vnd.plotly.v1+json": json.loads(fig.to_json()), "text/plain": f"<plotly figure: {fig.layout.title.text}>"}
+
+
 def show(fig) -> None:
-    """Display a plotly figure as its mimetype bundle (JupyterLab's plotly extension renders it; the
-    text fallback keeps headless runs quiet). plotly's own ``show`` may pick the "browser" renderer in a
-    kernel and block."""
+    """Display a plotly figure (:func:`plotly_bundle`). plotly's own ``show`` may pick the "browser" renderer
+    in a kernel and block."""
     from IPython.display import display
 
-    display({"application/vnd.plotly.v1+json": json.loads(fig.to_json()), "text/plain": f"<plotly figure: {fig.layout.title.text}>"},
-            raw=True)
+    display(plotly_bundle(fig), raw=True)
 
 
 def _dropdown(options, value, description):
@@ -172,16 +176,15 @@ class Panel:
             return self.result
         t0 = time.perf_counter()
         self.busy(True)
-        try:
+        try:  # busy until the figure is drawn too: a panel that looks idle shows its final status and figure
             result = self.compute()
+            self.show_result(result)
+            self.seconds = time.perf_counter() - t0
         except ConfigError as e:  # a bad control combination: show it, keep the last result
             self.error = str(e)
             self.status.value = f"<span class='wb-error' style='color:#b00'>invalid: {html.escape(str(e))}</span>"
-            return self.result
         finally:
             self.busy(False)
-        self.seconds = time.perf_counter() - t0
-        self.show_result(result)
         return self.result
 
     def _repr_mimebundle_(self, **kwargs):
@@ -356,25 +359,27 @@ class GradientPanel(Panel):
 
 
 class TrainingPanel(Panel):
-    """04: pick a preset, epochs and learning rate, press *train*: a short :func:`workbench.train.verify` run
-    (the headless cell's function) with a progress bar per epoch, and its curves. Nothing trains on display."""
+    """04: pick a preset, epochs, learning rate and subspace weight, press *train*: the headless cell's training
+    (:func:`workbench.train.fit` on the same scenes) with a progress bar per epoch, the seed note's four checks and
+    the curves. Nothing trains on display: the panel starts from the headless run of the chosen preset."""
 
     manual = True
 
-    def __init__(self, params: TrainingParams, initial: dict[str, dict] | None = None):
+    def __init__(self, params: TrainingParams, data=None, initial: dict | None = None):
         self.params = params
         name = params.preset_names[-1]
         cfg = params.experiment(name)
         controls = {
-            "preset": _dropdown(PRESETS, name, "preset"),
+            "preset": _dropdown(params.preset_names, name, "preset"),
             "epochs": widgets.IntSlider(value=cfg.train.epochs, min=1, max=max(50, cfg.train.epochs), description="epochs",
                                         continuous_update=False),
-            "lr": _log_slider(cfg.train.lr, "lr", -5, 0),
+            "lr": _log_slider(cfg.train.lr, "learning rate", -5, 0),
+            "subspace": _float_text(cfg.loss.subspace, "subspace weight"),
         }
         self.button = widgets.Button(description="train", button_style="primary", icon="play").add_class("wb-train")
         self.button.on_click(lambda _: self.update())
         self.buttons = (self.button,)
-        self._data: dict[str, Any] = {}
+        self._data = {} if data is None else {data.key: data}
         super().__init__(controls, None, auto=False, buttons=self.buttons)
         if initial and name in initial:
             self.show_result(initial[name])
@@ -383,10 +388,10 @@ class TrainingPanel(Panel):
 
     def config(self) -> ExperimentConfig:
         v = self.values()
-        return self.params.experiment(v["preset"]).replace(**{"train.epochs": v["epochs"], "train.lr": v["lr"]})
+        return self.params.experiment(v["preset"]).replace(**{"train.epochs": v["epochs"], "train.lr": v["lr"], "loss.subspace": v["subspace"]})
 
-    def compute(self) -> dict:
-        from .train import TrainingData, verify
+    def compute(self):
+        from .train import TrainingData, fit
 
         cfg = self.config()
         key = TrainingData.key_of(cfg)
@@ -399,48 +404,74 @@ class TrainingPanel(Panel):
                                                                  f"val NMSE {fmt(record['val_nmse'])}")
 
         self.report_progress(0.0, f"training: epoch 0/{epochs}")
-        return verify(cfg, progress=False, data=self._data[key], on_epoch=on_epoch)
+        return fit(cfg, data=self._data[key], progress=False, on_epoch=on_epoch)
 
-    def describe(self, run: dict) -> str:
-        last = run["history"][-1]
-        checks = " ".join(f"{'✔' if c['passed'] else '✘'} {html.escape(c['name'])}" for c in run["checks"])
-        return f"final train loss {fmt(last['train_loss'])}, validation NMSE {fmt(last['val_nmse'])}; {checks}"
+    def describe(self, run) -> str:
+        from .train import checks
 
-    def figure(self, run: dict):
+        last = run.history[-1]
+        skipped = sum(h["skipped_nonfinite"] for h in run.history)
+        marks = " ".join(f"{'✔' if c['passed'] else '✘'} {html.escape(c['name'])}" for c in checks(run.history, run.provenance))
+        return (f"{html.escape(self.controls['preset'].value)}: final train loss {fmt(last['train_loss'])}, validation NMSE "
+                f"{fmt(last['val_nmse'])}, {skipped} steps skipped; {marks}")
+
+    def figure(self, run):
         from .figures.training import training_figure
 
-        return training_figure({self.controls["preset"].value: run["history"]})
+        return training_figure({self.controls["preset"].value: run.history})
 
 
 class LocalisationPanel(Panel):
-    """05: method, one SNR and the R_samp estimator; runs :func:`workbench.studies.localisation.localisation_vs_snr`
-    (the headless cell's function) at that SNR and shows RMSE, F1 and sqrt(CRB)."""
+    """05: choose a covariance source, the SNR, the scene and the method; draws that scene's spectrum as an
+    interactive plotly figure (:func:`workbench.studies.localisation.scene_spectrum`, as the headless cell) and
+    lists its true and estimated sources. ``sources``: the headless cell's sources (trained networks included), so
+    nothing is trained or re-estimated for the rest of the scenes; one scene answers within a second."""
 
-    def __init__(self, params: LocalisationParams, initial: dict | None = None):
+    def __init__(self, params: LocalisationParams, sources: dict | None = None, initial: dict | None = None):
+        from .studies.localisation import localisation_sources
+
         self.params = params
+        self.sources = sources if sources is not None else localisation_sources(params.experiment(), params.estimator_names)
+        snrs = params.snr_values
+        name = initial["name"] if initial else params.spectrum_source
+        name = name if name in self.sources else next(iter(self.sources))
         controls = {
+            "source": _dropdown(list(self.sources), name, "covariance"),
+            "snr_db": _dropdown(snrs, initial["snr_db"] if initial else max(snrs), "SNR (dB)"),
+            "scene": widgets.IntSlider(value=initial["scene"] if initial else params.scene, min=0, max=params.n_per_snr - 1,
+                                       description="scene", continuous_update=False),
             "method": _dropdown(("music", "mvdr"), params.method, "method"),
-            "snr_db": widgets.FloatSlider(value=params.snr_values[-1], min=-10, max=30, step=5, description="SNR dB", continuous_update=False),
-            "estimator": _dropdown(SAMPLE_ESTIMATORS, params.estimator_names[0], "R_samp estimator"),
         }
+        self.plot = widgets.Output(layout=widgets.Layout(min_height="460px"))
         super().__init__(controls, None)
+        self.widget.children = (*self.widget.children, self.plot)
+        if initial is not None:
+            self.show_result(initial)
 
     def compute(self) -> dict:
-        from .studies.localisation import localisation_sources, localisation_vs_snr
+        from .studies.localisation import scene_spectrum
 
-        v = self.values()
-        p = self.params.replace(method=v["method"], snrs_db=str(v["snr_db"]), estimators=v["estimator"])
-        cfg = p.experiment()
-        return localisation_vs_snr(cfg.system, p.snr_values, p.n_per_snr, localisation_sources(cfg, p.estimator_names),
-                                   method=p.method, seed=p.seed, use_true_k=p.use_true_k)
+        v, p = self.values(), self.params
+        snrs = p.snr_values
+        return scene_spectrum(p.experiment().system, v["snr_db"], p.n_per_snr, p.seed + snrs.index(v["snr_db"]), v["scene"],
+                              v["source"], self.sources[v["source"]], v["method"], p.use_true_k)
 
-    def describe(self, res: dict) -> str:
-        crb = res["sqrt_crb"]
-        rows = "".join(f"<tr><td>{n}</td><td>{fmt(m['rmse_phi_deg'][0])}</td><td>{fmt(m['rmse_theta_deg'][0])}</td>"
-                       f"<td>{fmt(m['rmse_r_m'][0])}</td><td>{fmt(m['f1'][0])}</td></tr>" for n, m in res["covariances"].items())
-        return (f"<table class='wb-table'><tr><th>covariance</th><th>RMSE φ (°)</th><th>RMSE θ (°)</th><th>RMSE r (m)</th><th>F1</th></tr>{rows}"
-                f"<tr><td>sqrt(CRB)</td><td>{fmt(crb['phi_deg'][0])}</td><td>{fmt(crb['theta_deg'][0])}</td><td>{fmt(crb['r_m'][0])}</td><td></td></tr>"
-                "</table>")
+    def show_result(self, view: dict) -> None:
+        from .figures.localisation import spectrum_plotly
+
+        super().show_result(view)
+        # set the output directly rather than capturing a display() call: capture needs a frontend to route it,
+        # and papermill's output-widget handling waited forever on a clear_output inside the capture
+        self.plot.outputs = ({"output_type": "display_data", "data": plotly_bundle(spectrum_plotly(view)), "metadata": {}},)
+
+    def describe(self, view: dict) -> str:
+        def row(kind: str, p: dict) -> str:
+            return f"<tr><td>{kind}</td><td>{fmt(p['phi_deg'])}</td><td>{fmt(p['theta_deg'])}</td><td>{fmt(p['r_m'])}</td></tr>"
+
+        rows = "".join(row("true", p) for p in view["true"]) + "".join(row("estimated", p) for p in view["estimated"])
+        return (f"<b>{html.escape(view['name'])}</b>, scene {view['scene']} at {fmt(view['snr_db'])} dB: K = {view['K']}, localised with "
+                f"K = {view['K_used']} ({view['method'].upper()})<table class='wb-table'><tr><th></th><th>φ (°)</th><th>θ (°)</th>"
+                f"<th>r (m)</th></tr>{rows}</table>")
 
 
 class SweepPanel(Panel):

@@ -32,6 +32,19 @@ def legend_outside(ax, **kwargs) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False, fontsize=8, **kwargs)
 
 
+def plain_log_ticks(ax, axis: str = "y") -> None:
+    """Tick labels of a log axis as plain numbers (3 significant digits) instead of 1.5x10^0-style labels, which
+    matplotlib falls back to when the axis spans less than a decade."""
+    from matplotlib.ticker import FuncFormatter
+
+    fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(fmt)
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    if lo > 0 and hi / lo < 10:  # under a decade: label the minor ticks too, or the axis has no number at all
+        target.set_minor_formatter(fmt)
+
+
 def describe(fig: Figure) -> dict:
     """{"title", "axes": [{"title", "xlabel", "ylabel"}]} of a matplotlib figure (colour bars left out)."""
     axes = [a for a in fig.axes if a.get_label() != "<colorbar>" and a.get_visible()]

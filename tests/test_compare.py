@@ -1,0 +1,145 @@
+"""The comparison study (workbench.studies.compare, `workbench compare`): every entry trained on the same scenes with
+the same budget, a NaN-prone entry shows its skipped steps, and the results table equals a direct recomputation from
+the checkpoints it saved. Tiny systems throughout (the "tiny" budget: a 4 x 4 RIS, 16 training scenes)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from workbench import cli
+from workbench.config import ConfigError
+from workbench.studies import compare as C
+from workbench.studies.baselines import baseline_rows, network_nmse
+from workbench.studies.localisation import localisation_vs_snr, model_sources
+from workbench.train import RunFolder, TrainingData, load_checkpoint
+
+pytestmark = pytest.mark.slow
+SNRS = (10.0, 20.0)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """seed_fix2 and recommended with the subspace term on (weight 0.1) for both: seed_fix2 differentiates it with plain
+    eigh through its degenerate spectrum (NaN gradients), recommended with the safe backward."""
+    out = tmp_path_factory.mktemp("compare")
+    overrides = C.budget_overrides("tiny", {"loss.subspace": 0.1})
+    result = C.compare(["seed_fix2", "recommended"], overrides, out, snrs_db=SNRS, n_per_snr=3, progress=False)
+    return out, overrides, result
+
+
+def test_every_entry_trains_on_the_same_scenes(study):
+    out, overrides, result = study
+    cfgs = {name: RunFolder(out / name).config() for name in result["entries"]}
+    keys = {TrainingData.key_of(c) for c in cfgs.values()}
+    assert len(keys) == 1  # same system, scene counts, seed
+    assert cfgs["seed_fix2"].fixes != cfgs["recommended"].fixes  # yet different presets
+    data = TrainingData.simulate(cfgs["recommended"])
+    assert result["scenes"]["digest"] == C.scenes_digest(data)
+    steps = {n: r["steps"] for n, r in result["runs"].items()}
+    assert len(set(steps.values())) == 1 and steps["recommended"] == overrides["train.epochs"] * math.ceil(16 / 8)
+
+
+def test_a_nan_prone_preset_shows_its_skipped_steps(study):
+    _, _, result = study
+    rows = {r["row"]: r for r in result["table"]}
+    assert rows["seed_fix2: R_pred"]["skipped"] > 0 and rows["recommended: R_pred"]["skipped"] == 0
+    assert any("subspace" in p for p in result["runs"]["seed_fix2"]["provenance"])
+    assert "seed_fix2" in C.conclusion(result).split("\n")[0]
+
+
+def test_table_equals_a_recomputation_from_the_saved_checkpoints(study):
+    out, _, result = study
+    rows = {r["row"]: r for r in result["table"]}
+    loc = result["localisation"]
+    for name in result["entries"]:
+        run = load_checkpoint(out / name / "checkpoint.pt")
+        data = TrainingData.simulate(run.config)
+        values = network_nmse(run.model, data.val, data.rsamp("val", run.config), run.config)
+        assert rows[f"{name}: R_pred"]["nmse"] == pytest.approx(float(values.mean()), rel=1e-5)
+        again = localisation_vs_snr(run.config.system, list(SNRS), 3, model_sources({name: run}, blend=False),
+                                    seed=run.config.train.seed + C.LOCALISATION_SEED_OFFSET)
+        m = again["covariances"][f"{name}:R_pred"]
+        for i, s in enumerate(SNRS):
+            ratio = rows[f"{name}: R_pred"]["rmse_over_crb"][f"{s:g}"]
+            assert ratio["phi"] == pytest.approx(m["rmse_phi_deg"][i] / loc["sqrt_crb"]["phi_deg"][i], rel=1e-6)
+            assert ratio["r"] == pytest.approx(m["rmse_r_m"][i] / loc["sqrt_crb"]["r_m"][i], rel=1e-6)
+        assert rows[f"{name}: R_pred"]["k_accuracy"] == pytest.approx(sum(m["k_accuracy"]) / len(SNRS))
+
+
+def test_the_table_holds_the_references_and_the_fitted_baselines(study):
+    _, _, result = study
+    rows = {r["row"]: r for r in result["table"]}
+    assert rows["R_true (exact, noise-free)"]["nmse"] == 0.0
+    assert max(v["phi"] for v in rows["R_true (exact, noise-free)"]["rmse_over_crb"].values()) < 1e-3
+    nmse = {r["predictor"]: r for r in result["nmse"]}
+    assert rows["scaled identity"]["nmse"] == nmse["identity"]["nmse"] and rows["scaled identity"]["rmse_over_crb"] is None
+    assert "noise variance" in rows["beamscan R_samp (a B + c I)"]["oracle"]
+    assert rows["physics baseline: ML from snapshots (a X + c I)"]["oracle"].startswith("none")
+    assert rows["recommended: R_pred"]["oracle"].startswith("true noise variance") and rows["seed_fix2: R_pred"]["oracle"] == "none"
+    # the beamscan baselines came from the training data's R_samp cache: the same numbers as from their own source
+    cfg = C.entry_config("recommended", C.budget_overrides("tiny"))
+    data = TrainingData.simulate(cfg)
+    direct = {r["predictor"]: r for r in baseline_rows(data.train, data.val, cfg.system, names=("beamscan_scaled", "beamscan_affine"))}
+    for name in ("beamscan_scaled", "beamscan_affine"):
+        assert direct[name]["nmse"] == pytest.approx(nmse[name]["nmse"], rel=1e-4)
+        assert direct[name]["a"] == pytest.approx(nmse[name]["a"], rel=1e-4)
+    table = C.format_table(result["table"])
+    assert table.count("\n") == len(result["table"]) + 1 and "RMSE/√CRB φ/θ/r @ 20 dB" in table
+
+
+def test_runs_are_reused_only_when_their_config_is_the_same(study, tmp_path):
+    out, overrides, result = study
+    cfgs = C.entry_configs(["recommended"], overrides)
+    data = TrainingData.simulate(cfgs["recommended"])
+    again = C.train_entries(cfgs, data, out, progress=False)["recommended"]
+    assert again.extra["reused"] and again.history == result["runs"]["recommended"]["history"]
+    longer = C.entry_configs(["recommended"], {**overrides, "train.epochs": 3})
+    run = C.train_entries(longer, data, tmp_path, progress=False)["recommended"]
+    assert not run.extra["reused"] and len(run.history) == 3
+
+
+def test_bad_entries_and_data_are_refused():
+    with pytest.raises(ConfigError, match="entry = 'seed_fix9' is not allowed"):
+        C.entry_configs(["seed_fix9"])
+    with pytest.raises(ConfigError, match="given twice"):
+        C.entry_configs(["recommended", "recommended"])
+    with pytest.raises(ConfigError, match="budget = 'huge' is not allowed"):
+        C.budget_overrides("huge")
+    tiny = C.budget_overrides("tiny")
+    other = TrainingData.simulate(C.entry_config("recommended", {**tiny, "train.seed": 5}))
+    with pytest.raises(ConfigError, match="another system, size or seed"):
+        C.compare(["recommended"], tiny, data=other, progress=False)
+    # the physics-head variant is a measurements-only network: no R_samp input, no oracle
+    cfg = C.entry_config("physics_head")
+    assert cfg.model.head == "physics" and not cfg.model.rsamp_input and C._entry_oracle(cfg.to_dict()) == "none"
+
+
+def test_cli_writes_the_table_and_refuses_bad_input(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = cli.main(["compare", "--budget", "tiny", "--presets", "seed_before", "--snrs", "20", "--n-per-snr", "2", "--out", str(out),
+                   "--no-progress", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "| seed_before: R_pred |" in printed
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["entries"] == ["seed_before"] and (out / "table.md").read_text().startswith("| predictor |")
+    assert (out / "seed_before" / "checkpoint.pt").exists()
+    assert cli.main(["compare", "--presets", "seed_before,nope", "--out", str(tmp_path / "x")]) == 2
+    assert "--presets = 'nope' is not allowed" in capsys.readouterr().err
+    assert cli.main(["compare", "--snrs", "0,x", "--out", str(tmp_path / "x")]) == 2
+    assert "--snrs" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_training_rows_and_conclusion_come_from_the_histories(study):
+    out, _, result = study
+    runs = {n: load_checkpoint(out / n / "checkpoint.pt") for n in result["entries"]}
+    rows = {r["preset"]: r for r in C.training_rows(runs)}
+    assert rows["seed_fix2"]["gradients finite"] is False and rows["recommended"]["gradients finite"] is True
+    assert rows["seed_fix2"]["skipped steps"] == result["runs"]["seed_fix2"]["skipped_nonfinite"]
+    text = C.training_conclusion(list(rows.values()))
+    assert f"seed_fix2: {rows['seed_fix2']['skipped steps']} steps skipped" in text
+    assert f"{rows['recommended']['final val NMSE']:.3g}" in text
+    assert torch.isfinite(torch.tensor(rows["recommended"]["final val NMSE"]))

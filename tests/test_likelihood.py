@@ -1,0 +1,181 @@
+"""Checks of the physics baseline (likelihood.ml_localise): maximum likelihood straight from the snapshots.
+
+The score and the negative log-likelihood of the stochastic snapshot model against a direct computation
+with autograd; efficiency on single-source scenes (RMSE within 1.5 sqrt(CRB), better than MUSIC on the
+beamscan R_samp); the noise variance and powers estimated without the simulator's values; the number of
+sources estimated by MDL; the implied covariance; bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from workbench import likelihood as LK
+from workbench import localisation as E
+from workbench.config import ConfigError, SystemConfig
+from workbench.covariance import hermitise, nmse, reference, sample_covariance
+from workbench.physics import measurement_matrices, simulate, steering
+from workbench.studies import baselines as BL
+
+SMALL = SystemConfig(N_H=4, N_V=4, M=6, L=5, K_min=1, K_max=3)
+
+
+def _direct_nll(system, G, y, phi, theta, r, power, noise_var, mask):
+    """sum_l log det C_l + y_l^H C_l^-1 y_l with C_l formed explicitly (slogdet, solve), [B]."""
+    A = steering(system, phi, theta, r)
+    b = torch.einsum("blmn,bkn->blkm", G, A)
+    C = torch.einsum("bk,blkm,blkn->blmn", (power * mask).to(b.dtype), b, b.conj())
+    C = C + noise_var[:, None, None, None].to(b.dtype) * torch.eye(system.M, dtype=b.dtype)
+    quad = (y.conj()[..., None, :] @ torch.linalg.solve(C, y[..., None]))[..., 0, 0].real
+    return (torch.linalg.slogdet(C)[1] + quad).sum(-1)
+
+
+def test_score_and_nll_match_autograd_of_the_direct_likelihood():
+    """Three scenes with K = 1..3 sources (padded slots included): the analytic score (Slepian-Bangs traces on
+    Gram matrices) equals autograd's gradient of the explicitly formed log-likelihood to 1e-9 relative; padded
+    slots have a zero score."""
+    b = simulate(SMALL, 3, seed=2)
+    G = measurement_matrices(b.H.to(torch.complex128), b.codes.to(torch.complex128))
+    r = torch.where(b.mask, b.r, torch.ones_like(b.r))
+    x = [t.double().clone().requires_grad_(True) for t in (b.phi, b.theta, r, b.power, b.noise_var)]
+    y = b.y.to(torch.complex128)
+    nll = _direct_nll(SMALL, G, y, *x, b.mask)
+    out = LK.snapshot_model(SMALL, G, *(t.detach() for t in x), b.mask, y=y)
+    assert torch.allclose(out["nll"], nll.detach(), rtol=1e-12, atol=0)
+    grads = torch.autograd.grad(-nll.sum(), x)
+    K = b.phi.shape[1]
+    auto = torch.cat([torch.stack(grads[:3], -1).reshape(3, 3 * K), grads[3], grads[4][:, None]], -1)
+    real = torch.cat([b.mask.repeat_interleave(3, 1), b.mask, torch.ones(3, 1, dtype=torch.bool)], 1)
+    assert sorted(b.K.tolist()) != [3, 3, 3]  # some slots are padded
+    rel = (out["score"] - auto).abs() / auto.abs().clamp_min(1e-300)
+    assert rel[real].max() < 1e-9, rel[real].max()
+    assert (out["score"][~real] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def single_source():
+    """64 single-source default scenes at 20 dB, the ML fit with K = 1, and sqrt(CRB) (unknown powers and noise)."""
+    system = SystemConfig(K_min=1, K_max=1, snr_db_min=20.0, snr_db_max=20.0)
+    batch = simulate(system, 64, seed=100)
+    fit = LK.ml_fit_for(batch, system, K=1)
+    return system, batch, fit
+
+
+def test_ml_single_source_is_efficient_and_beats_music_on_beamscan(single_source):
+    """The acceptance test of the physics baseline: RMSE of phi and theta within 1.5 sqrt(CRB) (the stochastic
+    bound with the powers and noise variance as nuisance parameters, averaged over the sources as in the
+    study of notebook 05) and below MUSIC's on the beamscan R_samp (a grid-limited estimate)."""
+    system, batch, fit = single_source
+    sq = LK.crb_for(batch, system, nuisance=True)[batch.mask].mean(0).sqrt()
+    ml = E.match_metrics(fit.loc, batch.phi, batch.theta, batch.r, batch.mask)
+    assert ml["recall"] == 1.0
+    assert ml["rmse_phi_deg"] < 1.5 * math.degrees(sq[0]), (ml, sq)
+    assert ml["rmse_theta_deg"] < 1.5 * math.degrees(sq[1]), (ml, sq)
+    R = hermitise(sample_covariance(batch.y, (batch.H, batch.codes), "beamscan", system.ridge, batch.noise_var, rank=1, system=system))
+    music = E.match_metrics(E.localise(R, system, K=batch.K), batch.phi, batch.theta, batch.r, batch.mask)
+    assert ml["rmse_phi_deg"] < music["rmse_phi_deg"] and ml["rmse_theta_deg"] < music["rmse_theta_deg"], (ml, music)
+    assert ml["rmse_r_m"] < music["rmse_r_m"]
+
+
+def test_ml_estimates_noise_and_power_without_the_simulator_values(single_source):
+    """ml_localise never sees batch.noise_var; its estimates still match the simulator's: median ratio of the
+    noise variance and of the power within 15 %, every scene's noise variance within a factor 2."""
+    system, batch, fit = single_source
+    ratio_s2 = fit.noise_var / batch.noise_var.double()
+    ratio_p = fit.power[:, 0] / batch.power[:, 0].double()
+    assert abs(ratio_s2.median().item() - 1) < 0.15 and abs(ratio_p.median().item() - 1) < 0.15, (ratio_s2.median(), ratio_p.median())
+    assert ((ratio_s2 > 0.5) & (ratio_s2 < 2.0)).all()
+    # the fit is a likelihood maximum: no worse than the truth's likelihood on any scene
+    G = measurement_matrices(batch.H.to(torch.complex128), batch.codes.to(torch.complex128))
+    nll_true = LK.snapshot_model(system, G, batch.phi, batch.theta, batch.r, batch.power, batch.noise_var, batch.mask, y=batch.y)["nll"]
+    assert (fit.nll <= nll_true + 1e-6).all()
+
+
+def test_ml_counts_sources_and_its_covariance_matches_r_true():
+    """Well-resolved scenes at 30 dB with K = 1..3 (6 x 6 RIS, M = 16, L = 32): MDL on the nested ML fits counts
+    every K, the locations are within 1 deg, and the implied covariance sum_k p_k a_k a_k^H has an NMSE below
+    0.1 (median below 0.01) against R_true, both trace-normalised (the identity scores 1 - N/||R||^2 >= 0.67)."""
+    system = SystemConfig(N_H=6, N_V=6, M=16, L=32, K_min=1, K_max=3, snr_db_min=30.0, snr_db_max=30.0, r_min_m=1.0, r_max_m=4.0)
+    batch = simulate(system, 24, seed=5)
+    a = steering(system, batch.phi.double(), batch.theta.double(), torch.where(batch.mask, batch.r, 1.0).double())
+    gram = (a.conj() @ a.mT).abs().square() * (batch.mask[:, :, None] & batch.mask[:, None, :])
+    resolved = (gram - torch.diag_embed(torch.diagonal(gram, dim1=-2, dim2=-1))).amax((1, 2)) < 0.25
+    batch = batch[resolved.nonzero().flatten()]
+    assert len(batch) >= 12
+    fit = LK.ml_fit_for(batch, system)  # K estimated
+    assert (fit.loc.K == batch.K).all(), (fit.loc.K, batch.K)
+    assert torch.isfinite(fit.criterion).all() and (fit.criterion.argmin(1) + 1 == fit.loc.K).all()
+    m = E.match_metrics(fit.loc, batch.phi, batch.theta, batch.r, batch.mask)
+    assert m["rmse_phi_deg"] < 1.0 and m["rmse_theta_deg"] < 1.0, m
+    err = nmse(reference(fit.covariance(system)), reference(batch.R_true))
+    assert err.max() < 0.1 and err.median() < 0.01, err
+    known = LK.ml_fit_for(batch, system, K=batch.K)
+    assert torch.isnan(known.criterion).all() and (known.loc.mask.sum(1) == batch.K).all()
+
+
+def test_ml_bad_input_fails_clearly():
+    b = simulate(SMALL, 2, seed=0)
+    with pytest.raises(ConfigError, match="K: value 4 in scene 0 is out of range: allowed 1..3"):
+        LK.ml_fit_for(b, SMALL, K=4)
+    with pytest.raises(ConfigError, match="K"):
+        LK.ml_fit_for(b, SMALL, K=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Honest baselines (workbench.studies.baselines)
+def _random_psd(gen: torch.Generator, n: int, N: int, rank: int) -> torch.Tensor:
+    X = torch.complex(torch.randn(n, N, rank, generator=gen, dtype=torch.float64), torch.randn(n, N, rank, generator=gen, dtype=torch.float64))
+    return X @ X.mH
+
+
+def test_affine_fit_is_the_least_squares_optimum_and_scores_as_covariance_nmse():
+    """fit_constants' closed form against the NMSE computed directly (covariance.nmse of a X + c I): the
+    per-scene NMSE from the statistics equals the direct one, and no nearby (a, c) has a lower mean."""
+    gen = torch.Generator().manual_seed(0)
+    R = reference(_random_psd(gen, 20, 12, 2))
+    X = reference(R + 0.5 * _random_psd(gen, 20, 12, 12) / 12)  # a noisy estimate, trace-normalised
+    st = BL.AffineStats.of(X, R)
+    eye = torch.eye(12, dtype=X.dtype)
+    for slope, intercept in ((True, True), (True, False), (False, True)):
+        a, c = BL.fit_constants(st, slope, intercept)
+        assert (a != 0) == slope and (c != 0) == intercept
+        direct = nmse(a * X + c * eye, R)
+        assert torch.allclose(st.nmse(a, c), direct, rtol=1e-10)
+        for da, dc in ((1e-3, 0), (-1e-3, 0), (0, 1e-3), (0, -1e-3)):
+            a2, c2 = a + da * slope, c + dc * intercept
+            assert nmse(a2 * X + c2 * eye, R).mean() >= direct.mean() - 1e-12
+    # trace-normalised targets: the best scaled identity is exactly I
+    assert BL.fit_constants(BL.AffineStats.of(eye.expand(20, -1, -1), R), False, True) == pytest.approx((0.0, 1.0))
+
+
+def test_nmse_by_snr_bins_every_scene_once():
+    v = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    snr = torch.tensor([-5.0, -0.1, 0.0, 19.0, 20.0])
+    rows = BL.nmse_by_snr(v, snr, edges=(-5.0, 0.0, 10.0, 20.0))
+    assert [r["n"] for r in rows] == [2, 1, 2] and [r["nmse"] for r in rows] == [1.5, 3.0, 4.5]
+    assert BL.nmse_by_snr(v, snr, edges=(30.0, 40.0))[0] == {"snr_lo": 30.0, "snr_hi": 40.0, "n": 0, "nmse": None}
+
+
+def test_baseline_rows_on_a_small_system():
+    """Every baseline on a 4 x 4 RIS: constants fitted on training scenes, rows with per-SNR NMSE; the fitted
+    (a, c) of beamscan_affine is never worse on the training scenes than beamscan_scaled's a, nor that than
+    nothing fitted; the physics baseline from precomputed covariances gives the same row as from its source."""
+    system = SystemConfig(N_H=4, N_V=4, M=8, L=8, K_max=2)
+    train, val = simulate(system, 12, seed=1), simulate(system, 8, seed=2)
+    rows = BL.baseline_rows(train, val, system, names=("identity", "beamscan_scaled", "beamscan_affine"), edges=(-5.0, 7.5, 20.0))
+    by = {r["predictor"]: r for r in rows}
+    assert by["identity"]["a"] == 0.0 and by["identity"]["c"] == pytest.approx(1.0)
+    assert by["beamscan_scaled"]["c"] == 0.0 and "noise variance" in by["beamscan_scaled"]["oracle"]
+    assert all(len(r["by_snr"]) == 2 and sum(b["n"] for b in r["by_snr"]) == 8 for r in rows)
+    st = BL.source_stats(BL.beamscan_source(system), train)
+    assert st.nmse(by["beamscan_affine"]["a"], by["beamscan_affine"]["c"]).mean() <= st.nmse(by["beamscan_scaled"]["a"], 0.0).mean() + 1e-12
+    assert st.nmse(by["beamscan_scaled"]["a"], 0.0).mean() <= st.nmse(1.0, 0.0).mean() + 1e-12
+    src = BL.physics_source(system)
+    pre = (torch.cat([src(train[i:i + 6]) for i in (0, 6)]), src(val))
+    from_source = BL.baseline_rows(train, val, system, names=("physics_affine",), edges=(-5.0, 20.0))[0]
+    from_tensors = BL.baseline_rows(train, val, system, names=("physics_affine",), edges=(-5.0, 20.0), sources={"physics_affine": pre})[0]
+    assert from_source["a"] == pytest.approx(from_tensors["a"], rel=1e-6) and from_source["nmse"] == pytest.approx(from_tensors["nmse"], rel=1e-6)
+    verdict = BL.beats_every_baseline(rows + [BL.network_row("net", torch.zeros(8), val.snr_db, (-5.0, 7.5, 20.0))], "net")
+    assert verdict["overall"] and all(verdict["by_snr"])
