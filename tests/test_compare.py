@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from workbench import cli
+from workbench.checkpoints import RunFolder, load_checkpoint
 from workbench.config import ConfigError
 from workbench.studies import compare as C
 from workbench.studies.baselines import baseline_rows, network_nmse
 from workbench.studies.localisation import localisation_vs_snr, model_sources
-from workbench.train import RunFolder, TrainingData, load_checkpoint
+from workbench.train import TrainingData
 
 pytestmark = pytest.mark.slow
 SNRS = (10.0, 20.0)

@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from workbench import train
+from workbench.checkpoints import RunFolder, load_checkpoint, save_checkpoint
 from workbench.cli import main
 from workbench.config import PRESETS, ConfigError, preset
 from workbench.data import DatasetError
-from workbench.train import TrainingData, fit, load_checkpoint, save_checkpoint
+from workbench.train import TrainingData, fit
 
 TINY4 = {"system.N_H": 4, "system.N_V": 4, "system.M": 4, "system.L": 4, "system.K_max": 2, "model.width": 8, "model.layers": 1,
          "model.heads": 2, "train.n_train": 16, "train.n_val": 8, "train.batch_size": 8, "train.device": "cpu",
@@ -175,7 +176,7 @@ def test_a_checkpoint_of_another_architecture_or_with_missing_keys_is_refused(ti
     with pytest.raises(ConfigError, match="shape mismatch"):
         load_checkpoint(_tamper(src, tmp_path / "wider.pt", wider))
     weights_only = {k: v for k, v in torch.load(src, weights_only=True).items() if k != "optimizer"}
-    train.RunFolder(tmp_path / "weights_only").write(weights_only, {})
+    RunFolder(tmp_path / "weights_only").write(weights_only, {})
     with pytest.raises(ConfigError, match="not resumable"):
         fit(preset("recommended", **TINY4, **{"train.epochs": 2}), progress=False, run_dir=tmp_path / "weights_only", resume=True)
 

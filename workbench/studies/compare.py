@@ -28,9 +28,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..checkpoints import RunFolder, TrainResult, load_checkpoint
 from ..config import PRESETS, ConfigError, ExperimentConfig, check_choice, parse_overrides, preset
 from ..io import atomic_write_json, atomic_write_text
-from ..train import RunFolder, TrainingData, TrainResult, fit, load_checkpoint
+from ..train import TrainingData, fit
 from ..train import checks as train_checks
 from .baselines import BASELINES, ORACLE, baseline_rows, beats_every_baseline, network_nmse, network_row
 from .localisation import localisation_sources, localisation_vs_snr

@@ -90,7 +90,7 @@ def physics_source(system: SystemConfig, k: str = "true") -> Source:
 
 def model_sources(runs: dict, blend: bool = True, memo: BatchMemo | None = None) -> dict[str, Source]:
     """``"<name>:R_pred"`` (and ``"<name>:R_blend"`` when ``blend``) for every trained run in ``runs`` ({name:
-    :class:`~workbench.train.TrainResult`}): the network's R_pred and the pipeline's R_blend (its own R_samp,
+    :class:`~workbench.checkpoints.TrainResult`}): the network's R_pred and the pipeline's R_blend (its own R_samp,
     Fix 2 and C_EPS) for a batch, each with the network's own count (K head: argmax of k_logits + 1)."""
     memo = BatchMemo() if memo is None else memo
     out: dict[str, Source] = {}
