@@ -85,3 +85,16 @@ def test_ci_runs_make_test():
     makefile = (ROOT / "Makefile").read_text()
     target = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.M)
     assert target and "pytest" in target.group(1)
+
+
+def test_install_ships_every_subpackage():
+    """A non-editable install (`pip install .`) must carry workbench.studies and workbench.figures too."""
+    from setuptools import find_packages
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    find = tool.get("packages", {})
+    assert isinstance(find, dict) and "find" in find, "list the packages with [tool.setuptools.packages.find], not by hand"
+    shipped = set(find_packages(where=str(ROOT), include=find["find"]["include"]))
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "workbench").rglob("__init__.py")}
+    assert on_disk <= shipped, sorted(on_disk - shipped)
+    assert {"workbench.studies", "workbench.figures"} <= on_disk
