@@ -3,7 +3,10 @@ per-scene NumPy loop in ``naive_simulate.py``, measured in one run.
 
     .venv/bin/python benchmarks/bench_simulate.py [--quick] [--n 4096] [--naive-n 48] [--repeats 3]
 
-Goal (issue 2): at least 50x the naive loop and at least 2,000 scenes/s on a 2-core CPU. Prints a markdown
+Goal (issue 2): at least 50x the naive loop and at least 2,000 scenes/s on a 2-core CPU; issue 13 asks to keep
+5,000 scenes/s. Keeping n = 4,096 pairs of [N,N] complex64 outputs is 1.4 GB of fresh memory, whose page faults
+cost as much as the arithmetic on some machines, so the streamed row (outputs dropped chunk by chunk, as a loop
+that simulates its batches sees it) separates the simulator's speed from the memory system's. Prints a markdown
 table; exit status 0 whether or not the goal is met (this is a measurement, not a test).
 """
 
@@ -26,14 +29,18 @@ from workbench.covariance import sample_covariance, trace_normalise  # noqa: E40
 from workbench.physics import simulate  # noqa: E402
 
 
-def vectorised(system: SystemConfig, n: int, seed: int, device: str, chunk: int, form_g: bool):
-    """simulate (with R_true) + the seed R_samp, ``chunk`` scenes at a time. Returns (R_true, R_samp)."""
+def vectorised(system: SystemConfig, n: int, seed: int, device: str, chunk: int, form_g: bool, keep: bool = True):
+    """simulate (with R_true) + the seed R_samp, ``chunk`` scenes at a time. Returns (R_true, R_samp), both
+    [n,N,N] complex64; with ``keep`` False each chunk is dropped once computed (a streaming consumer, e.g. a
+    training loop that simulates its batches) and None is returned."""
     outs = []
     for s in range(0, n, chunk):
         b = simulate(system, min(chunk, n - s), seed=seed + s, device=device, chunk=chunk)
         G = b.G if form_g else (b.H, b.codes)
-        outs.append((b.R_true, sample_covariance(b.y, G, "seed", system.ridge)))
-    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        out = (b.R_true, sample_covariance(b.y, G, "seed", system.ridge))
+        if keep:
+            outs.append(out)
+    return (torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])) if keep else None
 
 
 
@@ -59,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         t_fact[threads] = best_time(lambda: vectorised(system, args.n, 1, args.device, args.chunk, False), args.repeats)
         if i == 0:
             t_g = best_time(lambda: vectorised(system, args.n, 1, args.device, args.chunk, True), args.repeats)
+            t_stream = best_time(lambda: vectorised(system, args.n, 1, args.device, args.chunk, False, keep=False), args.repeats)
     torch.set_num_threads(args.threads[0])
     # the memory floor: only writing the two [N,N] complex64 outputs per scene (R_true and R_samp)
     N = system.N
@@ -77,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         ("naive per-scene NumPy loop (`benchmarks/naive_simulate.py`)", args.naive_n, t_naive, rate_naive),
         (f"`simulate` + `sample_covariance(y, G, 'seed')`, G [n,L,M,N] formed, {args.threads[0]} threads", args.n, t_g, args.n / t_g),
     ] + [(f"`simulate` + `sample_covariance(y, (H, codes), 'seed')`, {th} threads", args.n, t, args.n / t) for th, t in t_fact.items()] + [
+        (f"same, streamed (each chunk dropped once computed: no [n,N,N] outputs kept), {args.threads[0]} threads", args.n, t_stream,
+         args.n / t_stream),
         (f"floor: only zero-filling R_true and R_samp ([n,N,N] complex64 each), {args.threads[0]} threads", args.n, t_floor, args.n / t_floor),
     ]
     print(f"torch {torch.__version__}, device {args.device}, chunk {args.chunk}, best of {args.repeats} (naive: 1 run, "

@@ -27,7 +27,7 @@
 # states: `seed_before` (no fix), `seed_fix1..3` (its fixes, cumulative), and `recommended`. Full glossary:
 # [docs/glossary.md](../docs/glossary.md).
 #
-# **Time.** About 40 s with the defaults on a 2-core CPU; `n_scenes` and `N_side` are the big knobs.
+# **Time.** About 10 s with the defaults on a quiet 2-core CPU (8 s measured); `n_scenes` and `N_side` are the big knobs.
 
 # %% tags=["parameters"]
 presets: str = "seed_before,seed_fix1,seed_fix2,seed_fix3,recommended"  # comma-separated presets to compare

@@ -26,7 +26,7 @@
 # covariance, rank K), R_samp (estimated from snapshots), R_pred (network, untrained), R_blend (blend + C_EPS I);
 # see [docs/glossary.md](../docs/glossary.md). Every knob left at `None` takes the chosen preset's value.
 #
-# **Time.** About 10 s with the defaults on a 2-core CPU.
+# **Time.** About 5 s with the defaults on a quiet 2-core CPU; `n_scenes` is the big knob.
 
 # %% tags=["parameters"]
 preset: str = "seed_fix2"  # the preset every knob below defaults to

@@ -28,7 +28,7 @@
 # (a later pipeline's bug), `eigvalsh`, `finite_diff` for the hinge; `eigh`, `detach`, `lorentzian`, `safe` for
 # the subspace term. Glossary: [docs/glossary.md](../docs/glossary.md). Knobs left at `None` take the preset's value.
 #
-# **Time.** About 30 s with the defaults on a 2-core CPU.
+# **Time.** About 10 s with the defaults on a quiet 2-core CPU; `n_scenes`, `N_side` and `width` are the big knobs.
 
 # %% tags=["parameters"]
 preset: str = "seed_fix2"  # the preset every knob below defaults to (seed_fix2: the state just before Fix 3)

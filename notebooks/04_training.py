@@ -28,7 +28,7 @@
 # eigenvector term under every preset: the seed presets differentiate it with plain `eigh` and show skipped
 # steps. Glossary: [docs/glossary.md](../docs/glossary.md).
 #
-# **Time.** About 30 s with the defaults on a 2-core CPU (the same sizes as `workbench compare --budget quick`);
+# **Time.** About 15 s with the defaults on a quiet 2-core CPU (the same sizes as `workbench compare --budget quick`);
 # `n_train`, `epochs`, `width` and `N_side` are the big knobs.
 
 # %% tags=["parameters"]

@@ -35,8 +35,8 @@
 # the K largest local maxima then takes a sidelobe as the K-th source (10-100° errors on exact R_true). MUSIC here
 # finds one source per scan and projects it out before the next (RAP-MUSIC), which resolves them.
 #
-# **Time.** About 35 s with the defaults on a 2-core CPU when notebook 04 has run with the same sizes (its
-# networks are reused), about a minute when the networks are trained here first. `n_per_snr`, `N_side` and the
+# **Time.** About 20 s with the defaults on a quiet 2-core CPU when notebook 04 has run with the same sizes (its
+# networks are reused), about 35 s when the networks are trained here first. `n_per_snr`, `N_side` and the
 # number of presets are the big knobs.
 
 # %% tags=["parameters"]

@@ -26,7 +26,7 @@
 # with a non-finite training step is pruned and keeps where the NaN came from (its provenance). Knob names are
 # config fields (`fixes.*`, `loss.*`, `train.*`); see [docs/glossary.md](../docs/glossary.md).
 #
-# **Time.** About 50 s with the defaults on a 2-core CPU (6 trials of 2 epochs on an 8 x 8 RIS); `trials`,
+# **Time.** About 15 s with the defaults on a quiet 2-core CPU (6 trials of 2 epochs on an 8 x 8 RIS); `trials`,
 # `epochs`, `n_train` and `N_side` are the big knobs. Re-running resumes the study instead of starting again.
 
 # %% tags=["parameters"]
