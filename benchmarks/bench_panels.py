@@ -23,13 +23,15 @@ from pathlib import Path
 
 import torch
 
-from workbench import params as wp
-from workbench import sweep, ui
-from workbench.io import atomic_write_json, atomic_write_text
-from workbench.studies import compare, localisation
-from workbench.train import TrainingData
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-HERE = Path(__file__).resolve().parent
+from timing import write_results  # noqa: E402
+
+from workbench import params as wp  # noqa: E402
+from workbench import sweep, ui  # noqa: E402
+from workbench.studies import compare, localisation  # noqa: E402
+from workbench.train import TrainingData  # noqa: E402
+
 GOAL_S = 1.0
 
 
@@ -100,11 +102,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench(Path(tmp))
     head = (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()}, python {sys.version.split()[0]}, torch "
-            f"{torch.__version__}, {torch.get_num_threads()} threads, {time.time() - t0:.0f} s in all. Default notebook parameters.\n\n")
-    text = "# Panel update time per cheap knob\n\n" + head + table(rows) + "\n"
-    atomic_write_text(HERE / "results_panels.md", text)
-    atomic_write_json(HERE / "results_panels.json", rows)
-    print(text)
+            f"{torch.__version__}, {torch.get_num_threads()} threads, {time.time() - t0:.0f} s in all. Default notebook parameters.")
+    print(write_results("results_panels", "Panel update time per cheap knob", head, table(rows), rows))
     return 0
 
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import nbformat
 
-from workbench import report
-from workbench.io import atomic_write_json, atomic_write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-HERE = Path(__file__).resolve().parent
+from timing import write_results  # noqa: E402
+
+from workbench import report  # noqa: E402
 
 
 def split_times(run: report.NotebookRun) -> dict[str, float]:
@@ -68,11 +69,8 @@ def main(argv=None) -> int:
         if not args.ci_only:
             rows += bench(False, Path(tmp))
     head = (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {platform.processor() or platform.machine()}, python {sys.version.split()[0]}, "
-            f"{len(rows)} runs in {time.time() - t0:.0f} s. Shared 2-core machine: expect noise between runs.\n\n")
-    text = "# `workbench report` time per notebook\n\n" + head + table(rows) + "\n"
-    atomic_write_text(HERE / "results_report.md", text)
-    atomic_write_json(HERE / "results_report.json", rows)
-    print(text)
+            f"{len(rows)} runs in {time.time() - t0:.0f} s. Shared 2-core machine: expect noise between runs.")
+    print(write_results("results_report", "`workbench report` time per notebook", head, table(rows), rows))
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

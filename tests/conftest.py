@@ -1,4 +1,7 @@
-"""Shared fixtures: small simulated batches, computed once per session."""
+"""Shared fixtures: small simulated batches, computed once per session; a PostgreSQL database per test."""
+
+import os
+import uuid
 
 import pytest
 
@@ -15,3 +18,21 @@ def system() -> SystemConfig:
 def batch(system):
     """32 default scenes, seed 0."""
     return simulate(system, 32, seed=0)
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database on the server at WORKBENCH_PG_URL (dropped afterwards); skips without one."""
+    base = os.environ.get("WORKBENCH_PG_URL")
+    if not base:
+        pytest.skip("WORKBENCH_PG_URL is not set: source .ci/setup-postgres.sh to start a local PostgreSQL server")
+    import sqlalchemy as sa
+
+    name = f"wb_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield sa.make_url(base).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

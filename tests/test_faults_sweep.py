@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 
 import optuna
 import pytest
@@ -30,23 +29,6 @@ TINY_SPACE = {"preset": "recommended",
                         "fixes.rsamp_estimator": "ls_scatter"},
               "params": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture
-def pg_url():
-    base = os.environ.get("WORKBENCH_PG_URL")
-    if not base:
-        pytest.skip("WORKBENCH_PG_URL is not set: source .ci/setup-postgres.sh to start a local PostgreSQL server")
-    import sqlalchemy as sa
-
-    name = f"wb_faults_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield sa.make_url(base).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as c:
-        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.fixture

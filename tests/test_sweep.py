@@ -2,11 +2,9 @@
 sharing one study on SQLite and on a real PostgreSQL server (WORKBENCH_PG_URL, see .ci/setup-postgres.sh)."""
 
 import json
-import os
 import signal
 import subprocess
 import time
-import uuid
 
 import optuna
 import pytest
@@ -179,21 +177,6 @@ def test_rerunning_the_command_resumes_the_study(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # workers sharing one study; one of them killed mid-trial
-@pytest.fixture
-def pg_url():
-    base = os.environ.get("WORKBENCH_PG_URL")
-    if not base:
-        pytest.skip("WORKBENCH_PG_URL is not set: source .ci/setup-postgres.sh to start a local PostgreSQL server")
-    import sqlalchemy as sa
-
-    name = f"wb_sweep_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield sa.make_url(base).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as c:
-        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.fixture
