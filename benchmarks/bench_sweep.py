@@ -24,7 +24,7 @@ from pathlib import Path
 import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from workbench import sweep  # noqa: E402
+from workbench import search_space, sweep  # noqa: E402
 
 SPACE = {"preset": "seed_fix2",
          "fixed": {"model.width": 32, "model.layers": 1, "model.heads": 2, "train.device": "cpu", "train.batch_size": 32,
@@ -33,7 +33,7 @@ SPACE = {"preset": "seed_fix2",
 
 
 def throughput(url: str, workers: int, trials: int, epochs: int) -> dict:
-    space = sweep.load_space(SPACE, overrides={"train.epochs": epochs, "train.n_train": 64, "train.n_val": 32})
+    space = search_space.load_space(SPACE, overrides={"train.epochs": epochs, "train.n_train": 64, "train.n_val": 32})
     name = f"bench_w{workers}"
     sweep.create_study(space, url, name, pruner="none")
     threads = 1  # one torch thread per worker: on a shared 2-core machine 2 threads each thrash (measured: 70 s vs 2 s per trial)
@@ -50,7 +50,7 @@ def throughput(url: str, workers: int, trials: int, epochs: int) -> dict:
 
 def storage_overhead(url: str, trials: int) -> float:
     """Seconds per trial of a trivial objective: the storage's own cost."""
-    space = sweep.load_space({"params": {"fixes.c_eps": {"type": "float", "low": 1e-3, "high": 1.0, "log": True}}})
+    space = search_space.load_space({"params": {"fixes.c_eps": {"type": "float", "low": 1e-3, "high": 1.0, "log": True}}})
     name = f"overhead_{uuid.uuid4().hex[:6]}"
     sweep.create_study(space, url, name, pruner="median")
 

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from workbench import sweep
+from workbench import search_space, sweep
 from workbench.cli import main
 from workbench.config import ConfigError
 
@@ -113,7 +113,7 @@ def test_join_finishes_a_study_whose_running_trial_never_sent_a_heartbeat(tmp_pa
     """A worker killed between creating its trial and the first heartbeat (or one run without heartbeats) leaves a
     RUNNING trial with no heartbeat at all: Optuna's stale check skips it, so a joining worker used to wait for ever."""
     url = f"sqlite:///{tmp_path}/optuna.db"
-    space = sweep.load_space(TINY_SPACE, overrides=TINY_BUDGET)
+    space = search_space.load_space(TINY_SPACE, overrides=TINY_BUDGET)
     sweep.create_study(space, url, "stale", pruner="none")
     orphan = optuna.load_study(study_name="stale", storage=sweep.open_storage(url, heartbeat=None)).ask()  # RUNNING, silent
     space.suggest(orphan)  # its parameters are drawn: the retry must reuse them
@@ -173,8 +173,8 @@ def _together(tmp_path, commands, timeout=180):
 
 CREATE = r"""
 import sys
-from workbench import sweep
-sweep.create_study(sweep.load_space({"train.lr": [0.001, 0.01]}), sys.argv[1], "created", pruner="none")
+from workbench import search_space, sweep
+sweep.create_study(search_space.load_space({"train.lr": [0.001, 0.01]}), sys.argv[1], "created", pruner="none")
 """
 
 

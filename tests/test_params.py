@@ -240,6 +240,6 @@ def test_sweep_params_build_space_and_storage(tmp_path):
     assert set(space.params) == {"fixes.subspace_backend", "loss.subspace", "train.lr"}
     assert (space.base.system.N, space.base.model.width, space.base.train.epochs, space.base.fixes.qr_retraction) == (36, 16, 1, True)
     assert p.storage_url == f"sqlite:///{(tmp_path / 'o' / 'optuna.db').resolve()}"
-    from workbench import sweep
+    from workbench import search_space
 
-    assert set(wp.notebook_params("06_sweep").search_space.params) == set(sweep.DEFAULT_SPACE)
+    assert set(wp.notebook_params("06_sweep").search_space.params) == set(search_space.DEFAULT_SPACE)

@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from workbench import figures, sweep
+from workbench import figures, search_space, sweep
 from workbench.cli import main
 from workbench.config import ConfigError
 from workbench.figures import sweeps as fig_sweeps
@@ -29,7 +29,7 @@ GOOD = {"fixes.qr_retraction": True, "fixes.subspace_backend": "safe"}
 
 
 def _space(**overrides):
-    return sweep.load_space(SPACE, overrides={**TINY, **overrides})
+    return search_space.load_space(SPACE, overrides={**TINY, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def test_cli_reports_bad_space_and_unreachable_storage(tmp_path, capsys):
     with pytest.raises(ConfigError, match="expected an SQLAlchemy URL"):
         sweep.open_storage("redis://localhost/0")
     with pytest.raises(ConfigError, match="no such file"):
-        sweep.load_space(tmp_path / "missing.json")
+        search_space.load_space(tmp_path / "missing.json")
 
 
 def test_space_maps_trial_values_onto_the_config(tmp_path):
@@ -79,13 +79,13 @@ def test_space_maps_trial_values_onto_the_config(tmp_path):
     assert drawn == values
     cfg = space.config(drawn)
     assert (cfg.train.lr, cfg.fixes.qr_retraction, cfg.fixes.subspace_backend, cfg.loss.subspace) == (3e-3, False, "eigh", 0.1)
-    assert sweep.SearchSpace.from_dict(json.loads(json.dumps(space.to_dict()))) == space
+    assert search_space.SearchSpace.from_dict(json.loads(json.dumps(space.to_dict()))) == space
     yaml = pytest.importorskip("yaml")
     p = tmp_path / "space.yaml"
     p.write_text(yaml.safe_dump({"params": {"fixes.c_eps": {"type": "float", "low": 0.01, "high": 1.0, "log": True}}}))
-    d = sweep.load_space(p).params["fixes.c_eps"]
+    d = search_space.load_space(p).params["fixes.c_eps"]
     assert (d.low, d.high, d.log) == (0.01, 1.0, True)
-    assert set(sweep.load_space(None).params) == set(sweep.DEFAULT_SPACE)
+    assert set(search_space.load_space(None).params) == set(search_space.DEFAULT_SPACE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def _ran(stdout: str) -> list[int]:
 def test_two_workers_share_a_study_and_survive_a_killed_worker(backend, request):
     url = request.getfixturevalue("pg_url" if backend == "postgres" else "sqlite_url")
     target = 6
-    space = sweep.load_space({**SPACE, "params": {"train.lr": SPACE["params"]["train.lr"]}}, overrides={**TINY, **GOOD})
+    space = search_space.load_space({**SPACE, "params": {"train.lr": SPACE["params"]["train.lr"]}}, overrides={**TINY, **GOOD})
     sweep.create_study(space, url, "shared", pruner="none")
     kw = dict(heartbeat=1, grace=3, threads=1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = sweep.spawn_worker(url, "shared", target, worker=0, **kw)

@@ -324,7 +324,7 @@ def _json_arg(where: str, text: str) -> Any:
 class SweepParams(NotebookParams):
     """06: a small Optuna sweep (:func:`workbench.sweep.run_sweep`) over fixes and hyperparameters.
 
-    ``space``: "" (the built-in :data:`workbench.sweep.DEFAULT_SPACE`), a JSON object, or the path of a JSON/YAML
+    ``space``: "" (the built-in :data:`workbench.search_space.DEFAULT_SPACE`), a JSON object, or the path of a JSON/YAML
     space file. ``enqueue``: a JSON list of {knob: value} dicts run first (knobs left out are sampled), e.g. a
     configuration known to be bad. ``storage``: "" means ``sqlite:///<out_dir>/optuna.db``, so a notebook run
     never touches ``runs/optuna.db``."""
@@ -365,8 +365,8 @@ class SweepParams(NotebookParams):
 
     @property
     def search_space(self):
-        """The validated :class:`workbench.sweep.SearchSpace` (ConfigError names ``06_sweep.space``)."""
-        from . import sweep
+        """The validated :class:`workbench.search_space.SearchSpace` (ConfigError names ``06_sweep.space``)."""
+        from .search_space import load_space
 
         text = self.space.strip()
         spec: Any = None
@@ -377,7 +377,7 @@ class SweepParams(NotebookParams):
                 raise ConfigError(f"{self._section}.space = {text!r}: neither a JSON object nor an existing space file")
             spec = text
         try:
-            return sweep.load_space(spec, self.preset, self.dotted_overrides())
+            return load_space(spec, self.preset, self.dotted_overrides())
         except ConfigError as e:
             raise ConfigError(f"{self._section}.space: {e}") from e
 
