@@ -68,6 +68,12 @@ def test_table_equals_a_recomputation_from_the_saved_checkpoints(study):
             ratio = rows[f"{name}: R_pred"]["rmse_over_crb"][f"{s:g}"]
             assert ratio["phi"] == pytest.approx(m["rmse_phi_deg"][i] / loc["sqrt_crb"]["phi_deg"][i], rel=1e-6)
             assert ratio["r"] == pytest.approx(m["rmse_r_m"][i] / loc["sqrt_crb"]["r_m"][i], rel=1e-6)
+            found = rows[f"{name}: R_pred"]["detected_over_crb"][f"{s:g}"]["phi"]
+            if m["rmse_detected_phi_deg"][i] is None:  # nothing detected: no spread to report
+                assert found is None
+            else:
+                assert found == pytest.approx(m["rmse_detected_phi_deg"][i] / loc["sqrt_crb"]["phi_deg"][i], rel=1e-6)
+                assert m["rmse_detected_phi_deg"][i] <= loc["tolerances"]["phi_deg"]  # each detected pair is within it
         assert rows[f"{name}: R_pred"]["k_accuracy"] == pytest.approx(sum(m["k_accuracy"]) / len(SNRS))
 
 

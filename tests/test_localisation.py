@@ -314,9 +314,12 @@ def test_match_metrics_counts_and_rmse():
     assert (m["tp"], m["n_pred"], m["n_true"], m["n_matched"]) == (1, 3, 3, 2)
     assert m["precision"] == pytest.approx(1 / 3) and m["recall"] == pytest.approx(1 / 3) and m["f1"] == pytest.approx(2 / 6)
     assert m["rmse_phi_deg"] == pytest.approx(math.sqrt((1 + 100) / 2), rel=1e-5) and m["rmse_r_m"] == 0.0
+    assert m["rmse_detected_phi_deg"] == pytest.approx(1.0, rel=1e-5)  # only the source found within 5 deg
     assert m["k_accuracy"] == 0.0
     m = E.match_metrics(est, true_phi, torch.zeros(2, 2), true_r, torch.tensor([[True, True], [True, False]]), {"phi_deg": 11.0})
-    assert m["tp"] == 2
+    assert m["tp"] == 2 and m["rmse_detected_phi_deg"] == pytest.approx(m["rmse_phi_deg"])
+    far = E.match_metrics(est, true_phi + 1.0, torch.zeros(2, 2), true_r, torch.tensor([[True, True], [True, False]]))
+    assert far["tp"] == 0 and math.isnan(far["rmse_detected_phi_deg"])
 
 
 # ---------------------------------------------------------------------------------------------

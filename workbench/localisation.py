@@ -428,24 +428,29 @@ def match_metrics(est: Localisation, true_phi, true_theta, true_r, true_mask, to
     |dr| <= tol_r (defaults 5 deg, 5 deg, 1 m; ``tolerances`` dict with keys phi_deg, theta_deg, r_m).
     precision = TP / predicted, recall = TP / true, F1 = 2 TP / (predicted + true), each 1.0 when its
     denominator is 0. RMSE of phi, theta (degrees) and r (metres) over *all* Hungarian pairs (detected
-    or not; NaN when there is none), so gross errors count. k_accuracy: fraction of scenes whose
-    number of detected sources equals the true K.
+    or not; NaN when there is none), so gross errors count; ``rmse_detected_*`` the same over the detected
+    pairs only (the spread of the sources found, to set beside the CRB; NaN when none is detected).
+    k_accuracy: fraction of scenes whose number of detected sources equals the true K.
     """
     tol = tolerances_array(tolerances)
     to_np = lambda t: t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)  # noqa: E731
     ep, et, er, em = (to_np(t) for t in (est.phi, est.theta, est.r, est.mask))
     tp_, tt_, tr_, tm_ = (to_np(t) for t in (true_phi, true_theta, true_r, true_mask))
     tp = n_pred = n_true = k_ok = 0
-    sq = []
+    sq, hit = [], []
     for b in range(len(em)):
         pred, true = _rows(ep, et, er, em, b), _rows(tp_, tt_, tr_, tm_, b)
         n_pred, n_true, k_ok = n_pred + len(pred), n_true + len(true), k_ok + int(len(pred) == len(true))
         i, j = match(pred, true, tolerances)
         err = np.abs(pred[i] - true[j])
-        tp += int((err <= tol).all(-1).sum())
+        detected = (err <= tol).all(-1)
+        tp += int(detected.sum())
         sq.append(err**2)
+        hit.append(detected)
     sq = np.concatenate(sq) if sq else np.zeros((0, 3))
+    hit = np.concatenate(hit) if hit else np.zeros(0, dtype=bool)
     rmse = np.sqrt(sq.mean(0)) if len(sq) else np.full(3, math.nan)
+    rmse_hit = np.sqrt(sq[hit].mean(0)) if hit.any() else np.full(3, math.nan)
     return {
         "tp": float(tp),
         "n_pred": float(n_pred),
@@ -456,6 +461,9 @@ def match_metrics(est: Localisation, true_phi, true_theta, true_r, true_mask, to
         "rmse_phi_deg": float(np.degrees(rmse[0])),
         "rmse_theta_deg": float(np.degrees(rmse[1])),
         "rmse_r_m": float(rmse[2]),
+        "rmse_detected_phi_deg": float(np.degrees(rmse_hit[0])),
+        "rmse_detected_theta_deg": float(np.degrees(rmse_hit[1])),
+        "rmse_detected_r_m": float(rmse_hit[2]),
         "n_matched": float(len(sq)),
         "k_accuracy": k_ok / len(em) if len(em) else math.nan,
     }

@@ -174,8 +174,9 @@ def localisation_vs_snr(
     sqrt_crb: sqrt of the CRB averaged over all sources at that SNR (comparable to the RMSE over sources).
     Returns plain lists/floats (NaN as None), ready for json.dump:
     {"snr_db", "method", "n_per_snr", "tolerances", "sqrt_crb": {"phi_deg", "theta_deg", "r_m"},
-     "covariances": {name: {"rmse_phi_deg", "rmse_theta_deg", "rmse_r_m", "precision", "recall", "f1",
-     "k_accuracy"}}} each a list over snrs_db, "k_source": {name: "own" or ``k_method``}}.
+     "covariances": {name: {"rmse_phi_deg", "rmse_theta_deg", "rmse_r_m", "rmse_detected_phi_deg", ...,
+     "precision", "recall", "f1", "k_accuracy"}}} each a list over snrs_db (the keys of :func:`match_metrics`),
+     "k_source": {name: "own" or ``k_method``}}.
     """
     check_choice("method", method, METHODS)
     check_choice("k_method", k_method, COUNT_METHODS)
@@ -188,7 +189,8 @@ def localisation_vs_snr(
     grid.validate(system)
     n_snap = system.L if n_snapshots is None else n_snapshots
     dev = resolve_device(device)
-    keys = ("rmse_phi_deg", "rmse_theta_deg", "rmse_r_m", "precision", "recall", "f1", "k_accuracy")
+    keys = ("rmse_phi_deg", "rmse_theta_deg", "rmse_r_m", "rmse_detected_phi_deg", "rmse_detected_theta_deg", "rmse_detected_r_m",
+            "precision", "recall", "f1", "k_accuracy")
     res = {name: {k: [] for k in keys} for name in covariances}
     bound = {"phi_deg": [], "theta_deg": [], "r_m": []}
     k_source: dict[str, str] = {}
