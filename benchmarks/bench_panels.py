@@ -64,9 +64,11 @@ def bench(tmp: Path) -> list[dict]:
     rows += _timed(panel, [("subspace_backend", "safe"), ("gap_backend", "svd"), ("c_eps", 0.01), ("preset", "recommended")],
                    "03_nan_gradients")
     p5 = wp.notebook_params("05_localisation", out_dir=str(tmp / "05"))
-    configs = compare.entry_configs(p5.preset_names, p5.dotted_overrides())
-    runs = compare.train_entries(configs, TrainingData.simulate(next(iter(configs.values()))), p5.models_path, progress=False)
-    sources = localisation.localisation_sources(p5.experiment(), p5.estimator_names, physics_k="true", runs=runs)
+    configs = compare.entry_configs(p5.preset_names, p5.dotted_overrides())  # as notebook 05's cells
+    cfg = next(iter(configs.values()))
+    runs = compare.train_entries(configs, TrainingData.simulate(cfg), p5.models_path, progress=False)
+    physics_k = ("true" if p5.use_true_k else "mdl") if p5.physics_baseline else None
+    sources = localisation.localisation_sources(cfg, p5.estimator_names, physics_k=physics_k, runs=runs, blend=p5.blend)
     panel = ui.LocalisationPanel(p5, sources)
     with contextlib.redirect_stdout(io.StringIO()):
         panel.update()

@@ -239,7 +239,7 @@ def _ratio(value, bound):
 def results_rows(result: dict) -> list[dict]:
     """One row per reference, baseline and trained entry: {"row", "kind", "nmse" (validation, mean), "oracle",
     "rmse_over_crb": {snr: {"phi", "theta", "r"}} at the SNRs of :data:`TABLE_SNRS` that were run (every matched
-    pair), "detected_over_crb" (the same over the detected sources only; absent in results saved before it), "f1" and
+    pair), "detected_over_crb" (the same over the detected sources only), "f1" and
     "k_accuracy" (means over those SNRs), "skipped", "train_seconds"}; None where a value does not apply."""
     loc, nmse_rows = result["localisation"], {r["predictor"]: r for r in result["nmse"]}
     snrs = [s for s in loc["snr_db"] if s in TABLE_SNRS] or loc["snr_db"]
@@ -251,9 +251,7 @@ def results_rows(result: dict) -> list[dict]:
         m = loc["covariances"][source]
         idx = [loc["snr_db"].index(s) for s in snrs]
 
-        def ratios(prefix: str) -> dict | None:
-            if f"{prefix}phi_deg" not in m:
-                return None
+        def ratios(prefix: str) -> dict:
             return {f"{loc['snr_db'][i]:g}": {"phi": _ratio(m[f"{prefix}phi_deg"][i], crb["phi_deg"][i]),
                                               "theta": _ratio(m[f"{prefix}theta_deg"][i], crb["theta_deg"][i]),
                                               "r": _ratio(m[f"{prefix}r_m"][i], crb["r_m"][i])} for i in idx}
@@ -328,7 +326,7 @@ def conclusion(result: dict) -> str:
         parts = [f"{r['row']} {_f(r['rmse_over_crb'][s]['phi'], 2)}" for r in rows if r["rmse_over_crb"]]
         lines.append(f"- MUSIC φ RMSE over sqrt(CRB) at {s} dB (1 = the bound; true K): " + "; ".join(parts) + ".")
         found = [f"{r['row']} {_f(r['detected_over_crb'][s]['phi'], 2)} / {_f(r['detected_over_crb'][s]['theta'], 2)}"
-                 for r in rows if r.get("detected_over_crb") and r["kind"] != "reference"]
+                 for r in rows if r["detected_over_crb"] and r["kind"] != "reference"]
         if found:
             lines.append("- The same over the detected sources only (φ / θ, the spread of the sources found): " + "; ".join(found) + ".")
     return "\n".join(lines)
