@@ -44,6 +44,7 @@ from IPython.display import Image, Markdown, display
 from workbench import figures, ui
 from workbench import params as wp
 from workbench.figures import pipeline as fig_pipeline
+from workbench.figures import seed_note as fig_seed_note
 from workbench.io import save_metrics
 from workbench.studies import pipeline, seed_note
 
@@ -65,7 +66,7 @@ display(Markdown(fig_pipeline.summary_markdown(rows)))
 
 # %%
 display(Image(figures.save_figure(fig_pipeline.norms_figure(rows), out / "norms.png")))
-metrics["conclusion"] = pipeline.normalisation_conclusion(rows)
+metrics["conclusion"] = fig_pipeline.normalisation_conclusion(rows)
 display(Markdown(metrics["conclusion"]))
 
 # %% [markdown]
@@ -80,9 +81,9 @@ seed_rows = seed_note.seed_table(params.n_scenes, params.preset_names, params.se
 metrics["seed_table"] = seed_rows
 metrics["seed_comparison"] = seed_note.seed_comparison(seed_rows)
 display(Markdown(figures.markdown_table(metrics["seed_comparison"])))
-display(Markdown(seed_note.format_seed_table(seed_rows)))
-metrics["conclusion"] += "\n" + seed_note.seed_conclusion(seed_rows)
-display(Markdown(seed_note.seed_conclusion(seed_rows)))
+display(Markdown(fig_seed_note.format_seed_table(seed_rows)))
+metrics["conclusion"] += "\n" + fig_seed_note.seed_conclusion(seed_rows)
+display(Markdown(fig_seed_note.seed_conclusion(seed_rows)))
 
 # %%
 save_metrics(out, metrics);

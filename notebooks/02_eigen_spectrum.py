@@ -90,7 +90,7 @@ sweep = pipeline.loading_sweep(cfg, batch, params.c_eps_values, seed=params.seed
 metrics["loading_sweep"] = sweep
 display(Markdown(figures.markdown_table(sweep)))
 display(Image(figures.save_figure(fig_pipeline.loading_figure(sweep), out / "loading.png")))
-metrics["conclusion"] = pipeline.spectrum_conclusion(spec, sweep, params.scene)
+metrics["conclusion"] = fig_pipeline.spectrum_conclusion(spec, sweep, params.scene)
 display(Markdown(metrics["conclusion"]))
 
 # %%

@@ -105,7 +105,7 @@ display(Image(figures.save_figure(fig_gradients.gradient_figure(reports), out / 
 
 # %%
 metrics["conclusions"] = gradients.gradient_conclusions(deg, fd, reports)
-metrics["conclusion"] = gradients.gradient_verdict(deg, fd, reports, cfg.fixes.gap_margin)
+metrics["conclusion"] = fig_gradients.gradient_verdict(deg, fd, reports, cfg.fixes.gap_margin)
 metrics["report"] = gradient_report(cfg, batch, model, seed=params.seed)
 display(Markdown(metrics["conclusion"]))
 save_metrics(out, metrics);

@@ -49,6 +49,7 @@ from IPython.display import Image, Markdown, display
 
 from workbench import figures, ui
 from workbench import params as wp
+from workbench.figures import compare as fig_compare
 from workbench.figures import training as fig_training
 from workbench.io import save_metrics
 from workbench.studies import compare
@@ -81,7 +82,7 @@ display(Markdown(figures.markdown_table(rows)))
 
 # %%
 display(Image(figures.save_figure(fig_training.training_figure({n: r.history for n, r in runs.items()}), out / "training.png")))
-metrics["conclusion"] = compare.training_conclusion(rows)
+metrics["conclusion"] = fig_compare.training_conclusion(rows)
 display(Markdown(metrics["conclusion"]))
 save_metrics(out, metrics);
 

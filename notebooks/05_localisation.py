@@ -105,7 +105,7 @@ display(Markdown(figures.markdown_table([{"covariance": n, "SNR dB": s, "RMSE φ
 
 # %%
 display(Image(figures.save_figure(fig_localisation.localisation_figure(res), out / "localisation.png")))
-metrics["conclusion"] = localisation.localisation_conclusion(res)
+metrics["conclusion"] = fig_localisation.localisation_conclusion(res)
 display(Markdown(metrics["conclusion"]))
 
 # %% [markdown]

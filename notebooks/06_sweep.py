@@ -127,7 +127,7 @@ display(Markdown(figures.markdown_table([{"trial": r["number"], "NaN from": ", "
 # ## What this sweep says
 
 # %%
-metrics["conclusion"] = sweeps.sweep_conclusion(metrics)
+metrics["conclusion"] = fig_sweeps.sweep_conclusion(metrics)
 display(Markdown(metrics["conclusion"]))
 save_metrics(out, metrics);
 

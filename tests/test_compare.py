@@ -13,6 +13,7 @@ import torch
 from workbench import cli
 from workbench.checkpoints import RunFolder, load_checkpoint
 from workbench.config import ConfigError
+from workbench.figures import compare as fig_compare
 from workbench.studies import compare as C
 from workbench.studies.baselines import baseline_rows, network_nmse
 from workbench.studies.localisation import localisation_vs_snr, model_sources
@@ -49,7 +50,7 @@ def test_a_nan_prone_preset_shows_its_skipped_steps(study):
     rows = {r["row"]: r for r in result["table"]}
     assert rows["seed_fix2: R_pred"]["skipped"] > 0 and rows["recommended: R_pred"]["skipped"] == 0
     assert any("subspace" in p for p in result["runs"]["seed_fix2"]["provenance"])
-    assert "seed_fix2" in C.conclusion(result).split("\n")[0]
+    assert "seed_fix2" in fig_compare.conclusion(result).split("\n")[0]
 
 
 def test_table_equals_a_recomputation_from_the_saved_checkpoints(study):
@@ -94,7 +95,7 @@ def test_the_table_holds_the_references_and_the_fitted_baselines(study):
     for name in ("beamscan_scaled", "beamscan_affine"):
         assert direct[name]["nmse"] == pytest.approx(nmse[name]["nmse"], rel=1e-4)
         assert direct[name]["a"] == pytest.approx(nmse[name]["a"], rel=1e-4)
-    table = C.format_table(result["table"])
+    table = fig_compare.format_table(result["table"])
     assert table.count("\n") == len(result["table"]) + 1 and "RMSE/√CRB φ/θ/r @ 20 dB" in table
 
 
@@ -146,7 +147,7 @@ def test_training_rows_and_conclusion_come_from_the_histories(study):
     rows = {r["preset"]: r for r in C.training_rows(runs)}
     assert rows["seed_fix2"]["gradients finite"] is False and rows["recommended"]["gradients finite"] is True
     assert rows["seed_fix2"]["skipped steps"] == result["runs"]["seed_fix2"]["skipped_nonfinite"]
-    text = C.training_conclusion(list(rows.values()))
+    text = fig_compare.training_conclusion(list(rows.values()))
     assert f"seed_fix2: {rows['seed_fix2']['skipped steps']} steps skipped" in text
     assert f"{rows['recommended']['final val NMSE']:.3g}" in text
     assert torch.isfinite(torch.tensor(rows["recommended"]["final val NMSE"]))

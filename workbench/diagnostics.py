@@ -137,30 +137,6 @@ def gradient_report(cfg: ExperimentConfig, batch: SceneBatch | None = None, mode
     }
 
 
-def format_report(report: dict) -> str:
-    """A :func:`gradient_report` as text: the verdict line with the NaN's provenance, a table of the terms
-    (value, weight, gradient norm per group) and the pipeline's norms."""
-    groups = list(report["grad_norm"])
-    norms = ", ".join(f"{g} {v:.3g}" for g, v in report["grad_norm"].items())
-    if report["ok"]:
-        lines = [f"gradient finite (norm: {norms})"]
-    else:
-        lines = [f"gradient NON-FINITE (norm: {norms})"]
-    for p in report["provenance"]:
-        where = "in the total" if p.get("in_total") else "weight 0: not in the total"
-        lines.append(f"  {p['term']} ({where}): created by {p['op']}, reaches {', '.join(p['groups']) or 'no group'}")
-    header = f"{'term':<10} {'value':>11} {'weight':>8} " + " ".join(f"{'grad ' + g:>14}" for g in groups)
-    lines += ["", header, "-" * len(header)]
-    for term, gn in report["term_grad_norm"].items():
-        lines.append(f"{term:<10} {report['terms'][term]:>11.4g} {report['weights'].get(term, 0.0):>8.3g} "
-                     + " ".join(f"{gn[g]:>14.3g}" for g in groups))
-    lines.append(f"{'total':<10} {report['loss']:>11.4g}")
-    n = report["norms"]
-    lines += ["", f"medians: ||R_samp||_F {n['R_samp']:.3g}, ||R_pred||_F {n['R_pred']:.3g}, ||R_blend||_F {n['R_blend']:.3g}, "
-                  f"rank(R_blend) {n['rank_R_blend']:.0f}"]
-    return "\n".join(lines)
-
-
 def register_cli(sub) -> None:
     p = sub.add_parser("diagnose", help="one forward/backward pass: gradient norms per group and term, NaN provenance")
     p.add_argument("--preset", default="recommended", choices=PRESETS, metavar="PRESET",
@@ -181,5 +157,7 @@ def _cli_diagnose(args) -> int:
         print(dumps_json(report), end="")
     else:
         print(f"workbench diagnose: preset {args.preset}" + "".join(f", {k}={v}" for k, v in args.set) + f", {args.n} scenes, N = {cfg.system.N}")
+        from .figures.gradients import format_report
+
         print(format_report(report))
     return 0

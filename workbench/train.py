@@ -42,6 +42,7 @@ from .config import PRESETS, ConfigError, ExperimentConfig, parse_overrides, pre
 from .covariance import nmse, rsamp_for
 from .data import check_scenes
 from .diagnostics import group_norms, provenance
+from .figures import fmt
 from .io import atomic_write_json
 from .losses import TERMS, compute_losses, term_weights
 from .model import CovarianceNet, build_model
@@ -321,18 +322,15 @@ def checks(history: list[dict], provenance_records: list[dict] | None = None, lo
     ops = sorted({f"{p['term']}:{p['op']}" for p in provenance_records or []})
     return [
         {"name": "loss finite and in range", "passed": in_range,
-         "detail": f"train loss per epoch {', '.join(_fmt(x) for x in losses)}; range {loss_range}"},
+         "detail": f"train loss per epoch {', '.join(fmt(x, 4, show_nonfinite=True) for x in losses)}; range {loss_range}"},
         {"name": "gradients finite", "passed": gfinite,
          "detail": f"{skipped} non-finite steps skipped" + (f" (from {', '.join(ops)})" if ops else "")},
         {"name": "training loss decreasing", "passed": decreasing,
-         "detail": f"first {_fmt(losses[0])} -> last {_fmt(losses[-1])}; fell in {sum(drops)}/{len(drops)} epoch steps"},
+         "detail": f"first {fmt(losses[0], 4, show_nonfinite=True)} -> last {fmt(losses[-1], 4, show_nonfinite=True)}; "
+                   f"fell in {sum(drops)}/{len(drops)} epoch steps"},
         {"name": "weights changing", "passed": bool(changes) and all(_finite(c) and c > 0 for c in changes),
-         "detail": "parameter change per epoch " + ", ".join(_fmt(c, 3) for c in changes)},
+         "detail": "parameter change per epoch " + ", ".join(fmt(c, 3, show_nonfinite=True) for c in changes)},
     ]
-
-
-def _fmt(x, digits: int = 4) -> str:
-    return "nan" if x is None else f"{x:.{digits}g}"
 
 
 def verify(cfg: ExperimentConfig, progress: bool = True, **fit_kwargs) -> dict:
@@ -424,7 +422,8 @@ def _train_command(args) -> int:
     RunFolder(out).check_writable()  # before any scene is simulated
     result = fit(cfg, progress=not args.no_progress, run_dir=out, resume=bool(args.resume))
     last = result.history[-1] if result.history else {}
-    print(f"wrote {out}/{HISTORY_FILE} and {out}/{CHECKPOINT_FILE} ({len(result.history)} epochs); final val_nmse {_fmt(last.get('val_nmse'))}")
+    print(f"wrote {out}/{HISTORY_FILE} and {out}/{CHECKPOINT_FILE} ({len(result.history)} epochs); final val_nmse "
+          f"{fmt(last.get('val_nmse'), 4, show_nonfinite=True)}")
     return 0
 
 

@@ -24,16 +24,16 @@ import ipywidgets as widgets
 
 from . import figures
 from .config import GAP_BACKENDS, PRESETS, SAMPLE_ESTIMATORS, SUBSPACE_BACKENDS, ConfigError, ExperimentConfig
+from .figures import fmt
 from .params import GradientParams, LocalisationParams, NormalisationParams, SpectrumParams, SweepParams, TrainingParams
 
 PANEL_DPI = 144  # figures in panels: sharp on high-density screens, scaled to the panel's width
 
 
-def fmt(v: Any, digits: int = 3) -> str:
-    """A number to ``digits`` significant digits (ints and text unchanged), for status lines and tables."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return html.escape(str(v))
-    return str(v) if isinstance(v, int) else f"{v:.{digits}g}"
+def _html(v: Any, digits: int = 3, *, show_nonfinite: bool = False) -> str:
+    """:func:`workbench.figures.fmt` (the package's one number formatter) with HTML escaping, for status lines and
+    tables; ``show_nonfinite=True`` for a measured norm, loss or gradient (NaN / inf written as such)."""
+    return html.escape(fmt(v, digits, show_nonfinite=show_nonfinite))
 
 
 def plotly_bundle(fig) -> dict:
@@ -252,8 +252,8 @@ class NormalisationPanel(Panel):
         return pipeline_summary(cfg, self.batch, seed=self.params.seed, R_samp_raw=self.cache.raw(cfg), model=self.cache.model(cfg))
 
     def describe(self, result: dict) -> str:
-        rows = "".join(f"<tr><td>{k}</td><td>{fmt(v['fro'])}</td><td>{fmt(v['trace'])}</td><td>{v['rank']:.0f}</td></tr>"
-                       for k, v in result.items())
+        rows = "".join(f"<tr><td>{k}</td><td>{_html(v['fro'], show_nonfinite=True)}</td><td>{_html(v['trace'], show_nonfinite=True)}</td>"
+                       f"<td>{v['rank']:.0f}</td></tr>" for k, v in result.items())
         return ("<table class='wb-table'><tr><th>matrix (median over scenes)</th><th>‖·‖_F</th><th>trace</th><th>rank</th></tr>"
                 f"{rows}</table>")
 
@@ -297,8 +297,8 @@ class SpectrumPanel(Panel):
 
     def describe(self, spec) -> str:
         s = self.controls["scene"].value
-        rows = "".join(f"<tr><td>{n}</td><td>{int(spec.rank[n][s])}</td><td>{fmt(float(spec.cond[n][s]))}</td>"
-                       f"<td>{fmt(float(spec.gap[n][s]))}</td></tr>" for n in spec.eigvals)
+        rows = "".join(f"<tr><td>{n}</td><td>{int(spec.rank[n][s])}</td><td>{_html(float(spec.cond[n][s]), show_nonfinite=True)}</td>"
+                       f"<td>{_html(float(spec.gap[n][s]), show_nonfinite=True)}</td></tr>" for n in spec.eigvals)
         return (f"<b>scene {s}, K = {int(spec.K[s])}</b><table class='wb-table'><tr><th>matrix</th><th>rank</th><th>cond</th>"
                 f"<th>gap λ_K − λ_K+1</th></tr>{rows}</table>")
 
@@ -340,7 +340,7 @@ class GradientPanel(Panel):
     @staticmethod
     def status_text(report: dict) -> str:
         """One line: 'gradient finite' or 'gradient NaN' with where it came from."""
-        gn = ", ".join(f"{g} {fmt(v)}" for g, v in report["grad_norm"].items())
+        gn = ", ".join(f"{g} {_html(v, show_nonfinite=True)}" for g, v in report["grad_norm"].items())
         if report["ok"]:
             return f"gradient finite (norm: {gn})"
         origin = "; ".join(f"{p['term']} via {p['op']} -> {','.join(p['groups'])}" for p in report["provenance"] if p.get("in_total", True))
@@ -349,8 +349,8 @@ class GradientPanel(Panel):
     def describe(self, report: dict) -> str:
         colour = "#070" if report["ok"] else "#b00"
         rows = "".join(
-            f"<tr><td>{t}</td><td>{fmt(report['terms'][t])}</td><td>{fmt(report['weights'].get(t, 0))}</td>"
-            + "".join(f"<td>{fmt(v)}</td>" for v in report["term_grad_norm"][t].values()) + "</tr>"
+            f"<tr><td>{t}</td><td>{_html(report['terms'][t], show_nonfinite=True)}</td><td>{_html(report['weights'].get(t, 0))}</td>"
+            + "".join(f"<td>{_html(v, show_nonfinite=True)}</td>" for v in report["term_grad_norm"][t].values()) + "</tr>"
             for t in report["term_grad_norm"]
         )
         groups = "".join(f"<th>‖∇ {g}‖</th>" for g in report["grad_norm"])
@@ -401,7 +401,7 @@ class TrainingPanel(Panel):
 
         def on_epoch(record: dict) -> None:
             self.report_progress((record["epoch"] + 1) / epochs, f"training: epoch {record['epoch'] + 1}/{epochs}, "
-                                                                 f"val NMSE {fmt(record['val_nmse'])}")
+                                                                 f"val NMSE {_html(record['val_nmse'], show_nonfinite=True)}")
 
         self.report_progress(0.0, f"training: epoch 0/{epochs}")
         return fit(cfg, data=self._data[key], progress=False, on_epoch=on_epoch)
@@ -412,8 +412,8 @@ class TrainingPanel(Panel):
         last = run.history[-1]
         skipped = sum(h["skipped_nonfinite"] for h in run.history)
         marks = " ".join(f"{'✔' if c['passed'] else '✘'} {html.escape(c['name'])}" for c in checks(run.history, run.provenance))
-        return (f"{html.escape(self.controls['preset'].value)}: final train loss {fmt(last['train_loss'])}, validation NMSE "
-                f"{fmt(last['val_nmse'])}, {skipped} steps skipped; {marks}")
+        return (f"{html.escape(self.controls['preset'].value)}: final train loss {_html(last['train_loss'], show_nonfinite=True)}, validation NMSE "
+                f"{_html(last['val_nmse'], show_nonfinite=True)}, {skipped} steps skipped; {marks}")
 
     def figure(self, run):
         from .figures.training import training_figure
@@ -466,10 +466,10 @@ class LocalisationPanel(Panel):
 
     def describe(self, view: dict) -> str:
         def row(kind: str, p: dict) -> str:
-            return f"<tr><td>{kind}</td><td>{fmt(p['phi_deg'])}</td><td>{fmt(p['theta_deg'])}</td><td>{fmt(p['r_m'])}</td></tr>"
+            return f"<tr><td>{kind}</td><td>{_html(p['phi_deg'])}</td><td>{_html(p['theta_deg'])}</td><td>{_html(p['r_m'])}</td></tr>"
 
         rows = "".join(row("true", p) for p in view["true"]) + "".join(row("estimated", p) for p in view["estimated"])
-        return (f"<b>{html.escape(view['name'])}</b>, scene {view['scene']} at {fmt(view['snr_db'])} dB: K = {view['K']}, localised with "
+        return (f"<b>{html.escape(view['name'])}</b>, scene {view['scene']} at {_html(view['snr_db'])} dB: K = {view['K']}, localised with "
                 f"K = {view['K_used']} ({view['method'].upper()})<table class='wb-table'><tr><th></th><th>φ (°)</th><th>θ (°)</th>"
                 f"<th>r (m)</th></tr>{rows}</table>")
 
@@ -526,7 +526,7 @@ class SweepPanel(Panel):
         line = (f"{c['done']} finished: {c['complete']} complete, {c['pruned']} pruned ({result['summary']['nonfinite']} non-finite), "
                 f"{c['failed']} failed")
         if best:
-            line += f"; best trial {best['number']}: val_nmse {fmt(best['value'], 4)}"
+            line += f"; best trial {best['number']}: val_nmse {_html(best['value'], 4)}"
         return html.escape(line)
 
     def figure(self, result: dict):

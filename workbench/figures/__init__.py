@@ -1,8 +1,15 @@
-"""Figure builders: rows in, figure out (matplotlib for the static PNG files, plotly where interaction helps).
+"""Presentation: rows in, figures, tables and prose out (matplotlib for the static PNG files, plotly where
+interaction helps, markdown for tables and conclusions).
 
-Each module mirrors a study in :mod:`workbench.studies` and draws what it returns. Figures never compute a
-measurement (they format, scale and lay out), never simulate and never write anything but the figure file
-they are asked to save. Conventions every builder follows: a title that says in words what is shown, every
+Owns: every figure, every markdown table and every sentence of prose made from a study's rows, and the one
+number formatter :func:`fmt` that all of them (and the panels of :mod:`workbench.ui`, the command line's text
+and :func:`workbench.train.checks`' details) use. Must not: compute a measurement, simulate, or write anything
+but the figure file it is asked to save.
+
+Each module mirrors a study in :mod:`workbench.studies` and presents what it returns: its figures and, as
+markdown, its tables and conclusions (e.g. :func:`.compare.format_table`, :func:`.localisation.localisation_conclusion`).
+The studies compute the rows; everything that turns rows into text or pictures lives here. Figures format,
+scale and lay out. Conventions every builder follows: a title that says in words what is shown, every
 axis labelled with its quantity and unit, legends outside the data (:func:`legend_outside`), at most about
 eight legend entries per axis (facet instead), exact zeros and non-finite values marked as such rather than
 drawn at an arbitrary floor. :func:`save_figure` writes the PNG and records its title and axis labels in
@@ -13,18 +20,44 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
-
-import matplotlib.pyplot as plt
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any
 
 from ..io import atomic_write, atomic_write_text
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is made: fmt alone (train, the command line) stays light
+    from matplotlib.figure import Figure
 
 COLOURS = {"R_true": "#1b9e77", "R_samp": "#d95f02", "R_pred": "#7570b3", "R_blend": "#e7298a", "R_samp_raw": "#a6761d"}
 DPI = 144  # sharp in JupyterLab on high-density screens
 MANIFEST = "figures.json"
+MISSING = "-"  # what fmt writes for a missing value
+
+
+def fmt(value: Any, digits: int = 3, *, show_nonfinite: bool = False) -> str:
+    """The package's one number formatter, for tables, prose, panels and the command line.
+
+    Floats (and other real numbers: numpy, Fraction) to ``digits`` significant digits (``f"{v:.{digits}g}"``);
+    ints as ints; bools and strings as themselves (``str``); None, NaN and +-inf, a missing value, as
+    :data:`MISSING` ("-"). ``show_nonfinite=True`` is for a measured quantity whose non-finiteness is the
+    finding (a gradient norm, a loss): NaN and +-inf are written "nan", "inf", "-inf", and None (how strict JSON
+    stores a non-finite number) "nan". Anything else is ``str(value)``."""
+    if value is None:
+        return "nan" if show_nonfinite else MISSING
+    if isinstance(value, (bool, str)):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        v = float(value)
+        if not math.isfinite(v) and not show_nonfinite:
+            return MISSING
+        return f"{v:.{digits}g}"
+    return str(value)
 
 
 def legend_outside(ax, **kwargs) -> None:
@@ -37,12 +70,12 @@ def plain_log_ticks(ax, axis: str = "y") -> None:
     matplotlib falls back to when the axis spans less than a decade."""
     from matplotlib.ticker import FuncFormatter
 
-    fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
+    ticks = FuncFormatter(lambda v, _: fmt(v))
     target = ax.yaxis if axis == "y" else ax.xaxis
-    target.set_major_formatter(fmt)
+    target.set_major_formatter(ticks)
     lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
     if lo > 0 and hi / lo < 10:  # under a decade: label the minor ticks too, or the axis has no number at all
-        target.set_minor_formatter(fmt)
+        target.set_minor_formatter(ticks)
 
 
 def describe(fig: Figure) -> dict:
@@ -55,6 +88,8 @@ def describe(fig: Figure) -> dict:
 
 def png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
     """A matplotlib figure as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
@@ -89,14 +124,15 @@ def save_html(fig, path: str | os.PathLike) -> str:
 
 
 def markdown_table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
-    """A list of flat dicts as a markdown table (numbers to 4 significant digits)."""
+    """A list of flat dicts as a markdown table: numbers to 4 significant digits (:func:`fmt`), a measured NaN or
+    inf as "nan" / "inf" (in these tables it is a finding), None as "-"."""
     if not rows:
         return "(no rows)"
     columns = list(columns or rows[0].keys())
 
-    def fmt(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    def cell(v) -> str:
+        return MISSING if v is None else fmt(v, 4, show_nonfinite=True)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)

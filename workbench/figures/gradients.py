@@ -1,4 +1,5 @@
-"""Figures of :mod:`workbench.studies.gradients` (notebook 03): the gradient norm of each eigen backend's term."""
+"""Figures and text of :mod:`workbench.studies.gradients` (notebook 03) and :mod:`workbench.diagnostics`: the gradient
+norm of each eigen backend's term, the Fix 3 verdict in markdown, a gradient report as the command line's text."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from . import legend_outside
+from . import fmt, legend_outside
 
 
 def gradient_figure(rows: list[dict]) -> Figure:
@@ -47,3 +48,66 @@ def gradient_figure(rows: list[dict]) -> Figure:
         legend_outside(ax, handles=handles, title="parameter group")
     fig.tight_layout()
     return fig
+
+
+def gradient_verdict(deg: list[dict], fd: list[dict], reports: list[dict], margin: float) -> str:
+    """The Fix 3 verdict as this run measured it, in markdown bullets, from the rows of
+    :func:`workbench.studies.gradients.degeneracy_check`, ``fd_check`` and ``backend_reports`` (through
+    :func:`workbench.studies.gradients.gradient_conclusions`)."""
+    from ..studies.gradients import gradient_conclusions
+
+    c = gradient_conclusions(deg, fd, reports)
+    ndeg = deg[0]["degenerate"] if deg else 0
+    finite_gap = [b for b, ok in c["eigenvalue_only_gap_grad_finite_under_degeneracy"].items() if ok]
+    nan_gap = [b for b, ok in c["eigenvalue_only_gap_grad_finite_under_degeneracy"].items() if not ok]
+    sub = c["subspace_grad_finite_under_degeneracy"]
+    lines = [f"- **The hinge is not a NaN source.** With the hinge made active (margin 1e3) on R = R_ref + C_EPS I, whose "
+             f"{ndeg:.0f} smallest eigenvalues coincide to rounding, the gradient is finite for {', '.join(finite_gap)}"
+             + (f" and not for {', '.join(nan_gap)}" if nan_gap else "") + ": an eigenvalue-only loss has gradient V diag(g) V^H."]
+    bad = [b for b, ok in sub.items() if not ok]
+    good = [b for b, ok in sub.items() if ok]
+    lines.append(f"- **Eigenvectors are.** Through the same spectrum the subspace term's gradient is non-finite with "
+                 f"{', '.join(bad) or 'no backend'} and finite with {', '.join(good)}.")
+    prov = sorted({p["op"] for r in reports if r["kind"] == "subspace" for p in r["provenance"] if p["term"] == "subspace"})
+    if prov:
+        lines.append(f"- In the network the NaN's provenance is {', '.join(prov)}; subspace backends finite there: "
+                     f"{', '.join(c['subspace_backends_finite_in_network'])}.")
+    inactive = [r["backend"] for r in reports if r["kind"] == "gap" and r["hinge_active"] is False]
+    if inactive:
+        gap = next((r["gap_eigvalsh"] for r in fd), float("nan"))
+        lines.append(f"- In these scenes the hinge is inactive (median gap {fmt(gap)} > margin {margin:g}), so its gradient through the "
+                     f"network is exactly 0 for {', '.join(inactive)}: that proves nothing about degeneracy; the active case is above.")
+    flip = c["svd_flip"].get("svd_flipped")
+    if flip:
+        lines.append(f"- `svd_flipped` reads the gap between the smallest eigenvalues ({fmt(flip['gap'])}), so its hinge sits at the margin "
+                     f"({fmt(flip['hinge'])}) whatever the prediction; `svd` equals `eigh` here.")
+    lines.append(f"- Float64 finite differences agree with autograd (relative error < 1e-4) for {', '.join(c['fd_agrees'])}.")
+    return "\n".join(lines)
+
+
+def format_report(report: dict) -> str:
+    """A :func:`workbench.diagnostics.gradient_report` as text (``workbench diagnose``): the verdict line with the
+    NaN's provenance, a table of the terms (value, weight, gradient norm per group) and the pipeline's norms. A
+    non-finite value is written "nan" / "inf": here it is the finding."""
+    def num(v, digits: int = 3) -> str:
+        return fmt(v, digits, show_nonfinite=True)
+
+    groups = list(report["grad_norm"])
+    norms = ", ".join(f"{g} {num(v)}" for g, v in report["grad_norm"].items())
+    if report["ok"]:
+        lines = [f"gradient finite (norm: {norms})"]
+    else:
+        lines = [f"gradient NON-FINITE (norm: {norms})"]
+    for p in report["provenance"]:
+        where = "in the total" if p.get("in_total") else "weight 0: not in the total"
+        lines.append(f"  {p['term']} ({where}): created by {p['op']}, reaches {', '.join(p['groups']) or 'no group'}")
+    header = f"{'term':<10} {'value':>11} {'weight':>8} " + " ".join(f"{'grad ' + g:>14}" for g in groups)
+    lines += ["", header, "-" * len(header)]
+    for term, gn in report["term_grad_norm"].items():
+        lines.append(f"{term:<10} {num(report['terms'][term], 4):>11} {num(report['weights'].get(term, 0.0)):>8} "
+                     + " ".join(f"{num(gn[g]):>14}" for g in groups))
+    lines.append(f"{'total':<10} {num(report['loss'], 4):>11}")
+    n = report["norms"]
+    lines += ["", f"medians: ||R_samp||_F {num(n['R_samp'])}, ||R_pred||_F {num(n['R_pred'])}, ||R_blend||_F {num(n['R_blend'])}, "
+                  f"rank(R_blend) {n['rank_R_blend']:.0f}"]
+    return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Figures of :mod:`workbench.studies.sweeps` (notebook 06): optimisation history, importances, knobs versus
-outcome, outcome fractions per knob value; each as a static matplotlib figure and an interactive plotly one."""
+outcome, outcome fractions per knob value; each as a static matplotlib figure and an interactive plotly one; what the
+study says, as markdown bullets (:func:`sweep_conclusion`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import optuna
 from matplotlib.figure import Figure
 
 from ..studies.sweeps import OUTCOMES
-from . import legend_outside
+from . import fmt, legend_outside
 
 OUTCOME_COLOURS = {"complete": "#2ca02c", "pruned": "#ff7f0e", "nonfinite": "#d62728", "failed": "#7f7f7f"}
 
@@ -118,7 +119,7 @@ def parallel_figure(rows: list[dict]) -> Figure:
         scaled.append([(v - lo) / span for v in a["values"]])
         x = len(scaled) - 1
         ax.axvline(x, color="k", lw=0.8)
-        for v, text in a["ticks"] or [(lo, f"{lo:.3g}"), (hi, f"{hi:.3g}")]:
+        for v, text in a["ticks"] or [(lo, fmt(lo)), (hi, fmt(hi))]:
             ax.text(x + 0.03, (v - lo) / span, text, fontsize=7, va="center")
     for i, r in enumerate(rows):
         ax.plot(range(len(axes)), [s[i] for s in scaled], color=OUTCOME_COLOURS[r["outcome"]], alpha=0.7, lw=1.2)
@@ -138,7 +139,7 @@ def parallel_figure(rows: list[dict]) -> Figure:
 def _short(label: str) -> str:
     """A float label to 3 significant digits (bin labels and other text unchanged)."""
     try:
-        return f"{float(label):.3g}"
+        return fmt(float(label))
     except ValueError:
         return label
 
@@ -199,3 +200,27 @@ def outcomes_plotly(rows: list[dict]):
     fig.update_layout(barmode="stack", title="Trial outcome by knob value", height=300 * math.ceil(len(names) / cols))
     fig.update_yaxes(range=[0, 1], tickformat=".0%")
     return fig
+
+
+def sweep_conclusion(metrics: dict) -> str:
+    """Markdown bullets from :func:`workbench.studies.sweeps.sweep_metrics` (+ importances): counts, the best trial, and which knob values
+    went non-finite, with their caveats."""
+    c, best = metrics["progress"], metrics["best"]
+    lines = [f"- {c['done']} finished trials: {c['complete']} complete, {c['pruned']} pruned ({len(metrics['nonfinite'])} for a "
+             f"non-finite step), {c['failed']} failed."]
+    if best:
+        knobs = ", ".join(f"{k}={fmt(v)}" for k, v in best["params"].items())
+        lines.append(f"- Best: trial {best['number']}, validation NMSE {fmt(best['value'], 4)} ({knobs}).")
+    for r in metrics["outcome_fractions"]:
+        if r["nonfinite"] > 0:
+            lines.append(f"- {r['param']} = {r['value']}: {r['nonfinite']:.0%} of {r['n']} trial(s) non-finite"
+                         + (f" (caveat: {r['caveat']})" if r["caveat"] else "") + ".")
+    ops = sorted({op for r in metrics["nonfinite"] for op in r["ops"]})
+    if ops:
+        lines.append(f"- Non-finite steps came from {', '.join(ops)}.")
+    if metrics.get("importances"):
+        top = max(metrics["importances"], key=metrics["importances"].get)
+        lines.append(f"- Most important knob for the validation NMSE: {top} ({metrics['importances_note']}).")
+    elif metrics.get("importances_note"):
+        lines.append(f"- No importances: {metrics['importances_note']}.")
+    return "\n".join(lines)

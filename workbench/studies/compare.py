@@ -14,13 +14,13 @@ must agree, or :func:`entry_configs` refuses), each entry is trained on it by :f
   RMSE as a multiple of sqrt(CRB), F1 and the accuracy of each source's own count of K.
 
 An entry is a preset name or a variant of one (:data:`VARIANTS`). A budget (:data:`BUDGETS`) is a set of dotted
-overrides applied to every entry. Data in, rows out: the command line writes the files; nothing here draws.
+overrides applied to every entry. Data in, rows out: the command line writes the files; nothing here draws or
+writes prose (the results table as markdown and the conclusions are in :mod:`workbench.figures.compare`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,24 +164,6 @@ def training_rows(runs: dict[str, TrainResult]) -> list[dict]:
     return rows
 
 
-def training_conclusion(rows: list[dict]) -> str:
-    """Markdown bullets from :func:`training_rows`: who passed all four checks, who skipped steps (and where the
-    NaN came from), and the ranking by validation NMSE."""
-    checks = ("loss finite and in range", "gradients finite", "training loss decreasing", "weights changing")
-    passed = [r["preset"] for r in rows if all(r[c] for c in checks)]
-    failed = {r["preset"]: [c for c in checks if not r[c]] for r in rows if r["preset"] not in passed}
-    lines = [f"- All four checks of the seed note passed: {', '.join(passed) if passed else 'no run'}."]
-    lines += [f"- {name} failed: {', '.join(cs)}." for name, cs in failed.items()]
-    for r in rows:
-        if r["skipped steps"]:
-            lines.append(f"- {r['preset']}: {r['skipped steps']} steps skipped for a non-finite gradient (from {r['NaN source']}).")
-    ranked = sorted((r for r in rows if r["final val NMSE"] is not None), key=lambda r: r["final val NMSE"])
-    if ranked:
-        lines.append("- Validation NMSE after training, best first: " + ", ".join(f"{r['preset']} {_f(r['final val NMSE'])}" for r in ranked)
-                     + " (1 is what R_pred = 0 scores; a scaled identity scores about 1 - N/‖R_true‖² in trace-N units).")
-    return "\n".join(lines)
-
-
 def compare(entries: Sequence[str] = DEFAULT_ENTRIES, overrides: dict[str, Any] | None = None, out: str | Path | None = None,
             snrs_db: Sequence[float] = (0.0, 10.0, 20.0), n_per_snr: int = 16, method: str = "music", blend: bool = True,
             baselines: Sequence[str] = BASELINES, max_fit_scenes: int | None = 512, reuse: bool = True, progress: bool = True,
@@ -284,54 +266,6 @@ def _entry_oracle(cfg: dict) -> str:
     return "none"
 
 
-def _f(v, digits: int = 3) -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
-
-
-def format_table(rows: list[dict]) -> str:
-    """The results rows as a markdown table (RMSE / sqrt(CRB) as phi / theta / r per SNR)."""
-    snrs = next((list(r["rmse_over_crb"]) for r in rows if r["rmse_over_crb"]), [])
-    head = ["predictor", "val NMSE", *[f"RMSE/√CRB φ/θ/r @ {s} dB" for s in snrs], "F1", "K acc.", "skipped", "train s", "oracle knowledge"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
-    for r in rows:
-        loc = [("/".join(_f(r["rmse_over_crb"][s][c], 2) for c in ("phi", "theta", "r")) if r["rmse_over_crb"] else "-") for s in snrs]
-        lines.append("| " + " | ".join([r["row"], _f(r["nmse"]), *loc, _f(r["f1"], 2), _f(r["k_accuracy"], 2), _f(r["skipped"]),
-                                        _f(r["train_seconds"], 3), r["oracle"]]) + " |")
-    return "\n".join(lines)
-
-
-def conclusion(result: dict) -> str:
-    """Markdown bullets from this run's numbers: which entries skipped steps, the best trained NMSE against the best
-    baseline, and how far MUSIC on each R_pred is from the bound at the highest SNR run."""
-    rows = result["table"]
-    trained = [r for r in rows if r["kind"] == "trained"]
-    base = [r for r in rows if r["kind"] == "baseline" and r["nmse"] is not None]
-    lines = []
-    skipped = [f"{r['row'].split(':')[0]} ({r['skipped']} steps)" for r in trained if r["skipped"]]
-    lines.append(f"- Steps skipped for a non-finite gradient: {', '.join(skipped) if skipped else 'none, under every entry'}.")
-    if trained and base:
-        best_t = min(trained, key=lambda r: r["nmse"] if r["nmse"] is not None else math.inf)
-        best_b = min(base, key=lambda r: r["nmse"])
-        verdict = "beats" if best_t["nmse"] is not None and best_t["nmse"] < best_b["nmse"] else "does not beat"
-        lines.append(f"- Best trained validation NMSE: {best_t['row']} {_f(best_t['nmse'])}; best baseline: {best_b['row']} "
-                     f"{_f(best_b['nmse'])} (constants fitted on the training scenes). The network {verdict} it.")
-        for name, v in result.get("verdicts", {}).items():
-            bands = [b for b in v["by_snr"] if b is not None]
-            if bands:
-                lines.append(f"- {name}: below every baseline in {sum(bands)} of {len(bands)} SNR bands "
-                             f"(smallest margin {_f(v['margin'])} NMSE).")
-    snrs = next((list(r["rmse_over_crb"]) for r in rows if r["rmse_over_crb"]), [])
-    if snrs:
-        s = snrs[-1]
-        parts = [f"{r['row']} {_f(r['rmse_over_crb'][s]['phi'], 2)}" for r in rows if r["rmse_over_crb"]]
-        lines.append(f"- MUSIC φ RMSE over sqrt(CRB) at {s} dB (1 = the bound; true K): " + "; ".join(parts) + ".")
-        found = [f"{r['row']} {_f(r['detected_over_crb'][s]['phi'], 2)} / {_f(r['detected_over_crb'][s]['theta'], 2)}"
-                 for r in rows if r["detected_over_crb"] and r["kind"] != "reference"]
-        if found:
-            lines.append("- The same over the detected sources only (φ / θ, the spread of the sources found): " + "; ".join(found) + ".")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------
 def register_cli(sub) -> None:
     p = sub.add_parser("compare", help="train every preset on the same scenes and budget; NMSE, baselines, localisation vs the CRB")
@@ -371,6 +305,8 @@ def _cli_compare(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with _threads(args.threads):
         result = compare(entries, overrides, out, snrs, args.n_per_snr, reuse=not args.no_reuse, progress=not args.no_progress)
+    from ..figures.compare import conclusion, format_table
+
     table = format_table(result["table"])
     atomic_write_json(out / "compare.json", result)
     atomic_write_text(out / "table.md", f"{table}\n\n{conclusion(result)}\n")

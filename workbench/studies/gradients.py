@@ -4,7 +4,7 @@
   every gap and subspace backend, gradient with respect to R;
 * :func:`fd_check`: float64 finite differences of the eigengap hinge on the real R_blend (and the SVD flip);
 * :func:`backend_reports`: one real forward and backward of the network per backend, with NaN provenance;
-* :func:`gradient_conclusions`: what the three say, as data.
+* :func:`gradient_conclusions`: what the three say, as data (in words: :func:`workbench.figures.gradients.gradient_verdict`).
 """
 
 from __future__ import annotations
@@ -141,34 +141,3 @@ def gradient_conclusions(deg: list[dict], fd: list[dict], reports: list[dict], r
         "fd_agrees": [r["backend"] for r in fd if r["rel_err"] < rtol],
         "fd_disagrees": [r["backend"] for r in fd if not r["rel_err"] < rtol],
     }
-
-
-def gradient_verdict(deg: list[dict], fd: list[dict], reports: list[dict], margin: float) -> str:
-    """The Fix 3 verdict as this run measured it, in markdown bullets."""
-    c = gradient_conclusions(deg, fd, reports)
-    ndeg = deg[0]["degenerate"] if deg else 0
-    finite_gap = [b for b, ok in c["eigenvalue_only_gap_grad_finite_under_degeneracy"].items() if ok]
-    nan_gap = [b for b, ok in c["eigenvalue_only_gap_grad_finite_under_degeneracy"].items() if not ok]
-    sub = c["subspace_grad_finite_under_degeneracy"]
-    lines = [f"- **The hinge is not a NaN source.** With the hinge made active (margin 1e3) on R = R_ref + C_EPS I, whose "
-             f"{ndeg:.0f} smallest eigenvalues coincide to rounding, the gradient is finite for {', '.join(finite_gap)}"
-             + (f" and not for {', '.join(nan_gap)}" if nan_gap else "") + ": an eigenvalue-only loss has gradient V diag(g) V^H."]
-    bad = [b for b, ok in sub.items() if not ok]
-    good = [b for b, ok in sub.items() if ok]
-    lines.append(f"- **Eigenvectors are.** Through the same spectrum the subspace term's gradient is non-finite with "
-                 f"{', '.join(bad) or 'no backend'} and finite with {', '.join(good)}.")
-    prov = sorted({p["op"] for r in reports if r["kind"] == "subspace" for p in r["provenance"] if p["term"] == "subspace"})
-    if prov:
-        lines.append(f"- In the network the NaN's provenance is {', '.join(prov)}; subspace backends finite there: "
-                     f"{', '.join(c['subspace_backends_finite_in_network'])}.")
-    inactive = [r["backend"] for r in reports if r["kind"] == "gap" and r["hinge_active"] is False]
-    if inactive:
-        gap = next((r["gap_eigvalsh"] for r in fd), float("nan"))
-        lines.append(f"- In these scenes the hinge is inactive (median gap {gap:.3g} > margin {margin:g}), so its gradient through the "
-                     f"network is exactly 0 for {', '.join(inactive)}: that proves nothing about degeneracy; the active case is above.")
-    flip = c["svd_flip"].get("svd_flipped")
-    if flip:
-        lines.append(f"- `svd_flipped` reads the gap between the smallest eigenvalues ({flip['gap']:.3g}), so its hinge sits at the margin "
-                     f"({flip['hinge']:.3g}) whatever the prediction; `svd` equals `eigh` here.")
-    lines.append(f"- Float64 finite differences agree with autograd (relative error < 1e-4) for {', '.join(c['fd_agrees'])}.")
-    return "\n".join(lines)

@@ -273,32 +273,3 @@ def _points(est: Localisation) -> list[dict]:
     order = torch.argsort(est.value[0].cpu().double().masked_fill(~m, -math.inf), descending=True)
     return [{"phi_deg": math.degrees(float(est.phi[0, j])), "theta_deg": math.degrees(float(est.theta[0, j])), "r_m": float(est.r[0, j])}
             for j in order.tolist() if m[j]]
-
-
-def localisation_conclusion(res: dict) -> str:
-    """Markdown bullets from a :func:`localisation_vs_snr` result: at the highest SNR, each source's phi and theta
-    RMSE as a multiple of sqrt(CRB) and its F1, the best estimator (R_true aside), and the count accuracy."""
-    i = max(range(len(res["snr_db"])), key=lambda j: res["snr_db"][j])
-    snr, crb = res["snr_db"][i], res["sqrt_crb"]
-
-    def ratio(v, b):
-        return math.inf if v is None or b is None or b <= 0 else v / b
-
-    scored = {n: (ratio(m["rmse_phi_deg"][i], crb["phi_deg"][i]), ratio(m["rmse_theta_deg"][i], crb["theta_deg"][i]), m["f1"][i])
-              for n, m in res["covariances"].items()}
-    fmt = lambda x: "-" if x is None or not math.isfinite(x) else f"{x:.3g}"  # noqa: E731
-    lines = [f"- At {snr:g} dB, RMSE of φ / θ as a multiple of sqrt(CRB) (1 = the bound; {'true' if res['use_true_k'] else 'estimated'} K) "
-             f"and F1: " + "; ".join(f"{n} {fmt(a)} / {fmt(b)}, F1 {fmt(f)}" for n, (a, b, f) in scored.items()) + "."]
-    rivals = {n: v for n, v in scored.items() if n != "R_true"}
-    if rivals:
-        best = min(rivals, key=lambda n: max(rivals[n][0], rivals[n][1]))
-        lines.append(f"- Closest to the bound at {snr:g} dB, R_true aside: {best} ({fmt(rivals[best][0])} x sqrt(CRB) in φ).")
-    if "R_true" in scored:
-        worst = max(v for v in res["covariances"]["R_true"]["rmse_phi_deg"] if v is not None)
-        lines.append(f"- MUSIC on the exact R_true: largest φ RMSE over all SNRs {fmt(worst)} deg (R_true is noise-free, so the SNR "
-                     "cannot matter; RAP-MUSIC separates sources that share one grid peak).")
-    acc = {n: m["k_accuracy"][i] for n, m in res["covariances"].items() if m["k_accuracy"][i] is not None}
-    if acc:
-        lines.append(f"- Accuracy of each source's count of K at {snr:g} dB: " + ", ".join(f"{n} {fmt(a)}" for n, a in acc.items())
-                     + " (networks: their K head; the physics baseline: MDL on its likelihood; the rest: MDL on eigenvalues).")
-    return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 The note quoted ||R_samp||_F 0.000285 -> 41.03 (Fix 1), ||R_blend||_F 3.46e12 -> 22.96 (Fix 2), loss
 1.7e25 -> 2695.97, rank(R_blend) 144 and NaN gradients throughout. :func:`seed_table` measures each of these
-per preset on simulated scenes; :data:`SEED_NOTE_ROWS` keeps the note's own figures for side-by-side display.
+per preset on simulated scenes; :data:`SEED_NOTE_ROWS` keeps the note's own figures for side-by-side display. The
+markdown table and the prose are in :mod:`workbench.figures.seed_note`.
 """
 
 from __future__ import annotations
@@ -84,25 +85,6 @@ def seed_comparison(seed_rows: list[dict]) -> list[dict]:
     return out
 
 
-def format_seed_table(rows: list[dict]) -> str:
-    """Markdown table of :func:`seed_table` rows (medians, with the interquartile range in brackets)."""
-    def q(d):
-        return f"{d['median']:.4g} [{d['q25']:.3g}, {d['q75']:.3g}]"
-
-    lines = [
-        "| preset | raw ‖R_samp‖_F | ‖R_samp‖_F | ‖R_blend‖_F | rank(R_blend) | oracle NMSE | loss | grad backbone | grad head | ok | NaN from |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        prov = "; ".join(f"{p['term']}:{p['op']}" for p in r["provenance"]) or "-"
-        lines.append(
-            f"| {r['preset']} | {q(r['R_samp_raw_fro'])} | {q(r['R_samp_fro'])} | {q(r['R_blend_fro'])} | "
-            f"{r['R_blend_rank']['median']:.0f} | {q(r['oracle_nmse'])} | {r['loss']:.4g} | {r['grad_norm']['backbone']:.3g} | "
-            f"{r['grad_norm']['head']:.3g} | {r['ok']} | {prov} |"
-        )
-    return "\n".join(lines)
-
-
 def register_cli(sub) -> None:
     p = sub.add_parser("seed-table", help="rebuild the seed note's Progress table from simulated scenes")
     p.add_argument("--n", type=int, default=64, help="scenes per preset (default 64)")
@@ -112,26 +94,10 @@ def register_cli(sub) -> None:
 
 
 def _cli_seed_table(args) -> int:
+    from ..figures.seed_note import format_seed_table
+
     rows = seed_table(n_scenes=args.n, seed=args.seed)
     print(format_seed_table(rows))
     if args.json:
         atomic_write_json(args.json, rows)
     return 0
-
-
-def seed_conclusion(seed_rows: list[dict]) -> str:
-    """Markdown bullets: the seed note's claims beside what this run measured."""
-    by = {r["preset"]: r for r in seed_rows}
-    lines = []
-    for name, quoted in SEED_NOTE_ROWS.items():
-        r = by.get(name)
-        if r is None:
-            continue
-        lines.append(f"- **{name}**: the note had ‖R_samp‖_F {quoted['R_samp_fro']:g} and ‖R_blend‖_F {quoted['R_blend_fro']:g} with "
-                     f"{quoted['grad']} gradients; measured {r['R_samp_fro']['median']:.3g} and {r['R_blend_fro']['median']:.3g} with "
-                     f"{'finite' if r['ok'] else 'NaN'} gradients.")
-    floors = ", ".join(f"{r['preset']} {r['oracle_nmse']['median']:.3g}" for r in seed_rows)
-    lines.append(f"- An exact prediction scores NMSE {floors}: a non-zero floor wherever C_EPS loads only the prediction side.")
-    nan = [r["preset"] for r in seed_rows if not r["ok"]]
-    lines.append(f"- Gradients non-finite in: {', '.join(nan) if nan else 'none of these presets'}.")
-    return "\n".join(lines)

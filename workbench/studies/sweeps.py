@@ -1,4 +1,4 @@
-"""Notebook 06: what an Optuna study says, as plain rows (the figures of :mod:`workbench.figures.sweeps` draw them).
+"""Notebook 06: what an Optuna study says, as plain rows (:mod:`workbench.figures.sweeps` draws them and puts them in words).
 
 Every finished trial has one outcome (:data:`OUTCOMES`): it completed, was pruned by the pruner, was pruned
 because a training step was non-finite (its NaN provenance is kept), or failed.
@@ -121,27 +121,3 @@ def _paired(name: str, group: list, finished: list) -> list[str]:
         if len(values) == 1 and not numeric and len({repr(t.params.get(other)) for t in finished}) > 1:
             out.append(f"{other}={group[0].params.get(other)}")
     return out
-
-
-def sweep_conclusion(metrics: dict) -> str:
-    """Markdown bullets from :func:`sweep_metrics` (+ importances): counts, the best trial, and which knob values
-    went non-finite, with their caveats."""
-    c, best = metrics["progress"], metrics["best"]
-    lines = [f"- {c['done']} finished trials: {c['complete']} complete, {c['pruned']} pruned ({len(metrics['nonfinite'])} for a "
-             f"non-finite step), {c['failed']} failed."]
-    if best:
-        knobs = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
-        lines.append(f"- Best: trial {best['number']}, validation NMSE {best['value']:.4g} ({knobs}).")
-    for r in metrics["outcome_fractions"]:
-        if r["nonfinite"] > 0:
-            lines.append(f"- {r['param']} = {r['value']}: {r['nonfinite']:.0%} of {r['n']} trial(s) non-finite"
-                         + (f" (caveat: {r['caveat']})" if r["caveat"] else "") + ".")
-    ops = sorted({op for r in metrics["nonfinite"] for op in r["ops"]})
-    if ops:
-        lines.append(f"- Non-finite steps came from {', '.join(ops)}.")
-    if metrics.get("importances"):
-        top = max(metrics["importances"], key=metrics["importances"].get)
-        lines.append(f"- Most important knob for the validation NMSE: {top} ({metrics['importances_note']}).")
-    elif metrics.get("importances_note"):
-        lines.append(f"- No importances: {metrics['importances_note']}.")
-    return "\n".join(lines)
