@@ -1,13 +1,18 @@
 """The measurements behind the notebooks and the README tables: data in, rows out.
 
-Each module serves one notebook's question and returns plain rows (dicts of floats, lists, strings) or small
-dataclasses of tensors that a figure builder in :mod:`workbench.figures` draws. Studies never draw, never
-write files and never hold widgets; they call the package's one implementation of each formula and fix.
+Owns: what is measured and how (simulating, training, evaluating), returned as plain rows (dicts of floats,
+lists, strings) or small dataclasses of tensors. Must not: draw, write markdown or prose, format a number for
+display, write files or hold widgets. Everything that turns rows into a figure, a markdown table or a sentence
+lives in :mod:`workbench.figures`, in the module of the same name (:mod:`workbench.figures.compare` for
+:mod:`.compare`, :mod:`workbench.figures.seed_note` for :mod:`.seed_note`, ...), and numbers are written by its
+one formatter :func:`workbench.figures.fmt`. Studies call the package's one implementation of each formula and fix.
 
 * :mod:`.pipeline`: the pipeline's matrices, norms, spectra and loading (notebooks 01, 02), the R_samp
   estimator table;
 * :mod:`.seed_note`: the seed note's Progress table, measured (notebook 01, ``workbench seed-table``);
 * :mod:`.gradients`: eigen backends under degeneracy, finite differences, per-backend reports (notebook 03);
+* :mod:`.compare`: every preset trained on the same scenes, against the baselines (:mod:`.baselines`) and the
+  Cramer-Rao bound (notebooks 04, 05, ``workbench compare``, the README's results table);
 * :mod:`.localisation`: localisation versus SNR with the Cramer-Rao bound (notebook 05);
 * :mod:`.sweeps`: what an Optuna study says (notebook 06).
 """
