@@ -1,7 +1,8 @@
 """Gradient diagnostics: per-group and per-term gradient norms, the ``ok`` flag and NaN provenance.
 
 Owns: what one forward/backward pass says (:func:`gradient_report`) and where a NaN came from. Must not:
-loop over presets or backends (the studies do: :mod:`workbench.studies.seed_note`, :mod:`.studies.gradients`).
+loop over presets or backends (the studies do: :mod:`workbench.studies.seed_note`, :mod:`.studies.gradients`),
+or write a report as text (:func:`workbench.figures.gradients.format_report` does).
 
 NaN provenance is data, not a traceback: :func:`nonfinite_origins` registers a hook on every node of a
 term's autograd graph and records the nodes whose incoming gradient was finite but whose outgoing
