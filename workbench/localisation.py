@@ -25,7 +25,7 @@ import torch.nn.functional as nnf
 from scipy.optimize import linear_sum_assignment
 
 from .checks import check_covariance, check_K
-from .config import ConfigError, SystemConfig, check_choice
+from .config import STEERING_MODELS, ConfigError, SystemConfig, check_choice
 from .grid import Grid
 from .physics import steering
 
@@ -65,6 +65,14 @@ def _grid_quadratic(F: torch.Tensor, system: SystemConfig, grid: Grid) -> torch.
     return grid.quadratic(system, F @ F.mH)
 
 
+def _exact_quadratic(F: torch.Tensor, system: SystemConfig, grid: Grid, model: str) -> torch.Tensor:
+    """sum_j |f_j^H a(g)|^2 over the grid with steering vectors of ``model`` formed point by point (no separable
+    contraction): [B,P,T,Q] real. For small grids (the spectrum views); cost B J N P T Q."""
+    a = steering(system, grid.phi[:, None, None], grid.theta[None, :, None], grid.r[None, None, :], model=model)
+    a = a.to(device=F.device, dtype=F.dtype)  # [P,T,Q,N]
+    return torch.view_as_real(torch.einsum("bnj,ptqn->bjptq", F.conj(), a)).square().sum((-1, 1))
+
+
 def _checked(R: torch.Tensor, system: SystemConfig, grid: Grid | None, method: str) -> tuple[torch.Tensor, Grid]:
     """The covariance as a complex [B,N,N] batch (N = system.N) and the validated grid (default :meth:`Grid.default`)."""
     check_choice("method", method, METHODS)
@@ -84,7 +92,8 @@ def _spectrum_values(q: torch.Tensor, method: str) -> torch.Tensor:
 
 
 def spectrum(
-    R: torch.Tensor, system: SystemConfig, grid: Grid | None = None, method: str = "music", K=None, loading: float = 1e-3
+    R: torch.Tensor, system: SystemConfig, grid: Grid | None = None, method: str = "music", K=None, loading: float = 1e-3,
+    model: str = "separable",
 ) -> torch.Tensor:
     """Near-field MUSIC or MVDR pseudo-spectrum over ``grid`` (default :meth:`Grid.default`).
 
@@ -95,6 +104,9 @@ def spectrum(
     * ``mvdr``: 1 / (a^H (R_+ + delta I)^-1 a), R_+ = R with negative eigenvalues clipped to 0, diagonal
       loading delta = ``loading`` * tr(R_+)/N (relative to the mean eigenvalue; 1e-3 by default), so it
       is finite for a rank-deficient R_true and in the units of R.
+    ``model``: the steering model of the scan. "separable" (default) uses the grid's Kronecker contraction (fast; an
+    estimator's approximation, :mod:`workbench.grid`); "exact" or "fresnel" form every steering vector (for small
+    grids such as the spectrum views of one scene; a spectrum of the physics then peaks at the true sources).
     Returns [B,P,T,Q], float32 for complex64 input and float64 for complex128 input, on R's device.
     """
     R, grid = _checked(R, system, grid, method)
@@ -103,7 +115,9 @@ def spectrum(
             raise ConfigError("K: MUSIC needs the number of sources per scene (or use localise(..., K=None) to estimate it)")
         K = check_K(K, R.shape[0], system.N, k_min=0).to(R.device)
     F = _projector_factor(R, method, K, loading).to(R.dtype)
-    return _spectrum_values(_grid_quadratic(F, system, grid), method)
+    check_choice("model", model, STEERING_MODELS)
+    q = _grid_quadratic(F, system, grid) if model == "separable" else _exact_quadratic(F, system, grid, model)
+    return _spectrum_values(q, method)
 
 
 def music_spectrum(R: torch.Tensor, system: SystemConfig, K, grid: Grid | None = None) -> torch.Tensor:
