@@ -15,6 +15,7 @@ import torch
 
 from workbench import likelihood as LK
 from workbench import localisation as E
+from workbench import metrics as M
 from workbench.config import ConfigError, SystemConfig
 from workbench.covariance import hermitise, nmse, reference, sample_covariance
 from workbench.physics import measurement_matrices, simulate, steering
@@ -70,12 +71,12 @@ def test_ml_single_source_is_efficient_and_beats_music_on_beamscan(single_source
     study of notebook 05) and below MUSIC's on the beamscan R_samp (a grid-limited estimate)."""
     system, batch, fit = single_source
     sq = LK.crb_for(batch, system, nuisance=True)[batch.mask].mean(0).sqrt()
-    ml = E.match_metrics(fit.loc, batch.phi, batch.theta, batch.r, batch.mask)
+    ml = M.match_metrics(fit.loc, batch.phi, batch.theta, batch.r, batch.mask)
     assert ml["recall"] == 1.0
     assert ml["rmse_phi_deg"] < 1.5 * math.degrees(sq[0]), (ml, sq)
     assert ml["rmse_theta_deg"] < 1.5 * math.degrees(sq[1]), (ml, sq)
     R = hermitise(sample_covariance(batch.y, (batch.H, batch.codes), "beamscan", system.ridge, batch.noise_var, rank=1, system=system))
-    music = E.match_metrics(E.localise(R, system, K=batch.K), batch.phi, batch.theta, batch.r, batch.mask)
+    music = M.match_metrics(E.localise(R, system, K=batch.K), batch.phi, batch.theta, batch.r, batch.mask)
     assert ml["rmse_phi_deg"] < music["rmse_phi_deg"] and ml["rmse_theta_deg"] < music["rmse_theta_deg"], (ml, music)
     assert ml["rmse_r_m"] < music["rmse_r_m"]
 
@@ -108,7 +109,7 @@ def test_ml_counts_sources_and_its_covariance_matches_r_true():
     fit = LK.ml_fit_for(batch, system)  # K estimated
     assert (fit.loc.K == batch.K).all(), (fit.loc.K, batch.K)
     assert torch.isfinite(fit.criterion).all() and (fit.criterion.argmin(1) + 1 == fit.loc.K).all()
-    m = E.match_metrics(fit.loc, batch.phi, batch.theta, batch.r, batch.mask)
+    m = M.match_metrics(fit.loc, batch.phi, batch.theta, batch.r, batch.mask)
     assert m["rmse_phi_deg"] < 1.0 and m["rmse_theta_deg"] < 1.0, m
     err = nmse(reference(fit.covariance(system)), reference(batch.R_true))
     assert err.max() < 0.1 and err.median() < 0.01, err

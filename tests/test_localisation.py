@@ -14,6 +14,7 @@ import torch
 
 from workbench import likelihood as LK
 from workbench import localisation as E
+from workbench import metrics as M
 from workbench.config import STEERING_MODELS, ConfigError, ExperimentConfig, SystemConfig
 from workbench.grid import Grid
 from workbench.physics import measurement_matrices, pathloss, simulate, steering
@@ -94,12 +95,12 @@ def test_noise_free_r_true_sources_recovered(method, model):
     for b, K in enumerate(Ks):
         assert est.mask[b].sum() == K
         truth = torch.stack((phi[b, :K], theta[b, :K], r[b, :K]), -1).numpy()
-        rows, cols = E.match(torch.stack((est.grid_phi[b], est.grid_theta[b], est.grid_r[b]), -1)[:K].numpy(), truth)
+        rows, cols = M.match(torch.stack((est.grid_phi[b], est.grid_theta[b], est.grid_r[b]), -1)[:K].numpy(), truth)
         g = torch.stack((est.grid_phi[b], est.grid_theta[b], 1 / est.grid_r[b]), -1)[:K][rows]
         t = torch.stack((phi[b, :K], theta[b, :K], 1 / r[b, :K]), -1)[cols]
         if model == "separable":
             assert ((g - t).abs() <= step * 1.0001).all(), (b, K, ((g - t) / step).tolist())
-        rows, cols = E.match(torch.stack((est.phi[b], est.theta[b], est.r[b]), -1)[:K].numpy(), truth)
+        rows, cols = M.match(torch.stack((est.phi[b], est.theta[b], est.r[b]), -1)[:K].numpy(), truth)
         err = np.abs(torch.stack((est.phi[b], est.theta[b], est.r[b]), -1)[:K].numpy()[rows] - truth[cols])
         assert np.degrees(err[:, :2]).max() < 1e-3 and (err[:, 2] / truth[cols, 2]).max() < 1e-3, (b, K, err)
 
@@ -125,7 +126,7 @@ def _max_phi_error_deg(est, phi, theta, r) -> np.ndarray:
     """Per scene, the largest |phi error| in degrees over the Hungarian pairs."""
     out = []
     for b in range(len(phi)):
-        i, j = E.match(torch.stack((est.phi[b], est.theta[b], est.r[b]), -1).numpy(), torch.stack((phi[b], theta[b], r[b]), -1).numpy())
+        i, j = M.match(torch.stack((est.phi[b], est.theta[b], est.r[b]), -1).numpy(), torch.stack((phi[b], theta[b], r[b]), -1).numpy())
         out.append(np.degrees(np.abs(est.phi[b].numpy()[i] - phi[b].numpy()[j])).max())
     return np.array(out)
 
@@ -286,13 +287,13 @@ def test_crb_matches_monte_carlo_ml_variance_at_high_snr():
 def test_hungarian_more_fewer_and_no_predictions():
     true = np.array([[0.0, 0.0, 2.0], [0.5, 0.1, 5.0]])
     more = np.array([[0.51, 0.1, 5.1], [-0.9, -0.4, 9.0], [0.01, 0.0, 2.2]])
-    i, j = E.match(more, true)
+    i, j = M.match(more, true)
     assert sorted(zip(j.tolist(), i.tolist())) == [(0, 2), (1, 0)]  # every true source matched, none dropped
     fewer = np.array([[0.49, 0.1, 5.0]])
-    i, j = E.match(fewer, true)
+    i, j = M.match(fewer, true)
     assert i.tolist() == [0] and j.tolist() == [1]
     for a, b in ((np.zeros((0, 3)), true), (more, np.zeros((0, 3)))):
-        i, j = E.match(a, b)
+        i, j = M.match(a, b)
         assert len(i) == len(j) == 0
 
 
@@ -305,7 +306,7 @@ def test_hungarian_is_the_minimum_cost_assignment():
     tol = np.array([math.radians(5), math.radians(5), 1.0])
     for P, T in ((5, 3), (3, 5), (4, 4)):
         pred, true = rng.normal(size=(P, 3)), rng.normal(size=(T, 3))
-        i, j = E.match(pred, true)
+        i, j = M.match(pred, true)
         assert len(i) == min(P, T)
         perms = itertools.permutations(range(max(P, T)), min(P, T))
         best = min(_cost(pred, true, tol, zip(perm, range(T)) if P >= T else zip(range(P), perm)) for perm in perms)
@@ -322,15 +323,15 @@ def test_match_metrics_counts_and_rmse():
         grid_phi=torch.zeros(2, 3), grid_theta=torch.zeros(2, 3), grid_r=torch.zeros(2, 3),
     )
     true_phi, true_r = torch.tensor([[0.0, 0.5], [0.3, 0.0]]), torch.tensor([[2.0, 5.0], [3.0, 1.0]])
-    m = E.match_metrics(est, true_phi, torch.zeros(2, 2), true_r, torch.tensor([[True, True], [True, False]]))
+    m = M.match_metrics(est, true_phi, torch.zeros(2, 2), true_r, torch.tensor([[True, True], [True, False]]))
     assert (m["tp"], m["n_pred"], m["n_true"], m["n_matched"]) == (1, 3, 3, 2)
     assert m["precision"] == pytest.approx(1 / 3) and m["recall"] == pytest.approx(1 / 3) and m["f1"] == pytest.approx(2 / 6)
     assert m["rmse_phi_deg"] == pytest.approx(math.sqrt((1 + 100) / 2), rel=1e-5) and m["rmse_r_m"] == 0.0
     assert m["rmse_detected_phi_deg"] == pytest.approx(1.0, rel=1e-5)  # only the source found within 5 deg
     assert m["k_accuracy"] == 0.0
-    m = E.match_metrics(est, true_phi, torch.zeros(2, 2), true_r, torch.tensor([[True, True], [True, False]]), {"phi_deg": 11.0})
+    m = M.match_metrics(est, true_phi, torch.zeros(2, 2), true_r, torch.tensor([[True, True], [True, False]]), {"phi_deg": 11.0})
     assert m["tp"] == 2 and m["rmse_detected_phi_deg"] == pytest.approx(m["rmse_phi_deg"])
-    far = E.match_metrics(est, true_phi + 1.0, torch.zeros(2, 2), true_r, torch.tensor([[True, True], [True, False]]))
+    far = M.match_metrics(est, true_phi + 1.0, torch.zeros(2, 2), true_r, torch.tensor([[True, True], [True, False]]))
     assert far["tp"] == 0 and math.isnan(far["rmse_detected_phi_deg"])
 
 
@@ -369,7 +370,7 @@ def test_bad_input_fails_clearly():
     with pytest.raises(ConfigError, match="n_snapshots"):
         E.count_sources(R, 0)
     with pytest.raises(ConfigError, match="tolerances.r_m"):
-        E.match(np.zeros((1, 3)), np.zeros((1, 3)), {"r_m": -1.0})
+        M.match(np.zeros((1, 3)), np.zeros((1, 3)), {"r_m": -1.0})
     b = simulate(SMALL.replace(coherent=True), 1)
     with pytest.raises(ConfigError, match="coherent"):
         LK.crb_for(b, SMALL.replace(coherent=True))

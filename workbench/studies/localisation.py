@@ -28,18 +28,9 @@ from ..config import SAMPLE_ESTIMATORS, ConfigError, ExperimentConfig, SystemCon
 from ..covariance import apply_fix1, hermitise, sample_covariance
 from ..grid import Grid
 from ..likelihood import crb_for, ml_fit_for
-from ..localisation import (
-    COUNT_METHODS,
-    DEFAULT_TOLERANCES,
-    METHODS,
-    Localisation,
-    count_sources,
-    localise,
-    match_metrics,
-    spectrum,
-    tolerances_array,
-)
+from ..localisation import COUNT_METHODS, METHODS, Localisation, count_sources, localise, spectrum
 from ..losses import covariances
+from ..metrics import DEFAULT_TOLERANCES, match_metrics, tolerances_array
 from ..physics import SceneBatch, simulate
 
 Source = Callable[[SceneBatch], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
