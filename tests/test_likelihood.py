@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from workbench import likelihood as LK
 from workbench import localisation as E
+from workbench import metrics as M
 from workbench.config import ConfigError, SystemConfig
 from workbench.covariance import hermitise, nmse, reference, sample_covariance
 from workbench.physics import measurement_matrices, simulate, steering
@@ -69,12 +71,12 @@ def test_ml_single_source_is_efficient_and_beats_music_on_beamscan(single_source
     study of notebook 05) and below MUSIC's on the beamscan R_samp (a grid-limited estimate)."""
     system, batch, fit = single_source
     sq = LK.crb_for(batch, system, nuisance=True)[batch.mask].mean(0).sqrt()
-    ml = E.match_metrics(fit.loc, batch.phi, batch.theta, batch.r, batch.mask)
+    ml = M.match_metrics(fit.loc, batch.phi, batch.theta, batch.r, batch.mask)
     assert ml["recall"] == 1.0
     assert ml["rmse_phi_deg"] < 1.5 * math.degrees(sq[0]), (ml, sq)
     assert ml["rmse_theta_deg"] < 1.5 * math.degrees(sq[1]), (ml, sq)
     R = hermitise(sample_covariance(batch.y, (batch.H, batch.codes), "beamscan", system.ridge, batch.noise_var, rank=1, system=system))
-    music = E.match_metrics(E.localise(R, system, K=batch.K), batch.phi, batch.theta, batch.r, batch.mask)
+    music = M.match_metrics(E.localise(R, system, K=batch.K), batch.phi, batch.theta, batch.r, batch.mask)
     assert ml["rmse_phi_deg"] < music["rmse_phi_deg"] and ml["rmse_theta_deg"] < music["rmse_theta_deg"], (ml, music)
     assert ml["rmse_r_m"] < music["rmse_r_m"]
 
@@ -107,7 +109,7 @@ def test_ml_counts_sources_and_its_covariance_matches_r_true():
     fit = LK.ml_fit_for(batch, system)  # K estimated
     assert (fit.loc.K == batch.K).all(), (fit.loc.K, batch.K)
     assert torch.isfinite(fit.criterion).all() and (fit.criterion.argmin(1) + 1 == fit.loc.K).all()
-    m = E.match_metrics(fit.loc, batch.phi, batch.theta, batch.r, batch.mask)
+    m = M.match_metrics(fit.loc, batch.phi, batch.theta, batch.r, batch.mask)
     assert m["rmse_phi_deg"] < 1.0 and m["rmse_theta_deg"] < 1.0, m
     err = nmse(reference(fit.covariance(system)), reference(batch.R_true))
     assert err.max() < 0.1 and err.median() < 0.01, err
@@ -179,3 +181,58 @@ def test_baseline_rows_on_a_small_system():
     assert from_source["a"] == pytest.approx(from_tensors["a"], rel=1e-6) and from_source["nmse"] == pytest.approx(from_tensors["nmse"], rel=1e-6)
     verdict = BL.beats_every_baseline(rows + [BL.network_row("net", torch.zeros(8), val.snr_db, (-5.0, 7.5, 20.0))], "net")
     assert verdict["overall"] and all(verdict["by_snr"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The bound, reduced to a direct array, against a closed form written without the project's code
+def _closed_form_near_field_crb(N, L, d, wavelength, phi, r, snr):
+    """Single-source stochastic CRB of (phi, r) for an N-element ULA under the Fresnel model, in closed form
+    (El Korso, Boyer, Renaux and Marcos 2010; the Stoica-Nehorai unconditional CRB with unknown power and noise
+    variance): a_n = exp(j (omega n + psi n^2)) / sqrt(N), n centred, omega = k0 d sin(phi), psi = -k0 d^2 cos^2(phi) / (2 r).
+    With p / sigma^2 = snr, F(omega, psi)_ij = 2 L snr^2 / (1 + snr) (S_{ki+kj} - S_ki S_kj / N) / N, S_k = sum n^k,
+    (k_omega, k_psi) = (1, 2); then the chain rule to (phi, r)."""
+    n = np.arange(N) - (N - 1) / 2
+    S = [np.sum(n**k) for k in range(5)]
+    k0 = 2 * np.pi / wavelength
+    c = 2 * L * snr**2 / (1 + snr) / N
+    F = c * np.array([[S[2] - S[1] ** 2 / N, S[3] - S[1] * S[2] / N], [S[3] - S[1] * S[2] / N, S[4] - S[2] ** 2 / N]])
+    J = np.array([[k0 * d * np.cos(phi), 0.0],
+                  [k0 * d**2 * np.cos(phi) * np.sin(phi) / r, k0 * d**2 * np.cos(phi) ** 2 / (2 * r**2)]])  # d(omega, psi)/d(phi, r)
+    return np.linalg.inv(J.T @ F @ J)
+
+
+@pytest.mark.parametrize("phi_deg,r", [(0.0, 1.5), (30.0, 2.0), (60.0, 2.0), (-45.0, 4.0)])
+def test_crb_of_a_direct_array_equals_the_closed_form_near_field_bound(phi_deg, r):
+    """Reduce the RIS measurement to a direct array (M = N, H = I, every RIS code 1: y_l = a s_l + n_l) on a 12 x 1 line
+    (elevation 0, which a line cannot see: its row of the Fisher matrix is zero and is left out) under the Fresnel
+    model: the project's Slepian-Bangs bound with unknown power and noise variance equals the closed form to 1e-8."""
+    N, L, snr = 12, 16, 10.0
+    system = SystemConfig(N_H=N, N_V=1, M=N, L=L, K_min=1, K_max=1, steering_model="fresnel")
+    H = torch.eye(N, dtype=torch.complex128)[None]
+    codes = torch.ones(1, L, N, dtype=torch.complex128)
+    phi = torch.tensor([[math.radians(phi_deg)]], dtype=torch.float64)
+    theta, rr = torch.zeros_like(phi), torch.full_like(phi, r)
+    power, noise = torch.tensor([[snr]], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    F = LK.fisher_information(system, H, codes, phi, theta, rr, power, noise, nuisance=True)[0]  # (phi, theta, r, p, sigma^2)
+    keep = [0, 2, 3, 4]
+    assert F[1].abs().max() < 1e-9 * F.diagonal().abs().max()  # a line does not see the elevation at theta = 0
+    ours = torch.linalg.inv(F[keep][:, keep])[:2, :2].numpy()
+    ref = _closed_form_near_field_crb(N, L, system.spacing_m, system.wavelength_m, math.radians(phi_deg), r, snr)
+    np.testing.assert_allclose(ours, ref, rtol=1e-8, atol=1e-14 * np.abs(ref).max())
+
+
+def test_the_bound_depends_on_the_steering_model_off_broadside():
+    """Off broadside at 2 m the separable model's (p.u)^2-free curvature claims a range bound several times tighter than
+    the spherical wave allows: the reason the bound is computed under the exact model."""
+    N, L = 12, 16
+    out = {}
+    for model in ("exact", "fresnel", "separable"):
+        system = SystemConfig(N_H=N, N_V=1, M=N, L=L, K_min=1, K_max=1, steering_model=model)
+        H, codes = torch.eye(N, dtype=torch.complex128)[None], torch.ones(1, L, N, dtype=torch.complex128)
+        phi = torch.tensor([[math.radians(60.0)]], dtype=torch.float64)
+        F = LK.fisher_information(system, H, codes, phi, torch.zeros_like(phi), torch.full_like(phi, 2.0),
+                                  torch.tensor([[10.0]], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64))[0]
+        keep = [0, 2, 3, 4]
+        out[model] = float(torch.linalg.inv(F[keep][:, keep])[1, 1].sqrt())
+    assert out["separable"] < out["exact"] / 2 and out["separable"] < out["fresnel"] / 2, out
+    assert 0.5 < out["fresnel"] / out["exact"] < 2.0, out

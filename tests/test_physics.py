@@ -15,27 +15,84 @@ def _np_positions(system):
     return x, z
 
 
-def _np_steering(system, phi, theta, r):
-    """Float64 reference of DESIGN.md's Fresnel steering, written independently of physics.py."""
+def _np_separable(system, phi, theta, r):
+    """Float64 reference of the separable approximation, written independently of physics.py."""
     x, z = _np_positions(system)
     k0 = 2 * np.pi * system.carrier_hz / 299_792_458.0
     curv = 0.0 if np.isinf(r) else (x**2 + z**2) / (2 * r)
     return np.exp(1j * k0 * (x * np.sin(phi) * np.cos(theta) + z * np.sin(theta) - curv)) / np.sqrt(system.N)
 
 
-def test_steering_unit_norm_dtype_and_reference(system):
-    g = torch.Generator().manual_seed(1)
-    phi = (torch.rand(50, generator=g, dtype=torch.float64) - 0.5) * 2.0
-    theta = (torch.rand(50, generator=g, dtype=torch.float64) - 0.5) * 1.0
-    r = 0.5 + 9.5 * torch.rand(50, generator=g, dtype=torch.float64)
+def _np_spherical(system, phi, theta, r):
+    """The spherical wave from first principles: the source at the point r u, the phase k0 (r - distance to element)."""
+    x, z = _np_positions(system)
+    k0 = 2 * np.pi * system.carrier_hz / 299_792_458.0
+    src = r * np.array([np.sin(phi) * np.cos(theta), np.cos(phi) * np.cos(theta), np.sin(theta)])
+    elems = np.stack([x, np.zeros_like(x), z], -1)
+    dist = np.linalg.norm(src[None, :] - elems, axis=-1)
+    return np.exp(1j * k0 * (r - dist)) / np.sqrt(system.N)
+
+
+def _random_points(n, seed, r_lo=0.5, r_hi=10.0):
+    g = torch.Generator().manual_seed(seed)
+    phi = (torch.rand(n, generator=g, dtype=torch.float64) - 0.5) * 2.0
+    theta = (torch.rand(n, generator=g, dtype=torch.float64) - 0.5) * 1.0
+    r = r_lo + (r_hi - r_lo) * torch.rand(n, generator=g, dtype=torch.float64)
+    return phi, theta, r
+
+
+def test_steering_unit_norm_dtype_and_the_spherical_wave(system):
+    """The default model is the exact spherical wave: against an independent distance formula at random positions,
+    off broadside, and at r_min."""
+    phi, theta, r = _random_points(50, 1)
+    phi, theta, r = torch.cat([phi, torch.tensor([1.0])]), torch.cat([theta, torch.tensor([0.5])]), torch.cat([r, torch.tensor([system.r_min_m])])
     a64 = steering(system, phi, theta, r)
     a32 = steering(system, phi.float(), theta.float(), r.float())
-    assert a64.shape == (50, system.N) and a64.dtype == torch.complex128 and a32.dtype == torch.complex64
-    assert torch.allclose(torch.linalg.vector_norm(a64, dim=-1), torch.ones(50, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(torch.linalg.vector_norm(a32, dim=-1), torch.ones(50), atol=1e-5)
-    ref = np.stack([_np_steering(system, p, t, rr) for p, t, rr in zip(phi.numpy(), theta.numpy(), r.numpy())])
+    assert system.steering_model == "exact"
+    assert a64.shape == (51, system.N) and a64.dtype == torch.complex128 and a32.dtype == torch.complex64
+    assert torch.allclose(torch.linalg.vector_norm(a64, dim=-1), torch.ones(51, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(torch.linalg.vector_norm(a32, dim=-1), torch.ones(51), atol=1e-5)
+    ref = np.stack([_np_spherical(system, p, t, rr) for p, t, rr in zip(phi.numpy(), theta.numpy(), r.numpy())])
     np.testing.assert_allclose(a64.numpy(), ref, atol=1e-10)
     np.testing.assert_allclose(a32.numpy(), ref, atol=2e-4)
+
+
+def test_the_separable_model_is_the_old_formula(system):
+    phi, theta, r = _random_points(20, 2)
+    a = steering(system, phi, theta, r, model="separable")
+    ref = np.stack([_np_separable(system, p, t, rr) for p, t, rr in zip(phi.numpy(), theta.numpy(), r.numpy())])
+    np.testing.assert_allclose(a.numpy(), ref, atol=1e-10)
+    with pytest.raises(ConfigError, match="steering model"):
+        steering(system, phi, theta, r, model="parabolic")
+    with pytest.raises(ConfigError, match="steering_model"):
+        SystemConfig(steering_model="parabolic")
+
+
+def _max_phase_error(system, phi, theta, r, model):
+    a, ref = steering(system, phi, theta, r, model=model), steering(system, phi, theta, r, model="exact")
+    return (a * ref.conj()).angle().abs().amax(-1)
+
+
+def test_approximation_errors_grow_as_the_expansion_predicts(system):
+    """The separable model drops k0 (p.u)^2 / (2 r) from the Fresnel phase: its error against the spherical wave is
+    that term (to the Fresnel remainder), zero at broadside and largest off broadside. The Fresnel expansion's own
+    error is third order: it falls like 1/r^2 (doubling r divides it by about 4)."""
+    x, z = _np_positions(system)
+    k0 = system.k0
+    for phi_v, theta_v in ((0.0, 0.0), (0.5, 0.0), (1.0, 0.3), (-0.9, -0.4)):
+        phi, theta = torch.tensor(phi_v, dtype=torch.float64), torch.tensor(theta_v, dtype=torch.float64)
+        r = torch.tensor(100.0, dtype=torch.float64)  # where the Fresnel remainder is negligible
+        pu = x * math.sin(phi_v) * math.cos(theta_v) + z * math.sin(theta_v)
+        predicted = float(np.max(np.abs(k0 * pu**2 / (2 * 100.0))))
+        err = float(_max_phase_error(system, phi, theta, r, "separable"))
+        fres = float(_max_phase_error(system, phi, theta, r, "fresnel"))
+        assert abs(err - predicted) <= fres + 1e-9, (phi_v, theta_v, err, predicted, fres)  # equal to the Fresnel remainder
+        assert fres < max(0.1 * predicted, 1e-3)
+    phi, theta = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
+    e = [float(_max_phase_error(system, phi, theta, torch.tensor(rr, dtype=torch.float64), "fresnel")) for rr in (8.0, 16.0, 32.0)]
+    assert 3.0 < e[0] / e[1] < 5.0 and 3.0 < e[1] / e[2] < 5.0, e
+    # off broadside at 2 m (inside the default range) the separable model is wrong by more than a radian
+    assert float(_max_phase_error(system, phi, theta, torch.tensor(2.0, dtype=torch.float64), "separable")) > 1.0
 
 
 def test_steering_broadcasts_and_handles_inf(system):
@@ -100,7 +157,7 @@ def test_r_true_hermitian_psd_rank_k_and_matches_reference(system, batch):
     # R_true = sum_k p_k a_k a_k^H from the float64 reference steering
     for i in range(4):
         ref = sum(p * np.outer(a, a.conj()) for p, a in (
-            (batch.power[i, k].item(), _np_steering(system, batch.phi[i, k].item(), batch.theta[i, k].item(), batch.r[i, k].item()))
+            (batch.power[i, k].item(), _np_spherical(system, batch.phi[i, k].item(), batch.theta[i, k].item(), batch.r[i, k].item()))
             for k in range(batch.K[i].item())))
         np.testing.assert_allclose(R[i].numpy(), ref, atol=1e-5 * np.abs(ref).max())
     # the loader's recomputation gives the same matrices
@@ -125,7 +182,7 @@ def test_measured_snr_matches_requested():
     p_exp = torch.zeros(len(b), dtype=torch.float64)
     for i in range(len(b)):
         for k in range(b.K[i].item()):
-            a = torch.from_numpy(_np_steering(system, b.phi[i, k].item(), b.theta[i, k].item(), b.r[i, k].item()))
+            a = torch.from_numpy(_np_spherical(system, b.phi[i, k].item(), b.theta[i, k].item(), b.r[i, k].item()))
             p_exp[i] += b.power[i, k].item() * (G[i] @ a).abs().pow(2).sum() / LM
     snr_def = 10 * torch.log10(p_exp / noise)
     assert (snr_def - b.snr_db).abs().max() < 0.5, snr_def - b.snr_db
@@ -158,7 +215,7 @@ def _symbol_fit_residual(b: SceneBatch, system: SystemConfig, i: int) -> float:
     """Relative residual of the best fit signal_l = G_l sum_k sqrt(p_k) a_k s_k with ONE symbol vector s
     shared by all snapshots (least squares over the L*M equations, K unknowns), float64."""
     K = b.K[i].item()
-    A = torch.stack([torch.from_numpy(_np_steering(system, b.phi[i, k].item(), b.theta[i, k].item(), b.r[i, k].item()))
+    A = torch.stack([torch.from_numpy(_np_spherical(system, b.phi[i, k].item(), b.theta[i, k].item(), b.r[i, k].item()))
                      * math.sqrt(b.power[i, k].item()) for k in range(K)], 1)  # [N,K]
     G = b.G[i].to(torch.complex128)  # [L,M,N]
     design = (G @ A).reshape(-1, K)

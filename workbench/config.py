@@ -25,6 +25,7 @@ SAMPLE_ESTIMATORS = ("seed", "ls_scatter", "covariance_matching", "beamscan", "b
 GAP_BACKENDS = ("eigh", "svd", "svd_flipped", "eigvalsh", "finite_diff", "exact")
 SUBSPACE_BACKENDS = ("eigh", "detach", "lorentzian", "safe")
 DEVICES = ("auto", "cpu", "cuda")
+STEERING_MODELS = ("exact", "fresnel", "separable")  # physics.steering: the spherical wave and its two approximations
 MIN_CHANNEL_GAIN = 1e-16  # smallest BS-RIS path gain: beamscan fails from ~1e-19 on (|H|^4 below float32's range)
 
 
@@ -203,6 +204,9 @@ class SystemConfig(ConfigBase):
     bs_elevation_deg: float = field(default=0.0, metadata=_num(-90.0, 90.0))
     coherent: bool = False  # True: symbols fixed across snapshots (the original pipeline)
     ridge: float = field(default=1e-3, metadata=_num(0.0, None))  # ridge of the seed per-snapshot LS
+    # the steering model the scenes are simulated and bounded with (physics.steering): "exact" (the spherical wave,
+    # the physics), "fresnel" (second-order expansion) or "separable" (Fresnel without the (p.u)^2 term)
+    steering_model: str = field(default="exact", metadata=_choice(*STEERING_MODELS))
 
     def _check_relations(self) -> None:
         if self.K_min > self.K_max:

@@ -43,7 +43,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -51,7 +50,7 @@ from . import __version__
 from .checks import check_K
 from .config import ConfigError, ExperimentConfig, SystemConfig, parse_value
 from .io import atomic_write_text, dumps_json, fsync_dir
-from .physics import SceneBatch, simulate, source_covariance
+from .physics import SceneBatch, scene_seed, simulate, source_covariance
 
 FORMAT = 2
 MANIFEST_FILE = "manifest.json"
@@ -366,8 +365,8 @@ def load_dataset(path: str | os.PathLike, system: SystemConfig | None = None, de
 
 
 def chunk_seed(seed: int, index: int) -> int:
-    """The simulate() seed of chunk ``index`` of a dataset with ``seed`` (independent streams per chunk)."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """The simulate() seed of chunk ``index`` of a dataset with ``seed``: :func:`~workbench.physics.scene_seed`."""
+    return scene_seed(seed, index)
 
 
 def generate(system: SystemConfig, n: int, out: str | os.PathLike, seed: int = 0, force: bool = False,

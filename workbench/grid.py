@@ -3,10 +3,13 @@
 Owns: the grid's points, its separable steering tables and the two contractions every grid search needs.
 Must not: estimate, pick peaks or localise (that is :mod:`workbench.covariance` and :mod:`workbench.localisation`).
 
-Separable steering. The Fresnel phase of element i = v N_H + h splits into a row part and a column part,
-phase = k0 [x_h sin(phi) cos(theta) - x_h^2/(2r)] + k0 [z_v sin(theta) - z_v^2/(2r)], so
-a(phi, theta, r) = kron(a_z(theta, r), a_x(phi, theta, r)), and both factors are
-:func:`~workbench.physics.steering` of the N_H x 1 and 1 x N_V sub-arrays (the one steering function).
+Separable steering: the grid is an *estimator's* model. The separable phase of element i = v N_H + h
+(:func:`~workbench.physics.steering` with ``model="separable"``: the Fresnel form without its (p.u)^2 term) splits
+into a row part and a column part, phase = k0 [x_h sin(phi) cos(theta) - x_h^2/(2r)] + k0 [z_v sin(theta) - z_v^2/(2r)],
+so a(phi, theta, r) = kron(a_z(theta, r), a_x(phi, theta, r)), and both factors are the separable steering of the
+N_H x 1 and 1 x N_V sub-arrays. The exact spherical wave does not factor this way; a grid scan with these tables is
+therefore a separable-model estimate, which the callers refine with the system's own model (MUSIC's and the ML fit's
+refinement) or accept as a declared approximation (beamscan).
 
 Contractions, for P x T x Q grid points and vectors of length N = N_H N_V:
 
@@ -155,9 +158,9 @@ class Grid:
         return self._tables[key]
 
     def steering_table(self, system: SystemConfig, device=None, dtype: torch.dtype = torch.complex64) -> torch.Tensor:
-        """The full steering table [P,T,Q,N] straight from :func:`steering` (for checks and benchmarks)."""
+        """The full separable steering table [P,T,Q,N] straight from :func:`steering` (for checks and benchmarks)."""
         self.validate(system)
-        a = steering(system, self.phi[:, None, None], self.theta[None, :, None], self.r[None, None, :])
+        a = steering(system, self.phi[:, None, None], self.theta[None, :, None], self.r[None, None, :], model="separable")
         return a.to(device=device, dtype=dtype)
 
     def vectors(self, system: SystemConfig, idx: torch.Tensor, dtype: torch.dtype = torch.complex64) -> torch.Tensor:
@@ -210,11 +213,11 @@ class Grid:
 
 
 def _subarray_steering(system: SystemConfig, n_h: int, n_v: int, phi, theta, r) -> torch.Tensor:
-    """``steering`` of the n_h x n_v sub-array that shares the system's row (n_v = 1) or column (n_h = 1)
+    """Separable ``steering`` of the n_h x n_v sub-array that shares the system's row (n_v = 1) or column (n_h = 1)
     coordinates: the sub-array sits at z = 0 (resp. x = 0), which drops the other half of the phase."""
     n = n_h * n_v
     if n == 1:
         shape = torch.broadcast_shapes(torch.as_tensor(phi).shape, torch.as_tensor(theta).shape, torch.as_tensor(r).shape)
         return torch.ones(*shape, 1, dtype=torch.complex128)
     sub = system.replace(N_H=n_h, N_V=n_v, K_min=1, K_max=1)
-    return steering(sub, torch.as_tensor(phi, dtype=torch.float64), theta, r)
+    return steering(sub, torch.as_tensor(phi, dtype=torch.float64), theta, r, model="separable")

@@ -1,11 +1,11 @@
-"""Localisation from a covariance: near-field MUSIC (RAP-MUSIC) and MVDR, MDL/AIC, matching metrics.
+"""Localisation from a covariance: near-field MUSIC (RAP-MUSIC) and MVDR, MDL/AIC.
 
 Everything is batched (covariances [B, N, N], complex) and runs on the device of its input. Steering
 vectors come only from :func:`workbench.physics.steering`. Radians and metres inside; degrees only in the
 metrics' names (``*_deg``).
 
 Owns: spectra over a :class:`~workbench.grid.Grid`, peak picking (RAP-MUSIC by default) and refinement,
-source counting from eigenvalues, and the matching metrics. Must not: model the snapshots (the likelihood,
+source counting from eigenvalues. Must not: score estimates against the truth (:mod:`workbench.metrics`), model the snapshots (the likelihood,
 the Cramer-Rao bound and the maximum-likelihood baseline are :mod:`workbench.likelihood`), simulate scenes or
 loop over SNRs (the studies in :mod:`workbench.studies.localisation` do), draw figures.
 
@@ -19,13 +19,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as nnf
-from scipy.optimize import linear_sum_assignment
 
 from .checks import check_covariance, check_K
-from .config import ConfigError, SystemConfig, check_choice
+from .config import STEERING_MODELS, ConfigError, SystemConfig, check_choice
 from .grid import Grid
 from .physics import steering
 
@@ -65,6 +63,14 @@ def _grid_quadratic(F: torch.Tensor, system: SystemConfig, grid: Grid) -> torch.
     return grid.quadratic(system, F @ F.mH)
 
 
+def _exact_quadratic(F: torch.Tensor, system: SystemConfig, grid: Grid, model: str) -> torch.Tensor:
+    """sum_j |f_j^H a(g)|^2 over the grid with steering vectors of ``model`` formed point by point (no separable
+    contraction): [B,P,T,Q] real. For small grids (the spectrum views); cost B J N P T Q."""
+    a = steering(system, grid.phi[:, None, None], grid.theta[None, :, None], grid.r[None, None, :], model=model)
+    a = a.to(device=F.device, dtype=F.dtype)  # [P,T,Q,N]
+    return torch.view_as_real(torch.einsum("bnj,ptqn->bjptq", F.conj(), a)).square().sum((-1, 1))
+
+
 def _checked(R: torch.Tensor, system: SystemConfig, grid: Grid | None, method: str) -> tuple[torch.Tensor, Grid]:
     """The covariance as a complex [B,N,N] batch (N = system.N) and the validated grid (default :meth:`Grid.default`)."""
     check_choice("method", method, METHODS)
@@ -84,7 +90,8 @@ def _spectrum_values(q: torch.Tensor, method: str) -> torch.Tensor:
 
 
 def spectrum(
-    R: torch.Tensor, system: SystemConfig, grid: Grid | None = None, method: str = "music", K=None, loading: float = 1e-3
+    R: torch.Tensor, system: SystemConfig, grid: Grid | None = None, method: str = "music", K=None, loading: float = 1e-3,
+    model: str = "separable",
 ) -> torch.Tensor:
     """Near-field MUSIC or MVDR pseudo-spectrum over ``grid`` (default :meth:`Grid.default`).
 
@@ -95,6 +102,9 @@ def spectrum(
     * ``mvdr``: 1 / (a^H (R_+ + delta I)^-1 a), R_+ = R with negative eigenvalues clipped to 0, diagonal
       loading delta = ``loading`` * tr(R_+)/N (relative to the mean eigenvalue; 1e-3 by default), so it
       is finite for a rank-deficient R_true and in the units of R.
+    ``model``: the steering model of the scan. "separable" (default) uses the grid's Kronecker contraction (fast; an
+    estimator's approximation, :mod:`workbench.grid`); "exact" or "fresnel" form every steering vector (for small
+    grids such as the spectrum views of one scene; a spectrum of the physics then peaks at the true sources).
     Returns [B,P,T,Q], float32 for complex64 input and float64 for complex128 input, on R's device.
     """
     R, grid = _checked(R, system, grid, method)
@@ -103,7 +113,9 @@ def spectrum(
             raise ConfigError("K: MUSIC needs the number of sources per scene (or use localise(..., K=None) to estimate it)")
         K = check_K(K, R.shape[0], system.N, k_min=0).to(R.device)
     F = _projector_factor(R, method, K, loading).to(R.dtype)
-    return _spectrum_values(_grid_quadratic(F, system, grid), method)
+    check_choice("model", model, STEERING_MODELS)
+    q = _grid_quadratic(F, system, grid) if model == "separable" else _exact_quadratic(F, system, grid, model)
+    return _spectrum_values(q, method)
 
 
 def music_spectrum(R: torch.Tensor, system: SystemConfig, K, grid: Grid | None = None) -> torch.Tensor:
@@ -379,91 +391,3 @@ def count_sources(R: torch.Tensor, n_snapshots: int, method: str = "mdl", k_max:
     lam = torch.linalg.eigvalsh(R)
     crit = information_criteria(lam, n_snapshots, floor_rel)[method]
     return crit[..., : k_max + 1].argmin(-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Matching metrics
-DEFAULT_TOLERANCES = {"phi_deg": 5.0, "theta_deg": 5.0, "r_m": 1.0}
-
-
-def tolerances_array(tol: dict | None) -> np.ndarray:
-    """The matching tolerances (phi rad, theta rad, r m) [3] from a dict of phi_deg/theta_deg/r_m (defaults
-    filled in); ConfigError on a bad key or value."""
-    t = {**DEFAULT_TOLERANCES, **(tol or {})}
-    unknown = sorted(set(t) - set(DEFAULT_TOLERANCES))
-    if unknown:
-        raise ConfigError(f"tolerances: unknown key(s) {unknown}; allowed: {sorted(DEFAULT_TOLERANCES)}")
-    for k, v in t.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-            raise ConfigError(f"tolerances.{k} = {v!r}: expected a number > 0")
-    return np.array([math.radians(t["phi_deg"]), math.radians(t["theta_deg"]), t["r_m"]])
-
-
-def match(pred: np.ndarray, true: np.ndarray, tolerances: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Hungarian matching of predicted to true sources.
-
-    pred [P,3], true [T,3]: rows (phi rad, theta rad, r m). The cost is the Euclidean norm of the errors
-    divided by the tolerances (so the three units are comparable). Rectangular problems keep every
-    possible pair: min(P, T) matches, nothing dropped; P or T = 0 gives no match.
-    Returns (pred_idx, true_idx), int arrays of length min(P, T).
-    """
-    pred, true = np.asarray(pred, dtype=np.float64).reshape(-1, 3), np.asarray(true, dtype=np.float64).reshape(-1, 3)
-    if len(pred) == 0 or len(true) == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    scale = tolerances_array(tolerances)
-    cost = np.linalg.norm((pred[:, None, :] - true[None, :, :]) / scale, axis=-1)
-    rows, cols = linear_sum_assignment(cost)
-    return rows.astype(np.int64), cols.astype(np.int64)
-
-
-def _rows(phi, theta, r, mask, b: int) -> np.ndarray:
-    m = np.asarray(mask[b], dtype=bool)
-    return np.stack([np.asarray(phi[b], dtype=np.float64)[m], np.asarray(theta[b], dtype=np.float64)[m], np.asarray(r[b], dtype=np.float64)[m]], -1)
-
-
-def match_metrics(est: Localisation, true_phi, true_theta, true_r, true_mask, tolerances: dict | None = None) -> dict[str, float]:
-    """Detection and accuracy metrics over a batch, plain floats.
-
-    A Hungarian pair is a detection (true positive) when |dphi| <= tol_phi, |dtheta| <= tol_theta and
-    |dr| <= tol_r (defaults 5 deg, 5 deg, 1 m; ``tolerances`` dict with keys phi_deg, theta_deg, r_m).
-    precision = TP / predicted, recall = TP / true, F1 = 2 TP / (predicted + true), each 1.0 when its
-    denominator is 0. RMSE of phi, theta (degrees) and r (metres) over *all* Hungarian pairs (detected
-    or not; NaN when there is none), so gross errors count; ``rmse_detected_*`` the same over the detected
-    pairs only (the spread of the sources found, to set beside the CRB; NaN when none is detected).
-    k_accuracy: fraction of scenes whose number of detected sources equals the true K.
-    """
-    tol = tolerances_array(tolerances)
-    to_np = lambda t: t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)  # noqa: E731
-    ep, et, er, em = (to_np(t) for t in (est.phi, est.theta, est.r, est.mask))
-    tp_, tt_, tr_, tm_ = (to_np(t) for t in (true_phi, true_theta, true_r, true_mask))
-    tp = n_pred = n_true = k_ok = 0
-    sq, hit = [], []
-    for b in range(len(em)):
-        pred, true = _rows(ep, et, er, em, b), _rows(tp_, tt_, tr_, tm_, b)
-        n_pred, n_true, k_ok = n_pred + len(pred), n_true + len(true), k_ok + int(len(pred) == len(true))
-        i, j = match(pred, true, tolerances)
-        err = np.abs(pred[i] - true[j])
-        detected = (err <= tol).all(-1)
-        tp += int(detected.sum())
-        sq.append(err**2)
-        hit.append(detected)
-    sq = np.concatenate(sq) if sq else np.zeros((0, 3))
-    hit = np.concatenate(hit) if hit else np.zeros(0, dtype=bool)
-    rmse = np.sqrt(sq.mean(0)) if len(sq) else np.full(3, math.nan)
-    rmse_hit = np.sqrt(sq[hit].mean(0)) if hit.any() else np.full(3, math.nan)
-    return {
-        "tp": float(tp),
-        "n_pred": float(n_pred),
-        "n_true": float(n_true),
-        "precision": tp / n_pred if n_pred else 1.0,
-        "recall": tp / n_true if n_true else 1.0,
-        "f1": 2 * tp / (n_pred + n_true) if n_pred + n_true else 1.0,
-        "rmse_phi_deg": float(np.degrees(rmse[0])),
-        "rmse_theta_deg": float(np.degrees(rmse[1])),
-        "rmse_r_m": float(rmse[2]),
-        "rmse_detected_phi_deg": float(np.degrees(rmse_hit[0])),
-        "rmse_detected_theta_deg": float(np.degrees(rmse_hit[1])),
-        "rmse_detected_r_m": float(rmse_hit[2]),
-        "n_matched": float(len(sq)),
-        "k_accuracy": k_ok / len(em) if len(em) else math.nan,
-    }

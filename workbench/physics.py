@@ -1,12 +1,21 @@
-"""The simulated RIS measurement model (DESIGN.md section 2).
+"""The simulated RIS measurement model: geometry, the one steering function, codebook, channel, ``simulate``.
+
+Owns: element positions, :func:`steering` (the spherical wave and its two approximations), the RIS codebook, the
+BS-RIS channel, the snapshots of a scene and :func:`scene_seed`. Must not: estimate, localise or train.
 
 Geometry: an N_H x N_V uniform planar RIS in the x-z plane, centred at the origin, element spacing d.
-Element i = v * N_H + h sits at (x, z) = ((h - (N_H-1)/2) d, (v - (N_V-1)/2) d) metres.
+Element i = v * N_H + h sits at p_i = (x_i, 0, z_i) = ((h - (N_H-1)/2) d, 0, (v - (N_V-1)/2) d) metres.
+A source at azimuth phi, elevation theta (radians) and range r (metres) sits at r u with
+u = (sin phi cos theta, cos phi cos theta, sin theta). Its steering vector is a = exp(j phase) / sqrt(N) (unit
+norm) with, by ``system.steering_model`` (docs/design.md, "Steering models"):
 
-Near-field (Fresnel) steering of a source at azimuth phi, elevation theta (radians), range r (metres):
-    phase_i = k0 [x_i sin(phi) cos(theta) + z_i sin(theta) - (x_i^2 + z_i^2) / (2 r)],
-    a = exp(j phase) / sqrt(N)                       (unit norm)
-``r = inf`` gives the planar (far-field) vector. This is the one steering function of the project.
+* ``exact`` (the physics; default): phase_i = k0 (r - |r u - p_i|), the spherical wave, referenced to the centre;
+* ``fresnel``: its second-order expansion in 1/r, phase_i = k0 [p_i.u - (|p_i|^2 - (p_i.u)^2) / (2 r)];
+* ``separable``: phase_i = k0 [x_i sin(phi) cos(theta) + z_i sin(theta) - (x_i^2 + z_i^2) / (2 r)]: the Fresnel
+  form without the (p_i.u)^2 term. Exact only at broadside; it makes a gridded scan Kronecker-separable, so the
+  grid searches (:mod:`workbench.grid`) use it as an *estimator's* model, never to simulate.
+
+``r = inf`` gives the planar (far-field) vector k0 p_i.u under every model.
 
 Snapshot l of a scene: y_l = H diag(c_l) x_l + n_l with
     x_l = sum_k sqrt(p_k) a_k s_{k,l},     p_k = P_tx (lambda / (4 pi r_k))^2   (milliwatts)
@@ -26,7 +35,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .config import ConfigError, SystemConfig, resolve_device
+from .config import STEERING_MODELS, ConfigError, SystemConfig, check_choice, resolve_device
 
 
 def element_positions(system: SystemConfig, dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,13 +48,15 @@ def element_positions(system: SystemConfig, dtype: torch.dtype = torch.float32, 
     return x, z
 
 
-def steering(system: SystemConfig, phi: torch.Tensor, theta: torch.Tensor, r: torch.Tensor | float) -> torch.Tensor:
-    """Near-field RIS steering vectors, unit norm.
+def steering(system: SystemConfig, phi: torch.Tensor, theta: torch.Tensor, r: torch.Tensor | float, model: str | None = None) -> torch.Tensor:
+    """RIS steering vectors, unit norm, under ``model`` (default ``system.steering_model``; module docstring).
 
     phi, theta: azimuth and elevation in radians, any broadcastable shape [...]; r: range in metres
     (``float('inf')`` for the planar wave). Returns [..., N], complex64 for float32 input and complex128
     for float64 input. Differentiable in phi, theta and r.
     """
+    model = system.steering_model if model is None else model
+    check_choice("steering model", model, STEERING_MODELS)
     phi = torch.as_tensor(phi)
     if not phi.is_floating_point():
         phi = phi.to(torch.get_default_dtype())
@@ -53,8 +64,28 @@ def steering(system: SystemConfig, phi: torch.Tensor, theta: torch.Tensor, r: to
     r = torch.as_tensor(r, dtype=phi.dtype, device=phi.device)
     x, z = element_positions(system, dtype=phi.dtype, device=phi.device)
     phi, theta, r = (t[..., None] for t in torch.broadcast_tensors(phi, theta, r))
-    phase = system.k0 * (x * torch.sin(phi) * torch.cos(theta) + z * torch.sin(theta) - (x * x + z * z) / (2 * r))
-    return torch.polar(torch.full_like(phase, 1.0 / math.sqrt(system.N)), phase)
+    along = torch.sin(theta)
+    pu = x * torch.sin(phi) * torch.cos(theta) + z * along  # p.u
+    pp = x * x + z * z  # |p|^2
+    inv_r = 1.0 / r
+    if model == "exact":
+        # k0 (r - |r u - p|) = k0 (2 p.u - |p|^2 / r) / (1 + sqrt(1 - 2 p.u / r + |p|^2 / r^2)): no cancellation at large r,
+        # and the planar k0 p.u at r = inf
+        phase = (2 * pu - pp * inv_r) / (1 + torch.sqrt(1 - 2 * pu * inv_r + pp * inv_r * inv_r))
+    elif model == "fresnel":
+        phase = pu - (pp - pu * pu) * (0.5 * inv_r)
+    else:
+        phase = pu - pp * (0.5 * inv_r)
+    return torch.polar(torch.full_like(phase, 1.0 / math.sqrt(system.N)), system.k0 * phase)
+
+
+def scene_seed(seed: int, *stream: int) -> int:
+    """The simulate() seed of one stream of scenes: ``seed`` and the stream's indices (a split, an SNR index, a
+    chunk) hashed by NumPy's SeedSequence into an independent 63-bit seed. The one rule every study, dataset and
+    notebook uses to derive the seed of a set of scenes."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), *(int(s) for s in stream)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def dft_codebook(system: SystemConfig, device=None) -> torch.Tensor:

@@ -28,18 +28,9 @@ from ..config import SAMPLE_ESTIMATORS, ConfigError, ExperimentConfig, SystemCon
 from ..covariance import apply_fix1, hermitise, sample_covariance
 from ..grid import Grid
 from ..likelihood import crb_for, ml_fit_for
-from ..localisation import (
-    COUNT_METHODS,
-    DEFAULT_TOLERANCES,
-    METHODS,
-    Localisation,
-    count_sources,
-    localise,
-    match_metrics,
-    spectrum,
-    tolerances_array,
-)
+from ..localisation import COUNT_METHODS, METHODS, Localisation, count_sources, localise, spectrum
 from ..losses import covariances
+from ..metrics import DEFAULT_TOLERANCES, match_metrics, tolerances_array
 from ..physics import SceneBatch, simulate
 
 Source = Callable[[SceneBatch], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
@@ -256,8 +247,9 @@ def scene_spectrum(
     ranges = Grid(torch.tensor([math.radians(strongest["phi_deg"])], dtype=f64).clamp(-pm, pm),
                   torch.tensor([math.radians(strongest["theta_deg"])], dtype=f64).clamp(-tm, tm), Grid.uniform(system, 1, 1, n_r).r)
     Kk = K.to(R.device)
-    spec_plane = spectrum(R, system, plane, method, K=Kk if method == "music" else None)[0, :, :, 0]  # [P,T]
-    spec_r = spectrum(R, system, ranges, method, K=Kk if method == "music" else None)[0, 0, 0, :]  # [Q]
+    model = system.steering_model  # the views show the physics' spectrum, not the separable grid's approximation
+    spec_plane = spectrum(R, system, plane, method, K=Kk if method == "music" else None, model=model)[0, :, :, 0]  # [P,T]
+    spec_r = spectrum(R, system, ranges, method, K=Kk if method == "music" else None, model=model)[0, 0, 0, :]  # [Q]
     db = lambda s: (10 * torch.log10(s.double().clamp_min(1e-300) / s.double().max().clamp_min(1e-300))).tolist()  # noqa: E731
     truth = [{"phi_deg": math.degrees(p), "theta_deg": math.degrees(t), "r_m": r}
              for p, t, r, m in zip(batch.phi[0].tolist(), batch.theta[0].tolist(), batch.r[0].tolist(), batch.mask[0].tolist()) if m]
