@@ -148,6 +148,7 @@ class CovarianceNet(nn.Module):
             if R_samp is None:
                 raise ConfigError("R_samp: this model was built with model.rsamp_input = true and needs R_samp [B,N,N]")
             prior = self.prior_factor(R_samp, self.K_max)
+        if prior is not None:
             feats = torch.cat([feats, math.sqrt(self.N) * prior.real, math.sqrt(self.N) * prior.imag], dim=-1)
         amp_dtype = torch.float16 if feats.is_cuda else torch.bfloat16
         with torch.autocast(feats.device.type, dtype=amp_dtype, enabled=amp):
