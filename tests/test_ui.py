@@ -144,7 +144,9 @@ def test_localisation_panel_draws_one_scene_within_a_second():
     panel.controls["method"].value = "mvdr"
     assert panel.result["method"] == "mvdr"
     # the same function as the headless cell
-    again = localisation.scene_spectrum(p.experiment().system, 20.0, 3, p.seed + 1, 2, "R_samp[seed]", sources["R_samp[seed]"], "mvdr")
+    system = p.experiment().system
+    scene = localisation.snr_scene(system, 20.0, 3, p.seed, 2, snr_index=1)  # 20 dB is the second SNR: seed + 1
+    again = localisation.scene_spectrum(system, scene, "R_samp[seed]", sources["R_samp[seed]"], "mvdr", scene=2)
     assert again["estimated"] == panel.result["estimated"]
 
 
