@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install notebooks lab report test lint bench clean
+.PHONY: install notebooks lab report test test-gpu lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ lint: $(STAMP)
 test: $(STAMP)  ## lint, then the whole test suite
 	$(PY) -m ruff check workbench tests benchmarks notebooks
 	$(PY) -m pytest -q
+
+test-gpu: $(STAMP)  ## the CUDA tests only (CPU/CUDA equality, compare on the device); skipped without a CUDA device
+	$(PY) -m pytest -q -m cuda
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_simulate.py

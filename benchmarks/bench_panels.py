@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import write_results  # noqa: E402
 
+from workbench import experiments, sweep, ui  # noqa: E402
 from workbench import params as wp  # noqa: E402
-from workbench import sweep, ui  # noqa: E402
-from workbench.studies import compare, localisation  # noqa: E402
-from workbench.train import TrainingData  # noqa: E402
+from workbench.forward import TrainingData  # noqa: E402
+from workbench.studies import localisation  # noqa: E402
 
 GOAL_S = 1.0
 
@@ -64,9 +64,9 @@ def bench(tmp: Path) -> list[dict]:
     rows += _timed(panel, [("subspace_backend", "safe"), ("gap_backend", "svd"), ("c_eps", 0.01), ("preset", "recommended")],
                    "03_nan_gradients")
     p5 = wp.notebook_params("05_localisation", out_dir=str(tmp / "05"))
-    configs = compare.entry_configs(p5.preset_names, p5.dotted_overrides())  # as notebook 05's cells
+    configs = experiments.entry_configs(p5.preset_names, p5.dotted_overrides())  # as notebook 05's cells
     cfg = next(iter(configs.values()))
-    runs = compare.train_entries(configs, TrainingData.simulate(cfg), p5.models_path, progress=False)
+    runs = experiments.train_entries(configs, TrainingData.simulate(cfg), p5.models_path, progress=False)
     physics_k = ("true" if p5.use_true_k else "mdl") if p5.physics_baseline else None
     sources = localisation.localisation_sources(cfg, p5.estimator_names, physics_k=physics_k, runs=runs, blend=p5.blend)
     panel = ui.LocalisationPanel(p5, sources)

@@ -47,17 +47,17 @@ out_dir: str = "runs/04_training"  # run folders, metrics.json and figures go he
 # %% tags=["config"]
 from IPython.display import Image, Markdown, display
 
-from workbench import figures, ui
+from workbench import experiments, figures, ui
 from workbench import params as wp
 from workbench.figures import compare as fig_compare
 from workbench.figures import training as fig_training
+from workbench.forward import TrainingData
 from workbench.io import save_metrics
 from workbench.studies import compare
-from workbench.train import TrainingData
 
 params = wp.from_cell("04_training", globals())
 out = params.out_path
-configs = compare.entry_configs(params.preset_names, params.dotted_overrides())  # refuses presets that would see other scenes
+configs = experiments.entry_configs(params.preset_names, params.dotted_overrides())  # refuses presets that would see other scenes
 metrics = {"notebook": "04_training", "params": params.to_dict()}
 params
 
@@ -67,10 +67,10 @@ params
 
 # %%
 data = TrainingData.simulate(next(iter(configs.values())))
-runs = compare.train_entries(configs, data, out, reuse=False)
+runs = experiments.train_entries(configs, data, out, reuse=False)
 rows = compare.training_rows(runs)
-metrics["scenes_digest"] = compare.scenes_digest(data)
-metrics["runs"] = {name: {"history": r.history, "provenance": r.provenance, **compare.history_summary(r)} for name, r in runs.items()}
+metrics["scenes_digest"] = experiments.scenes_digest(data)
+metrics["runs"] = {name: {"history": r.history, "provenance": r.provenance, **experiments.history_summary(r)} for name, r in runs.items()}
 metrics["rows"] = rows
 display(Markdown(figures.markdown_table(rows)))
 
@@ -89,7 +89,7 @@ save_metrics(out, metrics);
 # %% [markdown]
 # ## Explore
 # Pick a preset, epochs, learning rate and subspace weight, press *train*: the panel runs the same training
-# (`compare.train_entries` on the same scenes) with a progress bar. Nothing trains until you press it.
+# (`experiments.train_entries` on the same scenes) with a progress bar. Nothing trains until you press it.
 
 # %%
 ui.TrainingPanel(params, data=data, initial=runs)

@@ -63,16 +63,16 @@ out_dir: str = "runs/05_localisation"  # metrics.json and figures go here (relat
 # %% tags=["config"]
 from IPython.display import Image, Markdown, display
 
-from workbench import figures, ui
+from workbench import experiments, figures, ui
 from workbench import params as wp
 from workbench.figures import localisation as fig_localisation
+from workbench.forward import TrainingData
 from workbench.io import save_metrics
-from workbench.studies import compare, localisation
-from workbench.train import TrainingData
+from workbench.studies import localisation
 
 params = wp.from_cell("05_localisation", globals())
 out = params.out_path
-configs = compare.entry_configs(params.preset_names, params.dotted_overrides())
+configs = experiments.entry_configs(params.preset_names, params.dotted_overrides())
 cfg = next(iter(configs.values()))
 metrics = {"notebook": "05_localisation", "params": params.to_dict()}
 params
@@ -83,8 +83,8 @@ params
 # trained here on the same scenes for every preset.
 
 # %%
-runs = compare.train_entries(configs, TrainingData.simulate(cfg), params.models_path)
-metrics["models"] = {n: compare.history_summary(r) for n, r in runs.items()}
+runs = experiments.train_entries(configs, TrainingData.simulate(cfg), params.models_path)
+metrics["models"] = {n: experiments.history_summary(r) for n, r in runs.items()}
 display(Markdown(figures.markdown_table([{"preset": n, "reused": m["reused"], "epochs": m["epochs"], "final val NMSE": m["final_val_nmse"],
                                           "skipped steps": m["skipped_nonfinite"]} for n, m in metrics["models"].items()])))
 
@@ -116,8 +116,9 @@ display(Markdown(metrics["conclusion"]))
 
 # %%
 snr = max(params.snr_values)
-view = localisation.scene_spectrum(cfg.system, snr, params.n_per_snr, params.seed + params.snr_values.index(snr), params.scene,
-                                   params.spectrum_source, sources[params.spectrum_source], params.method, params.use_true_k)
+scene = localisation.snr_scene(cfg.system, snr, params.n_per_snr, params.seed, params.scene, snr_index=params.snr_values.index(snr))
+view = localisation.scene_spectrum(cfg.system, scene, params.spectrum_source, sources[params.spectrum_source], params.method,
+                                   params.use_true_k, scene=params.scene)
 metrics["spectrum"] = {k: view[k] for k in ("name", "snr_db", "scene", "K", "K_used", "at", "estimated", "true")}
 spectrum_fig = fig_localisation.spectrum_plotly(view)
 figures.save_html(spectrum_fig, out / "spectrum.html")

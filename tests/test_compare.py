@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from workbench import cli
+from workbench import experiments as E
 from workbench.checkpoints import RunFolder, load_checkpoint
 from workbench.config import ConfigError
 from workbench.figures import compare as fig_compare
+from workbench.forward import TrainingData
 from workbench.studies import compare as C
 from workbench.studies.baselines import baseline_rows, network_nmse
 from workbench.studies.localisation import localisation_vs_snr, model_sources
-from workbench.train import TrainingData
 
 pytestmark = pytest.mark.slow
 SNRS = (10.0, 20.0)
@@ -28,7 +29,7 @@ def study(tmp_path_factory):
     """seed_fix2 and recommended with the subspace term on (weight 0.1) for both: seed_fix2 differentiates it with plain
     eigh through its degenerate spectrum (NaN gradients), recommended with the safe backward."""
     out = tmp_path_factory.mktemp("compare")
-    overrides = C.budget_overrides("tiny", {"loss.subspace": 0.1})
+    overrides = E.budget_overrides("tiny", {"loss.subspace": 0.1})
     result = C.compare(["seed_fix2", "recommended"], overrides, out, snrs_db=SNRS, n_per_snr=3, progress=False)
     return out, overrides, result
 
@@ -40,7 +41,7 @@ def test_every_entry_trains_on_the_same_scenes(study):
     assert len(keys) == 1  # same system, scene counts, seed
     assert cfgs["seed_fix2"].fixes != cfgs["recommended"].fixes  # yet different presets
     data = TrainingData.simulate(cfgs["recommended"])
-    assert result["scenes"]["digest"] == C.scenes_digest(data)
+    assert result["scenes"]["digest"] == E.scenes_digest(data)
     steps = {n: r["steps"] for n, r in result["runs"].items()}
     assert len(set(steps.values())) == 1 and steps["recommended"] == overrides["train.epochs"] * math.ceil(16 / 8)
 
@@ -89,7 +90,7 @@ def test_the_table_holds_the_references_and_the_fitted_baselines(study):
     assert rows["physics baseline: ML from snapshots (a X + c I)"]["oracle"].startswith("none")
     assert rows["recommended: R_pred"]["oracle"].startswith("true noise variance") and rows["seed_fix2: R_pred"]["oracle"] == "none"
     # the beamscan baselines came from the training data's R_samp cache: the same numbers as from their own source
-    cfg = C.entry_config("recommended", C.budget_overrides("tiny"))
+    cfg = E.entry_config("recommended", E.budget_overrides("tiny"))
     data = TrainingData.simulate(cfg)
     direct = {r["predictor"]: r for r in baseline_rows(data.train, data.val, cfg.system, names=("beamscan_scaled", "beamscan_affine"))}
     for name in ("beamscan_scaled", "beamscan_affine"):
@@ -101,28 +102,28 @@ def test_the_table_holds_the_references_and_the_fitted_baselines(study):
 
 def test_runs_are_reused_only_when_their_config_is_the_same(study, tmp_path):
     out, overrides, result = study
-    cfgs = C.entry_configs(["recommended"], overrides)
+    cfgs = E.entry_configs(["recommended"], overrides)
     data = TrainingData.simulate(cfgs["recommended"])
-    again = C.train_entries(cfgs, data, out, progress=False)["recommended"]
+    again = E.train_entries(cfgs, data, out, progress=False)["recommended"]
     assert again.extra["reused"] and again.history == result["runs"]["recommended"]["history"]
-    longer = C.entry_configs(["recommended"], {**overrides, "train.epochs": 3})
-    run = C.train_entries(longer, data, tmp_path, progress=False)["recommended"]
+    longer = E.entry_configs(["recommended"], {**overrides, "train.epochs": 3})
+    run = E.train_entries(longer, data, tmp_path, progress=False)["recommended"]
     assert not run.extra["reused"] and len(run.history) == 3
 
 
 def test_bad_entries_and_data_are_refused():
     with pytest.raises(ConfigError, match="entry = 'seed_fix9' is not allowed"):
-        C.entry_configs(["seed_fix9"])
+        E.entry_configs(["seed_fix9"])
     with pytest.raises(ConfigError, match="given twice"):
-        C.entry_configs(["recommended", "recommended"])
+        E.entry_configs(["recommended", "recommended"])
     with pytest.raises(ConfigError, match="budget = 'huge' is not allowed"):
-        C.budget_overrides("huge")
-    tiny = C.budget_overrides("tiny")
-    other = TrainingData.simulate(C.entry_config("recommended", {**tiny, "train.seed": 5}))
+        E.budget_overrides("huge")
+    tiny = E.budget_overrides("tiny")
+    other = TrainingData.simulate(E.entry_config("recommended", {**tiny, "train.seed": 5}))
     with pytest.raises(ConfigError, match="another system, size or seed"):
         C.compare(["recommended"], tiny, data=other, progress=False)
     # the physics-head variant is a measurements-only network: no R_samp input, no oracle
-    cfg = C.entry_config("physics_head")
+    cfg = E.entry_config("physics_head")
     assert cfg.model.head == "physics" and not cfg.model.rsamp_input and C._entry_oracle(cfg.to_dict()) == "none"
 
 

@@ -22,7 +22,8 @@ from workbench.checkpoints import RunFolder, load_checkpoint, save_checkpoint
 from workbench.cli import main
 from workbench.config import PRESETS, ConfigError, preset
 from workbench.data import DatasetError
-from workbench.train import TrainingData, fit
+from workbench.forward import TrainingData
+from workbench.train import fit
 
 TINY4 = {"system.N_H": 4, "system.N_V": 4, "system.M": 4, "system.L": 4, "system.K_max": 2, "model.width": 8, "model.layers": 1,
          "model.heads": 2, "train.n_train": 16, "train.n_val": 8, "train.batch_size": 8, "train.device": "cpu",

@@ -171,7 +171,7 @@ def test_baseline_rows_on_a_small_system():
     assert by["identity"]["a"] == 0.0 and by["identity"]["c"] == pytest.approx(1.0)
     assert by["beamscan_scaled"]["c"] == 0.0 and "noise variance" in by["beamscan_scaled"]["oracle"]
     assert all(len(r["by_snr"]) == 2 and sum(b["n"] for b in r["by_snr"]) == 8 for r in rows)
-    st = BL.source_stats(BL.beamscan_source(system), train)
+    st = BL.source_stats(BL.rsamp_source(system, "beamscan"), train)
     assert st.nmse(by["beamscan_affine"]["a"], by["beamscan_affine"]["c"]).mean() <= st.nmse(by["beamscan_scaled"]["a"], 0.0).mean() + 1e-12
     assert st.nmse(by["beamscan_scaled"]["a"], 0.0).mean() <= st.nmse(1.0, 0.0).mean() + 1e-12
     src = BL.physics_source(system)

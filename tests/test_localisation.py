@@ -423,10 +423,10 @@ def test_a_source_with_its_own_count_is_scored_and_localised_with_it():
 def test_scene_spectrum_marks_the_true_and_estimated_sources():
     """The spectrum views of one scene from the exact R_true: the estimates are the true sources, the phi-theta map
     peaks (0 dB) at the strongest estimate, the range cut peaks at its range; a bad scene index is refused."""
-    from workbench.studies.localisation import scene_spectrum
+    from workbench.studies.localisation import scene_spectrum, snr_scene
 
     system = SystemConfig(N_H=6, N_V=6, K_max=2)
-    view = scene_spectrum(system, 20.0, 4, 7, 1, "R_true", lambda b: b.R_true, step_deg=1.0, n_r=48)
+    view = scene_spectrum(system, snr_scene(system, 20.0, 4, 7, 1), "R_true", lambda b: b.R_true, step_deg=1.0, n_r=48, scene=1)
     assert view["K"] == view["K_used"] == len(view["true"]) == len(view["estimated"])
     for est in view["estimated"]:
         assert min(abs(est["phi_deg"] - t["phi_deg"]) + abs(est["theta_deg"] - t["theta_deg"]) for t in view["true"]) < 1e-2
@@ -438,4 +438,28 @@ def test_scene_spectrum_marks_the_true_and_estimated_sources():
     assert abs(1 / view["r_m"][q] - 1 / view["at"]["r_m"]) <= 2 * abs(1 / view["r_m"][0] - 1 / view["r_m"][1])
     json.dumps(view, allow_nan=False)
     with pytest.raises(ConfigError, match="scene = 4: expected an integer in 0..3"):
-        scene_spectrum(system, 20.0, 4, 7, 4, "R_true", lambda b: b.R_true)
+        snr_scene(system, 20.0, 4, 7, 4)
+
+
+def test_snr_scene_is_the_scene_localisation_vs_snr_used():
+    """snr_scene(..., scene, snr_index) is scene ``scene`` of the batch localisation_vs_snr localised at its
+    snr_index-th SNR (the seed rule snr_scene_seed), and the spectrum of one scene needs only that scene."""
+    from workbench.studies.localisation import scene_spectrum, snr_scene, snr_scene_seed
+
+    system = SystemConfig(N_H=4, N_V=4, K_max=2)
+    seen = []
+
+    def record(b):
+        seen.append(b)
+        return b.R_true
+
+    localisation_vs_snr(system, [0.0, 20.0], 3, {"R_true": record}, grid=Grid.default(system, 8.0, 4), seed=5)
+    assert snr_scene_seed(5, 1) == 6
+    for i, snr in enumerate((0.0, 20.0)):
+        for scene in range(3):
+            one = snr_scene(system, snr, 3, 5, scene, snr_index=i)
+            assert len(one) == 1 and torch.equal(one.y[0], seen[i].y[scene]) and torch.equal(one.R_true[0], seen[i].R_true[scene])
+    sizes = []
+    view = scene_spectrum(system, snr_scene(system, 20.0, 3, 5, 2, snr_index=1), "R_true", lambda b: sizes.append(len(b)) or b.R_true,
+                          step_deg=4.0, n_r=8, scene=2)
+    assert sizes == [1] and view["scene"] == 2 and view["snr_db"] == 20.0

@@ -187,12 +187,11 @@ def test_04_training(runs_root):
         assert rows[name]["skipped steps"] == sum(h["skipped_nonfinite"] for h in r["history"])
         assert (out / name / "checkpoint.pt").exists()  # a run folder per preset, for notebook 05
     # an independent training of the last preset on the same scenes reproduces the notebook's history
-    from workbench import train
-    from workbench.studies import compare
+    from workbench import experiments, forward, train
 
     name = p.preset_names[-1]
-    data = train.TrainingData.simulate(p.experiment(p.preset_names[0]))
-    assert compare.scenes_digest(data) == m["scenes_digest"]
+    data = forward.TrainingData.simulate(p.experiment(p.preset_names[0]))
+    assert experiments.scenes_digest(data) == m["scenes_digest"]
     res = train.fit(p.experiment(name), data, progress=False)
     hist = m["runs"][name]["history"]
     assert [h["train_loss"] for h in hist] == pytest.approx([h["train_loss"] for h in res.history], rel=1e-3, nan_ok=True)

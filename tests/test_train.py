@@ -8,7 +8,8 @@ import torch
 from workbench.checkpoints import load_checkpoint, save_checkpoint
 from workbench.cli import main
 from workbench.config import ConfigError, preset
-from workbench.train import TrainingData, checks, fit, verify
+from workbench.forward import TrainingData
+from workbench.train import checks, fit, verify
 
 TINY = {"model.width": 32, "model.layers": 1, "model.heads": 2, "train.n_train": 48, "train.n_val": 16,
         "train.batch_size": 16, "train.epochs": 2, "fixes.rsamp_estimator": "ls_scatter"}

@@ -111,13 +111,13 @@ def test_training_panel_trains_only_on_the_button_with_progress():
 def test_training_panel_starts_from_the_headless_run_and_shows_skipped_steps():
     """Built with the headless cell's runs, the panel shows the last preset's run without training; a subspace weight
     under a seed preset (plain eigh through a degenerate spectrum) shows skipped steps in the status."""
-    from workbench.studies import compare
-    from workbench.train import TrainingData
+    from workbench import experiments
+    from workbench.forward import TrainingData
 
     p = wp.notebook_params("04_training", presets="seed_fix2", epochs=1, n_train=8, n_val=4, batch_size=4, width=16, N_side=6)
-    configs = compare.entry_configs(p.preset_names, p.dotted_overrides())
+    configs = experiments.entry_configs(p.preset_names, p.dotted_overrides())
     data = TrainingData.simulate(configs["seed_fix2"])
-    runs = compare.train_entries(configs, data, progress=False)
+    runs = experiments.train_entries(configs, data, progress=False)
     panel = ui.TrainingPanel(p, data=data, initial=runs)
     assert panel.result is runs["seed_fix2"] and "seed_fix2: final train loss" in panel.status.value
     panel.controls["subspace"].value = 0.1
@@ -144,7 +144,9 @@ def test_localisation_panel_draws_one_scene_within_a_second():
     panel.controls["method"].value = "mvdr"
     assert panel.result["method"] == "mvdr"
     # the same function as the headless cell
-    again = localisation.scene_spectrum(p.experiment().system, 20.0, 3, p.seed + 1, 2, "R_samp[seed]", sources["R_samp[seed]"], "mvdr")
+    system = p.experiment().system
+    scene = localisation.snr_scene(system, 20.0, 3, p.seed, 2, snr_index=1)  # 20 dB is the second SNR: seed + 1
+    again = localisation.scene_spectrum(system, scene, "R_samp[seed]", sources["R_samp[seed]"], "mvdr", scene=2)
     assert again["estimated"] == panel.result["estimated"]
 
 

@@ -104,16 +104,17 @@ def save_checkpoint(path: str | Path, result: TrainResult) -> Path:
     return atomic_torch_save(path, payload)
 
 
-def load_checkpoint(path: str | Path, device="cpu") -> TrainResult:
+def load_checkpoint(path: str | Path, device=None) -> TrainResult:
     """A checkpoint file (standalone, or a run folder's ``checkpoint.pt``) as a TrainResult, after the checks of
-    :func:`load_weights`."""
+    :func:`load_weights`, its model on ``device`` (default: the run's own ``train.device``, resolved: "auto" is CUDA
+    when present, so a model trained on CUDA is evaluated there)."""
     path = Path(path)
     payload = _read_payload(path)
     cfg = ExperimentConfig.from_json(payload["config"])
     model = build_model(cfg.system, cfg.model)
     load_weights(model, payload["model"], f"checkpoint = {str(path)!r}")
     return TrainResult(history=json.loads(payload["history"]), provenance=json.loads(payload["provenance"]),
-                       model=model.to(resolve_device(device) if isinstance(device, str) else device), config=cfg)
+                       model=model.to(resolve_device(cfg.train.device if device is None else device)), config=cfg)
 
 
 def check_out_folder(path: Path) -> None:

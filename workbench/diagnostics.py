@@ -18,9 +18,10 @@ from collections.abc import Sequence
 import torch
 
 from .config import PRESETS, ExperimentConfig, preset
-from .covariance import rsamp_for, spectrum_stats
+from .covariance import spectrum_stats
+from .forward import forward, rsamp_cache
 from .io import dumps_json
-from .losses import TERMS, compute_losses, term_weights
+from .losses import TERMS, term_weights
 from .model import CovarianceNet, build_model
 from .physics import SceneBatch, simulate
 
@@ -99,7 +100,8 @@ def provenance(losses: dict[str, torch.Tensor], model: CovarianceNet, weights: d
 
 def gradient_report(cfg: ExperimentConfig, batch: SceneBatch | None = None, model: CovarianceNet | None = None,
                     seed: int = 0, n: int = 16) -> dict:
-    """One real forward and backward pass under ``cfg``; everything as plain floats/lists.
+    """One real forward and backward pass under ``cfg`` (:func:`workbench.forward.forward`, R_samp from the batch's
+    :func:`~workbench.forward.rsamp_cache`); everything as plain floats/lists.
 
     Returns {"loss", "terms", "weights", "grad_norm" {group}, "term_grad_norm" {term: {group}}, "ok",
     "provenance" [records], "norms" {R_samp, R_pred, R_blend Frobenius medians, rank_R_blend median}}.
@@ -110,9 +112,8 @@ def gradient_report(cfg: ExperimentConfig, batch: SceneBatch | None = None, mode
     groups = model.groups()
     params = [p for ps in groups.values() for p in ps]
     weights = term_weights(cfg)
-    R_samp = rsamp_for(batch, cfg.fixes, cfg.system)
-    out = model(batch.y, batch.H, batch.codes, R_samp=R_samp)
-    losses, cov = compute_losses(out, batch, R_samp, cfg)
+    cache = rsamp_cache(batch)
+    _, cov, losses = forward(model, batch, cache.rsamp_of(cfg), cfg, prior=cache.prior_of(cfg), losses=True)
     total_grads = torch.autograd.grad(losses["total"], params, retain_graph=True, allow_unused=True) \
         if losses["total"].requires_grad else [None] * len(params)
     grad_norm = group_norms(total_grads, params, groups)

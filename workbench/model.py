@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig, SystemConfig
+from .covariance import low_rank_factor
 from .likelihood import ml_localise
 from .physics import element_positions, steering
 
@@ -109,21 +110,45 @@ class CovarianceNet(nn.Module):
 
     @staticmethod
     def prior_factor(R_samp: torch.Tensor, k: int) -> torch.Tensor:
-        """F = V_k sqrt(lambda_k / tr R) of the k largest eigenpairs, [B,N,k] complex64 (no gradient)."""
+        """F = V_k sqrt(lambda_k / sum lambda_k) of the k largest eigenpairs of R_samp [B,N,N], [B,N,k] complex64, no
+        gradient. Each column's phase is fixed so that w^H v is real and positive for a fixed generic w: the factor is
+        a function of R_samp alone, not of the eigensolver (CPU and CUDA agree). The eigenpairs come from a thin exact
+        factor where R_samp has one (:func:`workbench.covariance.low_rank_factor`: rank <= k + 4, as the beamscan
+        estimator's, whose eigenpairs follow from an r x r problem), else from ``torch.linalg.eigh`` of R_samp.
+        Computed once per scene by :class:`workbench.forward.RsampCache` and passed to :meth:`forward` as ``prior``."""
         with torch.no_grad():
-            ev, V = torch.linalg.eigh(0.5 * (R_samp + R_samp.mH))
-            ev, V = ev[..., -k:].clamp_min(0), V[..., -k:]
+            R = 0.5 * (R_samp + R_samp.mH)
+            thin = low_rank_factor(R, k)
+            if thin is not None:  # R = T T^H, T [B,N,r]: T^H T = U diag(ev) U^H, eigenvectors of R: T U diag(ev)^-1/2
+                ev, U = torch.linalg.eigh(thin.mH @ thin)
+                if ev.shape[-1] < k:
+                    pad = k - ev.shape[-1]
+                    ev, U = nn.functional.pad(ev, (pad, 0)), nn.functional.pad(U, (pad, 0))
+                ev, U = ev[..., -k:].clamp_min(0), U[..., -k:]
+                V = (thin @ U) / ev.clamp_min(1e-30).sqrt()[..., None, :].to(U.dtype) * (ev > 0)[..., None, :]
+            else:
+                ev, V = torch.linalg.eigh(R)
+                ev, V = ev[..., -k:].clamp_min(0), V[..., -k:]
+            n = torch.arange(V.shape[-2], device=V.device, dtype=torch.float64)
+            w = torch.polar(1 + n / n.numel(), 0.7 * n + 0.1 * n * n).to(V.dtype)  # a fixed generic reference vector
+            lead = (w.conj()[:, None] * V).sum(-2, keepdim=True)  # [B,1,k] w^H v of each column
+            V = V * (lead.conj() / lead.abs().clamp_min(1e-30))
             tr = ev.sum(-1, keepdim=True).clamp_min(1e-30)
             return (V * (ev / tr).sqrt()[..., None, :].to(V.dtype)).to(torch.complex64)
 
     def forward(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, R_samp: torch.Tensor | None = None,
-                amp: bool = False) -> ModelOutput:
+                amp: bool = False, prior: torch.Tensor | None = None) -> ModelOutput:
+        """y [B,L,M], H [B,M,N], codes [B,L,N] complex64; R_samp [B,N,N] (needed with ``rsamp_input`` unless ``prior``
+        is given); prior: :meth:`prior_factor` of R_samp, [B,N,K_max] complex64, when already computed (it is used
+        as given, not checked against R_samp). Call through :func:`workbench.forward.forward`."""
         feats = self.features(y, H, codes)
-        prior = None
-        if self.cfg.rsamp_input:
+        if not self.cfg.rsamp_input:
+            prior = None
+        elif prior is None:
             if R_samp is None:
                 raise ConfigError("R_samp: this model was built with model.rsamp_input = true and needs R_samp [B,N,N]")
             prior = self.prior_factor(R_samp, self.K_max)
+        if prior is not None:
             feats = torch.cat([feats, math.sqrt(self.N) * prior.real, math.sqrt(self.N) * prior.imag], dim=-1)
         amp_dtype = torch.float16 if feats.is_cuda else torch.bfloat16
         with torch.autocast(feats.device.type, dtype=amp_dtype, enabled=amp):

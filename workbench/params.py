@@ -213,7 +213,7 @@ class GradientParams(NotebookParams):
 
 @dataclass
 class TrainingParams(NotebookParams):
-    """04: every preset trained on the same scenes for the same budget (:func:`workbench.studies.compare.train_entries`).
+    """04: every preset trained on the same scenes for the same budget (:func:`workbench.experiments.train_entries`).
     The defaults equal ``workbench compare --budget quick``; the run folders land in ``out_dir/<preset>/``."""
 
     _section: ClassVar[str] = "04_training"
@@ -238,7 +238,7 @@ class TrainingParams(NotebookParams):
 class LocalisationParams(NotebookParams):
     """05: localisation from R_true, the R_samp estimators, the physics baseline and every preset's trained network.
     The networks are trained as in notebook 04 (same fields, same defaults) into ``models_dir``, or reused from it
-    when a complete run of exactly that config is there (:func:`workbench.studies.compare.train_entries`)."""
+    when a complete run of exactly that config is there (:func:`workbench.experiments.train_entries`)."""
 
     _section: ClassVar[str] = "05_localisation"
     ci: ClassVar[dict[str, Any]] = {"n_per_snr": 2, "snrs_db": "0,20", "estimators": "beamscan", "presets": "seed_fix2,recommended",

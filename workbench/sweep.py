@@ -113,13 +113,13 @@ def load_study(storage: str | None = None, study: str = DEFAULT_STUDY, heartbeat
 # objective
 class TrialData:
     """The scenes of the trials a worker runs, owned by the worker: simulated once per system, sizes and seed
-    (trials usually share them) with their R_samp cache (:class:`workbench.train.TrainingData`)."""
+    (trials usually share them) with their R_samp cache (:class:`workbench.forward.TrainingData`)."""
 
     def __init__(self):
         self.data = None
 
     def for_config(self, cfg: ExperimentConfig):
-        from .train import TrainingData
+        from .forward import TrainingData
 
         key = TrainingData.key_of(cfg)
         if self.data is None or self.data.key != key:

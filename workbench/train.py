@@ -6,7 +6,9 @@ gradient is non-finite is skipped, counted and its NaN provenance recorded; a mi
 own skipped steps (float16 overflow on CUDA) are counted separately as ``skipped_scaler``, not as NaN.
 No non-finite value is ever written into the weights: a step that would do so is rolled back. Scenes with a
 non-finite input (y, H, ...) or an invalid source count never reach a step: :func:`fit` refuses the data first,
-naming the split and the scene index (:func:`workbench.data.check_scenes`).
+naming the split and the scene index (:func:`workbench.data.check_scenes`). The scenes, their R_samp and its prior
+factor come from :class:`workbench.forward.TrainingData` (computed once per scene, not per step); every step runs
+:func:`workbench.forward.forward`.
 
 With a run folder (``workbench train --out DIR``, :class:`workbench.checkpoints.RunFolder`) the whole resumable
 state is written after every epoch as one unit; ``--resume DIR`` continues from it and, with the configuration
@@ -39,62 +41,15 @@ from .checkpoints import (
     load_weights,
 )
 from .config import PRESETS, ConfigError, ExperimentConfig, parse_overrides, preset, resolve_device
-from .covariance import nmse, rsamp_for
+from .covariance import nmse
 from .data import check_scenes
 from .diagnostics import group_norms, provenance
 from .figures import fmt
+from .forward import TrainingData, forward
 from .io import atomic_write_json
-from .losses import TERMS, compute_losses, term_weights
+from .losses import TERMS, term_weights
 from .model import CovarianceNet, build_model
-from .physics import SceneBatch, simulate
-
-VAL_SEED_OFFSET = 1_000_003
-
-
-class TrainingData:
-    """The scenes of a training run (``train``, ``val``: SceneBatch) and the R_samp of each, computed once per
-    (estimator, Fix 1) and kept here, so that runs on the same data (sweep trials, the presets of a
-    comparison) share it. ``key`` says what the scenes depend on (system, sizes, seed, device)."""
-
-    def __init__(self, train: SceneBatch, val: SceneBatch, key: str = ""):
-        self.train, self.val, self.key = train, val, key
-        self._rsamp: dict[tuple, torch.Tensor] = {}
-
-    @staticmethod
-    def key_of(cfg: ExperimentConfig) -> str:
-        t = cfg.train
-        return json.dumps([cfg.system.to_dict(), t.n_train, t.n_val, t.seed, t.device], sort_keys=True)
-
-    @classmethod
-    def simulate(cls, cfg: ExperimentConfig, device="cpu") -> TrainingData:
-        """Training and validation scenes, seeded from ``cfg.train.seed`` (disjoint seeds)."""
-        t = cfg.train
-        return cls(simulate(cfg.system, t.n_train, seed=t.seed, device=device),
-                   simulate(cfg.system, t.n_val, seed=t.seed + VAL_SEED_OFFSET, device=device), cls.key_of(cfg))
-
-    def to(self, device) -> TrainingData:
-        """The same data on ``device`` (self when it is already there); the R_samp cache moves along."""
-        train, val = self.train.to(device), self.val.to(device)
-        if train is self.train and val is self.val:
-            return self
-        moved = TrainingData(train, val, self.key)
-        moved._rsamp = {k: v.to(device) for k, v in self._rsamp.items()}
-        return moved
-
-    @torch.no_grad()
-    def rsamp(self, split: str, cfg: ExperimentConfig, chunk: int = 64, progress: bool = False) -> torch.Tensor:
-        """R_samp [n,N,N] of the ``split`` ("train" | "val") scenes under ``cfg.fixes``, computed in chunks once
-        (with a progress bar over the scenes when ``progress``: the beamscan estimator takes seconds per chunk)."""
-        key = (split, cfg.fixes.rsamp_estimator, cfg.fixes.rsamp_normalise, cfg.system.to_json())
-        if key not in self._rsamp:
-            data = getattr(self, split)
-            parts = []
-            with tqdm(total=len(data), disable=not progress, desc=f"R_samp {split} ({cfg.fixes.rsamp_estimator})", unit="scene") as bar:
-                for s in range(0, len(data), chunk):
-                    parts.append(rsamp_for(data[s:s + chunk], cfg.fixes, cfg.system))
-                    bar.update(len(parts[-1]))
-            self._rsamp[key] = torch.cat(parts)
-        return self._rsamp[key]
+from .physics import SceneBatch
 
 
 def _schedule(opt, cfg: ExperimentConfig, steps_per_epoch: int):
@@ -108,15 +63,17 @@ def _schedule(opt, cfg: ExperimentConfig, steps_per_epoch: int):
 
 
 @torch.no_grad()
-def evaluate(model: CovarianceNet, data: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig, batch_size: int = 256) -> dict:
-    """Validation: mean weighted loss, mean of every term, and the unweighted NMSE of R_pred."""
+def evaluate(model: CovarianceNet, data: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig, batch_size: int = 256,
+             prior: torch.Tensor | None = None) -> dict:
+    """Validation: mean weighted loss, mean of every term, and the unweighted NMSE of R_pred. R_samp [n,N,N] and its
+    prior factor [n,N,K_max] (None: the model computes it) of the ``data`` scenes (:class:`workbench.forward.RsampCache`)."""
     model.eval()
     sums: dict[str, float] = {}
     nm = []
     for s in range(0, len(data), batch_size):
         b = data[s:s + batch_size]
-        out = model(b.y, b.H, b.codes, R_samp=R_samp[s:s + batch_size], amp=cfg.train.amp)
-        losses, cov = compute_losses(out, b, R_samp[s:s + batch_size], cfg)
+        _, cov, losses = forward(model, b, R_samp[s:s + batch_size], cfg, prior=None if prior is None else prior[s:s + batch_size],
+                                 losses=True, amp=cfg.train.amp)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(b)
         nm.append(nmse(cov.R_pred, cov.R_ref))  # unweighted: no knob enters it
@@ -151,6 +108,7 @@ def fit(cfg: ExperimentConfig, data: TrainingData | None = None, on_epoch: Calla
     check_scenes(data.train, cfg.system, "training scenes (train split)")
     check_scenes(data.val, cfg.system, "training scenes (val split)")
     Rs_train, Rs_val = data.rsamp("train", cfg, progress=progress), data.rsamp("val", cfg, progress=progress)
+    prior_train, prior_val = data.prior("train", cfg), data.prior("val", cfg)  # once per scene, not once per step
     steps_per_epoch = math.ceil(len(data.train) / t.batch_size)
     loop = _Loop(cfg, device, model, steps_per_epoch)
     if saved is not None:
@@ -158,8 +116,8 @@ def fit(cfg: ExperimentConfig, data: TrainingData | None = None, on_epoch: Calla
     bar = tqdm(total=max(0, t.epochs - loop.epoch) * steps_per_epoch, disable=not progress, desc="train", unit="step")
     while loop.epoch < t.epochs:
         t0 = time.perf_counter()
-        record = _train_epoch(loop, cfg, data.train, Rs_train, bar)
-        record = _ordered({**record, **evaluate(loop.model, data.val, Rs_val, cfg), "seconds": time.perf_counter() - t0})
+        record = _train_epoch(loop, cfg, data.train, Rs_train, prior_train, bar)
+        record = _ordered({**record, **evaluate(loop.model, data.val, Rs_val, cfg, prior=prior_val), "seconds": time.perf_counter() - t0})
         loop.history.append(record)
         loop.epoch += 1
         if run is not None:
@@ -229,8 +187,10 @@ class _Loop:
         self.history, self.prov = json.loads(payload["history"]), json.loads(payload["provenance"])
 
 
-def _train_epoch(loop: _Loop, cfg: ExperimentConfig, train_data: SceneBatch, Rs_train: torch.Tensor, bar) -> dict:
-    """One pass over the training scenes in a seeded random order; the epoch's record without validation and time."""
+def _train_epoch(loop: _Loop, cfg: ExperimentConfig, train_data: SceneBatch, Rs_train: torch.Tensor, prior_train: torch.Tensor | None,
+                 bar) -> dict:
+    """One pass over the training scenes in a seeded random order; the epoch's record without validation and time.
+    Rs_train [n,N,N] and prior_train [n,N,K_max] (or None) are the scenes' R_samp and its prior factor."""
     t, params, groups = cfg.train, loop.params, loop.groups
     start = [p.detach().clone() for p in params]
     term_sums = dict.fromkeys(["total", *TERMS], 0.0)
@@ -238,7 +198,7 @@ def _train_epoch(loop: _Loop, cfg: ExperimentConfig, train_data: SceneBatch, Rs_
     counts = {"applied": 0, "nonfinite": 0, "scaler": 0}
     for idx in torch.randperm(len(train_data), generator=loop.gen).split(t.batch_size):
         idx = idx.to(loop.device)
-        outcome, losses, norms = _train_step(loop, cfg, train_data[idx], Rs_train[idx])
+        outcome, losses, norms = _train_step(loop, cfg, train_data[idx], Rs_train[idx], None if prior_train is None else prior_train[idx])
         bar.update()
         counts[outcome] += 1
         if outcome != "applied":
@@ -263,13 +223,12 @@ def _train_epoch(loop: _Loop, cfg: ExperimentConfig, train_data: SceneBatch, Rs_
             "steps": sum(counts.values()), "skipped_nonfinite": counts["nonfinite"], "skipped_scaler": counts["scaler"]}
 
 
-def _train_step(loop: _Loop, cfg: ExperimentConfig, b: SceneBatch, Rs: torch.Tensor) -> tuple[str, dict, dict]:
-    """One optimiser step on batch ``b``: ("applied" | "nonfinite" | "scaler", losses, gradient norms per group).
-    A non-finite loss or gradient skips the step and records its provenance; a step that would write a
-    non-finite weight is rolled back."""
+def _train_step(loop: _Loop, cfg: ExperimentConfig, b: SceneBatch, Rs: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[str, dict, dict]:
+    """One optimiser step on batch ``b`` (R_samp ``Rs`` [B,N,N], its prior factor [B,N,K_max] or None): ("applied" |
+    "nonfinite" | "scaler", losses, gradient norms per group). A non-finite loss or gradient skips the step and
+    records its provenance; a step that would write a non-finite weight is rolled back."""
     t, model, params, opt, scaler = cfg.train, loop.model, loop.params, loop.opt, loop.scaler
-    out = model(b.y, b.H, b.codes, R_samp=Rs, amp=t.amp)
-    losses, _ = compute_losses(out, b, Rs, cfg)
+    losses = forward(model, b, Rs, cfg, prior=prior, losses=True, amp=t.amp).losses
     opt.zero_grad(set_to_none=True)
     scaler.scale(losses["total"]).backward()
     scaler.unscale_(opt)
@@ -281,8 +240,8 @@ def _train_step(loop: _Loop, cfg: ExperimentConfig, b: SceneBatch, Rs: torch.Ten
         scaler.update()
         return "scaler", losses, norms
     if not finite:
-        out = model(b.y, b.H, b.codes, R_samp=Rs, amp=t.amp)  # recompute the graph to trace the NaN's origin
-        records = provenance(compute_losses(out, b, Rs, cfg)[0], model, loop.weights)
+        again = forward(model, b, Rs, cfg, prior=prior, losses=True, amp=t.amp).losses  # recompute the graph to trace the NaN's origin
+        records = provenance(again, model, loop.weights)
         loop.prov.extend({"epoch": loop.epoch, "step": loop.step, **r} for r in records or [{"term": "total", "op": "unknown", "groups": []}])
         opt.zero_grad(set_to_none=True)
         return "nonfinite", losses, norms

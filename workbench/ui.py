@@ -194,22 +194,19 @@ class Panel:
 
 
 class _Cache:
-    """What a panel keeps between updates: the scenes, each estimator's raw R_samp, each architecture's model."""
+    """What a panel keeps between updates: the scenes, each architecture's model; each estimator's raw R_samp is the
+    scenes' own R_samp cache (:func:`workbench.forward.rsamp_cache`)."""
 
     def __init__(self, params, cfg: ExperimentConfig, n_scenes: int):
         from .studies.pipeline import scene_batch
 
         self.params, self.batch = params, scene_batch(cfg, n_scenes, params.seed)
-        self._raw: dict[str, Any] = {}
         self._models: dict[str, Any] = {}
 
     def raw(self, cfg: ExperimentConfig):
-        from .covariance import rsamp_raw
+        from .forward import rsamp_cache
 
-        key = cfg.fixes.rsamp_estimator
-        if key not in self._raw:
-            self._raw[key] = rsamp_raw(self.batch, cfg.fixes, cfg.system)
-        return self._raw[key]
+        return rsamp_cache(self.batch).raw(cfg.fixes.rsamp_estimator, cfg.system)
 
     def model(self, cfg: ExperimentConfig):
         from .model import build_model
@@ -391,7 +388,8 @@ class TrainingPanel(Panel):
         return self.params.experiment(v["preset"]).replace(**{"train.epochs": v["epochs"], "train.lr": v["lr"], "loss.subspace": v["subspace"]})
 
     def compute(self):
-        from .train import TrainingData, fit
+        from .forward import TrainingData
+        from .train import fit
 
         cfg = self.config()
         key = TrainingData.key_of(cfg)
@@ -449,12 +447,12 @@ class LocalisationPanel(Panel):
             self.show_result(initial)
 
     def compute(self) -> dict:
-        from .studies.localisation import scene_spectrum
+        from .studies.localisation import scene_spectrum, snr_scene
 
         v, p = self.values(), self.params
-        snrs = p.snr_values
-        return scene_spectrum(p.experiment().system, v["snr_db"], p.n_per_snr, p.seed + snrs.index(v["snr_db"]), v["scene"],
-                              v["source"], self.sources[v["source"]], v["method"], p.use_true_k)
+        system = p.experiment().system
+        batch = snr_scene(system, v["snr_db"], p.n_per_snr, p.seed, v["scene"], snr_index=p.snr_values.index(v["snr_db"]))
+        return scene_spectrum(system, batch, v["source"], self.sources[v["source"]], v["method"], p.use_true_k, scene=v["scene"])
 
     def show_result(self, view: dict) -> None:
         from .figures.localisation import spectrum_plotly

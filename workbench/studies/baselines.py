@@ -34,7 +34,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..config import ConfigError, ExperimentConfig, SystemConfig
-from ..covariance import hermitise, nmse, predicted_covariance, reference, sample_covariance, trace, trace_normalise
+from ..covariance import nmse, reference, trace, trace_normalise
+from ..forward import forward, rsamp_cache
 from ..likelihood import ml_fit_for
 from ..physics import SceneBatch
 
@@ -53,14 +54,12 @@ SNR_EDGES = (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0)  # the default system's SNR range
 
 # ---------------------------------------------------------------------------------------------
 # Covariance sources
-def beamscan_source(system: SystemConfig, estimator: str = "beamscan") -> Callable[[SceneBatch], torch.Tensor]:
-    """batch -> the beamscan R_samp, hermitised and trace-normalised to N, [n,N,N] complex64 (``estimator``
-    "beamscan" uses batch.noise_var, "beamscan_est" estimates it). This is Fix 1 of the pipeline's R_samp, so
-    :meth:`workbench.train.TrainingData.rsamp` of a config with that estimator returns the same matrices."""
-    def source(b: SceneBatch) -> torch.Tensor:
-        R = sample_covariance(b.y, (b.H, b.codes), estimator, system.ridge, b.noise_var, rank=system.K_max, system=system)
-        return trace_normalise(hermitise(R))
-    return source
+def rsamp_source(system: SystemConfig, estimator: str = "beamscan") -> Callable[[SceneBatch], torch.Tensor]:
+    """batch -> the estimator's R_samp, hermitised and trace-normalised to N (Fix 1), [n,N,N] complex64, read from the
+    batch's R_samp cache (:func:`workbench.forward.rsamp_cache`): "beamscan" uses batch.noise_var, "beamscan_est"
+    estimates it. These are the matrices :meth:`workbench.forward.TrainingData.rsamp` gives a config with that
+    estimator and Fix 1."""
+    return lambda b: rsamp_cache(b).rsamp(estimator, system)
 
 
 def physics_source(system: SystemConfig, K: str | None = None) -> Callable[[SceneBatch], torch.Tensor]:
@@ -81,9 +80,9 @@ def identity_source(system: SystemConfig) -> Callable[[SceneBatch], torch.Tensor
 
 def baseline_sources(system: SystemConfig, physics_K: str | None = None) -> dict[str, Callable[[SceneBatch], torch.Tensor]]:
     """The source X of every name in :data:`BASELINES`."""
-    beamscan = beamscan_source(system)
+    beamscan = rsamp_source(system, "beamscan")
     return {"identity": identity_source(system), "beamscan_scaled": beamscan, "beamscan_affine": beamscan,
-            "beamscan_est_affine": beamscan_source(system, "beamscan_est"), "physics_affine": physics_source(system, physics_K)}
+            "beamscan_est_affine": rsamp_source(system, "beamscan_est"), "physics_affine": physics_source(system, physics_K)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,15 +193,18 @@ def baseline_rows(
 
 
 @torch.no_grad()
-def network_nmse(model, batch: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig, chunk: int = 128) -> torch.Tensor:
-    """Per-scene NMSE [n] of a trained network's R_pred (as ``train.evaluate`` computes val_nmse, unweighted, no
-    fitted constant) on ``batch`` with its pipeline R_samp [n,N,N] (e.g. ``TrainingData.rsamp("val", cfg)``)."""
+def network_nmse(model, batch: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig, chunk: int = 128,
+                 prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-scene NMSE [n] float64 of a trained network's R_pred (as ``train.evaluate`` computes val_nmse, unweighted,
+    no fitted constant) on ``batch`` with its pipeline R_samp [n,N,N] and prior factor [n,N,K_max] (e.g.
+    ``TrainingData.rsamp("val", cfg)``, ``TrainingData.prior("val", cfg)``; None: the model computes it). The network
+    runs on its own device (:func:`workbench.forward.forward`); the result is on the batch's device."""
     model.eval()
     out = []
     for s in range(0, len(batch), chunk):
         b = batch[s:s + chunk]
-        A = model(b.y, b.H, b.codes, R_samp=R_samp[s:s + chunk]).A
-        out.append(nmse(predicted_covariance(A, cfg.fixes.qr_retraction), reference(b.R_true)).double())
+        cov = forward(model, b, R_samp[s:s + chunk], cfg, prior=None if prior is None else prior[s:s + chunk]).cov
+        out.append(nmse(cov.R_pred, cov.R_ref).double().to(b.y.device))
     return torch.cat(out)
 
 

@@ -2,9 +2,10 @@
 the honest baselines, the physics and the Cramer-Rao bound (notebooks 04 and 05, ``workbench compare``, the
 README's results table).
 
-One :class:`~workbench.train.TrainingData` is simulated for all entries (their system, scene counts and seed
-must agree, or :func:`entry_configs` refuses), each entry is trained on it by :func:`workbench.train.fit` into
-``out/<entry>/`` (a resumable run folder), and all are evaluated on the same held-out scenes:
+One :class:`~workbench.forward.TrainingData` is simulated for all entries (their system, scene counts and seed
+must agree, or :func:`workbench.experiments.entry_configs` refuses), each entry is trained on it by
+:func:`workbench.experiments.train_entries` into ``out/<entry>/`` (a resumable run folder), and all are evaluated on
+the same held-out scenes, each network on its own device (:func:`workbench.forward.forward`):
 
 * validation NMSE of R_pred on the validation split, beside the baselines of :mod:`.baselines` (constants
   fitted on the training split);
@@ -13,140 +14,50 @@ must agree, or :func:`entry_configs` refuses), each entry is trained on it by :f
   and the physics baseline, at a few SNRs on scenes of their own (:func:`.localisation.localisation_vs_snr`),
   RMSE as a multiple of sqrt(CRB), F1 and the accuracy of each source's own count of K.
 
-An entry is a preset name or a variant of one (:data:`VARIANTS`). A budget (:data:`BUDGETS`) is a set of dotted
-overrides applied to every entry. Data in, rows out: the command line writes the files; nothing here draws or
-writes prose (the results table as markdown and the conclusions are in :mod:`workbench.figures.compare`).
+An entry is a preset name or a variant of one (:data:`workbench.experiments.VARIANTS`). A budget
+(:data:`workbench.experiments.BUDGETS`) is a set of dotted overrides applied to every entry. Data in, rows out: the
+command line writes the files; nothing here draws or writes prose (the results table as markdown and the conclusions
+are in :mod:`workbench.figures.compare`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from ..checkpoints import RunFolder, TrainResult, load_checkpoint
-from ..config import PRESETS, ConfigError, ExperimentConfig, check_choice, parse_overrides, preset
+from ..checkpoints import TrainResult
+from ..config import ConfigError, ExperimentConfig, check_choice, parse_overrides
+from ..experiments import (  # noqa: F401  (re-exported for the command line and the callers of this study)
+    BUDGETS,
+    DEFAULT_ENTRIES,
+    ENTRIES,
+    VARIANTS,
+    budget_overrides,
+    entry_config,
+    entry_configs,
+    history_summary,
+    scenes_digest,
+    train_entries,
+)
+from ..forward import TrainingData
 from ..io import atomic_write_json, atomic_write_text
-from ..train import TrainingData, fit
 from ..train import checks as train_checks
 from .baselines import BASELINES, ORACLE, baseline_rows, beats_every_baseline, network_nmse, network_row
 from .localisation import localisation_sources, localisation_vs_snr
 
-# preset variants: a measurements-only network whose head builds R_pred from the physics baseline's source fits
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "physics_head": ("recommended", {"model.head": "physics", "model.rsamp_input": False, "fixes.rsamp_estimator": "seed"}),
-}
-ENTRIES = (*PRESETS, *VARIANTS)
-DEFAULT_ENTRIES = PRESETS
-_SMALL_NET = {"model.width": 32, "model.heads": 4, "model.layers": 1}
-BUDGETS: dict[str, dict[str, Any]] = {
-    # a few seconds: tests and CI
-    "tiny": {"system.N_H": 4, "system.N_V": 4, "system.M": 8, "system.L": 8, "system.K_max": 2, "train.n_train": 16,
-             "train.n_val": 8, "train.epochs": 2, "train.batch_size": 8, "model.width": 16, "model.heads": 2, "model.layers": 1},
-    # about a minute on 2 CPU cores for the five presets: notebook 04's default
-    "quick": {"system.N_H": 8, "system.N_V": 8, "train.n_train": 128, "train.n_val": 64, "train.epochs": 3, "train.batch_size": 32,
-              **_SMALL_NET},
-    # the README's results table: the default system and network (tens of minutes on 2 CPU cores)
-    "standard": {"train.n_train": 2048, "train.n_val": 256, "train.epochs": 4},
-}
 LOCALISATION_SEED_OFFSET = 2_000_003  # the localisation scenes' seeds, apart from the training and validation seeds
-SCENE_KEYS = ("system", "n_train", "n_val", "seed")
-
-
-def entry_config(name: str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """The config of one entry: a preset, or a :data:`VARIANTS` entry (its preset plus its overrides), then ``overrides``."""
-    check_choice("entry", name, ENTRIES)
-    base, extra = VARIANTS.get(name, (name, {}))
-    return preset(base, **{**extra, **(overrides or {})})
-
-
-def entry_configs(entries: Sequence[str], overrides: dict[str, Any] | None = None) -> dict[str, ExperimentConfig]:
-    """{entry: config}; ConfigError unless every entry trains on the same scenes (system, n_train, n_val, seed)."""
-    if not entries:
-        raise ConfigError(f"entries: expected at least one of {', '.join(ENTRIES)}")
-    dup = sorted({e for e in entries if list(entries).count(e) > 1})
-    if dup:
-        raise ConfigError(f"entries: {', '.join(dup)} given twice")
-    cfgs = {e: entry_config(e, overrides) for e in entries}
-    first, ref = next(iter(cfgs.items()))
-    for name, cfg in cfgs.items():
-        if TrainingData.key_of(cfg) != TrainingData.key_of(ref):
-            raise ConfigError(f"entries {first} and {name} would train on different scenes (their system, train.n_train, train.n_val, "
-                              "train.seed or train.device differ): a comparison needs the same scenes")
-    return cfgs
-
-
-def budget_overrides(budget: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The dotted overrides of a named budget with ``extra`` on top."""
-    check_choice("budget", budget, tuple(BUDGETS))
-    return {**BUDGETS[budget], **(extra or {})}
-
-
-def scenes_digest(data: TrainingData) -> str:
-    """A short digest of the training and validation scenes' measurements (what every entry trained on)."""
-    h = hashlib.blake2b(digest_size=8)
-    for b in (data.train, data.val):
-        for t in (b.y, b.H, b.codes):
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-def _finished_run(folder: Path, cfg: ExperimentConfig) -> TrainResult | None:
-    """The run saved in ``folder`` when it is a complete run of exactly ``cfg``, else None."""
-    if not (folder / "checkpoint.pt").exists():
-        return None
-    try:
-        saved = RunFolder(folder).config()
-    except ConfigError:
-        return None
-    run = load_checkpoint(folder / "checkpoint.pt") if saved.to_dict() == cfg.to_dict() else None
-    return run if run is not None and len(run.history) == cfg.train.epochs else None
-
-
-def train_entries(cfgs: dict[str, ExperimentConfig], data: TrainingData, out: Path | None = None, reuse: bool = True,
-                  progress: bool = True, on_entry=None) -> dict[str, TrainResult]:
-    """Train every entry on ``data`` (one after the other, each from its own seeded initialisation), into
-    ``out/<entry>/`` when ``out`` is given. ``reuse``: an entry whose folder already holds a complete run of
-    exactly its config is loaded instead of trained (notebook 05 reuses notebook 04's runs this way).
-    ``on_entry(name, index, total)`` is called before each entry (progress in panels)."""
-    runs = {}
-    for i, (name, cfg) in enumerate(cfgs.items()):
-        if on_entry is not None:
-            on_entry(name, i, len(cfgs))
-        folder = None if out is None else Path(out) / name
-        run = _finished_run(folder, cfg) if folder is not None and reuse else None
-        reused = run is not None
-        if run is None:
-            if progress:
-                tqdm.write(f"training {name} ({i + 1}/{len(cfgs)})")
-            run = fit(cfg, data=data, progress=progress, run_dir=folder)
-        run.extra["reused"] = reused
-        runs[name] = run
-    return runs
 
 
 def _cached_sources(cfgs: dict[str, ExperimentConfig], data: TrainingData, max_fit_scenes: int | None) -> dict:
     """The beamscan baselines' matrices from ``data``'s R_samp cache when an entry trained on the Fix-1 beamscan
-    R_samp (the same matrices as :func:`.baselines.beamscan_source`), so they are not estimated twice."""
+    R_samp (the same matrices as :func:`.baselines.rsamp_source`), so they are not estimated twice."""
     for cfg in cfgs.values():
         if cfg.fixes.rsamp_estimator == "beamscan" and cfg.fixes.rsamp_normalise:
             pair = (data.rsamp("train", cfg)[:max_fit_scenes], data.rsamp("val", cfg))
             return {"beamscan_scaled": pair, "beamscan_affine": pair}
     return {}
-
-
-def history_summary(run: TrainResult) -> dict:
-    """What a row needs from a run's history: steps, skipped steps, training seconds, the last epoch's numbers."""
-    h = run.history
-    return {"reused": bool(run.extra.get("reused")), "epochs": len(h), "steps": sum(r["steps"] for r in h),
-            "skipped_nonfinite": sum(r["skipped_nonfinite"] for r in h),
-            "train_seconds": sum(r["seconds"] for r in h), "final_val_nmse": h[-1]["val_nmse"] if h else None,
-            "grad_norm": h[-1]["grad_norm"] if h else {}, "provenance": sorted({f"{p['term']}:{p['op']}" for p in run.provenance})}
 
 
 def training_rows(runs: dict[str, TrainResult]) -> list[dict]:
@@ -185,11 +96,11 @@ def compare(entries: Sequence[str] = DEFAULT_ENTRIES, overrides: dict[str, Any] 
     rows = baseline_rows(data.train, data.val, system, names=baselines, max_fit_scenes=max_fit_scenes,
                          sources=_cached_sources(cfgs, data, max_fit_scenes))
     for name, run in runs.items():
-        values = network_nmse(run.model, data.val, data.rsamp("val", run.config), run.config)
+        values = network_nmse(run.model, data.val, data.rsamp("val", run.config), run.config, prior=data.prior("val", run.config))
         rows.append(network_row(name, values, data.val.snr_db))
     sources = localisation_sources(first, ["beamscan"], physics_k="true", runs=runs, blend=blend)
     loc = localisation_vs_snr(system, list(snrs_db), n_per_snr, sources, method=method,
-                              seed=first.train.seed + LOCALISATION_SEED_OFFSET, use_true_k=True)
+                              seed=first.train.seed + LOCALISATION_SEED_OFFSET, use_true_k=True, device=first.train.device)
     result = {
         "entries": list(cfgs), "overrides": overrides,
         "scenes": {"digest": scenes_digest(data), "n_train": len(data.train), "n_val": len(data.val), "seed": first.train.seed},

@@ -25,11 +25,11 @@ import torch
 
 from ..checks import check_covariance
 from ..config import SAMPLE_ESTIMATORS, ConfigError, ExperimentConfig, SystemConfig, check_choice, resolve_device
-from ..covariance import apply_fix1, hermitise, sample_covariance
+from ..covariance import hermitise
+from ..forward import forward, rsamp_cache
 from ..grid import Grid
 from ..likelihood import crb_for, ml_fit_for
 from ..localisation import COUNT_METHODS, METHODS, Localisation, count_sources, localise, spectrum
-from ..losses import covariances
 from ..metrics import DEFAULT_TOLERANCES, match_metrics, tolerances_array
 from ..physics import SceneBatch, simulate
 
@@ -37,34 +37,21 @@ Source = Callable[[SceneBatch], "torch.Tensor | tuple[torch.Tensor, torch.Tensor
 PHYSICS_K = ("true", "mdl")
 
 
-class BatchMemo:
-    """What several sources compute from the same batch (an estimator's raw R_samp, a network's output), kept for
-    the most recent batch only: the sources of one :func:`localisation_sources` call share one memo, so the
-    beamscan R_samp of a batch is computed once for R_samp[beamscan] and for every network fed with it."""
-
-    def __init__(self):
-        self.batch: SceneBatch | None = None
-        self.values: dict = {}
-
-    def get(self, batch: SceneBatch, key, compute: Callable[[], object]):
-        if batch is not self.batch:
-            self.batch, self.values = batch, {}
-        if key not in self.values:
-            self.values[key] = compute()
-        return self.values[key]
+def snr_scene_seed(seed: int, snr_index: int) -> int:
+    """The seed of the scenes of the study's ``snr_index``-th SNR: every SNR has scenes of its own."""
+    return seed + snr_index
 
 
-def _raw_rsamp(system: SystemConfig, estimator: str, b: SceneBatch, memo: BatchMemo | None) -> torch.Tensor:
-    """The estimator's raw R_samp of batch b (:func:`workbench.covariance.sample_covariance`), through ``memo``."""
-    def compute():
-        return sample_covariance(b.y, (b.H, b.codes), estimator, system.ridge, b.noise_var, rank=system.K_max, system=system)
-    return compute() if memo is None else memo.get(b, ("raw", estimator), compute)
+def _raw_rsamp(system: SystemConfig, estimator: str, b: SceneBatch) -> torch.Tensor:
+    """The estimator's raw R_samp of batch b, from the batch's R_samp cache (:func:`workbench.forward.rsamp_cache`):
+    computed once per batch for R_samp[<estimator>] and for every network fed with it."""
+    return rsamp_cache(b).raw(estimator, system)
 
 
-def rsamp_source(system: SystemConfig, estimator: str, memo: BatchMemo | None = None) -> Source:
+def rsamp_source(system: SystemConfig, estimator: str) -> Source:
     """batch -> the estimator's R_samp, hermitised ("covariance_matching" and "beamscan" use batch.noise_var)."""
     check_choice("estimator", estimator, SAMPLE_ESTIMATORS)
-    return lambda b: hermitise(_raw_rsamp(system, estimator, b, memo))
+    return lambda b: hermitise(_raw_rsamp(system, estimator, b))
 
 
 def physics_source(system: SystemConfig, k: str = "true") -> Source:
@@ -79,31 +66,30 @@ def physics_source(system: SystemConfig, k: str = "true") -> Source:
     return source
 
 
-def model_sources(runs: dict, blend: bool = True, memo: BatchMemo | None = None) -> dict[str, Source]:
+def model_sources(runs: dict, blend: bool = True) -> dict[str, Source]:
     """``"<name>:R_pred"`` (and ``"<name>:R_blend"`` when ``blend``) for every trained run in ``runs`` ({name:
     :class:`~workbench.checkpoints.TrainResult`}): the network's R_pred and the pipeline's R_blend (its own R_samp,
-    Fix 2 and C_EPS) for a batch, each with the network's own count (K head: argmax of k_logits + 1)."""
-    memo = BatchMemo() if memo is None else memo
+    Fix 1, Fix 2 and C_EPS) for a batch, each with the network's own count (K head: argmax of k_logits + 1). The
+    network runs on its own device (:func:`workbench.forward.forward`); the matrices come back on the batch's.
+    R_pred and R_blend of one run share one forward pass per batch (kept on the batch's cache)."""
     out: dict[str, Source] = {}
     for name, run in runs.items():
         for which in ("R_pred", "R_blend") if blend else ("R_pred",):
-            out[f"{name}:{which}"] = _model_source(name, run, which, memo)
+            out[f"{name}:{which}"] = _model_source(name, run, which)
     return out
 
 
-def _model_source(name: str, run, which: str, memo: BatchMemo) -> Source:
+def _model_source(name: str, run, which: str) -> Source:
     @torch.no_grad()
-    def forward(b: SceneBatch):
+    def run_forward(b: SceneBatch):
         cfg, model = run.config, run.model
         model.eval()
-        dev = next(model.parameters()).device
-        Rs = apply_fix1(_raw_rsamp(cfg.system, cfg.fixes.rsamp_estimator, b, memo), cfg.fixes).to(dev)
-        bd = b.to(dev)
-        out = model(bd.y, bd.H, bd.codes, R_samp=Rs)
-        return covariances(out, bd, Rs, cfg), out.k_logits.argmax(-1) + 1
+        cache = rsamp_cache(b)
+        out, cov, _ = forward(model, b, cache.rsamp_of(cfg), cfg, prior=cache.prior_of(cfg), out_device=b.y.device)
+        return cov, out.k_logits.argmax(-1) + 1
 
     def source(b: SceneBatch):
-        cov, k = memo.get(b, ("model", name), lambda: forward(b))
+        cov, k = rsamp_cache(b).derived(("model", name, id(run)), lambda: run_forward(b))
         return hermitise(getattr(cov, which)), k
     return source
 
@@ -112,14 +98,13 @@ def localisation_sources(cfg: ExperimentConfig, estimators: Sequence[str], physi
                          runs: dict | None = None, blend: bool = True) -> dict[str, Source]:
     """The covariances notebook 05 localises from, by name: "R_true", "R_samp[<estimator>]" for each estimator,
     "physics[ML]" when ``physics_k`` is "true" or "mdl" (:func:`physics_source`), and the trained ``runs``
-    (:func:`model_sources`). The sources share one :class:`BatchMemo`."""
+    (:func:`model_sources`). The sources share each batch's R_samp cache (:func:`workbench.forward.rsamp_cache`)."""
     s = cfg.system
     check_choice("physics_k", physics_k, (None, *PHYSICS_K))
-    memo = BatchMemo()
-    sources: dict[str, Source] = {"R_true": lambda b: b.R_true, **{f"R_samp[{e}]": rsamp_source(s, e, memo) for e in estimators}}
+    sources: dict[str, Source] = {"R_true": lambda b: b.R_true, **{f"R_samp[{e}]": rsamp_source(s, e) for e in estimators}}
     if physics_k is not None:
         sources["physics[ML]"] = physics_source(s, physics_k)
-    sources.update(model_sources(runs or {}, blend, memo))
+    sources.update(model_sources(runs or {}, blend))
     return sources
 
 
@@ -129,7 +114,7 @@ def _json_float(x: float) -> float | None:
 
 def snr_batch(system: SystemConfig, snr_db: float, n: int, seed: int, device="cpu") -> SceneBatch:
     """The ``n`` scenes of one SNR: ``simulate`` with the SNR fixed at ``snr_db`` (the study's i-th SNR uses
-    seed + i, so every SNR has its own scenes)."""
+    :func:`snr_scene_seed`, so every SNR has its own scenes)."""
     return simulate(system.replace(snr_db_min=float(snr_db), snr_db_max=float(snr_db)), n, seed=seed, device=device)
 
 
@@ -186,7 +171,7 @@ def localisation_vs_snr(
     bound = {"phi_deg": [], "theta_deg": [], "r_m": []}
     k_source: dict[str, str] = {}
     for i, snr in enumerate(snrs_db):
-        batch = snr_batch(system, snr, n_per_snr, seed + i, dev)
+        batch = snr_batch(system, snr, n_per_snr, snr_scene_seed(seed, i), dev)
         c = crb_for(batch, system, nuisance)[batch.mask]  # [sources, 3]
         rms = c.mean(0).sqrt().cpu().tolist()
         bound["phi_deg"].append(_json_float(math.degrees(rms[0])))
@@ -218,22 +203,33 @@ def localisation_vs_snr(
 SPECTRUM_VIEW = {"step_deg": 1.0, "n_r": 96}  # the fine grids of the two views
 
 
+def snr_scene(system: SystemConfig, snr_db: float, n_per_snr: int, seed: int, scene: int, snr_index: int = 0, device="cpu") -> SceneBatch:
+    """Scene ``scene`` (a batch of one) of the scenes :func:`localisation_vs_snr` used at its ``snr_index``-th SNR
+    ``snr_db`` with that ``seed`` and ``n_per_snr`` (:func:`snr_batch` with :func:`snr_scene_seed`). All
+    ``n_per_snr`` scenes are simulated and one is kept: ``simulate`` draws each quantity for all n scenes at once
+    (K for every scene, then the angles for every scene, ...), so scene i of n scenes is not scene i of i + 1 scenes.
+    Simulating is cheap; the covariance sources then run on the one scene only."""
+    if isinstance(scene, bool) or not isinstance(scene, int) or not 0 <= scene < n_per_snr:
+        raise ConfigError(f"scene = {scene!r}: expected an integer in 0..{n_per_snr - 1} (n_per_snr = {n_per_snr})")
+    return snr_batch(system, snr_db, n_per_snr, snr_scene_seed(seed, snr_index), device)[scene:scene + 1]
+
+
 def scene_spectrum(
-    system: SystemConfig, snr_db: float, n_per_snr: int, seed: int, scene: int, name: str, source: Source,
-    method: str = "music", use_true_k: bool = True, step_deg: float = SPECTRUM_VIEW["step_deg"], n_r: int = SPECTRUM_VIEW["n_r"],
+    system: SystemConfig, batch: SceneBatch, name: str, source: Source, method: str = "music", use_true_k: bool = True,
+    step_deg: float = SPECTRUM_VIEW["step_deg"], n_r: int = SPECTRUM_VIEW["n_r"], scene: int = 0,
 ) -> dict:
-    """The spectrum of scene ``scene`` of :func:`snr_batch` (the scenes :func:`localisation_vs_snr` used at that
-    SNR with that ``seed``) from covariance ``source``, in two views through the strongest estimated source:
-    the phi-theta map at its estimated range and the range cut at its estimated (phi, theta), both on fine
-    grids (``step_deg``, ``n_r`` ranges uniform in 1/r), in dB relative to the view's maximum.
+    """The spectrum of the one scene in ``batch`` (e.g. :func:`snr_scene`; ``scene``: its index, for the label) from
+    covariance ``source``, in two views through the strongest estimated source: the phi-theta map at its estimated
+    range and the range cut at its estimated (phi, theta), both on fine grids (``step_deg``, ``n_r`` ranges uniform
+    in 1/r), in dB relative to the view's maximum.
 
     Returns plain lists: {"name", "method", "snr_db", "scene", "K", "K_used", "phi_deg" [P], "theta_deg" [T],
     "map_db" [T][P], "r_m" [Q], "cut_db" [Q], "at": {"phi_deg", "theta_deg", "r_m"} (the slice position),
     "estimated": [{"phi_deg", "theta_deg", "r_m"}], "true": [...]}."""
     check_choice("method", method, METHODS)
-    if isinstance(scene, bool) or not isinstance(scene, int) or not 0 <= scene < n_per_snr:
-        raise ConfigError(f"scene = {scene!r}: expected an integer in 0..{n_per_snr - 1} (n_per_snr = {n_per_snr})")
-    batch = snr_batch(system, snr_db, n_per_snr, seed)[scene:scene + 1]
+    if len(batch) != 1:
+        raise ConfigError(f"batch: expected one scene (e.g. snr_scene(...)), got {len(batch)}")
+    snr_db = float(batch.snr_db[0])
     R, k_own = _estimate(source, batch, name, system)
     k_hat = count_sources(R, system.L, "mdl", k_max=system.K_max) if k_own is None else k_own.cpu()
     K = batch.K if use_true_k else k_hat

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SAMPLE_ESTIMATORS, ExperimentConfig, SystemConfig, check_choice, preset
-from ..covariance import apply_fix1, hermitise, nmse, rsamp_raw, sample_covariance, spectrum_stats, trace_normalise
-from ..losses import covariances
+from ..covariance import apply_fix1, hermitise, nmse, spectrum_stats, trace_normalise
+from ..forward import forward, rsamp_cache
 from ..model import build_model
 from ..physics import SceneBatch, simulate
 from . import median, quartiles
@@ -52,10 +52,9 @@ def pipeline_matrices(cfg: ExperimentConfig, batch: SceneBatch, model: torch.nn.
     depends only on the scenes and ``fixes.rsamp_estimator``; panels cache it). R_true is returned
     trace-normalised to N (the loss's R_ref)."""
     model = build_model(cfg.system, cfg.model, batch.y.device, seed=seed) if model is None else model
-    raw = rsamp_raw(batch, cfg.fixes, cfg.system) if R_samp_raw is None else R_samp_raw
+    raw = rsamp_cache(batch).raw(cfg.fixes.rsamp_estimator, cfg.system) if R_samp_raw is None else R_samp_raw
     R_samp = apply_fix1(raw, cfg.fixes)
-    out = model(batch.y, batch.H, batch.codes, R_samp=R_samp)
-    cov = covariances(out, batch, R_samp, cfg)
+    cov = forward(model, batch, R_samp, cfg, out_device=batch.y.device).cov
     return PipelineMatrices(R_true=cov.R_ref, R_samp_raw=raw, R_samp=cov.R_samp, R_pred=cov.R_pred, R_blend=cov.R_blend, K=batch.K)
 
 
@@ -123,7 +122,7 @@ def loading_sweep(cfg: ExperimentConfig, batch: SceneBatch, c_eps_values: Sequen
     {"c_eps", "rank", "cond", "gap" (median lambda_K - lambda_{K+1}), "lower_min", "lower_max" (median over
     scenes of the smallest / largest of lambda_{K+1..N}), "lower_spread" (median (max-min)/max of them)}.
     Loading shifts every eigenvalue by C_EPS and leaves the gaps unchanged (DESIGN.md section 6)."""
-    raw = rsamp_raw(batch, cfg.fixes, cfg.system) if R_samp_raw is None else R_samp_raw
+    raw = rsamp_cache(batch).raw(cfg.fixes.rsamp_estimator, cfg.system) if R_samp_raw is None else R_samp_raw
     rows = []
     for c in c_eps_values:
         mats = pipeline_matrices(cfg.replace(**{"fixes.c_eps": float(c)}), batch, seed=seed, R_samp_raw=raw)
@@ -161,8 +160,7 @@ def estimator_table(system: SystemConfig | None = None, snrs: tuple[float, ...] 
         eye = torch.eye(system.N, dtype=R_ref.dtype, device=R_ref.device).expand_as(R_ref)
         results = {"scaled_identity": nmse(eye, R_ref)}
         for name in estimators:
-            R = sample_covariance(batch.y, (batch.H, batch.codes), name, system.ridge, batch.noise_var, rank=system.K_max, system=sys_snr)
-            results[name] = nmse(trace_normalise(hermitise(R)), R_ref)
+            results[name] = nmse(rsamp_cache(batch).rsamp(name, sys_snr), R_ref)  # Fix 1: hermitised, trace N
         for name, v in results.items():
             q = quartiles(v)
             rows.append({"snr_db": float(snr), "estimator": name, "nmse_median": q["median"], "nmse_q25": q["q25"], "nmse_q75": q["q75"], "n": n})

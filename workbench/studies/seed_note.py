@@ -13,10 +13,10 @@ from collections.abc import Iterable
 import torch
 
 from ..config import SEED_PRESETS, preset
-from ..covariance import apply_fix1, oracle_nmse, rsamp_raw, spectrum_stats
+from ..covariance import oracle_nmse, spectrum_stats
 from ..diagnostics import gradient_report
+from ..forward import forward, rsamp_cache
 from ..io import atomic_write_json
-from ..losses import compute_losses
 from ..model import build_model
 from ..physics import simulate
 from . import quartiles
@@ -39,11 +39,11 @@ def seed_table(n_scenes: int = 64, presets: Iterable[str] = (*SEED_PRESETS, "rec
         cfg = preset(name, **(overrides or {}))
         batch = simulate(cfg.system, n_scenes, seed=seed)
         model = build_model(cfg.system, cfg.model, seed=seed)
+        cache = rsamp_cache(batch)
         with torch.no_grad():
-            raw = rsamp_raw(batch, cfg.fixes, cfg.system)
-            R_samp = apply_fix1(raw, cfg.fixes)
-            out = model(batch.y, batch.H, batch.codes, R_samp=R_samp)
-            _, cov = compute_losses(out, batch, R_samp, cfg, terms=("nmse",))
+            raw = cache.raw(cfg.fixes.rsamp_estimator, cfg.system)
+            R_samp = cache.rsamp_of(cfg)
+            cov = forward(model, batch, R_samp, cfg, prior=cache.prior_of(cfg), terms=("nmse",)).cov
             stats = spectrum_stats(cov.R_blend)
         report = gradient_report(cfg, batch[:n_grad], model, seed=seed)
         rows.append(

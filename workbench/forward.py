@@ -1,0 +1,255 @@
+"""Where a batch meets a model: the one forward pass (:func:`forward`), the one R_samp cache (:class:`RsampCache`)
+and the scenes of a training run (:class:`TrainingData`).
+
+Owns: moving a batch, its R_samp and its prior factor to the model's device, running the model and the covariance
+pipeline (:func:`workbench.losses.covariances`, optionally the loss terms, :func:`workbench.losses.compute_losses`)
+and handing the results back on the device the caller asks for; R_samp [n,N,N] of a batch of scenes per
+(estimator, Fix 1, system), and the model's prior factor of it [n,N,K_max], each computed once per scene, in chunks.
+Must not: train (optimiser, schedule: :mod:`workbench.train`), score (:mod:`workbench.studies`), draw, or choose a
+device (:func:`workbench.config.resolve_device` does).
+
+Every place that runs the network on scenes (training steps, validation, the gradient report, the seed table, the
+pipeline study, the baselines' network NMSE, the localisation sources) goes through :func:`forward`; every place
+that needs an estimator's R_samp of scenes reads it from the batch's :class:`RsampCache` (:func:`rsamp_cache`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import ExperimentConfig, FixConfig, SystemConfig, resolve_device
+from .covariance import Covariances, apply_fix1, rsamp_raw
+from .losses import compute_losses, covariances
+from .model import CovarianceNet, ModelOutput
+from .physics import SceneBatch, simulate
+
+VAL_SEED_OFFSET = 1_000_003
+RSAMP_CHUNK = 64  # scenes per estimator call (the beamscan estimator takes seconds per chunk on a CPU)
+
+
+# ---------------------------------------------------------------------------------------------
+# The R_samp cache
+class RsampCache:
+    """R_samp of the scenes of one :class:`~workbench.physics.SceneBatch`, computed once per scene and kept.
+
+    Entries, each for all n scenes of the batch, on the batch's device:
+
+    * ``raw(estimator, system)``: the estimator's R_samp before Fix 1 (:func:`workbench.covariance.rsamp_raw`),
+      [n,N,N] complex64, raw units;
+    * ``rsamp(estimator, system, normalise)``: R_samp as the pipeline uses it (Fix 1 when ``normalise``:
+      :func:`workbench.covariance.apply_fix1`), [n,N,N] complex64, trace N when normalised;
+    * ``prior(estimator, system, normalise)``: the model's prior factor of that R_samp
+      (:meth:`workbench.model.CovarianceNet.prior_factor` with k = K_max), [n,N,K_max] complex64.
+
+    The key of an entry is (estimator, Fix 1, system); the scenes are the batch's. ``counts`` says how many chunks
+    each kind ("raw", "prior") computed (tests read it). ``chunk``: scenes per call."""
+
+    def __init__(self, batch: SceneBatch, chunk: int = RSAMP_CHUNK):
+        self.batch, self.chunk = batch, chunk
+        self._store: dict[tuple, torch.Tensor] = {}
+        self.counts = {"raw": 0, "prior": 0}
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    @staticmethod
+    def _system_key(system: SystemConfig) -> str:
+        return system.to_json()
+
+    @torch.no_grad()
+    def _estimate(self, estimator: str, system: SystemConfig, progress: bool) -> torch.Tensor:
+        fixes = FixConfig(rsamp_estimator=estimator)
+        b, parts = self.batch, []
+        with tqdm(total=len(b), disable=not progress, desc=f"R_samp ({estimator})", unit="scene") as bar:
+            for s in range(0, len(b), self.chunk):
+                parts.append(rsamp_raw(b[s:s + self.chunk], fixes, system))
+                self.counts["raw"] += 1
+                bar.update(len(parts[-1]))
+        return torch.cat(parts)
+
+    def raw(self, estimator: str, system: SystemConfig, progress: bool = False) -> torch.Tensor:
+        """The estimator's raw R_samp [n,N,N] complex64 (computed in chunks once; progress bar over the scenes)."""
+        key = ("raw", estimator, self._system_key(system))
+        if key not in self._store:
+            self._store[key] = self._estimate(estimator, system, progress)
+        return self._store[key]
+
+    def rsamp(self, estimator: str, system: SystemConfig, normalise: bool = True, progress: bool = False) -> torch.Tensor:
+        """R_samp [n,N,N] complex64 as the pipeline uses it: :meth:`raw` with Fix 1 when ``normalise`` (the raw matrices
+        are kept only when :meth:`raw` itself was asked for: a training run needs only the normalised ones)."""
+        if not normalise:
+            return self.raw(estimator, system, progress)
+        key = ("rsamp", estimator, self._system_key(system))
+        if key not in self._store:
+            raw = self._store.get(("raw", estimator, self._system_key(system)))
+            raw = self._estimate(estimator, system, progress) if raw is None else raw
+            self._store[key] = apply_fix1(raw, FixConfig(rsamp_normalise=True))
+        return self._store[key]
+
+    @torch.no_grad()
+    def prior(self, estimator: str, system: SystemConfig, normalise: bool = True) -> torch.Tensor:
+        """The prior factor [n,N,K_max] complex64 of :meth:`rsamp` (:meth:`CovarianceNet.prior_factor`, in chunks)."""
+        key = ("prior", estimator, normalise, self._system_key(system))
+        if key not in self._store:
+            R = self.rsamp(estimator, system, normalise)
+            parts = []
+            for s in range(0, len(R), self.chunk):
+                parts.append(CovarianceNet.prior_factor(R[s:s + self.chunk], system.K_max))
+                self.counts["prior"] += 1
+            self._store[key] = torch.cat(parts)
+        return self._store[key]
+
+    def derived(self, key, compute):
+        """A value computed from these scenes once per ``key`` (e.g. a trained network's output on them, shared by the
+        localisation sources R_pred and R_blend of that network) and kept as long as the batch."""
+        key = ("derived", key)
+        if key not in self._store:
+            self._store[key] = compute()
+        return self._store[key]
+
+    # the same three for a config (its fixes.rsamp_estimator, fixes.rsamp_normalise and system)
+    def rsamp_of(self, cfg: ExperimentConfig, progress: bool = False) -> torch.Tensor:
+        return self.rsamp(cfg.fixes.rsamp_estimator, cfg.system, cfg.fixes.rsamp_normalise, progress)
+
+    def prior_of(self, cfg: ExperimentConfig) -> torch.Tensor | None:
+        """The prior factor the model of ``cfg`` takes (None when it takes none: ``model.rsamp_input`` off)."""
+        return self.prior(cfg.fixes.rsamp_estimator, cfg.system, cfg.fixes.rsamp_normalise) if cfg.model.rsamp_input else None
+
+    def to(self, device) -> RsampCache:
+        """The cache of the batch on ``device`` (self when already there); the entries move along."""
+        batch = self.batch.to(device)
+        if batch is self.batch:
+            return self
+        return self.copy_to(batch)
+
+    def copy_to(self, batch: SceneBatch) -> RsampCache:
+        """The cache of ``batch`` (the same scenes, e.g. on another device) filled with this cache's entries."""
+        other = rsamp_cache(batch)
+        device = batch.y.device
+        for k, v in self._store.items():
+            if k[0] != "derived":
+                other._store.setdefault(k, v.to(device))
+        return other
+
+
+def rsamp_cache(batch: SceneBatch) -> RsampCache:
+    """The :class:`RsampCache` of ``batch`` (created on first use and kept on the batch object itself, so it lives
+    as long as the batch; a slice or a copy on another device is another batch with its own cache)."""
+    cache = batch.__dict__.get("_rsamp_cache")
+    if cache is None:
+        cache = batch.__dict__["_rsamp_cache"] = RsampCache(batch)
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# The scenes of a training run
+class TrainingData:
+    """The scenes of a training run (``train``, ``val``: SceneBatch) and their R_samp caches (:class:`RsampCache`),
+    so that runs on the same data (sweep trials, the presets of a comparison) share R_samp and its prior factor.
+    ``key`` says what the scenes depend on (system, sizes, seed, device)."""
+
+    def __init__(self, train: SceneBatch, val: SceneBatch, key: str = ""):
+        self.train, self.val, self.key = train, val, key
+        self._moved: dict[str, TrainingData] = {}
+
+    @staticmethod
+    def key_of(cfg: ExperimentConfig) -> str:
+        t = cfg.train
+        return json.dumps([cfg.system.to_dict(), t.n_train, t.n_val, t.seed, t.device], sort_keys=True)
+
+    @classmethod
+    def simulate(cls, cfg: ExperimentConfig, device=None) -> TrainingData:
+        """Training and validation scenes, seeded from ``cfg.train.seed`` (disjoint seeds), on ``device`` (default:
+        ``cfg.train.device`` resolved; the draws are made on the CPU, so the scenes are the same on every device)."""
+        t = cfg.train
+        dev = resolve_device(t.device if device is None else device)
+        return cls(simulate(cfg.system, t.n_train, seed=t.seed, device=dev),
+                   simulate(cfg.system, t.n_val, seed=t.seed + VAL_SEED_OFFSET, device=dev), cls.key_of(cfg))
+
+    @property
+    def device(self) -> torch.device:
+        return self.train.y.device
+
+    def to(self, device) -> TrainingData:
+        """The same data on ``device`` (self when it is already there; one copy per device, kept, so its caches fill
+        once); the R_samp caches move along."""
+        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        if self.train.to(device) is self.train and self.val.to(device) is self.val:
+            return self
+        name = str(device)
+        if name not in self._moved:
+            moved = TrainingData(self.train.to(device), self.val.to(device), self.key)
+            for split in ("train", "val"):
+                self.cache(split).copy_to(getattr(moved, split))
+            self._moved[name] = moved
+        return self._moved[name]
+
+    def cache(self, split: str) -> RsampCache:
+        """The :class:`RsampCache` of the ``split`` ("train" | "val") scenes."""
+        return rsamp_cache(getattr(self, split))
+
+    def rsamp(self, split: str, cfg: ExperimentConfig, progress: bool = False) -> torch.Tensor:
+        """R_samp [n,N,N] of the ``split`` ("train" | "val") scenes under ``cfg.fixes``, computed in chunks once
+        (with a progress bar over the scenes when ``progress``: the beamscan estimator takes seconds per chunk)."""
+        return self.cache(split).rsamp_of(cfg, progress)
+
+    def prior(self, split: str, cfg: ExperimentConfig) -> torch.Tensor | None:
+        """The model's prior factor [n,N,K_max] of :meth:`rsamp` (None when ``cfg.model.rsamp_input`` is off)."""
+        return self.cache(split).prior_of(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward pass
+class Forward(NamedTuple):
+    """What :func:`forward` returns: the model's output, the covariance pipeline of it, and the loss terms by name
+    plus ``total`` (None unless asked for)."""
+
+    out: ModelOutput
+    cov: Covariances
+    losses: dict[str, torch.Tensor] | None
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters."""
+    return next(model.parameters()).device
+
+
+def _move(x, device):
+    """Tensors (and the tensors inside a dataclass / dict / tuple of them) moved to ``device``."""
+    if x is None or device is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _move(v, device) for k, v in x.items()}
+    if hasattr(x, "__dataclass_fields__"):
+        return type(x)(**{k: _move(getattr(x, k), device) for k in x.__dataclass_fields__})
+    return x
+
+
+def forward(model: CovarianceNet, batch: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig, *,
+            prior: torch.Tensor | None = None, terms: tuple[str, ...] | None = None, losses: bool = False,
+            amp: bool = False, out_device=None) -> Forward:
+    """Run ``model`` on ``batch`` and the covariance pipeline of ``cfg`` on its prediction.
+
+    batch: B scenes; R_samp [B,N,N] complex64 (the pipeline's, e.g. :meth:`RsampCache.rsamp_of`); prior: the model's
+    prior factor [B,N,K_max] complex64 of R_samp (:meth:`RsampCache.prior_of`; None: the model computes it when it
+    needs one). All three are moved to the model's device first. ``losses`` (or a ``terms`` tuple): also the loss
+    terms (:func:`workbench.losses.compute_losses`, ``terms`` None = all). ``amp``: the encoder under autocast.
+    Autograd is whatever the caller has on (training keeps it; evaluation wraps the call in ``torch.no_grad``).
+    Returns :class:`Forward` (out, cov, losses), on ``out_device`` (default: the model's device)."""
+    dev = model_device(model)
+    b, Rs, pr = batch.to(dev), R_samp.to(dev), _move(prior, dev)
+    out = model(b.y, b.H, b.codes, R_samp=Rs, amp=amp, prior=pr)
+    if losses or terms is not None:
+        values, cov = compute_losses(out, b, Rs, cfg, terms=terms)
+    else:
+        values, cov = None, covariances(out, b, Rs, cfg)
+    if out_device is None or torch.device(out_device) == dev:
+        return Forward(out, cov, values)
+    target = torch.device(out_device)
+    return Forward(_move(out, target), _move(cov, target), _move(values, target))
