@@ -15,7 +15,8 @@ import torch
 from workbench import likelihood as LK
 from workbench import localisation as E
 from workbench.config import ConfigError, SystemConfig
-from workbench.covariance import hermitise, nmse, reference, sample_covariance
+from workbench.covariance import hermitise, nmse, reference
+from workbench.estimators import sample_covariance
 from workbench.physics import measurement_matrices, simulate, steering
 from workbench.studies import baselines as BL
 

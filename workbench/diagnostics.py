@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from .config import PRESETS, ExperimentConfig, preset
-from .covariance import rsamp_for, spectrum_stats
+from .covariance import spectrum_stats
+from .estimators import rsamp_for
 from .io import dumps_json
 from .losses import TERMS, compute_losses, term_weights
 from .model import CovarianceNet, build_model

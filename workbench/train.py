@@ -39,9 +39,10 @@ from .checkpoints import (
     load_weights,
 )
 from .config import PRESETS, ConfigError, ExperimentConfig, parse_overrides, preset, resolve_device
-from .covariance import nmse, rsamp_for
+from .covariance import nmse
 from .data import check_scenes
 from .diagnostics import group_norms, provenance
+from .estimators import rsamp_for
 from .io import atomic_write_json
 from .losses import TERMS, compute_losses, term_weights
 from .model import CovarianceNet, build_model

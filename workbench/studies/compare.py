@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import RunFolder, TrainResult, load_checkpoint
 from ..config import PRESETS, ConfigError, ExperimentConfig, check_choice, parse_overrides, preset
+from ..estimators import oracle_knowledge
 from ..io import atomic_write_json, atomic_write_text
 from ..train import TrainingData, fit
 from ..train import checks as train_checks
@@ -279,9 +280,8 @@ def _entry_oracle(cfg: dict) -> str:
     """What a trained entry knows beyond its scene's measurements (through its R_samp input)."""
     uses_rsamp = cfg["model"]["rsamp_input"] or cfg["fixes"]["beta"] > 0
     est = cfg["fixes"]["rsamp_estimator"]
-    if uses_rsamp and est in ("beamscan", "covariance_matching"):
-        return f"true noise variance ({est} R_samp)"
-    return "none"
+    knows = oracle_knowledge(est)
+    return f"{knows} ({est} R_samp)" if uses_rsamp and knows != "none" else "none"
 
 
 def _f(v, digits: int = 3) -> str:

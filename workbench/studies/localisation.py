@@ -8,7 +8,7 @@ complex, or the pair (R, K_hat [n]) when the source counts the sources itself (a
 baseline's MDL count); the others are counted by MDL/AIC on R's eigenvalues. The sources:
 
 * ``R_true``: the exact, noise-free source covariance (a reference: no estimator sees it);
-* ``R_samp[<estimator>]``: an R_samp estimator (:func:`workbench.covariance.sample_covariance`);
+* ``R_samp[<estimator>]``: an R_samp estimator (:func:`workbench.estimators.sample_covariance`);
 * ``physics[ML]``: the maximum-likelihood fit straight from the snapshots (:func:`workbench.likelihood.ml_localise`),
   its covariance sum_k p_k a_k a_k^H at the true K or the MDL count;
 * ``<run>:R_pred`` / ``<run>:R_blend``: a trained network's prediction and the pipeline's blend (:func:`model_sources`).
@@ -25,7 +25,8 @@ import torch
 
 from ..checks import check_covariance
 from ..config import SAMPLE_ESTIMATORS, ConfigError, ExperimentConfig, SystemConfig, check_choice, resolve_device
-from ..covariance import apply_fix1, hermitise, sample_covariance
+from ..covariance import hermitise
+from ..estimators import normalise_rsamp, sample_covariance
 from ..grid import Grid
 from ..likelihood import crb_for, ml_fit_for
 from ..localisation import (
@@ -64,7 +65,7 @@ class BatchMemo:
 
 
 def _raw_rsamp(system: SystemConfig, estimator: str, b: SceneBatch, memo: BatchMemo | None) -> torch.Tensor:
-    """The estimator's raw R_samp of batch b (:func:`workbench.covariance.sample_covariance`), through ``memo``."""
+    """The estimator's raw R_samp of batch b (:func:`workbench.estimators.sample_covariance`), through ``memo``."""
     def compute():
         return sample_covariance(b.y, (b.H, b.codes), estimator, system.ridge, b.noise_var, rank=system.K_max, system=system)
     return compute() if memo is None else memo.get(b, ("raw", estimator), compute)
@@ -106,7 +107,7 @@ def _model_source(name: str, run, which: str, memo: BatchMemo) -> Source:
         cfg, model = run.config, run.model
         model.eval()
         dev = next(model.parameters()).device
-        Rs = apply_fix1(_raw_rsamp(cfg.system, cfg.fixes.rsamp_estimator, b, memo), cfg.fixes).to(dev)
+        Rs = normalise_rsamp(_raw_rsamp(cfg.system, cfg.fixes.rsamp_estimator, b, memo), cfg.fixes).to(dev)
         bd = b.to(dev)
         out = model(bd.y, bd.H, bd.codes, R_samp=Rs)
         return covariances(out, bd, Rs, cfg), out.k_logits.argmax(-1) + 1

@@ -12,8 +12,9 @@ from collections.abc import Iterable
 import torch
 
 from ..config import SEED_PRESETS, preset
-from ..covariance import apply_fix1, oracle_nmse, rsamp_raw, spectrum_stats
+from ..covariance import oracle_nmse, spectrum_stats
 from ..diagnostics import gradient_report
+from ..estimators import normalise_rsamp, rsamp_raw
 from ..io import atomic_write_json
 from ..losses import compute_losses
 from ..model import build_model
@@ -40,7 +41,7 @@ def seed_table(n_scenes: int = 64, presets: Iterable[str] = (*SEED_PRESETS, "rec
         model = build_model(cfg.system, cfg.model, seed=seed)
         with torch.no_grad():
             raw = rsamp_raw(batch, cfg.fixes, cfg.system)
-            R_samp = apply_fix1(raw, cfg.fixes)
+            R_samp = normalise_rsamp(raw, cfg.fixes)
             out = model(batch.y, batch.H, batch.codes, R_samp=R_samp)
             _, cov = compute_losses(out, batch, R_samp, cfg, terms=("nmse",))
             stats = spectrum_stats(cov.R_blend)
