@@ -42,7 +42,7 @@ def frobenius2(X: torch.Tensor) -> torch.Tensor:
 
 def trace_normalise(R: torch.Tensor, target: float | None = None, eps: float = 1e-30) -> torch.Tensor:
     """Scale each matrix so its trace is ``target`` (default N). ``eps`` floors the trace magnitude:
-    a vanishing trace is a real NaN/inf source (DESIGN.md fact 5), so it is floored, not divided by."""
+    a vanishing trace is a real NaN/inf source, so it is floored, not divided by."""
     check_square(R)
     target = R.shape[-1] if target is None else target
     tr = trace(R)
@@ -171,7 +171,7 @@ def reference(R_true: torch.Tensor) -> torch.Tensor:
 
 
 def nmse_target(R_ref: torch.Tensor, R_samp: torch.Tensor, fixes: FixConfig) -> torch.Tensor:
-    """What R_blend is compared with (DESIGN fact 4). With ``nmse_same_preprocessing`` the reference goes
+    """What R_blend is compared with (fact 4). With ``nmse_same_preprocessing`` the reference goes
     through the same blend, normalisation and loading as the prediction, so an exact prediction scores 0;
     without it (the seed) the target is the bare R_ref, and loading only the prediction side puts a floor
     under the NMSE."""

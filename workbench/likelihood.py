@@ -7,7 +7,8 @@ configuration) and R = sum_k p_k a_k a_k^H. Float64/complex128 inside; radians a
 Owns: :func:`snapshot_model` (negative log-likelihood, score, Slepian-Bangs Fisher matrix), :func:`crb` /
 :func:`crb_for`, and :func:`ml_localise` / :func:`ml_fit_for` (orthogonal matching pursuit on the snapshots, then
 Fisher scoring of every location, power and the noise variance; K by MDL). Must not: localise from a covariance
-matrix (MUSIC/MVDR are :mod:`workbench.localisation`), simulate scenes or loop over SNRs (studies do), draw.
+matrix (MUSIC/MVDR are :mod:`workbench.localisation`), hold the matched filter (:mod:`workbench.matched_filter`),
+simulate scenes or loop over SNRs (studies do), draw.
 """
 
 from __future__ import annotations

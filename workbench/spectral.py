@@ -1,4 +1,8 @@
-"""Differentiable eigen-terms of the covariance pipeline, each with a selectable backward (DESIGN.md 3, 6).
+"""Differentiable eigen-terms of the covariance pipeline, each with a selectable backward.
+
+Owns: the eigengap hinge and the subspace-energy term, their backends and the registries that declare them
+(:data:`GAP_BACKENDS`, :data:`SUBSPACE_BACKENDS`), the finite-difference gradient estimate, the factored (r x r)
+path. Must not: build covariances (:mod:`workbench.covariance`) or weight loss terms (:mod:`workbench.losses`).
 
 Two terms act on a batch of Hermitian covariances R [B,N,N] (complex64 for compute, complex128 in
 gradient checks) with a per-scene source count K [B] (int64, 1-based):
@@ -24,6 +28,12 @@ The facts this module lets a user check (each has a test in ``tests/test_spectra
    nothing. ``torch.linalg.svd`` returns them in descending order; flipping them as if they were ascending
    (the later pipeline's ``svd_flipped``, kept here to be shown) takes the gap between the K-th and
    (K+1)-th *smallest* eigenvalues instead, which inverts the hinge.
+
+**Backends as registries.** :data:`GAP_BACKENDS` and :data:`SUBSPACE_BACKENDS` (read-only mappings, the names of
+``config.GAP_BACKENDS`` / ``config.SUBSPACE_BACKENDS`` in the same order, checked at import) hold each backend's
+function and what it declares: ``finite`` (finite gradient under degeneracy), ``exact`` (the true gradient),
+``factored`` (works on a Factored R without an N x N decomposition); :func:`eigengap_hinge` and
+:func:`subspace_energy` dispatch through them.
 
 **Factored covariances.** Where the pipeline knows R = F F^H + c I with a thin F [B,N,r]
 (:class:`~workbench.covariance.Factored`: ``recommended`` has F = the network's factor, r = K_max), the
