@@ -25,7 +25,8 @@ from naive_simulate import naive_simulate  # noqa: E402
 from timing import best_time  # noqa: E402
 
 from workbench.config import SystemConfig  # noqa: E402
-from workbench.covariance import sample_covariance, trace_normalise  # noqa: E402
+from workbench.covariance import trace_normalise  # noqa: E402
+from workbench.estimators import sample_covariance  # noqa: E402
 from workbench.physics import simulate  # noqa: E402
 
 

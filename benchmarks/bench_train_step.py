@@ -22,7 +22,7 @@ import torch
 
 from workbench import spectral
 from workbench.config import SEED_PRESETS, preset
-from workbench.covariance import rsamp_for
+from workbench.estimators import rsamp_for
 from workbench.losses import compute_losses, term_weights
 from workbench.model import CovarianceNet, build_model
 from workbench.physics import simulate, steering

@@ -10,19 +10,18 @@ from workbench.covariance import (
     blend,
     blend_factored,
     blend_pipeline,
+    diagonal_load,
     frobenius2,
     hermitise,
-    load,
     low_rank_factor,
     nmse,
     numerical_rank,
     pipeline,
-    rsamp_for,
-    sample_covariance,
     spectrum_stats,
     trace,
     trace_normalise,
 )
+from workbench.estimators import rsamp_for, sample_covariance
 from workbench.studies.pipeline import estimator_table
 
 FAST = settings(max_examples=40, deadline=None)
@@ -93,7 +92,7 @@ def test_blend_rejects_bad_beta_and_shapes():
 def test_loading_raises_every_eigenvalue_by_c(seed, shape, c):
     b, n = shape
     R = _psd(seed, b, n, max(1, n - 1))
-    ev, ev_loaded = torch.linalg.eigvalsh(R), torch.linalg.eigvalsh(load(R, c))
+    ev, ev_loaded = torch.linalg.eigvalsh(R), torch.linalg.eigvalsh(diagonal_load(R, c))
     tol = 1e-9 * (1 + c + ev.abs().max().item())
     assert torch.allclose(ev_loaded, ev + c, atol=tol)
     assert torch.allclose(ev_loaded.diff(dim=-1), ev.diff(dim=-1), atol=tol)  # gaps unchanged
@@ -102,9 +101,9 @@ def test_loading_raises_every_eigenvalue_by_c(seed, shape, c):
 def test_loading_by_a_per_matrix_tensor():
     R = _psd(0, 3, 4, 2)
     c = torch.tensor([0.0, 1.0, 2.5], dtype=torch.float64)
-    assert torch.allclose(torch.linalg.eigvalsh(load(R, c)), torch.linalg.eigvalsh(R) + c[:, None])
+    assert torch.allclose(torch.linalg.eigvalsh(diagonal_load(R, c)), torch.linalg.eigvalsh(R) + c[:, None])
     with pytest.raises(ConfigError, match="square"):
-        load(torch.zeros(2, 3, 4), 1.0)
+        diagonal_load(torch.zeros(2, 3, 4), 1.0)
 
 
 @FAST
@@ -185,14 +184,14 @@ def test_blend_factored_reproduces_r_blend(batch, system):
         X = blend_factored(A, R_samp, R_blend, fixes)
         assert X is not None and X.R is R_blend and X.shift == fixes.c_eps
         assert X.F.shape[-1] <= 2 * system.K_max and (beta > 0 or X.F is A)
-        err = torch.linalg.matrix_norm(load(X.F @ X.F.mH, X.shift) - R_blend) / torch.linalg.matrix_norm(R_blend)
+        err = torch.linalg.matrix_norm(diagonal_load(X.F @ X.F.mH, X.shift) - R_blend) / torch.linalg.matrix_norm(R_blend)
         assert err.max() < 1e-5  # complex64 rounding
 
 
 def test_blend_factored_leaves_the_seed_pipeline_on_the_full_path(batch, system):
     A = _complex(5, (4, system.N, system.K_max), torch.complex64)
     seed_rsamp = rsamp_for(batch[:4], _fixes(rsamp_estimator="seed"), system)  # rank L - 1 = 15 > K_max + 4
-    identity = load(torch.zeros_like(seed_rsamp), 1.0)  # full rank
+    identity = diagonal_load(torch.zeros_like(seed_rsamp), 1.0)  # full rank
     for fixes, R_samp in [(_fixes(qr_retraction=True, beta=0.0), seed_rsamp), (_fixes(rblend_trace_normalise=True, beta=0.0), seed_rsamp),
                           (_fixes(beta=0.3), seed_rsamp), (_fixes(beta=0.3), identity)]:
         assert blend_factored(A, R_samp, blend_pipeline(A @ A.mH, R_samp, fixes), fixes) is None

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from workbench.config import ConfigError, SystemConfig
-from workbench.covariance import beamscan_covariance
+from workbench.estimators import beamscan_covariance
 from workbench.grid import Grid
 from workbench.physics import measurement_matrices, simulate
 

@@ -17,7 +17,8 @@ from workbench import likelihood as LK
 from workbench import localisation as E
 from workbench import metrics as M
 from workbench.config import ConfigError, SystemConfig
-from workbench.covariance import hermitise, nmse, reference, sample_covariance
+from workbench.covariance import hermitise, nmse, reference
+from workbench.estimators import sample_covariance
 from workbench.physics import measurement_matrices, simulate, steering
 from workbench.studies import baselines as BL
 

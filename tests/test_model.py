@@ -13,7 +13,8 @@ import torch
 from workbench import likelihood as LK
 from workbench import model as model_module
 from workbench.config import ModelConfig, preset
-from workbench.covariance import nmse, rsamp_for, trace_normalise
+from workbench.covariance import nmse, trace_normalise
+from workbench.estimators import rsamp_for
 from workbench.losses import compute_losses
 from workbench.model import build_model
 from workbench.physics import simulate

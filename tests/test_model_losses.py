@@ -10,7 +10,8 @@ import torch
 
 from workbench import spectral
 from workbench.config import SEED_PRESETS, ModelConfig, SystemConfig, preset
-from workbench.covariance import load, predicted_covariance, rsamp_for, trace_normalise
+from workbench.covariance import diagonal_load, predicted_covariance, trace_normalise
+from workbench.estimators import rsamp_for
 from workbench.losses import TERMS, aux_loss, compute_losses, slot_costs, term_weights
 from workbench.model import REFERENCE_MODEL, ModelOutput, build_model, n_parameters
 from workbench.physics import simulate, steering
@@ -116,7 +117,7 @@ def test_loading_leaves_the_nmse_target_untouched_in_the_seed(batch):
     R_samp = rsamp_for(batch, cfg.fixes, cfg.system)
     _, cov = compute_losses(oracle_output(batch, cfg.system), batch, R_samp, cfg, terms=("nmse",))
     torch.testing.assert_close(cov.target, trace_normalise(batch.R_true))
-    assert not torch.allclose(cov.R_blend, load(cov.R_blend, 0.0) * 0)
+    assert not torch.allclose(cov.R_blend, diagonal_load(cov.R_blend, 0.0) * 0)
 
 
 def test_rsamp_input_starts_from_the_estimate_and_requires_it(batch):
@@ -195,7 +196,7 @@ def full_matrix_reference(A, batch, cfg):
     full-matrix path in complex128, each as (value, gradient w.r.t. A [B,N,K_max])."""
     A = A.detach().to(torch.complex128).requires_grad_()
     f = cfg.fixes
-    R = load(A @ A.mH, f.c_eps)
+    R = diagonal_load(A @ A.mH, f.c_eps)
     a_true = steering(cfg.system, batch.phi.double(), batch.theta.double(), torch.where(batch.mask, batch.r, 1.0).double())
     gap = spectral.eigengap_hinge(R, batch.K, f.gap_margin, f.eps_psd, "eigvalsh").mean()
     subspace = spectral.subspace_energy(R, a_true, batch.mask, batch.K, "safe").mean()

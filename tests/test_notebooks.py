@@ -62,7 +62,8 @@ def test_01_covariance_normalisation(runs_root):
     rows = {r["preset"]: r for r in m["rows"]}
     assert set(rows) == set(params.preset_names)
     # independent recomputation of the raw and normalised R_samp norms (same scenes, same seed)
-    from workbench.covariance import hermitise, sample_covariance, trace_normalise
+    from workbench.covariance import hermitise, trace_normalise
+    from workbench.estimators import sample_covariance
     from workbench.physics import simulate
 
     b = simulate(system, params.n_scenes, seed=params.seed)
@@ -140,12 +141,12 @@ def test_03_nan_gradients(runs_root):
     assert not deg[("subspace", "eigh")]["grad_finite"]
     assert deg[("subspace", "safe")]["grad_finite"]
     # independent value of the always-active hinge (margin 1e3) from plain eigvalsh on the same matrices
-    from workbench.covariance import load, trace_normalise
+    from workbench.covariance import diagonal_load, trace_normalise
     from workbench.studies.pipeline import scene_batch
 
     batch = scene_batch(cfg, p.n_scenes, p.seed)
-    R = load(trace_normalise(batch.R_true), cfg.fixes.c_eps)
-    ev = torch.linalg.eigvalsh(load(R, cfg.fixes.eps_psd)).flip(-1).double()
+    R = diagonal_load(trace_normalise(batch.R_true), cfg.fixes.c_eps)
+    ev = torch.linalg.eigvalsh(diagonal_load(R, cfg.fixes.eps_psd)).flip(-1).double()
     K = batch.K
     gap = ev.gather(1, (K - 1)[:, None])[:, 0] - ev.gather(1, K[:, None])[:, 0]
     assert deg[("gap", "eigvalsh")]["value"] == pytest.approx(float((1e3 - gap).sum()), rel=1e-6)

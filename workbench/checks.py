@@ -1,7 +1,9 @@
-"""Shared input checks on tensors: covariance batches and per-scene source counts.
+"""Shared input checks on tensors: covariance batches and per-scene source counts; and the check that a registry
+of implementations matches its config tuple of names.
 
 Owns: the one definition of a valid covariance batch and of a valid source count K, with messages that
-name the argument, the offending scene and the allowed values. Must not: convert, repair or compute.
+name the argument, the offending scene and the allowed values; :func:`check_registry`. Must not: convert,
+repair or compute.
 Configuration values (numbers, choices) are checked by :mod:`workbench.config`.
 """
 
@@ -75,3 +77,17 @@ def check_K(K, B: int, N: int, name: str = "K", k_min: int = 1, k_max: int | Non
         i = int(bad.nonzero()[0, 0])
         raise ConfigError(f"{name}: value {int(K[i])} in scene {i} is out of range: allowed {k_min}..{k_max} (N = {N})")
     return K.clone()
+
+
+def check_registry(registry: str, names, config_name: str, config_names: tuple[str, ...]) -> None:
+    """ImportError unless the registry's names equal the config tuple, in the same order. The config tuples
+    (:mod:`workbench.config`, no torch code) are what a config field may hold; the registries (next to the code)
+    are what runs; this keeps the two one list. The message names what is missing on each side, or the order."""
+    names = tuple(names)
+    if names == tuple(config_names):
+        return
+    only_reg = [n for n in names if n not in config_names]
+    only_cfg = [n for n in config_names if n not in names]
+    detail = (f"in {registry} only: {only_reg}; in {config_name} only: {only_cfg}" if only_reg or only_cfg
+              else f"same names in a different order: {registry} {names} vs {config_name} {tuple(config_names)}")
+    raise ImportError(f"{registry} does not match {config_name}: {detail}")

@@ -1,12 +1,12 @@
 """The covariance pipeline of one batch (R_samp -> R_pred -> R_blend -> NMSE) and the operations it is built of.
 
-Owns: hermitise, trace normalisation, diagonal loading (C_EPS), the blend, the R_samp estimators, Fix 1
-(:func:`rsamp_for`), Fix 2 and C_EPS (:func:`blend_pipeline`), the NMSE and its target (fact 4:
-:func:`nmse_target`), the whole per-batch pipeline (:func:`pipeline`), the factored description of R_blend
-that the eigen-terms use when the pipeline has one (:class:`Factored`, :func:`blend_factored`) and spectrum
-statistics. The loss, the oracle floor of the diagnostics and the notebooks all call these; none assembles the
-pipeline itself.
-Must not: hold loss weights, train, or loop over presets or SNRs (that is :mod:`workbench.studies`).
+Owns: hermitise, trace normalisation, diagonal loading (C_EPS, :func:`diagonal_load`), the blend, the PSD rank
+projection, Fix 2 and C_EPS (:func:`blend_pipeline`), the NMSE and its target (fact 4: :func:`nmse_target`), the
+whole per-batch pipeline (:func:`pipeline`), the factored description of R_blend that the eigen-terms use when the
+pipeline has one (:class:`Factored`, :func:`blend_factored`) and spectrum statistics. The loss, the oracle floor of
+the diagnostics and the notebooks all call these; none assembles the pipeline itself.
+Must not: estimate R_samp from snapshots (:mod:`workbench.estimators`, Fix 1 included), hold loss weights, train,
+or loop over presets or SNRs (that is :mod:`workbench.studies`).
 
 All functions take batch-first complex tensors [..., N, N] (complex64 for compute, complex128 in
 gradient checks) and are differentiable unless stated otherwise.
@@ -19,9 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import check_square
-from .config import SAMPLE_ESTIMATORS, ConfigError, FixConfig, SystemConfig, check_choice
-from .grid import Grid
-from .physics import measurement_matrices
+from .config import ConfigError, FixConfig
 
 
 def hermitise(R: torch.Tensor) -> torch.Tensor:
@@ -44,7 +42,7 @@ def frobenius2(X: torch.Tensor) -> torch.Tensor:
 
 def trace_normalise(R: torch.Tensor, target: float | None = None, eps: float = 1e-30) -> torch.Tensor:
     """Scale each matrix so its trace is ``target`` (default N). ``eps`` floors the trace magnitude:
-    a vanishing trace is a real NaN/inf source (DESIGN.md fact 5), so it is floored, not divided by."""
+    a vanishing trace is a real NaN/inf source, so it is floored, not divided by."""
     check_square(R)
     target = R.shape[-1] if target is None else target
     tr = trace(R)
@@ -52,7 +50,7 @@ def trace_normalise(R: torch.Tensor, target: float | None = None, eps: float = 1
     return R * (target / tr)[..., None, None].to(R.dtype)
 
 
-def load(R: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
+def diagonal_load(R: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
     """Diagonal loading R + c I: raises every eigenvalue by c, leaves every gap unchanged."""
     check_square(R)
     eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
@@ -72,124 +70,6 @@ def blend(R_pred: torch.Tensor, R_samp: torch.Tensor, beta: float) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------
-# Sample-covariance estimators of the RIS-domain covariance from L snapshots.
-def ridge_solutions(y: torch.Tensor, G: torch.Tensor | tuple[torch.Tensor, torch.Tensor], ridge: float) -> torch.Tensor:
-    """Per-snapshot ridge least squares x_l = G_l^H (G_l G_l^H + ridge I)^-1 y_l.
-
-    y [n,L,M], G [n,L,M,N] -> [n,L,N]. The M x M form is exact and cheaper than the N x N one.
-    ``G`` may also be the pair (H [n,M,N], codes [n,L,N]) with G_l = H diag(c_l): then G is never
-    formed, x_l = conj(c_l) * (H^H w_l), and for unit-modulus codes (every RIS configuration) the
-    Gram matrix G_l G_l^H = H H^H is shared by the L snapshots, so one M x M solve per scene suffices.
-    Same result up to float rounding."""
-    if isinstance(G, (tuple, list)):
-        return _ridge_solutions_factored(y, *G, ridge)
-    M = G.shape[-2]
-    gram = G @ G.mH + ridge * torch.eye(M, dtype=G.dtype, device=G.device)
-    w = torch.linalg.solve(gram, y[..., None])
-    return (w.mH @ G).conj()[..., 0, :]  # (G^H w)^T without conjugating the large G
-
-
-def _ridge_solutions_factored(y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, ridge: float) -> torch.Tensor:
-    """:func:`ridge_solutions` for G_l = H diag(c_l): y [n,L,M], H [n,M,N], codes [n,L,N] -> [n,L,N]."""
-    M = H.shape[-2]
-    eye = ridge * torch.eye(M, dtype=H.dtype, device=H.device)
-    mod2 = codes.real.square() + codes.imag.square()
-    if bool(((mod2 - 1).abs() < 1e-5).all()):  # |c| = 1: G_l G_l^H = H H^H for every l
-        w = torch.linalg.solve(H @ H.mH + eye, y.mT).mT  # [n,L,M]
-    else:
-        gram = (H[:, None] * mod2[:, :, None, :].to(H.dtype)) @ H.mH[:, None] + eye
-        w = torch.linalg.solve(gram, y[..., None])[..., 0]
-    return codes.conj() * (w @ H.conj())  # x_l = conj(c_l) * (H^H w_l)
-
-
-def _as_G(G: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """G [n,L,M,N] from G itself or from the pair (H, codes)."""
-    return measurement_matrices(*G) if isinstance(G, (tuple, list)) else G
-
-
-def sample_covariance(
-    y: torch.Tensor,
-    G: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-    estimator: str = "seed",
-    ridge: float = 1e-3,
-    noise_var: torch.Tensor | None = None,
-    rank: int | None = 5,
-    system: SystemConfig | None = None,
-) -> torch.Tensor:
-    """Estimate the N x N RIS-domain covariance from snapshots y [n,L,M] and G [n,L,M,N] (or the pair
-    (H [n,M,N], codes [n,L,N]) with G_l = H diag(c_l), which the seed estimators use without forming G).
-
-    * ``"seed"``: the original pipeline. Ridge LS per snapshot, mean-centred across snapshots, scatter
-      matrix (1/L) sum_l (x_l - mean)(x_l - mean)^H. Each x_l lies in the M-dimensional row space of
-      G_l, so this sees at most L*M of N^2 directions; the centring also removes the signal itself
-      when symbols are coherent across snapshots.
-    * ``"ls_scatter"``: the same without the centring (shows what the centring costs).
-    * ``"covariance_matching"``: see :func:`covariance_matching`.
-    * ``"beamscan"``: structured, see :func:`beamscan_covariance` (needs ``system``); its power fit uses the
-      given ``noise_var`` (the simulator's: oracle knowledge).
-    * ``"beamscan_est"``: the same with the noise variance estimated from the snapshots (no oracle).
-
-    Returns [n,N,N], raw units (not normalised, not hermitised beyond what the formula gives).
-    """
-    check_choice("rsamp_estimator", estimator, SAMPLE_ESTIMATORS)
-    if estimator in ("covariance_matching", "beamscan") and noise_var is None:
-        raise ConfigError(f"noise_var: the {estimator} estimator needs the noise variance per scene")
-    if estimator == "covariance_matching":
-        return covariance_matching(y, _as_G(G), noise_var, rank=rank)
-    if estimator in ("beamscan", "beamscan_est"):
-        if system is None:
-            raise ConfigError(f"system: the {estimator} estimator needs the SystemConfig (array geometry)")
-        known = noise_var if estimator == "beamscan" else None
-        return beamscan_covariance(y, _as_G(G), known, system, n_sources=rank or system.K_max)
-    X = ridge_solutions(y, G, ridge)  # [n,L,N]
-    if estimator == "seed":
-        X = X - X.mean(dim=1, keepdim=True)
-    Xc = X.conj() / X.shape[1] ** 0.5
-    return Xc.mH @ Xc  # (1/L) sum_l x_l x_l^H, as one [N,L] @ [L,N] product per scene
-
-
-def _matching_operator(R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """T(R) = sum_l G_l^H G_l R G_l^H G_l: the normal operator of R -> {G_l R G_l^H}_l. [n,N,N]."""
-    return (G.mH @ (G @ R[:, None] @ G.mH) @ G).sum(1)
-
-
-def covariance_matching(y: torch.Tensor, G: torch.Tensor, noise_var: torch.Tensor, iters: int = 20, rank: int | None = 5) -> torch.Tensor:
-    """Covariance-matching least squares, then a PSD rank projection.
-
-    Fits R to the per-snapshot outer products, min_R sum_l ||y_l y_l^H - sigma^2 I - G_l R G_l^H||_F^2,
-    by ``iters`` conjugate-gradient steps on the normal equations T(R) = sum_l G_l^H (y_l y_l^H -
-    sigma^2 I) G_l from R = 0 (early stopping is the regulariser; CG from zero stays in the range of
-    the adjoint, i.e. it tends to the minimum-norm fit). The result is hermitised and projected onto
-    its ``rank`` largest positive eigenvalues (None: all positive ones).
-
-    Assumes i.i.d. symbols (E[x_l x_l^H] = R for every l) and a known noise variance ``noise_var`` [n].
-    With L*M = 256 complex equations for N^2 = 20736 unknowns no unstructured estimator can be accurate:
-    this one improves with SNR and beats ``"seed"``, but stays near NMSE 1 (README, estimator table).
-    Cost: about ``iters`` * 4 L M N^2 complex MACs per scene.
-    """
-    M = G.shape[-2]
-    eye = torch.eye(M, dtype=y.dtype, device=y.device)
-    S = y[..., :, None] * y[..., None, :].conj() - noise_var.to(y.dtype)[:, None, None, None] * eye
-    B = (G.mH @ S @ G).sum(1)
-    X = torch.zeros_like(B)
-    res, P = B.clone(), B.clone()
-    rs = _inner(res, res)
-    for _ in range(iters):
-        AP = _matching_operator(P, G)
-        alpha = rs / _inner(P, AP).clamp_min(torch.finfo(rs.dtype).tiny)
-        X = X + alpha[:, None, None].to(X.dtype) * P
-        res = res - alpha[:, None, None].to(X.dtype) * AP
-        rs_new = _inner(res, res)
-        P = res + (rs_new / rs.clamp_min(torch.finfo(rs.dtype).tiny))[:, None, None].to(X.dtype) * P
-        rs = rs_new
-    return psd_projection(hermitise(X), rank)
-
-
-def _inner(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Re tr(A^H B) per matrix, [n]."""
-    return (A.conj() * B).real.sum((-2, -1))
-
-
 def psd_projection(R: torch.Tensor, rank: int | None = None) -> torch.Tensor:
     """Nearest PSD matrix of rank <= ``rank`` in Frobenius norm: keep the largest positive eigenvalues."""
     ev, V = torch.linalg.eigh(hermitise(R))
@@ -197,84 +77,6 @@ def psd_projection(R: torch.Tensor, rank: int | None = None) -> torch.Tensor:
     if rank is not None:
         keep = torch.where(torch.arange(ev.shape[-1], device=ev.device) >= ev.shape[-1] - rank, keep, 0)
     return (V * keep[..., None, :].to(V.dtype)) @ V.mH
-
-
-BEAMSCAN_GRID = (61, 31, 8)  # phi x theta x r points: 2 deg, 2 deg, 8 ranges uniform in 1/r
-
-
-def beamscan_covariance(y: torch.Tensor, G: torch.Tensor, noise_var: torch.Tensor, system: SystemConfig,
-                        n_sources: int = 5, grid: Grid | None = None, chunk: int = 8) -> torch.Tensor:
-    """Structured estimate: matched-filter beamscan in the measurement domain, then covariance matching
-    of the powers of the picked steering vectors.
-
-    For every grid point g and snapshot l the response is u_lg = G_l a_g; the normalised matched-filter
-    power is P(g) = sum_l |u_lg^H y_l|^2 / ||u_lg||^2. ``n_sources`` points are picked greedily, each
-    pick projected out of the snapshots before the next (orthogonal matching pursuit), and their powers
-    fitted by least squares to the snapshot outer products, E[y_l y_l^H] = sum_k p_k u_lk u_lk^H +
-    sigma^2 I, then clipped at 0. Returns sum_k p_k a_k a_k^H, [n,N,N] in the units of y^2 / |G|^2.
-
-    Assumes i.i.d. symbols and the known noise variance ``noise_var`` [n] (the simulator's: oracle
-    knowledge), or, with ``noise_var`` None, estimates it per scene from the energy left after the picks'
-    least-squares fit, ||y - U c||^2 / (L (M - n_sources)) (the ML estimate of sigma^2 given the picks, with
-    the degrees of freedom the fit used removed; it is biased upward by missed sources). Accuracy is limited
-    by the grid (default :data:`BEAMSCAN_GRID`). Cost about L M (N T Q + N_H P T Q) complex MACs per scene for
-    the responses, the same per pick for the scan,
-    with the grid's separable contraction (:meth:`~workbench.grid.Grid.response`)."""
-    n, L, M, N = G.shape
-    grid = Grid.uniform(system, *BEAMSCAN_GRID) if grid is None else grid
-    out = []
-    for s in range(0, n, chunk):
-        Gc, yc = G[s:s + chunk], y[s:s + chunk]
-        b = Gc.shape[0]
-        # ||G_l a_g||^2 for every grid point: the rows of G_l contracted with the steering tables, one snapshot at
-        # a time so the [b,M,grid] response stays in cache (3.5x faster than all snapshots at once)
-        norm2 = torch.empty(b, L, grid.size, dtype=G.real.dtype, device=G.device)
-        for ell in range(L):
-            u = grid.response(system, Gc[:, ell])  # [b,M,P,T,Q]
-            norm2[:, ell] = (u.real.square() + u.imag.square()).sum(1).reshape(b, -1)
-        norm2 = norm2.clamp_min(torch.finfo(norm2.dtype).tiny)  # [b,L,grid]
-        resid = yc
-        picks, atoms = [], []
-        for _ in range(n_sources):
-            back = (Gc.mH @ resid[..., None])[..., 0]  # G_l^H r_l, [b,L,N]
-            scan = torch.view_as_real(grid.response(system, back.conj())).square().sum(-1).reshape(b, L, -1)  # |a_g^H G_l^H r_l|^2
-            g = (scan / norm2).sum(1).argmax(-1)
-            a = grid.vectors(system, grid.unravel(g), dtype=G.dtype)  # [b,N]
-            u = (Gc @ a[:, None, :, None])[..., 0]  # [b,L,M]
-            resid = resid - u * ((u.conj() * resid).sum(-1, keepdim=True) / u.abs().pow(2).sum(-1, keepdim=True).clamp_min(1e-38))
-            picks.append(a)
-            atoms.append(u)
-        A = torch.stack(picks, 1)  # [b,K,N]
-        Uk = torch.stack(atoms, 2)  # [b,L,K,M]
-        if noise_var is None:
-            fit = torch.linalg.lstsq(Uk.mT, yc[..., None]).solution  # joint LS on the picked atoms, per snapshot
-            rest = yc - (Uk.mT @ fit)[..., 0]
-            nv = rest.abs().square().sum((1, 2)) / (L * max(M - n_sources, 1))
-        else:
-            nv = noise_var[s:s + chunk].to(G.real.dtype)
-        gram = (Uk.conj() @ Uk.mT).abs().pow(2).sum(1)  # sum_l |u_lj^H u_lk|^2, [b,K,K]
-        rhs = ((Uk.conj() * yc[:, :, None, :]).sum(-1).abs().pow(2) - nv[:, None, None] * Uk.abs().pow(2).sum(-1)).sum(1)
-        gram = gram + 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(n_sources, device=G.device)
-        p = torch.linalg.solve(gram, rhs).clamp_min(0)  # [b,K]
-        out.append(torch.einsum("bkn,bk,bkm->bnm", A, p.to(A.dtype), A.conj()))
-    return torch.cat(out)
-
-
-def rsamp_raw(batch, fixes: FixConfig, system: SystemConfig) -> torch.Tensor:
-    """The estimator's R_samp of a :class:`~workbench.physics.SceneBatch`, before Fix 1: [n,N,N] complex64 in
-    raw units. The seed estimators run on the factored (H, codes) form; the structured ones form G."""
-    return sample_covariance(batch.y, (batch.H, batch.codes), fixes.rsamp_estimator, system.ridge, batch.noise_var,
-                             rank=system.K_max, system=system)
-
-
-def apply_fix1(R_raw: torch.Tensor, fixes: FixConfig) -> torch.Tensor:
-    """Fix 1: hermitise R_samp and trace-normalise it to N when ``fixes.rsamp_normalise``; else unchanged."""
-    return trace_normalise(hermitise(R_raw)) if fixes.rsamp_normalise else R_raw
-
-
-def rsamp_for(batch, fixes: FixConfig, system: SystemConfig) -> torch.Tensor:
-    """R_samp as the pipeline uses it: :func:`rsamp_raw`, then :func:`apply_fix1`."""
-    return apply_fix1(rsamp_raw(batch, fixes, system), fixes)
 
 
 def predicted_covariance(A: torch.Tensor, qr_retraction: bool) -> torch.Tensor:
@@ -292,7 +94,7 @@ def blend_pipeline(R_pred: torch.Tensor, R_samp: torch.Tensor, fixes: FixConfig)
     R = blend(R_pred, R_samp, fixes.beta)
     if fixes.rblend_trace_normalise:
         R = trace_normalise(R)
-    return load(R, fixes.c_eps) if fixes.c_eps else R
+    return diagonal_load(R, fixes.c_eps) if fixes.c_eps else R
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +171,7 @@ def reference(R_true: torch.Tensor) -> torch.Tensor:
 
 
 def nmse_target(R_ref: torch.Tensor, R_samp: torch.Tensor, fixes: FixConfig) -> torch.Tensor:
-    """What R_blend is compared with (DESIGN fact 4). With ``nmse_same_preprocessing`` the reference goes
+    """What R_blend is compared with (fact 4). With ``nmse_same_preprocessing`` the reference goes
     through the same blend, normalisation and loading as the prediction, so an exact prediction scores 0;
     without it (the seed) the target is the bare R_ref, and loading only the prediction side puts a floor
     under the NMSE."""

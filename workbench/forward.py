@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ExperimentConfig, FixConfig, SystemConfig, resolve_device
-from .covariance import Covariances, apply_fix1, rsamp_raw
+from .covariance import Covariances
+from .estimators import normalise_rsamp, rsamp_raw
 from .losses import compute_losses, covariances
 from .model import CovarianceNet, ModelOutput
 from .physics import SceneBatch, simulate
@@ -41,7 +42,7 @@ class RsampCache:
     * ``raw(estimator, system)``: the estimator's R_samp before Fix 1 (:func:`workbench.covariance.rsamp_raw`),
       [n,N,N] complex64, raw units;
     * ``rsamp(estimator, system, normalise)``: R_samp as the pipeline uses it (Fix 1 when ``normalise``:
-      :func:`workbench.covariance.apply_fix1`), [n,N,N] complex64, trace N when normalised;
+      :func:`workbench.estimators.normalise_rsamp`), [n,N,N] complex64, trace N when normalised;
     * ``prior(estimator, system, normalise)``: the model's prior factor of that R_samp
       (:meth:`workbench.model.CovarianceNet.prior_factor` with k = K_max), [n,N,K_max] complex64.
 
@@ -87,7 +88,7 @@ class RsampCache:
         if key not in self._store:
             raw = self._store.get(("raw", estimator, self._system_key(system)))
             raw = self._estimate(estimator, system, progress) if raw is None else raw
-            self._store[key] = apply_fix1(raw, FixConfig(rsamp_normalise=True))
+            self._store[key] = normalise_rsamp(raw, FixConfig(rsamp_normalise=True))
         return self._store[key]
 
     @torch.no_grad()

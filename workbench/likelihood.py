@@ -7,7 +7,8 @@ configuration) and R = sum_k p_k a_k a_k^H. Float64/complex128 inside; radians a
 Owns: :func:`snapshot_model` (negative log-likelihood, score, Slepian-Bangs Fisher matrix), :func:`crb` /
 :func:`crb_for`, and :func:`ml_localise` / :func:`ml_fit_for` (orthogonal matching pursuit on the snapshots, then
 Fisher scoring of every location, power and the noise variance; K by MDL). Must not: localise from a covariance
-matrix (MUSIC/MVDR are :mod:`workbench.localisation`), simulate scenes or loop over SNRs (studies do), draw.
+matrix (MUSIC/MVDR are :mod:`workbench.localisation`), hold the matched filter (:mod:`workbench.matched_filter`),
+simulate scenes or loop over SNRs (studies do), draw.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .checks import check_K
 from .config import ConfigError, SystemConfig
 from .grid import Grid
 from .localisation import Localisation
+from .matched_filter import atom_norms, pick, project_out, residual_noise_variance, scan
 from .physics import SceneBatch, measurement_matrices, source_covariance, steering
 
 
@@ -223,39 +225,6 @@ class SnapshotFit:
         return source_covariance(system, phi, theta, torch.where(mask, r, torch.ones_like(r)), p, mask)
 
 
-def matched_filter_scan(system: SystemConfig, grid: Grid, G: torch.Tensor, resid: torch.Tensor, norm2: torch.Tensor) -> torch.Tensor:
-    """Normalised matched-filter power sum_l |(G_l a_g)^H r_l|^2 / ||G_l a_g||^2 of the snapshots resid [B,L,M]
-    at every grid point g: [B,P*T*Q] float32. G [B,L,M,N]; norm2 [B,L,P*T*Q] = ||G_l a_g||^2
-    (:func:`atom_norms`). Per snapshot, |u^H r|^2 / ||u||^2 <= ||u_true||^2 |s_l|^2 for noise-free r
-    (Cauchy-Schwarz), so the true source is the maximum; normalising the sum over snapshots by the summed norm
-    instead has no such bound (measured: wrong picks at 20 dB). Complex64 contractions on the grid
-    (:meth:`~workbench.grid.Grid.response`)."""
-    back = (G.mH @ resid[..., None].to(G.dtype))[..., 0].to(torch.complex64)  # G_l^H r_l, [B,L,N]
-    scan = torch.view_as_real(grid.response(system, back.conj())).square().sum(-1).reshape(norm2.shape)
-    return (scan / norm2).sum(1)
-
-
-def atom_norms(system: SystemConfig, grid: Grid, G: torch.Tensor, chunk: int = 4) -> torch.Tensor:
-    """||G_l a_g||^2 for every snapshot and grid point, [B,L,P*T*Q] float32 floored at the smallest normal.
-    G [B,L,M,N]; ``chunk`` scenes at a time (the [chunk,L,M,P,T,Q] response is the largest intermediate)."""
-    B, L = G.shape[:2]
-    out = []
-    for s in range(0, B, chunk):
-        resp = grid.response(system, G[s:s + chunk].to(torch.complex64))  # [b,L,M,P,T,Q]
-        out.append(torch.view_as_real(resp).square().sum((-1, 2)).reshape(resp.shape[0], L, -1))
-    n2 = torch.cat(out)
-    return n2.clamp_min(torch.finfo(n2.dtype).tiny)
-
-
-def _residual(y: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """The snapshots y [B,L,M] with their least-squares fit on the atoms U [B,L,K,M] removed, [B,L,M]."""
-    if U.shape[2] == 0:
-        return y
-    Ut = U.mT  # [B,L,M,K]
-    coef = torch.linalg.lstsq(Ut, y[..., None]).solution
-    return y - (Ut @ coef)[..., 0]
-
-
 def _atoms(system: SystemConfig, G: torch.Tensor, phi, theta, r) -> torch.Tensor:
     """b_lk = G_l a(phi_k, theta_k, r_k), [B,L,K,M] complex128."""
     return _apply(G, steering(system, phi, theta, r))
@@ -347,14 +316,13 @@ def _start_source(system, grid, G, y, norm2, u: torch.Tensor | None, mask) -> tu
         K = (u.shape[1] - 1) // 4
         phi, theta, r, _, _ = _unpack(u, K)
         U = _atoms(system, G, phi, theta, r) * mask[:, None, :K, None]
-    resid = _residual(y, U)
-    idx = grid.unravel(matched_filter_scan(system, grid, G, resid, norm2).argmax(-1))
+    resid = project_out(y, U)
+    idx = pick(grid, scan(system, grid, G, resid, norm2))
     phi, theta, r = grid.coords(idx)
     b = _atoms(system, G, phi[:, None], theta[:, None], r[:, None])[:, :, 0]  # [B,L,M]
     nb = b.abs().square().sum(-1)
     mf = (b.conj() * resid).sum(-1).abs().square()
-    rest = _residual(resid, b[:, :, None])
-    noise_var = rest.abs().square().sum((1, 2)) / (L * max(M - 1 - U.shape[2], 1))
+    noise_var = residual_noise_variance(project_out(resid, b[:, :, None]), U.shape[2] + 1)
     power = ((mf / nb - noise_var[:, None]) / nb).mean(1)
     power = torch.maximum(power, 0.1 * (mf / nb.square()).mean(1))
     return idx, phi, theta, r, power, noise_var

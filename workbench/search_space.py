@@ -27,7 +27,9 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from .config import GAP_BACKENDS, ConfigError, ExperimentConfig, FixConfig, LossWeights, preset
+from .config import ConfigError, ExperimentConfig, FixConfig, LossWeights, preset
+from .estimators import ESTIMATORS
+from .spectral import GAP_BACKENDS, SUBSPACE_BACKENDS
 
 # Knobs a space may search: every fix knob, every loss weight and the optimiser's hyperparameters.
 TRAIN_KNOBS = ("lr", "weight_decay", "grad_clip", "batch_size", "schedule")
@@ -42,10 +44,11 @@ DEFAULT_SPACE: dict[str, Any] = {
     "fixes.rblend_trace_normalise": [True, False],
     "fixes.c_eps": {"type": "float", "low": 1e-3, "high": 1.0, "log": True},
     "fixes.lam_gap": {"type": "float", "low": 0.0, "high": 0.05},
-    # finite_diff is left out of the default: it costs one forward per eigenvalue direction
-    "fixes.gap_backend": [b for b in GAP_BACKENDS if b != "finite_diff"],
-    "fixes.subspace_backend": ["eigh", "detach", "lorentzian", "safe"],
-    "fixes.rsamp_estimator": ["seed", "ls_scatter", "covariance_matching"],
+    # the stochastic backend (finite_diff) is left out of the default: its backward costs two eigen-solves per direction
+    "fixes.gap_backend": [name for name, b in GAP_BACKENDS.items() if not b.stochastic],
+    "fixes.subspace_backend": list(SUBSPACE_BACKENDS),
+    # the unstructured estimators only: the grid-scanning ones (beamscan, beamscan_est) cost seconds per batch of scenes
+    "fixes.rsamp_estimator": [name for name, e in ESTIMATORS.items() if e.steering_model is None],
     "fixes.beta": {"type": "float", "low": 0.0, "high": 0.6},
     "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
     "train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-1, "log": True},

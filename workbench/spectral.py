@@ -1,4 +1,8 @@
-"""Differentiable eigen-terms of the covariance pipeline, each with a selectable backward (DESIGN.md 3, 6).
+"""Differentiable eigen-terms of the covariance pipeline, each with a selectable backward.
+
+Owns: the eigengap hinge and the subspace-energy term, their backends and the registries that declare them
+(:data:`GAP_BACKENDS`, :data:`SUBSPACE_BACKENDS`), the finite-difference gradient estimate, the factored (r x r)
+path. Must not: build covariances (:mod:`workbench.covariance`) or weight loss terms (:mod:`workbench.losses`).
 
 Two terms act on a batch of Hermitian covariances R [B,N,N] (complex64 for compute, complex128 in
 gradient checks) with a per-scene source count K [B] (int64, 1-based):
@@ -25,6 +29,12 @@ The facts this module lets a user check (each has a test in ``tests/test_spectra
    (the later pipeline's ``svd_flipped``, kept here to be shown) takes the gap between the K-th and
    (K+1)-th *smallest* eigenvalues instead, which inverts the hinge.
 
+**Backends as registries.** :data:`GAP_BACKENDS` and :data:`SUBSPACE_BACKENDS` (read-only mappings, the names of
+``config.GAP_BACKENDS`` / ``config.SUBSPACE_BACKENDS`` in the same order, checked at import) hold each backend's
+function and what it declares: ``finite`` (finite gradient under degeneracy), ``exact`` (the true gradient),
+``factored`` (works on a Factored R without an N x N decomposition); :func:`eigengap_hinge` and
+:func:`subspace_energy` dispatch through them.
+
 **Factored covariances.** Where the pipeline knows R = F F^H + c I with a thin F [B,N,r]
 (:class:`~workbench.covariance.Factored`: ``recommended`` has F = the network's factor, r = K_max), the
 ``exact`` hinge and the ``safe`` subspace term need no N x N decomposition: with the Gram matrix
@@ -39,17 +49,16 @@ backward, for an r x r eigh and matmuls. Every other backend uses the formed mat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
 from . import config
-from .checks import check_covariance, check_K
+from .checks import check_covariance, check_K, check_registry
 from .config import ConfigError, check_choice
 from .covariance import Factored, frobenius2
-
-GAP_BACKENDS = config.GAP_BACKENDS
-SUBSPACE_BACKENDS = config.SUBSPACE_BACKENDS
 
 
 def _eye_like(R: torch.Tensor) -> torch.Tensor:
@@ -162,7 +171,8 @@ class FiniteDiffRecord:
     rel_stderr: torch.Tensor
 
 
-def _hinge_eigvalsh(R: torch.Tensor, K: torch.Tensor, margin: float) -> torch.Tensor:
+def _hinge_eigvalsh(R: torch.Tensor, K: torch.Tensor, margin: float, fd: dict | None = None) -> torch.Tensor:
+    """The hinge from torch.linalg.eigvalsh of R [B,N,N] (``fd`` unused: the signature of :attr:`GapBackend.hinge`)."""
     return _hinge(torch.linalg.eigvalsh(R).flip(-1), K, margin)
 
 
@@ -249,32 +259,83 @@ def eigengap_hinge(
 
     All but ``finite_diff`` and ``svd_flipped`` have the same value and gradient V diag(g) V^H (fact 1). Every
     backend but ``exact`` works on the formed matrix (a Factored's R)."""
-    check_choice("gap_backend", backend, GAP_BACKENDS)
+    check_choice("gap_backend", backend, config.GAP_BACKENDS)
+    entry = GAP_BACKENDS[backend]
     if isinstance(R, Factored):
-        if backend == "exact":
+        if entry.factored:
             if validate:
                 _check_factored(R)
             B, N = R.F.shape[:2]
             K = (check_K(K, B, N) if validate else K.to(torch.int64)).to(R.F.device)
-            return _hinge(_gram_eigvals(R.F, int(K.max()) + 1), K, margin)
+            return entry.hinge_factored(R.F, K, margin)
         R = R.R
     if validate:
         check_covariance(R)
     B, N = R.shape[0], R.shape[-1]
     K = check_K(K, B, N) if validate else K.to(torch.int64)
     K = K.to(R.device)
-    Rl = R + eps_psd * _eye_like(R)
-    if backend == "finite_diff":
-        return _FiniteDiffHinge.apply(Rl, K, margin, fd_dirs, fd_delta, fd_seed, fd_records)
-    if backend == "eigh":
-        vals = torch.linalg.eigh(Rl)[0].flip(-1)
-    elif backend in ("eigvalsh", "exact"):
-        vals = torch.linalg.eigvalsh(Rl).flip(-1)
-    elif backend == "svd":
-        vals = torch.linalg.svd(Rl)[1]  # descending
-    elif backend == "svd_flipped":
-        vals = torch.linalg.svd(Rl)[1].flip(-1)  # the bug: ascending values used as if descending
-    return _hinge(vals, K, margin)
+    fd = {"n_dirs": fd_dirs, "delta": fd_delta, "seed": fd_seed, "records": fd_records}
+    return entry.hinge(R + eps_psd * _eye_like(R), K, margin, fd)
+
+
+def _hinge_eigh(Rl, K, margin, fd):
+    return _hinge(torch.linalg.eigh(Rl)[0].flip(-1), K, margin)
+
+
+def _hinge_svd(Rl, K, margin, fd):
+    return _hinge(torch.linalg.svd(Rl)[1], K, margin)  # descending
+
+
+def _hinge_svd_flipped(Rl, K, margin, fd):
+    return _hinge(torch.linalg.svd(Rl)[1].flip(-1), K, margin)  # the bug: ascending values used as if descending
+
+
+def _hinge_finite_diff(Rl, K, margin, fd):
+    return _FiniteDiffHinge.apply(Rl, K, margin, fd["n_dirs"], fd["delta"], fd["seed"], fd["records"])
+
+
+def _hinge_gram(F, K, margin):
+    return _hinge(_gram_eigvals(F, int(K.max()) + 1), K, margin)
+
+
+@dataclass(frozen=True)
+class GapBackend:
+    """One backend of :func:`eigengap_hinge`.
+
+    hinge(Rl [B,N,N] = R + eps_psd I, K [B] int64, margin, fd {"n_dirs", "delta", "seed", "records"}) -> [B], on the
+    formed matrix; hinge_factored(F [B,N,r], K, margin) -> [B] on a :class:`~workbench.covariance.Factored`'s thin
+    factor, or None where the backend forms R (:attr:`factored`). finite: the gradient is finite when eigenvalues
+    coincide. exact: the value is the hinge of lambda_K - lambda_{K+1} and the gradient its true gradient (svd_flipped
+    measures another gap; finite_diff estimates the gradient). stochastic: the backward is a random estimate costing
+    extra eigen-solves per direction. summary: one line for tables and menus."""
+
+    hinge: Callable[..., torch.Tensor]
+    hinge_factored: Callable[..., torch.Tensor] | None
+    finite: bool
+    exact: bool
+    stochastic: bool
+    summary: str
+
+    @property
+    def factored(self) -> bool:
+        """Works on a Factored R = F F^H + c I from the r x r Gram matrix, without forming or decomposing N x N."""
+        return self.hinge_factored is not None
+
+
+GAP_BACKENDS: Mapping[str, GapBackend] = MappingProxyType({
+    "eigh": GapBackend(_hinge_eigh, None, finite=True, exact=True, stochastic=False,
+                       summary="torch.linalg.eigh, vectors returned and unused (the seed's)"),
+    "svd": GapBackend(_hinge_svd, None, finite=True, exact=True, stochastic=False,
+                      summary="torch.linalg.svd, singular values descending and indexed as such"),
+    "svd_flipped": GapBackend(_hinge_svd_flipped, None, finite=True, exact=False, stochastic=False,
+                              summary="WRONG on purpose: the descending singular values flipped as if ascending"),
+    "eigvalsh": GapBackend(_hinge_eigvalsh, None, finite=True, exact=True, stochastic=False, summary="torch.linalg.eigvalsh"),
+    "finite_diff": GapBackend(_hinge_finite_diff, None, finite=True, exact=False, stochastic=True,
+                              summary="eigvalsh forward; backward a central-difference estimate over random directions"),
+    "exact": GapBackend(_hinge_eigvalsh, _hinge_gram, finite=True, exact=True, stochastic=False,
+                        summary="eigvalsh's value and gradient; on a Factored R from the r x r Gram matrix"),
+})
+check_registry("spectral.GAP_BACKENDS", GAP_BACKENDS, "config.GAP_BACKENDS", config.GAP_BACKENDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,20 +407,29 @@ def _check_subspace_inputs(B: int, N: int, a_true, mask, K) -> torch.Tensor:
     return K
 
 
-def _inside_dense(R: torch.Tensor, a: torch.Tensor, K: torch.Tensor, backend: str, lorentzian_eps: float) -> torch.Tensor:
-    """a_k^H V_K V_K^H a_k [B,kmax] from an N x N eigendecomposition of R [B,N,N] under ``backend``."""
-    if backend == "safe":
-        P = _SafeProjectorEigh.apply(R, K)
-        return (a.conj() * (a @ P.mT)).real.sum(-1)  # a^H P a, P Hermitian
-    if backend == "lorentzian":
-        _, V = _LorentzianEigh.apply(R, lorentzian_eps)
-    else:
-        V = torch.linalg.eigh(R)[1].flip(-1)
-        if backend == "detach":
-            V = V.detach()
+def _inside_safe(R: torch.Tensor, a: torch.Tensor, K: torch.Tensor, lorentzian_eps: float) -> torch.Tensor:
+    """a_k^H P a_k [B,kmax] with P the top-K projector of R [B,N,N] (:class:`_SafeProjectorEigh`)."""
+    P = _SafeProjectorEigh.apply(R, K)
+    return (a.conj() * (a @ P.mT)).real.sum(-1)  # a^H P a, P Hermitian
+
+
+def _inside_vectors(V: torch.Tensor, a: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """||V_K^H a_k||^2 [B,kmax] from eigenvectors V [B,N,N] in descending order of their eigenvalues."""
     kmax = a.shape[1]
     Vk = V[..., :kmax] * _signal_mask(K, kmax)[:, None, :].to(V.dtype)
     return (a.conj() @ Vk).abs().square().sum(-1)  # ||V_K^H a_k||^2 per slot
+
+
+def _inside_eigh(R, a, K, lorentzian_eps):
+    return _inside_vectors(torch.linalg.eigh(R)[1].flip(-1), a, K)
+
+
+def _inside_detach(R, a, K, lorentzian_eps):
+    return _inside_vectors(torch.linalg.eigh(R)[1].flip(-1).detach(), a, K)
+
+
+def _inside_lorentzian(R, a, K, lorentzian_eps):
+    return _inside_vectors(_LorentzianEigh.apply(R, lorentzian_eps)[1], a, K)
 
 
 def subspace_energy(
@@ -388,8 +458,9 @@ def subspace_energy(
       r x r Gram matrix F^H F (module docstring, :class:`_SignalInverse`); else a full eigh of R.
 
     Every backend but ``safe`` works on the formed matrix (a Factored's R)."""
-    check_choice("subspace_backend", backend, SUBSPACE_BACKENDS)
-    factored = isinstance(R, Factored) and backend == "safe"
+    check_choice("subspace_backend", backend, config.SUBSPACE_BACKENDS)
+    entry = SUBSPACE_BACKENDS[backend]
+    factored = isinstance(R, Factored) and entry.factored
     if isinstance(R, Factored) and not factored:
         R = R.R
     X = R.F if factored else R  # the tensor the term is computed from
@@ -403,8 +474,45 @@ def subspace_energy(
     a = a_true.to(X.dtype)
     w = mask.to(X.real.dtype)
     norm2 = (a.conj() * a).real.sum(-1)  # [B,kmax]
-    inside = _inside_factored(R.F, a, K) if factored else _inside_dense(R, a, K, backend, lorentzian_eps)
+    inside = entry.inside_factored(R.F, a, K) if factored else entry.inside(R, a, K, lorentzian_eps)
     energy = ((norm2 - inside) * w).sum(-1) / K.to(w.dtype)
-    if backend == "detach" and R.requires_grad:
+    if entry.zero_gradient and R.requires_grad:
         energy = energy + 0.0 * torch.diagonal(R, dim1=-2, dim2=-1).real.sum(-1)  # keep a (zero) gradient path
     return energy
+
+
+@dataclass(frozen=True)
+class SubspaceBackend:
+    """One backend of :func:`subspace_energy`.
+
+    inside(R [B,N,N], a [B,K_max,N], K [B], lorentzian_eps) -> a_k^H V_K V_K^H a_k [B,K_max] from an N x N
+    decomposition of the formed R; inside_factored(F [B,N,r], a, K) -> the same from a
+    :class:`~workbench.covariance.Factored`'s thin factor, or None where the backend forms R (:attr:`factored`).
+    finite: the gradient is finite when eigenvalues coincide (inside the signal or the noise subspace). exact: the
+    gradient is the true gradient of the projector (whenever lambda_K > lambda_{K+1}). zero_gradient: the term's
+    gradient w.r.t. R is 0 (the vectors are detached). summary: one line for tables and menus."""
+
+    inside: Callable[..., torch.Tensor]
+    inside_factored: Callable[..., torch.Tensor] | None
+    finite: bool
+    exact: bool
+    zero_gradient: bool
+    summary: str
+
+    @property
+    def factored(self) -> bool:
+        """Works on a Factored R = F F^H + c I from the r x r Gram matrix, without forming or decomposing N x N."""
+        return self.inside_factored is not None
+
+
+SUBSPACE_BACKENDS: Mapping[str, SubspaceBackend] = MappingProxyType({
+    "eigh": SubspaceBackend(_inside_eigh, None, finite=False, exact=True, zero_gradient=False,
+                            summary="plain autograd through torch.linalg.eigh's vectors (inf/NaN when eigenvalues coincide)"),
+    "detach": SubspaceBackend(_inside_detach, None, finite=True, exact=False, zero_gradient=True,
+                              summary="eigh's vectors detached: finite, but the term's gradient is 0"),
+    "lorentzian": SubspaceBackend(_inside_lorentzian, None, finite=True, exact=False, zero_gradient=False,
+                                  summary="eigh whose backward broadens 1/(li - lj) to (li - lj)/((li - lj)^2 + eps)"),
+    "safe": SubspaceBackend(_inside_safe, _inside_factored, finite=True, exact=True, zero_gradient=False,
+                            summary="custom backward with only the signal-noise pairs; on a Factored R from the r x r Gram"),
+})
+check_registry("spectral.SUBSPACE_BACKENDS", SUBSPACE_BACKENDS, "config.SUBSPACE_BACKENDS", config.SUBSPACE_BACKENDS)

@@ -23,7 +23,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from . import figures
-from .config import GAP_BACKENDS, PRESETS, SAMPLE_ESTIMATORS, SUBSPACE_BACKENDS, ConfigError, ExperimentConfig
+from .config import PRESETS, ConfigError, ExperimentConfig
 from .figures import fmt
 from .params import GradientParams, LocalisationParams, NormalisationParams, SpectrumParams, SweepParams, TrainingParams
 
@@ -232,13 +232,15 @@ class NormalisationPanel(Panel):
         self.cache = _Cache(params, cfg, params.n_scenes)
         self.batch = self.cache.batch
         fx = cfg.fixes
+        from .estimators import ESTIMATORS  # the registries import torch: not at module import
+
         controls = {
             "preset": _dropdown(PRESETS, name, "preset"),
             "rsamp_normalise": _checkbox(fx.rsamp_normalise, "Fix 1: normalise R_samp"),
             "rblend_trace_normalise": _checkbox(fx.rblend_trace_normalise, "trace-normalise R_blend (Fix 2 turns it off)"),
             "c_eps": _log_slider(fx.c_eps, "C_EPS"),
             "beta": widgets.FloatSlider(value=fx.beta, min=0, max=1, step=0.05, description="beta", continuous_update=False),
-            "estimator": _dropdown(SAMPLE_ESTIMATORS, fx.rsamp_estimator, "R_samp estimator"),
+            "estimator": _dropdown(ESTIMATORS, fx.rsamp_estimator, "R_samp estimator"),
         }
         super().__init__(controls, initial)
 
@@ -272,11 +274,13 @@ class SpectrumPanel(Panel):
         self.cache = _Cache(params, cfg, params.n_scenes)
         self.batch = self.cache.batch
         self._spectra: dict[str, Any] = {}
+        from .estimators import ESTIMATORS
+
         controls = {
             "preset": _dropdown(PRESETS, params.preset, "preset"),
             "c_eps": _log_slider(cfg.fixes.c_eps, "C_EPS"),
             "beta": widgets.FloatSlider(value=cfg.fixes.beta, min=0, max=1, step=0.05, description="beta", continuous_update=False),
-            "estimator": _dropdown(SAMPLE_ESTIMATORS, cfg.fixes.rsamp_estimator, "R_samp estimator"),
+            "estimator": _dropdown(ESTIMATORS, cfg.fixes.rsamp_estimator, "R_samp estimator"),
             "scene": widgets.IntSlider(value=params.scene, min=0, max=params.n_scenes - 1, description="scene", continuous_update=False),
         }
         if initial is not None:
@@ -317,6 +321,8 @@ class GradientPanel(Panel):
         cfg = params.experiment()
         self.cache = _Cache(params, cfg, params.n_scenes)
         self.batch = self.cache.batch
+        from .spectral import GAP_BACKENDS, SUBSPACE_BACKENDS
+
         controls = {
             "preset": _dropdown(PRESETS, params.preset, "preset"),
             "gap_backend": _dropdown(GAP_BACKENDS, cfg.fixes.gap_backend, "gap backend"),

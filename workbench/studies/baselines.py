@@ -18,7 +18,7 @@ physics_affine    sum_k p_k a_k a_k^H of the ML fit from the            a and c 
                   trace-normalised
 ================  ====================================================  ================  ===============================
 
-(1) :func:`workbench.covariance.beamscan_covariance` fits the picked powers with the simulator's noise variance
+(1) :func:`workbench.estimators.beamscan_covariance` fits the picked powers with the simulator's noise variance
 (``batch.noise_var``); a receiver would have to estimate it. The R_ref of the training scenes is used by every
 fit (as by the network's training). With trace-normalised R_ref (trace N) the best scaled identity is c = 1.
 
@@ -35,6 +35,7 @@ import torch
 
 from ..config import ConfigError, ExperimentConfig, SystemConfig
 from ..covariance import nmse, reference, trace, trace_normalise
+from ..estimators import oracle_knowledge
 from ..forward import forward, rsamp_cache
 from ..likelihood import ml_fit_for
 from ..physics import SceneBatch
@@ -44,9 +45,9 @@ FITTED = {"identity": (False, True), "beamscan_scaled": (True, False), "beamscan
           "physics_affine": (True, True)}
 ORACLE = {
     "identity": "none",
-    "beamscan_scaled": "true noise variance (beamscan power fit)",
-    "beamscan_affine": "true noise variance (beamscan power fit)",
-    "beamscan_est_affine": "none (noise variance estimated)",
+    "beamscan_scaled": f"{oracle_knowledge('beamscan')} (beamscan power fit)",
+    "beamscan_affine": f"{oracle_knowledge('beamscan')} (beamscan power fit)",
+    "beamscan_est_affine": f"{oracle_knowledge('beamscan_est')} (noise variance estimated)",
     "physics_affine": "none (K by MDL)",
 }
 SNR_EDGES = (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0)  # the default system's SNR range in 5 dB bands

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..checkpoints import TrainResult
 from ..config import ConfigError, ExperimentConfig, check_choice, parse_overrides
+from ..estimators import oracle_knowledge
 from ..experiments import (  # noqa: F401  (re-exported for the command line and the callers of this study)
     BUDGETS,
     DEFAULT_ENTRIES,
@@ -172,9 +173,8 @@ def _entry_oracle(cfg: dict) -> str:
     """What a trained entry knows beyond its scene's measurements (through its R_samp input)."""
     uses_rsamp = cfg["model"]["rsamp_input"] or cfg["fixes"]["beta"] > 0
     est = cfg["fixes"]["rsamp_estimator"]
-    if uses_rsamp and est in ("beamscan", "covariance_matching"):
-        return f"true noise variance ({est} R_samp)"
-    return "none"
+    knows = oracle_knowledge(est)
+    return f"{knows} ({est} R_samp)" if uses_rsamp and knows != "none" else "none"
 
 
 # ---------------------------------------------------------------------------------------------

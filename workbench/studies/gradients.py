@@ -16,7 +16,7 @@ import torch
 
 from .. import spectral
 from ..config import GAP_BACKENDS, SUBSPACE_BACKENDS, ExperimentConfig
-from ..covariance import load, spectrum_stats, trace_normalise
+from ..covariance import diagonal_load, spectrum_stats, trace_normalise
 from ..diagnostics import gradient_report
 from ..physics import SceneBatch, steering
 from . import median
@@ -61,7 +61,7 @@ def degeneracy_check(cfg: ExperimentConfig, batch: SceneBatch, c_eps: float | No
     distinct values among those, i.e. exact ties leave 1)}."""
 
     c = cfg.fixes.c_eps if c_eps is None else c_eps
-    R0 = load(trace_normalise(batch.R_true.to(dtype)), c)
+    R0 = diagonal_load(trace_normalise(batch.R_true.to(dtype)), c)
     ev = torch.linalg.eigvalsh(R0)
     close = (ev - ev[:, :1]).abs() <= 8 * torch.finfo(ev.dtype).eps * ev[:, -1:].abs()
     degenerate = median(close.sum(-1).double())
@@ -100,7 +100,7 @@ def fd_check(cfg: ExperimentConfig, batch: SceneBatch, step: float = 1e-6, margi
     mats = pipeline_matrices(cfg, batch, seed=seed)
     R0, K = mats.R_blend.to(torch.complex128), mats.K
     E = _hermitian_direction(R0.shape[0], R0.shape[-1], seed)
-    ref_gap = spectrum_stats(load(R0, cfg.fixes.eps_psd), K)["gap"]
+    ref_gap = spectrum_stats(diagonal_load(R0, cfg.fixes.eps_psd), K)["gap"]
     rows = []
     for b in GAP_BACKENDS:
         def f(R, m=margin, b=b):

@@ -8,7 +8,7 @@ complex, or the pair (R, K_hat [n]) when the source counts the sources itself (a
 baseline's MDL count); the others are counted by MDL/AIC on R's eigenvalues. The sources:
 
 * ``R_true``: the exact, noise-free source covariance (a reference: no estimator sees it);
-* ``R_samp[<estimator>]``: an R_samp estimator (:func:`workbench.covariance.sample_covariance`);
+* ``R_samp[<estimator>]``: an R_samp estimator (:func:`workbench.estimators.sample_covariance`);
 * ``physics[ML]``: the maximum-likelihood fit straight from the snapshots (:func:`workbench.likelihood.ml_localise`),
   its covariance sum_k p_k a_k a_k^H at the true K or the MDL count;
 * ``<run>:R_pred`` / ``<run>:R_blend``: a trained network's prediction and the pipeline's blend (:func:`model_sources`).

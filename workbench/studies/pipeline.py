@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SAMPLE_ESTIMATORS, ExperimentConfig, SystemConfig, check_choice, preset
-from ..covariance import apply_fix1, hermitise, nmse, spectrum_stats, trace_normalise
+from ..covariance import hermitise, nmse, spectrum_stats, trace_normalise
+from ..estimators import normalise_rsamp
 from ..forward import forward, rsamp_cache
 from ..model import build_model
 from ..physics import SceneBatch, simulate
@@ -53,7 +54,7 @@ def pipeline_matrices(cfg: ExperimentConfig, batch: SceneBatch, model: torch.nn.
     trace-normalised to N (the loss's R_ref)."""
     model = build_model(cfg.system, cfg.model, batch.y.device, seed=seed) if model is None else model
     raw = rsamp_cache(batch).raw(cfg.fixes.rsamp_estimator, cfg.system) if R_samp_raw is None else R_samp_raw
-    R_samp = apply_fix1(raw, cfg.fixes)
+    R_samp = normalise_rsamp(raw, cfg.fixes)
     cov = forward(model, batch, R_samp, cfg, out_device=batch.y.device).cov
     return PipelineMatrices(R_true=cov.R_ref, R_samp_raw=raw, R_samp=cov.R_samp, R_pred=cov.R_pred, R_blend=cov.R_blend, K=batch.K)
 
