@@ -16,9 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import PRESETS, ExperimentConfig, preset
+from .config import ExperimentConfig
 from .covariance import rsamp_for, spectrum_stats
-from .io import dumps_json
 from .losses import TERMS, compute_losses, term_weights
 from .model import CovarianceNet, build_model
 from .physics import SceneBatch, simulate
@@ -159,27 +158,3 @@ def format_report(report: dict) -> str:
     lines += ["", f"medians: ||R_samp||_F {n['R_samp']:.3g}, ||R_pred||_F {n['R_pred']:.3g}, ||R_blend||_F {n['R_blend']:.3g}, "
                   f"rank(R_blend) {n['rank_R_blend']:.0f}"]
     return "\n".join(lines)
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("diagnose", help="one forward/backward pass: gradient norms per group and term, NaN provenance")
-    p.add_argument("--preset", default="recommended", choices=PRESETS, metavar="PRESET",
-                   help=f"base config, one of {', '.join(PRESETS)} (default recommended)")
-    p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                   help="override a field, e.g. --set fixes.gap_backend svd (value parsed as JSON when possible)")
-    p.add_argument("--n", type=int, default=16, help="scenes in the batch (default 16)")
-    p.add_argument("--json", action="store_true", help="print the raw record as strict JSON instead of the summary")
-    p.set_defaults(func=_cli_diagnose)
-
-
-def _cli_diagnose(args) -> int:
-    from .config import parse_overrides
-
-    cfg = preset(args.preset, **parse_overrides(args.set))
-    report = gradient_report(cfg, n=args.n)
-    if args.json:
-        print(dumps_json(report), end="")
-    else:
-        print(f"workbench diagnose: preset {args.preset}" + "".join(f", {k}={v}" for k, v in args.set) + f", {args.n} scenes, N = {cfg.system.N}")
-        print(format_report(report))
-    return 0

@@ -14,7 +14,6 @@ import torch
 from ..config import SEED_PRESETS, preset
 from ..covariance import apply_fix1, oracle_nmse, rsamp_raw, spectrum_stats
 from ..diagnostics import gradient_report
-from ..io import atomic_write_json
 from ..losses import compute_losses
 from ..model import build_model
 from ..physics import simulate
@@ -101,22 +100,6 @@ def format_seed_table(rows: list[dict]) -> str:
             f"{r['grad_norm']['head']:.3g} | {r['ok']} | {prov} |"
         )
     return "\n".join(lines)
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("seed-table", help="rebuild the seed note's Progress table from simulated scenes")
-    p.add_argument("--n", type=int, default=64, help="scenes per preset (default 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    p.set_defaults(func=_cli_seed_table)
-
-
-def _cli_seed_table(args) -> int:
-    rows = seed_table(n_scenes=args.n, seed=args.seed)
-    print(format_seed_table(rows))
-    if args.json:
-        atomic_write_json(args.json, rows)
-    return 0
 
 
 def seed_conclusion(seed_rows: list[dict]) -> str:
