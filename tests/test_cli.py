@@ -3,6 +3,7 @@
 diagnose's exit code."""
 
 import ast
+import errno
 import json
 import math
 import os
@@ -155,3 +156,25 @@ def test_named_flags_have_help():
         action = next(a for a in sub.choices[command]._actions if flag in a.option_strings)
         assert action.help, (command, flag)
     assert "exit code 1" in " ".join(sub.choices["diagnose"].format_help().lower().split())
+
+
+@pytest.mark.parametrize("error, advice", [
+    (OSError(errno.ENOSPC, "No space left on device", "/disk/rows.json"), "free some disk space"),
+    (PermissionError(errno.EACCES, "Permission denied", "/ro/rows.json"), "check the folder's permissions"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/file/rows.json"), "not a folder"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "/dir"), "a folder where a file is expected"),
+    (FileExistsError(errno.EEXIST, "File exists", "/x"), "in the way"),
+])
+def test_each_os_error_names_the_path_and_what_to_do(error, advice, monkeypatch, capsys):
+    import workbench.cli.seed_table as cli_seed_table
+
+    def fail(**kwargs):
+        raise error
+
+    monkeypatch.setattr(cli_seed_table, "seed_table", fail)
+    assert main(["seed-table", "--n", "1", "--json", "rows.json"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("workbench seed-table: error: ")
+    assert repr(error.filename) in err and advice in err and error.strerror in err and "Traceback" not in err
+    with pytest.raises(type(error)):
+        main(["--debug", "seed-table", "--n", "1"])
