@@ -83,11 +83,11 @@ def test_diagnose_cli_prints_a_summary_and_strict_json(capsys):
 
     args = ["diagnose", "--preset", "seed_fix2", "--set", "loss.subspace", "0.1", "--set", "system.N_H", "6", "--set", "system.N_V", "6",
             "--set", "model.width", "16", "--n", "2"]
-    assert main(args) == 0
+    assert main(args) == 1  # a term in the total has a NaN gradient: exit code 1
     out = capsys.readouterr().out
     assert "gradient NON-FINITE" in out and "created by LinalgEighBackward0" in out
     assert any(line.startswith("subspace") and line.rstrip().endswith("nan") for line in out.splitlines())
-    assert main([*args, "--json"]) == 0
+    assert main([*args, "--json"]) == 1
     record = json.loads(capsys.readouterr().out)  # strict: NaN norms are null, not the non-JSON token NaN
     assert record["ok"] is False and record["term_grad_norm"]["subspace"]["head"] is None
     with pytest.raises(SystemExit) as e:  # argparse lists the presets

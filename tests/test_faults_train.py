@@ -17,9 +17,9 @@ import time
 import pytest
 import torch
 
-from workbench import train
 from workbench.checkpoints import RunFolder, load_checkpoint, save_checkpoint
 from workbench.cli import main
+from workbench.cli import train as cli_train
 from workbench.config import PRESETS, ConfigError, preset
 from workbench.data import DatasetError
 from workbench.forward import TrainingData
@@ -213,10 +213,10 @@ def test_verify_defaults_to_a_short_budget_and_prints_its_time(capsys, monkeypat
         seen["cfg"] = cfg
         return {"checks": [{"name": "x", "passed": True, "detail": ""}], "passed": True, "history": [], "provenance": []}
 
-    monkeypatch.setattr(train, "verify", fake_verify)
+    monkeypatch.setattr(cli_train, "verify", fake_verify)
     assert main(["verify", "--preset", "recommended", "--no-progress"]) == 0
     t = seen["cfg"].train
-    budget = {k.removeprefix("train."): v for k, v in train.VERIFY_BUDGET.items()}
+    budget = {k.removeprefix("train."): v for k, v in cli_train.VERIFY_BUDGET.items()}
     assert {k: getattr(t, k) for k in budget} == budget and budget["n_train"] <= 64
     assert "verdict: PASS (1/1 checks) in " in capsys.readouterr().out
     assert main(["verify", "--preset", "recommended", "--no-progress", "--epochs", "7", "--n-train", "99"]) == 0

@@ -129,8 +129,17 @@ def check_choice(where: str, value: Any, choices) -> None:
         raise ConfigError(f"{where} = {value!r} is not allowed: choose one of {', '.join(map(repr, choices))}")
 
 
+NONFINITE_WORDS = {"inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "infinity": math.inf, "+infinity": math.inf,
+                   "-infinity": -math.inf, "nan": math.nan, "+nan": math.nan, "-nan": math.nan}  # lower case
+
+
 def parse_value(text: str) -> Any:
-    """A command-line or notebook value: JSON when it parses (numbers, true/false, lists, objects), else the string itself."""
+    """A command-line or notebook value: JSON when it parses (numbers, true/false, lists, objects), else the string itself.
+    "inf", "-inf", "Infinity", "-Infinity", "nan", "NaN" (any case) are floats, so a float field refuses them by name
+    (non-finite) instead of calling them a string."""
+    word = NONFINITE_WORDS.get(text.strip().lower()) if isinstance(text, str) else None
+    if word is not None:
+        return word
     try:
         return json.loads(text)
     except json.JSONDecodeError:

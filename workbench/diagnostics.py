@@ -17,10 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import PRESETS, ExperimentConfig, preset
+from .config import ExperimentConfig
 from .covariance import spectrum_stats
 from .forward import forward, rsamp_cache
-from .io import dumps_json
 from .losses import TERMS, term_weights
 from .model import CovarianceNet, build_model
 from .physics import SceneBatch, simulate
@@ -139,27 +138,3 @@ def gradient_report(cfg: ExperimentConfig, batch: SceneBatch | None = None, mode
     }
 
 
-def register_cli(sub) -> None:
-    p = sub.add_parser("diagnose", help="one forward/backward pass: gradient norms per group and term, NaN provenance")
-    p.add_argument("--preset", default="recommended", choices=PRESETS, metavar="PRESET",
-                   help=f"base config, one of {', '.join(PRESETS)} (default recommended)")
-    p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                   help="override a field, e.g. --set fixes.gap_backend svd (value parsed as JSON when possible)")
-    p.add_argument("--n", type=int, default=16, help="scenes in the batch (default 16)")
-    p.add_argument("--json", action="store_true", help="print the raw record as strict JSON instead of the summary")
-    p.set_defaults(func=_cli_diagnose)
-
-
-def _cli_diagnose(args) -> int:
-    from .config import parse_overrides
-
-    cfg = preset(args.preset, **parse_overrides(args.set))
-    report = gradient_report(cfg, n=args.n)
-    if args.json:
-        print(dumps_json(report), end="")
-    else:
-        print(f"workbench diagnose: preset {args.preset}" + "".join(f", {k}={v}" for k, v in args.set) + f", {args.n} scenes, N = {cfg.system.N}")
-        from .figures.gradients import format_report
-
-        print(format_report(report))
-    return 0

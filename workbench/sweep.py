@@ -30,7 +30,6 @@ The search space (what may be searched, the file format, validation) is :mod:`wo
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -46,7 +45,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .config import PRESETS, ConfigError, ExperimentConfig, resolve_device
+from .config import ConfigError, ExperimentConfig, resolve_device
 from .search_space import SearchSpace, load_space
 from .storage import STORAGE_ENV, StorageLock, check_heartbeat, default_storage_url, mask_url, open_storage, storage_errors
 
@@ -327,75 +326,3 @@ def summarize(study: optuna.Study) -> dict:
         b = study.best_trial
         best = {"number": b.number, "value": b.value, "params": b.params}
     return {"study": study.study_name, "counts": c, "nonfinite": sum(r["pruned_reason"] == "nonfinite" for r in rows), "best": best}
-
-
-# ---------------------------------------------------------------------------------------------
-def register_cli(sub) -> None:
-    p = sub.add_parser("sweep", help="Optuna sweep over fix knobs and training hyperparameters",
-                       description="Create (or resume) an Optuna study and run workers on it. Re-running the same command resumes; "
-                                   "--join runs one more worker on an existing study (e.g. on another machine with --storage).")
-    p.add_argument("--trials", type=int, default=8, help="finished trials the study should hold (default 8)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--n-train", type=int, default=256)
-    p.add_argument("--n-val", type=int, default=64)
-    p.add_argument("--study", default=DEFAULT_STUDY)
-    p.add_argument("--space", help="search-space file (JSON, or YAML); default: the built-in space over every fix knob")
-    p.add_argument("--storage", help=f"SQLAlchemy URL (default: ${STORAGE_ENV}, else sqlite:///runs/optuna.db); postgresql+psycopg2://... "
-                   f"to share across machines. A URL with a password is better passed in ${STORAGE_ENV}: a command line is visible to ps")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
-    p.add_argument("--preset", default="recommended", choices=PRESETS, metavar="PRESET",
-                   help=f"base config, one of {', '.join(PRESETS)} (default recommended; a space file's 'preset' wins)")
-    p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="fixed override of the base config")
-    p.add_argument("--pruner", choices=PRUNERS, default="median")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--heartbeat", type=_seconds("--heartbeat"), default=10,
-                   help="seconds (>= 1) between trial heartbeats; a trial silent for 3 of them is failed and re-run")
-    p.add_argument("--grace", type=_seconds("--grace"), help=argparse.SUPPRESS)
-    p.add_argument("--threads", type=int, help="torch threads in this process")
-    p.add_argument("--join", action="store_true", help="run one worker on an existing study (no creation)")
-    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--json", help="write the study summary here")
-    p.set_defaults(func=_cli_sweep)
-
-
-def _seconds(flag: str) -> Callable[[str], int]:
-    """An argparse type: a whole number of seconds >= 1; anything else is refused, naming ``flag``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} = {text!r}: expected a whole number of seconds >= 1 "
-                                             "(0 or less would let a killed worker's trial hang the sweep)")
-        return value
-
-    return parse
-
-
-def _cli_sweep(args) -> int:
-    from .config import parse_overrides
-    from .io import atomic_write_json
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    url = args.storage or os.environ.get(STORAGE_ENV) or default_storage_url()
-    if args.join:
-        run_worker(url, args.study, args.trials, worker=args.worker_index, seed=args.seed, heartbeat=args.heartbeat, grace=args.grace)
-        return 0
-    s = run_sweep(args.space, trials=args.trials, epochs=args.epochs, n_train=args.n_train, n_val=args.n_val, study=args.study,
-                  storage=url, workers=args.workers, preset_name=args.preset, overrides=parse_overrides(args.set), seed=args.seed,
-                  pruner=args.pruner, heartbeat=args.heartbeat, grace=args.grace)
-    summary = summarize(s)
-    c = summary["counts"]
-    print(f"study {args.study!r} in {mask_url(url)}: {c['done']} done ({c['complete']} complete, {c['pruned']} pruned of which "
-          f"{summary['nonfinite']} non-finite, {c['failed']} failed), {c['running']} running")
-    if summary["best"]:
-        print(f"best trial {summary['best']['number']}: val_nmse {summary['best']['value']:.5g} with {json.dumps(summary['best']['params'])}")
-    if args.json:
-        atomic_write_json(args.json, {**summary, "trials": trials_table(s)})
-    return 0

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoints import TrainResult
-from ..config import ConfigError, ExperimentConfig, check_choice, parse_overrides
+from ..config import ConfigError, ExperimentConfig
 from ..estimators import oracle_knowledge
 from ..experiments import (  # noqa: F401  (re-exported for the command line and the callers of this study)
     BUDGETS,
@@ -43,7 +43,6 @@ from ..experiments import (  # noqa: F401  (re-exported for the command line and
     train_entries,
 )
 from ..forward import TrainingData
-from ..io import atomic_write_json, atomic_write_text
 from ..train import checks as train_checks
 from .baselines import BASELINES, ORACLE, baseline_rows, beats_every_baseline, network_nmse, network_row
 from .localisation import localisation_sources, localisation_vs_snr
@@ -176,53 +175,3 @@ def _entry_oracle(cfg: dict) -> str:
     knows = oracle_knowledge(est)
     return f"{knows} ({est} R_samp)" if uses_rsamp and knows != "none" else "none"
 
-
-# ---------------------------------------------------------------------------------------------
-def register_cli(sub) -> None:
-    p = sub.add_parser("compare", help="train every preset on the same scenes and budget; NMSE, baselines, localisation vs the CRB")
-    p.add_argument("--presets", default=",".join(DEFAULT_ENTRIES),
-                   help=f"comma-separated entries, from {', '.join(ENTRIES)} (default: the five presets); "
-                        "physics_head = recommended with a measurements-only physics head")
-    p.add_argument("--budget", default="quick", choices=tuple(BUDGETS), metavar="BUDGET",
-                   help="sizes of system, data and network: " + "; ".join(f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}"
-                                                                       for k, v in BUDGETS.items()) + " (default quick)")
-    p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="override a field for every entry")
-    p.add_argument("--out", default=None, help="folder for the run folders, compare.json and table.md (default runs/compare_BUDGET)")
-    p.add_argument("--snrs", default="0,10,20", help="SNRs of the localisation scenes, dB (default 0,10,20)")
-    p.add_argument("--n-per-snr", type=int, default=16, help="localisation scenes per SNR (default 16)")
-    p.add_argument("--no-reuse", action="store_true", help="retrain entries even when their folder holds a complete run of the same config")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cli_compare)
-
-
-def _cli_compare(args) -> int:
-    from ..train import _threads
-
-    entries = [e.strip() for e in args.presets.split(",") if e.strip()]
-    for e in entries:
-        check_choice("--presets", e, ENTRIES)
-    try:
-        snrs = [float(s) for s in args.snrs.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--snrs = {args.snrs!r}: expected comma-separated numbers (dB), e.g. 0,10,20") from None
-    if not snrs:
-        raise ConfigError("--snrs: expected at least one SNR in dB")
-    if args.n_per_snr < 1:
-        raise ConfigError(f"--n-per-snr = {args.n_per_snr}: expected an integer >= 1")
-    out = Path(args.out or f"runs/compare_{args.budget}")
-    overrides = budget_overrides(args.budget, parse_overrides(args.set))
-    entry_configs(entries, overrides)  # refuse a bad configuration before anything is simulated
-    out.mkdir(parents=True, exist_ok=True)
-    with _threads(args.threads):
-        result = compare(entries, overrides, out, snrs, args.n_per_snr, reuse=not args.no_reuse, progress=not args.no_progress)
-    from ..figures.compare import conclusion, format_table
-
-    table = format_table(result["table"])
-    atomic_write_json(out / "compare.json", result)
-    atomic_write_text(out / "table.md", f"{table}\n\n{conclusion(result)}\n")
-    print(table)
-    print()
-    print(conclusion(result))
-    print(f"\nwrote {out}/compare.json, {out}/table.md and a run folder per entry ({result['seconds']:.0f} s)")
-    return 0

@@ -16,7 +16,6 @@ from ..config import SEED_PRESETS, preset
 from ..covariance import oracle_nmse, spectrum_stats
 from ..diagnostics import gradient_report
 from ..forward import forward, rsamp_cache
-from ..io import atomic_write_json
 from ..model import build_model
 from ..physics import simulate
 from . import quartiles
@@ -85,19 +84,3 @@ def seed_comparison(seed_rows: list[dict]) -> list[dict]:
     return out
 
 
-def register_cli(sub) -> None:
-    p = sub.add_parser("seed-table", help="rebuild the seed note's Progress table from simulated scenes")
-    p.add_argument("--n", type=int, default=64, help="scenes per preset (default 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    p.set_defaults(func=_cli_seed_table)
-
-
-def _cli_seed_table(args) -> int:
-    from ..figures.seed_note import format_seed_table
-
-    rows = seed_table(n_scenes=args.n, seed=args.seed)
-    print(format_seed_table(rows))
-    if args.json:
-        atomic_write_json(args.json, rows)
-    return 0
