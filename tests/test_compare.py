@@ -15,7 +15,7 @@ from workbench import experiments as E
 from workbench.checkpoints import RunFolder, load_checkpoint
 from workbench.config import ConfigError
 from workbench.figures import compare as fig_compare
-from workbench.forward import TrainingData
+from workbench.forward import TrainingData, rsamp_cache
 from workbench.studies import compare as C
 from workbench.studies.baselines import baseline_rows, network_nmse
 from workbench.studies.localisation import localisation_vs_snr, model_sources
@@ -55,49 +55,65 @@ def test_a_nan_prone_preset_shows_its_skipped_steps(study):
 
 
 def test_table_equals_a_recomputation_from_the_saved_checkpoints(study):
+    """Every number of a trained row comes from the held-out test split: the NMSE recomputed from the checkpoint on
+    C.test_scenes, the localisation statistics recomputed by localisation_vs_snr on the "test" split (same seeds)."""
     out, _, result = study
     rows = {r["row"]: r for r in result["table"]}
     loc = result["localisation"]
+    assert loc["split"] == "test" and result["scenes"]["test_seed"] == result["scenes"]["seed"]
     for name in result["entries"]:
         run = load_checkpoint(out / name / "checkpoint.pt")
-        data = TrainingData.simulate(run.config)
-        values = network_nmse(run.model, data.val, data.rsamp("val", run.config), run.config)
-        assert rows[f"{name}: R_pred"]["nmse"] == pytest.approx(float(values.mean()), rel=1e-5)
-        again = localisation_vs_snr(run.config.system, list(SNRS), 3, model_sources({name: run}, blend=False),
-                                    seed=run.config.train.seed + C.LOCALISATION_SEED_OFFSET)
-        m = again["covariances"][f"{name}:R_pred"]
+        test = C.test_scenes(run.config)
+        cache = rsamp_cache(test)
+        values = network_nmse(run.model, test, cache.rsamp_of(run.config), run.config, prior=cache.prior_of(run.config))
+        assert rows[f"{name}: R_pred"]["nmse"]["value"] == pytest.approx(float(values.mean()), rel=1e-5)
+        assert rows[f"{name}: R_pred"]["nmse"]["lo"] <= rows[f"{name}: R_pred"]["nmse"]["value"] <= rows[f"{name}: R_pred"]["nmse"]["hi"]
+        again = localisation_vs_snr(run.config.system, list(SNRS), 3, model_sources({name: run}, blend=False), seed=run.config.train.seed,
+                                    split="test")
+        assert again["scene_seeds"] == loc["scene_seeds"]
         for i, s in enumerate(SNRS):
-            ratio = rows[f"{name}: R_pred"]["rmse_over_crb"][f"{s:g}"]
-            assert ratio["phi"] == pytest.approx(m["rmse_phi_deg"][i] / loc["sqrt_crb"]["phi_deg"][i], rel=1e-6)
-            assert ratio["r"] == pytest.approx(m["rmse_r_m"][i] / loc["sqrt_crb"]["r_m"][i], rel=1e-6)
-            found = rows[f"{name}: R_pred"]["detected_over_crb"][f"{s:g}"]["phi"]
-            if m["rmse_detected_phi_deg"][i] is None:  # nothing detected: no spread to report
-                assert found is None
-            else:
-                assert found == pytest.approx(m["rmse_detected_phi_deg"][i] / loc["sqrt_crb"]["phi_deg"][i], rel=1e-6)
-                assert m["rmse_detected_phi_deg"][i] <= loc["tolerances"]["phi_deg"]  # each detected pair is within it
-        assert rows[f"{name}: R_pred"]["k_accuracy"] == pytest.approx(sum(m["k_accuracy"]) / len(SNRS))
+            mine = rows[f"{name}: R_pred"]["localisation"][f"{s:g}"]
+            for mode in ("true_k", "own_k"):
+                for stat in ("nerr_phi", "rmse_r_m", "miss_rate", "false_alarm_rate", "k_accuracy"):
+                    assert mine[mode][stat] == again["per_source"][f"{name}:R_pred"][mode][i][stat], (name, s, mode, stat)
+
+
+def test_test_scenes_are_disjoint_from_training_and_a_second_test_seed_rescores():
+    from workbench.forward import SPLITS, split_seed
+    from workbench.studies.localisation import snr_scene_seed
+
+    cfg = E.entry_config("recommended", E.budget_overrides("tiny"))
+    seeds = {split_seed(0, s) for s in SPLITS} | {split_seed(0, "test", 0), snr_scene_seed(0, 0, "test"), snr_scene_seed(0, 0, "dev")}
+    assert len(seeds) == len(SPLITS) + 3  # every stream has its own seed
+    data, test = TrainingData.simulate(cfg), C.test_scenes(cfg)
+    for t in (data.train.y, data.val.y):
+        assert not any(torch.equal(t[i], test.y[j]) for i in range(len(t)) for j in range(len(test)))
+    other = C.test_scenes(cfg, test_seed=1)
+    assert not torch.equal(other.y, test.y) and len(other) == len(test) == cfg.train.n_val
 
 
 def test_the_table_holds_the_references_and_the_fitted_baselines(study):
     _, _, result = study
     rows = {r["row"]: r for r in result["table"]}
-    assert rows["R_true (exact, noise-free)"]["nmse"] == 0.0
-    assert max(v["phi"] for v in rows["R_true (exact, noise-free)"]["rmse_over_crb"].values()) < 1e-3
+    assert rows["R_true (exact, noise-free)"]["nmse"]["value"] == 0.0
+    for m in rows["R_true (exact, noise-free)"]["localisation"].values():
+        assert m["true_k"]["nerr_phi"]["value"] < 1e-3 and m["true_k"]["miss_rate"]["value"] == 0.0
     nmse = {r["predictor"]: r for r in result["nmse"]}
-    assert rows["scaled identity"]["nmse"] == nmse["identity"]["nmse"] and rows["scaled identity"]["rmse_over_crb"] is None
+    assert rows["scaled identity"]["nmse"] == nmse["identity"]["nmse_ci"] and rows["scaled identity"]["localisation"] is None
     assert "noise variance" in rows["beamscan R_samp (a B + c I)"]["oracle"]
     assert rows["physics baseline: ML from snapshots (a X + c I)"]["oracle"].startswith("none")
     assert rows["recommended: R_pred"]["oracle"].startswith("true noise variance") and rows["seed_fix2: R_pred"]["oracle"] == "none"
-    # the beamscan baselines came from the training data's R_samp cache: the same numbers as from their own source
+    # the beamscan baselines came from the R_samp caches: the same numbers as from their own source
     cfg = E.entry_config("recommended", E.budget_overrides("tiny"))
     data = TrainingData.simulate(cfg)
-    direct = {r["predictor"]: r for r in baseline_rows(data.train, data.val, cfg.system, names=("beamscan_scaled", "beamscan_affine"))}
+    test = C.test_scenes(cfg)
+    direct = {r["predictor"]: r for r in baseline_rows(data.train, test, cfg.system, names=("beamscan_scaled", "beamscan_affine"))}
     for name in ("beamscan_scaled", "beamscan_affine"):
         assert direct[name]["nmse"] == pytest.approx(nmse[name]["nmse"], rel=1e-4)
         assert direct[name]["a"] == pytest.approx(nmse[name]["a"], rel=1e-4)
     table = fig_compare.format_table(result["table"])
-    assert table.count("\n") == len(result["table"]) + 1 and "RMSE/√CRB φ/θ/r @ 20 dB" in table
+    n_loc = sum(len(r["localisation"] or {}) for r in result["table"])
+    assert table.count("\n") == len(result["table"]) + 1 + 3 + n_loc and "err/√CRB φ (true K)" in table and "miss (own K)" in table
 
 
 def test_runs_are_reused_only_when_their_config_is_the_same(study, tmp_path):

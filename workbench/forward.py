@@ -21,15 +21,25 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .config import ExperimentConfig, FixConfig, SystemConfig, resolve_device
+from .config import ExperimentConfig, FixConfig, SystemConfig, check_choice, resolve_device
 from .covariance import Covariances
 from .estimators import normalise_rsamp, rsamp_raw
 from .losses import compute_losses, covariances
 from .model import CovarianceNet, ModelOutput
-from .physics import SceneBatch, simulate
+from .physics import SceneBatch, scene_seed, simulate
 
-VAL_SEED_OFFSET = 1_000_003
+# The held-out protocol: the scenes of one train.seed come from disjoint seed streams (physics.scene_seed), one per
+# split. train/val: training and its early stopping, pruning and sweeps; dev: notebooks and anything a person looks at
+# while choosing settings; test: only the reported tables (`workbench compare`), never a default, a preset or a sweep.
+SPLITS = {"train": 0, "val": 1, "dev": 2, "test": 3}
 RSAMP_CHUNK = 64  # scenes per estimator call (the beamscan estimator takes seconds per chunk on a CPU)
+
+
+def split_seed(seed: int, split: str, *index: int) -> int:
+    """The simulate() seed of a set of scenes of ``split`` (one of :data:`SPLITS`) under ``seed``; ``index`` names a
+    sub-stream (e.g. 0 for a split's random-SNR scenes, (1, i) for its scenes at the i-th fixed SNR)."""
+    check_choice("split", split, tuple(SPLITS))
+    return scene_seed(seed, SPLITS[split], *index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,12 +174,13 @@ class TrainingData:
 
     @classmethod
     def simulate(cls, cfg: ExperimentConfig, device=None) -> TrainingData:
-        """Training and validation scenes, seeded from ``cfg.train.seed`` (disjoint seeds), on ``device`` (default:
+        """Training and validation scenes, seeded from ``cfg.train.seed`` (the "train" and "val" streams of
+        :func:`split_seed`: disjoint from each other and from the dev and test scenes), on ``device`` (default:
         ``cfg.train.device`` resolved; the draws are made on the CPU, so the scenes are the same on every device)."""
         t = cfg.train
         dev = resolve_device(t.device if device is None else device)
-        return cls(simulate(cfg.system, t.n_train, seed=t.seed, device=dev),
-                   simulate(cfg.system, t.n_val, seed=t.seed + VAL_SEED_OFFSET, device=dev), cls.key_of(cfg))
+        return cls(simulate(cfg.system, t.n_train, seed=split_seed(t.seed, "train"), device=dev),
+                   simulate(cfg.system, t.n_val, seed=split_seed(t.seed, "val"), device=dev), cls.key_of(cfg))
 
     @property
     def device(self) -> torch.device:

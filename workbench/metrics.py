@@ -148,6 +148,18 @@ def summarise(s: SourceScores, n_boot: int = 1000, level: float = 0.95, seed: in
 
 
 
+def mean_interval(values, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """{"value", "lo", "hi"}: the mean of per-scene ``values`` [n] and its percentile bootstrap interval at ``level``
+    (``n_boot`` resamples of the scenes, seeded). NaN when there is no value."""
+    v = _np(values).astype(np.float64).reshape(-1)
+    if len(v) == 0:
+        return {"value": math.nan, "lo": math.nan, "hi": math.nan}
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2]).tolist()
+    return {"value": float(v.mean()), "lo": lo, "hi": hi}
+
+
 # ---------------------------------------------------------------------------------------------
 # Fixed tolerances (notebook tables)
 DEFAULT_TOLERANCES = {"phi_deg": 5.0, "theta_deg": 5.0, "r_m": 1.0}

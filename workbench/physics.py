@@ -85,7 +85,9 @@ def scene_seed(seed: int, *stream: int) -> int:
     notebook uses to derive the seed of a set of scenes."""
     import numpy as np
 
-    return int(np.random.SeedSequence([int(seed), *(int(s) for s in stream)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    parts = [int(s) for s in stream]
+    # the count first: SeedSequence treats trailing zeros as absent, so (seed, 3) and (seed, 3, 0) would coincide
+    return int(np.random.SeedSequence([int(seed), len(parts), *parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def dft_codebook(system: SystemConfig, device=None) -> torch.Tensor:

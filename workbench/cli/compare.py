@@ -28,7 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="override a field for every entry")
     p.add_argument("--out", default=None, help="folder for the run folders, compare.json and table.md (default runs/compare_BUDGET)")
     p.add_argument("--snrs", default="0,10,20", help="SNRs of the localisation scenes, dB (default 0,10,20)")
-    p.add_argument("--n-per-snr", type=int, default=16, help="localisation scenes per SNR (default 16)")
+    p.add_argument("--n-per-snr", type=int, default=None, help="localisation scenes per SNR (default 64 on a CPU, 256 on a GPU)")
+    p.add_argument("--test-seed", type=int, default=None,
+                   help="seed of the held-out test scenes every reported number comes from (default: train.seed); another value "
+                        "re-scores the same trained networks on fresh scenes")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the scenes for the 95 %% intervals (default 1000)")
     p.add_argument("--no-reuse", action="store_true", help="retrain entries even when their folder holds a complete run of the same config")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
@@ -45,14 +49,18 @@ def _cli_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--snrs = {args.snrs!r}: expected comma-separated numbers (dB), e.g. 0,10,20") from None
     if not snrs:
         raise ConfigError("--snrs: expected at least one SNR in dB")
-    if args.n_per_snr < 1:
-        raise ConfigError(f"--n-per-snr = {args.n_per_snr}: expected an integer >= 1")
+    for flag, value in (("--n-per-snr", args.n_per_snr), ("--n-boot", args.n_boot)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} = {value}: expected an integer >= 1")
+    if args.test_seed is not None and args.test_seed < 0:
+        raise ConfigError(f"--test-seed = {args.test_seed}: expected an integer >= 0")
     out = Path(args.out or f"runs/compare_{args.budget}")
     overrides = budget_overrides(args.budget, parse_overrides(args.set))
     entry_configs(entries, overrides)  # refuse a bad configuration before anything is simulated
     out.mkdir(parents=True, exist_ok=True)
     with torch_threads(args.threads, "--threads"):
-        result = compare(entries, overrides, out, snrs, args.n_per_snr, reuse=not args.no_reuse, progress=not args.no_progress)
+        result = compare(entries, overrides, out, snrs, args.n_per_snr, reuse=not args.no_reuse, progress=not args.no_progress,
+                         test_seed=args.test_seed, n_boot=args.n_boot)
     table = format_table(result["table"])
     atomic_write_json(out / "compare.json", result)
     atomic_write_text(out / "table.md", f"{table}\n\n{conclusion(result)}\n")

@@ -38,6 +38,7 @@ from ..covariance import nmse, reference, trace, trace_normalise
 from ..estimators import oracle_knowledge
 from ..forward import forward, rsamp_cache
 from ..likelihood import ml_fit_for
+from ..metrics import mean_interval
 from ..physics import SceneBatch
 
 BASELINES = ("identity", "beamscan_scaled", "beamscan_affine", "beamscan_est_affine", "physics_affine")
@@ -157,7 +158,7 @@ def nmse_by_snr(values: torch.Tensor, snr_db: torch.Tensor, edges: Sequence[floa
 
 
 def _row(name: str, a: float, c: float, oracle: str, val: torch.Tensor, snr_db: torch.Tensor, edges) -> dict:
-    return {"predictor": name, "a": a, "c": c, "oracle": oracle, "nmse": float(val.mean()),
+    return {"predictor": name, "a": a, "c": c, "oracle": oracle, "nmse": float(val.mean()), "nmse_ci": mean_interval(val),
             "nmse_median": float(val.median()), "by_snr": nmse_by_snr(val, snr_db, edges)}
 
 

@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoints import TrainResult
-from ..config import ConfigError, ExperimentConfig
-from ..estimators import oracle_knowledge
+from ..config import ConfigError, ExperimentConfig, resolve_device
 from ..experiments import (  # noqa: F401  (re-exported for the command line and the callers of this study)
     BUDGETS,
     DEFAULT_ENTRIES,
@@ -42,20 +41,35 @@ from ..experiments import (  # noqa: F401  (re-exported for the command line and
     scenes_digest,
     train_entries,
 )
-from ..forward import TrainingData
+from ..forward import TrainingData, rsamp_cache, split_seed
+from ..physics import SceneBatch, simulate
 from ..train import checks as train_checks
 from .baselines import BASELINES, ORACLE, baseline_rows, beats_every_baseline, network_nmse, network_row
-from .localisation import localisation_sources, localisation_vs_snr
+from .localisation import localisation_sources, localisation_vs_snr, run_oracle
 
-LOCALISATION_SEED_OFFSET = 2_000_003  # the localisation scenes' seeds, apart from the training and validation seeds
+DEFAULT_SNRS = (0.0, 10.0, 20.0)
 
 
-def _cached_sources(cfgs: dict[str, ExperimentConfig], data: TrainingData, max_fit_scenes: int | None) -> dict:
-    """The beamscan baselines' matrices from ``data``'s R_samp cache when an entry trained on the Fix-1 beamscan
+def default_n_per_snr(device) -> int:
+    """Localisation scenes per SNR by default: 64 on a CPU, 256 on a GPU (where the ML fit is cheap)."""
+    return 256 if resolve_device(device).type == "cuda" else 64
+
+
+def test_scenes(cfg: ExperimentConfig, test_seed: int | None = None, device=None) -> SceneBatch:
+    """The held-out test scenes the NMSE rows are scored on: ``cfg.train.n_val`` scenes (random SNR over the system's
+    range, as in training) of the "test" stream of ``test_seed`` (default ``cfg.train.seed``;
+    :func:`workbench.forward.split_seed`), disjoint from the training, validation and dev scenes."""
+    seed = cfg.train.seed if test_seed is None else test_seed
+    dev = resolve_device(cfg.train.device if device is None else device)
+    return simulate(cfg.system, cfg.train.n_val, seed=split_seed(seed, "test", 0), device=dev)
+
+
+def _cached_sources(cfgs: dict[str, ExperimentConfig], data: TrainingData, test: SceneBatch, max_fit_scenes: int | None) -> dict:
+    """The beamscan baselines' matrices from the scenes' R_samp caches when an entry trained on the Fix-1 beamscan
     R_samp (the same matrices as :func:`.baselines.rsamp_source`), so they are not estimated twice."""
     for cfg in cfgs.values():
         if cfg.fixes.rsamp_estimator == "beamscan" and cfg.fixes.rsamp_normalise:
-            pair = (data.rsamp("train", cfg)[:max_fit_scenes], data.rsamp("val", cfg))
+            pair = (data.rsamp("train", cfg)[:max_fit_scenes], rsamp_cache(test).rsamp_of(cfg))
             return {"beamscan_scaled": pair, "beamscan_affine": pair}
     return {}
 
@@ -76,14 +90,22 @@ def training_rows(runs: dict[str, TrainResult]) -> list[dict]:
 
 
 def compare(entries: Sequence[str] = DEFAULT_ENTRIES, overrides: dict[str, Any] | None = None, out: str | Path | None = None,
-            snrs_db: Sequence[float] = (0.0, 10.0, 20.0), n_per_snr: int = 16, method: str = "music", blend: bool = True,
+            snrs_db: Sequence[float] = DEFAULT_SNRS, n_per_snr: int | None = None, method: str = "music", blend: bool = False,
             baselines: Sequence[str] = BASELINES, max_fit_scenes: int | None = 512, reuse: bool = True, progress: bool = True,
-            data: TrainingData | None = None) -> dict:
-    """Train ``entries`` with ``overrides`` (e.g. :func:`budget_overrides`) on one set of scenes and evaluate them.
+            data: TrainingData | None = None, test_seed: int | None = None, n_boot: int = 1000) -> dict:
+    """Train ``entries`` with ``overrides`` (e.g. :func:`budget_overrides`) on one set of scenes and evaluate them on the
+    held-out test split.
 
-    Returns a JSON-ready dict: {"entries", "overrides", "scenes" (digest, sizes), "configs" {entry: config},
-    "runs" {entry: :func:`history_summary` + "history"}, "nmse": baseline and network rows (:mod:`.baselines`,
-    validation split), "localisation": :func:`.localisation.localisation_vs_snr` result, "table": :func:`results_rows`}."""
+    Training and validation scenes come from ``train.seed``; every reported number comes from the "test" stream of
+    ``test_seed`` (default ``train.seed``; :func:`workbench.forward.split_seed`), which no default, preset or sweep
+    touches: the NMSE rows on :func:`test_scenes` (baselines' constants fitted on the training split), the
+    localisation on ``n_per_snr`` scenes per SNR (default :func:`default_n_per_snr`), per source against the CRB with
+    95 % bootstrap intervals (:func:`.localisation.localisation_vs_snr`). A second ``test_seed`` re-scores the same
+    trained networks on fresh scenes.
+
+    Returns a JSON-ready dict: {"entries", "overrides", "scenes" (digest, sizes, seeds), "configs" {entry: config},
+    "runs" {entry: :func:`history_summary` + "history"}, "nmse": baseline and network rows (:mod:`.baselines`, test
+    split), "localisation": the localisation result, "table": :func:`results_rows`, "seconds"}."""
     overrides = dict(overrides or {})
     cfgs = entry_configs(entries, overrides)
     first = next(iter(cfgs.values()))
@@ -92,18 +114,23 @@ def compare(entries: Sequence[str] = DEFAULT_ENTRIES, overrides: dict[str, Any] 
     data = TrainingData.simulate(first) if data is None else data
     if data.key != TrainingData.key_of(first):
         raise ConfigError("data: the given TrainingData was simulated for another system, size or seed than the entries")
+    test_seed = first.train.seed if test_seed is None else test_seed
+    n_per_snr = default_n_per_snr(first.train.device) if n_per_snr is None else n_per_snr
     runs = train_entries(cfgs, data, None if out is None else Path(out), reuse, progress)
-    rows = baseline_rows(data.train, data.val, system, names=baselines, max_fit_scenes=max_fit_scenes,
-                         sources=_cached_sources(cfgs, data, max_fit_scenes))
+    test = test_scenes(first, test_seed, data.device)
+    rows = baseline_rows(data.train, test, system, names=baselines, max_fit_scenes=max_fit_scenes,
+                         sources=_cached_sources(cfgs, data, test, max_fit_scenes))
+    cache = rsamp_cache(test)
     for name, run in runs.items():
-        values = network_nmse(run.model, data.val, data.rsamp("val", run.config), run.config, prior=data.prior("val", run.config))
-        rows.append(network_row(name, values, data.val.snr_db))
+        values = network_nmse(run.model, test, cache.rsamp_of(run.config), run.config, prior=cache.prior_of(run.config))
+        rows.append(network_row(name, values, test.snr_db))
     sources = localisation_sources(first, ["beamscan"], physics_k="true", runs=runs, blend=blend)
-    loc = localisation_vs_snr(system, list(snrs_db), n_per_snr, sources, method=method,
-                              seed=first.train.seed + LOCALISATION_SEED_OFFSET, use_true_k=True, device=first.train.device)
+    loc = localisation_vs_snr(system, list(snrs_db), n_per_snr, sources, method=method, seed=test_seed, split="test",
+                              use_true_k=True, device=first.train.device, n_boot=n_boot)
     result = {
         "entries": list(cfgs), "overrides": overrides,
-        "scenes": {"digest": scenes_digest(data), "n_train": len(data.train), "n_val": len(data.val), "seed": first.train.seed},
+        "scenes": {"digest": scenes_digest(data), "n_train": len(data.train), "n_val": len(data.val), "n_test": len(test),
+                   "seed": first.train.seed, "test_seed": test_seed, "split": "test", "n_per_snr": n_per_snr},
         "configs": {n: c.to_dict() for n, c in cfgs.items()},
         "runs": {n: {**history_summary(r), "history": r.history} for n, r in runs.items()},
         "nmse": rows, "localisation": loc, "seconds": time.perf_counter() - t0,
@@ -116,62 +143,46 @@ def compare(entries: Sequence[str] = DEFAULT_ENTRIES, overrides: dict[str, Any] 
 
 # ---------------------------------------------------------------------------------------------
 # The results table
-TABLE_SNRS = (0.0, 10.0, 20.0)
 _REFERENCE_ROWS = (  # (row, localisation source, NMSE row, kind)
     ("R_true (exact, noise-free)", "R_true", None, "reference"),
     ("scaled identity", None, "identity", "baseline"),
     ("beamscan R_samp (a B + c I)", "R_samp[beamscan]", "beamscan_affine", "baseline"),
     ("physics baseline: ML from snapshots (a X + c I)", "physics[ML]", "physics_affine", "baseline"),
 )
-
-
-def _ratio(value, bound):
-    return None if value is None or bound is None or not bound > 0 else value / bound
-
-
 def results_rows(result: dict) -> list[dict]:
-    """One row per reference, baseline and trained entry: {"row", "kind", "nmse" (validation, mean), "oracle",
-    "rmse_over_crb": {snr: {"phi", "theta", "r"}} at the SNRs of :data:`TABLE_SNRS` that were run (every matched
-    pair), "detected_over_crb" (the same over the detected sources only), "f1" and
-    "k_accuracy" (means over those SNRs), "skipped", "train_seconds"}; None where a value does not apply."""
+    """One row per reference, baseline and trained entry, every number on the test split:
+    {"row", "kind", "oracle" (what the row knows beyond y, H, the codes and, in the true-K columns, K),
+    "nmse": {"value", "lo", "hi"} (mean over the test scenes, 95 % bootstrap interval; None where it does not apply),
+    "localisation": {snr: {"true_k": {statistic: {"value", "lo", "hi"}}, "own_k": {...}}} at every SNR that was run
+    (the statistics of :data:`workbench.metrics.STATISTICS`; None for rows without a covariance to localise from),
+    "skipped", "train_seconds"}."""
     loc, nmse_rows = result["localisation"], {r["predictor"]: r for r in result["nmse"]}
-    snrs = [s for s in loc["snr_db"] if s in TABLE_SNRS] or loc["snr_db"]
-    crb = loc["sqrt_crb"]
 
-    def loc_part(source: str | None) -> dict:
-        if source is None or source not in loc["covariances"]:
-            return {"rmse_over_crb": None, "detected_over_crb": None, "f1": None, "k_accuracy": None}
-        m = loc["covariances"][source]
-        idx = [loc["snr_db"].index(s) for s in snrs]
+    def loc_part(source: str | None) -> dict | None:
+        if source is None or source not in loc["per_source"]:
+            return None
+        per = loc["per_source"][source]
+        return {f"{s:g}": {"true_k": per["true_k"][i], "own_k": per["own_k"][i]} for i, s in enumerate(loc["snr_db"])}
 
-        def ratios(prefix: str) -> dict:
-            return {f"{loc['snr_db'][i]:g}": {"phi": _ratio(m[f"{prefix}phi_deg"][i], crb["phi_deg"][i]),
-                                              "theta": _ratio(m[f"{prefix}theta_deg"][i], crb["theta_deg"][i]),
-                                              "r": _ratio(m[f"{prefix}r_m"][i], crb["r_m"][i])} for i in idx}
-
-        mean = lambda key: sum(m[key][i] for i in idx) / len(idx) if all(m[key][i] is not None for i in idx) else None  # noqa: E731
-        return {"rmse_over_crb": ratios("rmse_"), "detected_over_crb": ratios("rmse_detected_"), "f1": mean("f1"),
-                "k_accuracy": mean("k_accuracy")}
+    def nmse_of(name: str | None) -> dict | None:
+        n = nmse_rows.get(name) if name else None
+        return n.get("nmse_ci") if n else None
 
     rows = []
     for row, source, nmse_name, kind in _REFERENCE_ROWS:
-        if source is not None and source not in loc["covariances"] and (nmse_name is None or nmse_name not in nmse_rows):
+        if source is not None and source not in loc["per_source"] and (nmse_name is None or nmse_name not in nmse_rows):
             continue
-        n = nmse_rows.get(nmse_name) if nmse_name else None
-        rows.append({"row": row, "kind": kind, "nmse": 0.0 if source == "R_true" else (n["nmse"] if n else None),
-                     "oracle": "R_true itself" if source == "R_true" else ORACLE.get(nmse_name, ""), **loc_part(source),
-                     "skipped": None, "train_seconds": None})
+        oracle = loc["oracle"].get(source) if source in loc.get("oracle", {}) else ORACLE.get(nmse_name, "")
+        rows.append({"row": row, "kind": kind, "nmse": {"value": 0.0, "lo": 0.0, "hi": 0.0} if source == "R_true" else nmse_of(nmse_name),
+                     "oracle": oracle, "localisation": loc_part(source), "skipped": None, "train_seconds": None})
     for name, run in result["runs"].items():
-        n = nmse_rows.get(name)
-        rows.append({"row": f"{name}: R_pred", "kind": "trained", "nmse": n["nmse"] if n else None, "oracle": _entry_oracle(result["configs"][name]),
-                     **loc_part(f"{name}:R_pred"), "skipped": run["skipped_nonfinite"], "train_seconds": run["train_seconds"]})
+        rows.append({"row": f"{name}: R_pred", "kind": "trained", "nmse": nmse_of(name), "oracle": _entry_oracle(result["configs"][name]),
+                     "localisation": loc_part(f"{name}:R_pred"), "skipped": run["skipped_nonfinite"], "train_seconds": run["train_seconds"]})
     return rows
 
 
 def _entry_oracle(cfg: dict) -> str:
-    """What a trained entry knows beyond its scene's measurements (through its R_samp input)."""
-    uses_rsamp = cfg["model"]["rsamp_input"] or cfg["fixes"]["beta"] > 0
-    est = cfg["fixes"]["rsamp_estimator"]
-    knows = oracle_knowledge(est)
-    return f"{knows} ({est} R_samp)" if uses_rsamp and knows != "none" else "none"
+    """What a trained entry knows beyond its scene's measurements, H and codes (through its R_samp input)."""
+    knows = run_oracle(ExperimentConfig.from_dict(cfg))
+    return f"{knows} ({cfg['fixes']['rsamp_estimator']} R_samp)" if knows != "none" else "none"
 

@@ -26,20 +26,22 @@ import torch
 from ..checks import check_covariance
 from ..config import SAMPLE_ESTIMATORS, ConfigError, ExperimentConfig, SystemConfig, check_choice, resolve_device
 from ..covariance import hermitise
-from ..forward import forward, rsamp_cache
+from ..estimators import oracle_knowledge
+from ..forward import forward, rsamp_cache, split_seed
 from ..grid import Grid
 from ..likelihood import crb_for, ml_fit_for
 from ..localisation import COUNT_METHODS, METHODS, Localisation, count_sources, localise, spectrum
-from ..metrics import DEFAULT_TOLERANCES, match_metrics, tolerances_array
+from ..metrics import DEFAULT_TOLERANCES, GATE_SIGMAS, match_metrics, score_sources, summarise, tolerances_array
 from ..physics import SceneBatch, simulate
 
 Source = Callable[[SceneBatch], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 PHYSICS_K = ("true", "mdl")
 
 
-def snr_scene_seed(seed: int, snr_index: int) -> int:
-    """The seed of the scenes of the study's ``snr_index``-th SNR: every SNR has scenes of its own."""
-    return seed + snr_index
+def snr_scene_seed(seed: int, snr_index: int, split: str = "dev") -> int:
+    """The seed of the scenes of the study's ``snr_index``-th SNR in ``split`` (:data:`workbench.forward.SPLITS`: "dev"
+    for notebooks, "test" for the reported tables): every SNR and every split has scenes of its own."""
+    return split_seed(seed, split, 1, snr_index)
 
 
 def _raw_rsamp(system: SystemConfig, estimator: str, b: SceneBatch) -> torch.Tensor:
@@ -51,19 +53,40 @@ def _raw_rsamp(system: SystemConfig, estimator: str, b: SceneBatch) -> torch.Ten
 def rsamp_source(system: SystemConfig, estimator: str) -> Source:
     """batch -> the estimator's R_samp, hermitised ("covariance_matching" and "beamscan" use batch.noise_var)."""
     check_choice("estimator", estimator, SAMPLE_ESTIMATORS)
-    return lambda b: hermitise(_raw_rsamp(system, estimator, b))
-
-
-def physics_source(system: SystemConfig, k: str = "true") -> Source:
-    """batch -> (covariance of the ML fit, its MDL count). ``k`` "true": the nested fit with the true K (oracle
-    knowledge of K, as R_true and the R_samp estimators get with ``use_true_k``); "mdl": the MDL fit. One fit
-    serves both (its nested levels). The covariance has rank K, so MUSIC with that K returns the ML locations."""
-    check_choice("physics_k", k, PHYSICS_K)
 
     def source(b: SceneBatch):
-        fit = ml_fit_for(b, system)
-        return fit.covariance(system, K=b.K if k == "true" else None), fit.loc.K
+        return hermitise(_raw_rsamp(system, estimator, b))
+    source.oracle = oracle_knowledge(estimator)
     return source
+
+
+class PhysicsSource:
+    """The maximum-likelihood fit straight from the snapshots (:func:`workbench.likelihood.ml_fit_for`) as a localisation
+    source: called on a batch, (its covariance sum_k p_k a_k a_k^H, its MDL count). ``k`` "true": the covariance of
+    the nested fit with the true K (oracle knowledge of K, for the legacy true-K columns); "mdl": of the MDL fit.
+    :meth:`given_k` gives either explicitly. One fit per batch (kept on the batch's cache) serves every K. The
+    covariance has rank K, so MUSIC with that K returns the ML locations."""
+
+    oracle = "none"
+
+    def __init__(self, system: SystemConfig, k: str = "true"):
+        check_choice("physics_k", k, PHYSICS_K)
+        self.system, self.k = system, k
+
+    def fit(self, b: SceneBatch):
+        return rsamp_cache(b).derived(("ml_fit", self.system.to_json()), lambda: ml_fit_for(b, self.system))
+
+    def given_k(self, b: SceneBatch, K: torch.Tensor | None) -> torch.Tensor:
+        """The covariance [n,N,N] of the fit with K[b] sources (None: the MDL count)."""
+        return self.fit(b).covariance(self.system, K=K)
+
+    def __call__(self, b: SceneBatch):
+        return self.given_k(b, b.K if self.k == "true" else None), self.fit(b).loc.K
+
+
+def physics_source(system: SystemConfig, k: str = "true") -> PhysicsSource:
+    """:class:`PhysicsSource` of ``system`` (``k``: which fit's covariance a plain call returns)."""
+    return PhysicsSource(system, k)
 
 
 def model_sources(runs: dict, blend: bool = True) -> dict[str, Source]:
@@ -91,7 +114,15 @@ def _model_source(name: str, run, which: str) -> Source:
     def source(b: SceneBatch):
         cov, k = rsamp_cache(b).derived(("model", name, id(run)), lambda: run_forward(b))
         return hermitise(getattr(cov, which)), k
+    source.oracle = run_oracle(run.config)
     return source
+
+
+def run_oracle(cfg: ExperimentConfig) -> str:
+    """What a trained network knows beyond a scene's measurements, H and codes: its R_samp input's oracle knowledge
+    (:func:`workbench.estimators.oracle_knowledge`) when it reads R_samp (``model.rsamp_input`` or a blend), else "none"."""
+    uses_rsamp = cfg.model.rsamp_input or cfg.fixes.beta > 0
+    return oracle_knowledge(cfg.fixes.rsamp_estimator) if uses_rsamp else "none"
 
 
 def localisation_sources(cfg: ExperimentConfig, estimators: Sequence[str], physics_k: str | None = None,
@@ -101,7 +132,10 @@ def localisation_sources(cfg: ExperimentConfig, estimators: Sequence[str], physi
     (:func:`model_sources`). The sources share each batch's R_samp cache (:func:`workbench.forward.rsamp_cache`)."""
     s = cfg.system
     check_choice("physics_k", physics_k, (None, *PHYSICS_K))
-    sources: dict[str, Source] = {"R_true": lambda b: b.R_true, **{f"R_samp[{e}]": rsamp_source(s, e) for e in estimators}}
+    def r_true(b: SceneBatch) -> torch.Tensor:
+        return b.R_true
+    r_true.oracle = "R_true itself"
+    sources: dict[str, Source] = {"R_true": r_true, **{f"R_samp[{e}]": rsamp_source(s, e) for e in estimators}}
     if physics_k is not None:
         sources["physics[ML]"] = physics_source(s, physics_k)
     sources.update(model_sources(runs or {}, blend))
@@ -139,20 +173,29 @@ def localisation_vs_snr(
     tolerances: dict | None = None,
     nuisance: bool = True,
     device: str = "cpu",
+    split: str = "dev",
+    n_boot: int = 1000,
+    gate: float = GATE_SIGMAS,
 ) -> dict:
-    """RMSE, detection and counting versus SNR for several covariance sources, with sqrt(CRB).
+    """Localisation versus SNR for several covariance sources, scored per source against the Cramer-Rao bound.
 
-    For SNR number i: ``n_per_snr`` scenes from :func:`snr_batch` (seed + i); for each name, R from
-    covariances[name](batch) is localised by ``method`` with the true K (``use_true_k``) or the source's own
-    count, and matched to the truth (:func:`match_metrics`). The count is the source's (a network's K head, the
-    ML fit's MDL), else ``k_method`` on R's eigenvalues (``n_snapshots`` default system.L, capped at K_max);
-    ``k_accuracy`` always scores that count against the true K.
-    sqrt_crb: sqrt of the CRB averaged over all sources at that SNR (comparable to the RMSE over sources).
+    For SNR number i: ``n_per_snr`` scenes of ``split`` (:func:`snr_batch` with :func:`snr_scene_seed`: "dev" for
+    notebooks, "test" for the reported tables). Every source's R = covariances[name](batch) is localised by ``method``
+    twice: with the true K (oracle knowledge; a source whose covariance depends on K, like the ML fit, gives its true-K
+    covariance through ``given_k``) and with its own count (a network's K head, the ML fit's MDL; else ``k_method`` on
+    R's eigenvalues, ``n_snapshots`` default system.L, capped at K_max). Each is scored per source
+    (:func:`workbench.metrics.score_sources`: Hungarian matching on err^2 / CRB_k with the per-source CRB of
+    :func:`workbench.likelihood.crb_for`, a ``gate`` x sqrt(CRB_k) detection gate floored at one grid step) and
+    summarised with 95 % bootstrap intervals over the scenes (``n_boot`` resamples).
+
     Returns plain lists/floats (NaN as None), ready for json.dump:
-    {"snr_db", "method", "n_per_snr", "tolerances", "sqrt_crb": {"phi_deg", "theta_deg", "r_m"},
-     "covariances": {name: {"rmse_phi_deg", "rmse_theta_deg", "rmse_r_m", "rmse_detected_phi_deg", ...,
-     "precision", "recall", "f1", "k_accuracy"}}} each a list over snrs_db (the keys of :func:`match_metrics`),
-     "k_source": {name: "own" or ``k_method``}}.
+    {"snr_db", "method", "n_per_snr", "split", "seed", "gate", "scene_seeds" [per SNR], "use_true_k", "tolerances",
+     "sqrt_crb": {"phi_deg", "theta_deg", "r_m"} (sqrt of the mean CRB over sources, for plots),
+     "per_source": {name: {"true_k": [per SNR {statistic: {"value", "lo", "hi"}}], "own_k": [...]}} (the statistics
+     of :data:`workbench.metrics.STATISTICS`),
+     "covariances": {name: fixed-tolerance metrics per SNR (:func:`workbench.metrics.match_metrics`, with the true K
+     when ``use_true_k``), "k_accuracy" of the own count},
+     "k_source": {name: "own" or ``k_method``}, "oracle": {name: what the source knows beyond y, H and the codes}}.
     """
     check_choice("method", method, METHODS)
     check_choice("k_method", k_method, COUNT_METHODS)
@@ -163,26 +206,40 @@ def localisation_vs_snr(
     tolerances_array(tolerances)  # validates
     grid = Grid.default(system) if grid is None else grid
     grid.validate(system)
+    floor = grid.steps().tolist()
     n_snap = system.L if n_snapshots is None else n_snapshots
     dev = resolve_device(device)
     keys = ("rmse_phi_deg", "rmse_theta_deg", "rmse_r_m", "rmse_detected_phi_deg", "rmse_detected_theta_deg", "rmse_detected_r_m",
             "precision", "recall", "f1", "k_accuracy")
     res = {name: {k: [] for k in keys} for name in covariances}
+    per = {name: {"true_k": [], "own_k": []} for name in covariances}
     bound = {"phi_deg": [], "theta_deg": [], "r_m": []}
     k_source: dict[str, str] = {}
+    seeds = []
     for i, snr in enumerate(snrs_db):
-        batch = snr_batch(system, snr, n_per_snr, snr_scene_seed(seed, i), dev)
-        c = crb_for(batch, system, nuisance)[batch.mask]  # [sources, 3]
-        rms = c.mean(0).sqrt().cpu().tolist()
+        seeds.append(snr_scene_seed(seed, i, split))
+        batch = snr_batch(system, snr, n_per_snr, seeds[-1], dev)
+        crb_k = crb_for(batch, system, nuisance)  # [n,K_max,3], NaN where padded
+        rms = crb_k[batch.mask].mean(0).sqrt().cpu().tolist()
         bound["phi_deg"].append(_json_float(math.degrees(rms[0])))
         bound["theta_deg"].append(_json_float(math.degrees(rms[1])))
         bound["r_m"].append(_json_float(rms[2]))
+        truth = (batch.phi, batch.theta, batch.r, batch.mask)
         for name, fn in covariances.items():
             R, k_own = _estimate(fn, batch, name, system)
             k_hat = count_sources(R, n_snap, k_method, k_max=system.K_max) if k_own is None else k_own.to(R.device)
             k_source[name] = "own" if k_own is not None else k_method
-            est = localise(R, system, grid, method, K=batch.K if use_true_k else k_hat)
-            m = match_metrics(est, batch.phi, batch.theta, batch.r, batch.mask, tolerances)
+            given_k = getattr(fn, "given_k", None)
+            R_true_k = R if given_k is None else check_covariance(given_k(batch, batch.K), name, N=system.N)
+            R_own_k = R if given_k is None else check_covariance(given_k(batch, None), name, N=system.N)
+            est_true = localise(R_true_k, system, grid, method, K=batch.K)
+            est_own = localise(R_own_k, system, grid, method, K=k_hat)
+            for mode, est in (("true_k", est_true), ("own_k", est_own)):
+                scores = score_sources(est.phi, est.theta, est.r, est.mask, *truth, crb_k, floor=floor, gate=gate)
+                per[name][mode].append(_finite_summary(summarise(scores, n_boot=n_boot, seed=seeds[-1])))
+            same = given_k is None or getattr(fn, "k", None) == ("true" if use_true_k else "mdl")  # R is that mode's covariance
+            legacy = (est_true if use_true_k else est_own) if same else localise(R, system, grid, method, K=batch.K if use_true_k else k_hat)
+            m = match_metrics(legacy, batch.phi, batch.theta, batch.r, batch.mask, tolerances)
             m["k_accuracy"] = (k_hat.cpu() == batch.K.cpu()).double().mean().item()
             for k in keys:
                 res[name][k].append(_json_float(m[k]))
@@ -190,12 +247,22 @@ def localisation_vs_snr(
         "snr_db": [float(s) for s in snrs_db],
         "method": method,
         "n_per_snr": n_per_snr,
+        "split": split,
+        "seed": seed,
+        "gate": gate,
+        "scene_seeds": seeds,
         "use_true_k": use_true_k,
         "tolerances": {**DEFAULT_TOLERANCES, **(tolerances or {})},
         "sqrt_crb": bound,
+        "per_source": per,
         "covariances": res,
         "k_source": k_source,
+        "oracle": {name: getattr(fn, "oracle", "unknown") for name, fn in covariances.items()},
     }
+
+
+def _finite_summary(summary: dict) -> dict:
+    return {k: {q: _json_float(v) for q, v in d.items()} for k, d in summary.items()}
 
 
 # ---------------------------------------------------------------------------------------------
