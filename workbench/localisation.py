@@ -295,8 +295,9 @@ def joint_subspace_refine(E: torch.Tensor, system: SystemConfig, grid: Grid, val
     (complex128) outside the span of the K steering vectors A (MUSIC's subspace-fitting form, zero at the truth for a
     noise-free covariance). One source at a time, RAP-MUSIC can leave two close sources off their joint optimum, and
     the separable grid can start a refinement in the wrong basin (measured on noise-free R_true under the exact model:
-    a pair 2.6 deg apart at 3.2 and 4.2 m, one source 4.2 deg off; exact after this step); the joint problem has 3K coordinates (phi, theta, 1/r scaled by the grid steps), with the
-    gradient and Hessian by autograd through :func:`~workbench.physics.steering`. A step is kept only where it lowers
+    a pair 2.6 deg apart at 3.2 and 4.2 m, one source 4.2 deg off; exact after this step). The joint problem has 3K
+    coordinates (phi, theta, 1/r scaled by the grid steps), with the gradient and Hessian by autograd through
+    :func:`~workbench.physics.steering`. A step is kept only where it lowers
     the residual and stays in the field of view. Returns (phi, theta, r) [B,kp] float64."""
     dev = E.device
     E = E.to(torch.complex128)
@@ -331,97 +332,6 @@ def joint_subspace_refine(E: torch.Tensor, system: SystemConfig, grid: Grid, val
             break
     x = u.detach().reshape(B, kp, 3) * scale
     return x[..., 0], x[..., 1], 1.0 / x[..., 2]
-
-
-def _subspace_residual(E: torch.Tensor, system: SystemConfig, u: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """||P_A^perp E||_F^2 [B] for the steering vectors A [B,N,kp] at scaled points u [B,kp,3] (invalid slots left out)."""
-    x = u * scale
-    A = steering(system, x[..., 0], x[..., 1], 1.0 / x[..., 2]).mT * valid[:, None, :]  # [B,N,kp]
-    gram = A.mH @ A + torch.diag_embed((~valid).to(A.dtype))
-    coef = torch.linalg.solve(gram, A.mH @ E)
-    return torch.view_as_real(E - A @ coef).square().sum((-3, -2, -1))
-
-
-def joint_subspace_refine(E: torch.Tensor, system: SystemConfig, grid: Grid, valid: torch.Tensor, phi, theta, r,
-                          iters: int = 30) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All sources of a scene refined together: damped Newton on ||P_A^perp E_s||_F^2, the signal subspace E_s [B,N,J]
-    (complex128) outside the span of the K steering vectors A (MUSIC's subspace-fitting form, zero at the truth for a
-    noise-free covariance). One source at a time, RAP-MUSIC can leave two close sources off their joint optimum, and
-    the separable grid can start a refinement in the wrong basin (measured on noise-free R_true under the exact model:
-    a pair 2.6 deg apart at 3.2 and 4.2 m, one source 4.2 deg off; exact after this step); the joint problem has 3K coordinates (phi, theta, 1/r scaled by the grid steps), with the
-    gradient and Hessian by autograd through :func:`~workbench.physics.steering`. A step is kept only where it lowers
-    the residual and stays in the field of view. Returns (phi, theta, r) [B,kp] float64."""
-    dev = E.device
-    E = E.to(torch.complex128)
-    B, kp = phi.shape
-    scale = grid.steps().to(dev)
-    pm, tm = math.radians(system.phi_max_deg), math.radians(system.theta_max_deg)
-    lo = (torch.tensor([-pm, -tm, 1.0 / system.r_max_m], dtype=torch.float64, device=dev) / scale).repeat(kp)
-    hi = (torch.tensor([pm, tm, 1.0 / system.r_min_m], dtype=torch.float64, device=dev) / scale).repeat(kp)
-    u = (torch.stack((phi, theta, 1.0 / r), -1).to(dev, torch.float64) / scale).reshape(B, 3 * kp)
-    free = valid.repeat_interleave(3, 1)
-    P = 3 * kp
-    eye = torch.eye(P, dtype=torch.float64, device=dev)
-    mu = torch.full((B,), 1e-3, dtype=torch.float64, device=dev)
-    f_of = lambda v: _subspace_residual(E, system, v.reshape(B, kp, 3), scale, valid)  # noqa: E731
-    for _ in range(iters):
-        uu = u.detach().requires_grad_(True)
-        f = f_of(uu)
-        (g,) = torch.autograd.grad(f.sum(), uu, create_graph=True)
-        Hs = torch.stack([torch.autograd.grad(g[:, i].sum(), uu, retain_graph=True)[0] for i in range(P)], -2).detach()
-        g, f = (g * free).detach(), f.detach()
-        Hs = torch.where(free[:, :, None] & free[:, None, :], Hs, eye.expand(B, P, P))
-        damp = mu * Hs.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-30)
-        step = -torch.linalg.solve(Hs + damp[:, None, None] * eye, g[..., None])[..., 0]
-        step = torch.nan_to_num(step) / step.reshape(B, kp, 3).norm(dim=-1).amax(-1, keepdim=True).clamp_min(1.0)  # <= 1 cell per source
-        u_new = torch.minimum(torch.maximum(u + step * free, lo), hi)
-        with torch.no_grad():
-            f_new = f_of(u_new)
-        ok = f_new < f
-        u = torch.where(ok[:, None], u_new, u)
-        mu = torch.where(ok, mu * 0.3, mu * 10.0).clamp(1e-12, 1e12)
-        if bool((((f - f_new).abs() <= 1e-12 * f.abs() + 1e-20) | (mu >= 1e12)).all()):
-            break
-    x = u.detach().reshape(B, kp, 3) * scale
-    return x[..., 0], x[..., 1], 1.0 / x[..., 2]
-
-
-def _rap_value(U: torch.Tensor, Q: torch.Tensor, a: torch.Tensor, min_residual: float) -> torch.Tensor:
-    """RAP-MUSIC's correlation ||U^H a||^2 / ||P_Q^perp a||^2 at steering vectors a [B,N] (unit norm): [B]."""
-    q = _quadratic_at(U, a[:, None, :])[:, 0]
-    return _rap_correlation(q, 1.0 - _quadratic_at(Q, a[:, None, :])[:, 0], min_residual)
-
-
-def _rap_sweep(E, system, grid, K, valid, phi, theta, r, iters: int, min_residual: float, scan_dtype):
-    """One alternating pass over the sources found by the forward RAP-MUSIC pass: each source is searched again with
-    every *other* found source projected out (a grid scan, then refinement), and the new estimate replaces the old
-    one where its correlation is higher. The forward pass finds source j with only sources 1..j-1 projected out, so
-    a close neighbour found later can pull it off; and the grid is the separable estimator model, whose picks near a
-    close pair can start the refinement in the wrong basin. Measured on noise-free R_true under the exact model: a
-    close pair (2.6 deg, 3.2 and 4.2 m) off by 4.2 deg after the forward pass, exact after one sweep."""
-    B, N, _ = E.shape
-    kp = phi.shape[1]
-    phi, theta, r = phi.clone(), theta.clone(), r.clone()
-    for j in range(kp):
-        others = valid.clone()
-        others[:, j] = False
-        A = steering(system, phi, theta, r).to(E.dtype)  # [B,kp,N]
-        Q = E.new_zeros(B, N, 0)
-        for m in range(kp):
-            if m != j:
-                Q = _append_orthonormal(Q, A[:, m], others[:, m])
-        U = _orthonormal_signal_part(E, Q, (K - others.sum(1)).clamp_min(0))
-        residual = (1.0 - _grid_quadratic(Q.to(scan_dtype), system, grid)).clamp_min(0.0)
-        corr = _rap_correlation(_grid_quadratic(U.to(scan_dtype), system, grid), residual, min_residual).reshape(B, -1)
-        g_phi, g_theta, g_r = grid.coords(grid.unravel(corr.argmax(-1)))
-        ok = valid[:, j]
-        n_phi, n_theta, n_r = (t[:, 0] for t in refine_peaks(U, system, grid, g_phi[:, None], g_theta[:, None], g_r[:, None],
-                                                              ok[:, None], "music", iters, Q=Q))
-        old = _rap_value(U, Q, A[:, j], min_residual)
-        new = _rap_value(U, Q, steering(system, n_phi, n_theta, n_r).to(E.dtype), min_residual)
-        better = ok & (new > old)
-        phi[:, j], theta[:, j], r[:, j] = (torch.where(better, n, o[:, j]) for n, o in ((n_phi, phi), (n_theta, theta), (n_r, r)))
-    return phi, theta, r
 
 
 @dataclass
