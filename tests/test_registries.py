@@ -92,7 +92,9 @@ def test_oracle_knowledge_feeds_the_compare_and_baseline_rows(monkeypatch):
         assert compare._entry_oracle(cfg) == ("none" if knows == "none" else f"{knows} ({name} R_samp)")
         unused = {**cfg, "model": {**cfg["model"], "rsamp_input": False}, "fixes": {**cfg["fixes"], "beta": 0.0}}
         assert compare._entry_oracle(unused) == "none"  # R_samp not used: nothing known through it
-    monkeypatch.setattr(compare, "oracle_knowledge", lambda est: "the registry's word")
+    from workbench.studies import localisation as study_localisation  # run_oracle, which compare's rows use, reads the registry
+
+    monkeypatch.setattr(study_localisation, "oracle_knowledge", lambda est: "the registry's word")
     cfg = {**base, "model": {**base["model"], "rsamp_input": True}}
     assert compare._entry_oracle(cfg) == f"the registry's word ({cfg['fixes']['rsamp_estimator']} R_samp)"
     assert baselines.ORACLE["beamscan_scaled"] == f"{oracle_knowledge('beamscan')} (beamscan power fit)"
