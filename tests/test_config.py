@@ -123,7 +123,7 @@ def test_presets_exist_and_are_valid():
 
 def test_seed_before_has_the_seed_notes_values():
     f = preset("seed_before").fixes
-    # DESIGN.md section 3, "seed value" column: before any fix
+    # docs/design.md section 3, "seed value" column: before any fix
     assert (f.rsamp_normalise, f.rblend_trace_normalise) == (False, True)
     assert (f.c_eps, f.lam_gap, f.eps_psd, f.gap_margin, f.beta) == (1.0, 0.012, 1e-4, 0.03, 0.3)
     assert (f.rsamp_estimator, f.gap_backend) == ("seed", "eigh")

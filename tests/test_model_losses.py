@@ -76,7 +76,7 @@ def test_oracle_scores_zero_when_both_sides_share_preprocessing(batch):
 
 
 def test_loading_only_the_prediction_puts_a_floor_under_the_nmse(batch):
-    """DESIGN fact 4: with an oracle R_pred and R_samp = R_ref, the seed's NMSE is exactly N c^2 / ||R_ref||^2."""
+    """docs/design.md fact 4: with an oracle R_pred and R_samp = R_ref, the seed's NMSE is exactly N c^2 / ||R_ref||^2."""
     cfg = preset("seed_fix2")
     R_ref = trace_normalise(batch.R_true)
     losses, _ = compute_losses(oracle_output(batch, cfg.system), batch, R_ref, cfg.replace(**{"fixes.qr_retraction": False}),

@@ -1,4 +1,4 @@
-"""Tests of workbench.spectral: DESIGN.md section 3, facts 1-3, against independent references
+"""Tests of workbench.spectral: docs/design.md section 3, facts 1-3, against independent references
 (numpy eigensolvers, complex128 finite differences, torch.autograd.gradcheck), and the factored eigen-terms
 (R = F F^H + c I) against the full-matrix path."""
 

@@ -187,7 +187,7 @@ def _check_type(where: str, value: Any, expected: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class SystemConfig(ConfigBase):
-    """The simulated RIS system (DESIGN.md section 2). SI units unless the name says otherwise."""
+    """The simulated RIS system (docs/design.md, section 2). SI units unless the name says otherwise."""
 
     _section: ClassVar[str] = "system"
 
@@ -268,7 +268,7 @@ class SystemConfig(ConfigBase):
 
 @dataclass
 class FixConfig(ConfigBase):
-    """The covariance pipeline's knobs (DESIGN.md section 3): the seed's fixes and their alternatives."""
+    """The covariance pipeline's knobs (docs/design.md, section 3): the seed's fixes and their alternatives."""
 
     _section: ClassVar[str] = "fixes"
 

@@ -122,7 +122,7 @@ def loading_sweep(cfg: ExperimentConfig, batch: SceneBatch, c_eps_values: Sequen
     """Effect of the diagonal loading C_EPS on R_blend's lower eigenvalues, one row per value:
     {"c_eps", "rank", "cond", "gap" (median lambda_K - lambda_{K+1}), "lower_min", "lower_max" (median over
     scenes of the smallest / largest of lambda_{K+1..N}), "lower_spread" (median (max-min)/max of them)}.
-    Loading shifts every eigenvalue by C_EPS and leaves the gaps unchanged (DESIGN.md section 6)."""
+    Loading shifts every eigenvalue by C_EPS and leaves the gaps unchanged (docs/design.md, section 5)."""
     raw = rsamp_cache(batch).raw(cfg.fixes.rsamp_estimator, cfg.system) if R_samp_raw is None else R_samp_raw
     rows = []
     for c in c_eps_values:
