@@ -13,8 +13,9 @@ from ..config import ConfigError, check_choice, parse_overrides
 from ..experiments import BUDGETS, DEFAULT_ENTRIES, ENTRIES, budget_overrides, entry_configs
 from ..figures.compare import conclusion, format_table
 from ..io import atomic_write_json, atomic_write_text
-from ..studies.compare import compare
+from ..studies.compare import compare, summary
 from ..train import torch_threads
+from ._results import header, write_results
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seed of the held-out test scenes every reported number comes from (default: train.seed); another value "
                         "re-scores the same trained networks on fresh scenes")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the scenes for the 95 %% intervals (default 1000)")
+    p.add_argument("--results", metavar="PATH", default=None,
+                   help="also write the summary the README's tables are made from: PATH (.json) and PATH with .md (the tables)")
     p.add_argument("--no-reuse", action="store_true", help="retrain entries even when their folder holds a complete run of the same config")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
@@ -67,5 +70,7 @@ def _cli_compare(args: argparse.Namespace) -> int:
     print(table)
     print()
     print(conclusion(result))
+    if args.results:
+        write_results(args.results, {**header("compare"), **summary(result)})
     print(f"\nwrote {out}/compare.json, {out}/table.md and a run folder per entry ({result['seconds']:.0f} s)")
     return 0

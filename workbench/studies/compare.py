@@ -141,6 +141,16 @@ def compare(entries: Sequence[str] = DEFAULT_ENTRIES, overrides: dict[str, Any] 
     return result
 
 
+def summary(result: dict) -> dict:
+    """The part of a :func:`compare` result that the README's tables are made from, small enough to commit under
+    ``results/``: {"device", "scenes", "entries", "overrides", "seconds", "localisation": {"gate", "snr_db", "split",
+    "seed", "n_per_snr"}, "table": :func:`results_rows`}."""
+    loc = result["localisation"]
+    return {"device": str(resolve_device(next(iter(result["configs"].values()))["train"]["device"])),
+            "scenes": result["scenes"], "entries": result["entries"], "overrides": result["overrides"], "seconds": result["seconds"],
+            "localisation": {k: loc[k] for k in ("gate", "snr_db", "split", "seed", "n_per_snr")}, "table": result["table"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # The results table
 _REFERENCE_ROWS = (  # (row, localisation source, NMSE row, kind)
