@@ -4,12 +4,12 @@ Owns: turning a result summary (a dict with ``kind``) into the tables and conclu
 measure, write files (the command line does), or format numbers itself (:func:`workbench.figures.fmt` does).
 
 Kinds: ``compare`` (:func:`workbench.studies.compare.summary`), ``seed_table`` ({"rows": seed_table rows}),
-``estimators`` ({"rows": estimator_table rows}).
+``estimators`` ({"rows": estimator_table rows}), ``mismatch`` ({"rows": studies.steering.mismatch_rows}).
 """
 
 from __future__ import annotations
 
-from . import fmt
+from . import MISSING, fmt
 from .compare import conclusion, format_table
 from .seed_note import format_seed_table, seed_conclusion
 
@@ -27,6 +27,19 @@ def estimator_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def mismatch_markdown(rows: list[dict]) -> str:
+    """:func:`workbench.studies.steering.mismatch_rows` as a markdown table: per (phi, r), the bias of the assumed
+    model's estimate and sqrt(CRB) under the exact model, and their ratio."""
+    lines = ["| φ° | r m | bias φ° | bias r m | √CRB φ° | √CRB r m | bias/√CRB φ | bias/√CRB r |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [fmt(r[k], 3) for k in ("phi_deg", "r_m", "bias_phi_deg", "bias_r_m", "sqrt_crb_phi_deg", "sqrt_crb_r_m", "bias_over_crb_phi",
+                                        "bias_over_crb_r")]
+        if r.get("range_clipped"):  # the estimate sits at the edge of the field of view: no range bias to report
+            cells[3], cells[7] = "at the range limit", MISSING
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(summary: dict) -> str:
     """The markdown of a result summary (module docstring), ending in a newline."""
     kind = summary.get("kind", "compare")
@@ -36,4 +49,6 @@ def markdown(summary: dict) -> str:
         return f"{format_seed_table(summary['rows'])}\n\n{seed_conclusion(summary['rows'])}\n"
     if kind == "estimators":
         return f"{estimator_markdown(summary['rows'])}\n"
+    if kind == "mismatch":
+        return f"{mismatch_markdown(summary['rows'])}\n"
     raise ValueError(f"result kind {kind!r}: expected compare, seed_table or estimators")

@@ -29,7 +29,9 @@ def mismatch_rows(system: SystemConfig, phis_deg: Sequence[float] = (0.0, 20.0, 
     """One row per (phi, r) of the grid ``phis_deg`` x ``ranges_m`` (elevation ``theta_deg``): the estimate a
     ``model``-assuming MUSIC converges to on the exact noise-free covariance, its bias, and sqrt(CRB) under the exact
     model for one scene of ``system`` (its channel and RIS codes, seed ``seed``) at ``snr_db`` (unknown power and
-    noise variance). Rows: {"phi_deg", "theta_deg", "r_m", "model", "bias_phi_deg", "bias_theta_deg", "bias_r_m",
+    noise variance). The estimate is confined to the field of view: ``range_clipped`` marks an estimated range held at
+    r_min or r_max (its range bias then says nothing). Rows: {"phi_deg", "theta_deg", "r_m", "model", "range_clipped",
+    "bias_phi_deg", "bias_theta_deg", "bias_r_m",
     "sqrt_crb_phi_deg", "sqrt_crb_theta_deg", "sqrt_crb_r_m", "bias_over_crb_phi", "bias_over_crb_r"} (floats)."""
     check_choice("model", model, STEERING_MODELS)
     exact = system.replace(steering_model="exact", K_min=1, K_max=1, snr_db_min=snr_db, snr_db_max=snr_db)
@@ -55,7 +57,10 @@ def mismatch_rows(system: SystemConfig, phis_deg: Sequence[float] = (0.0, 20.0, 
     for i in range(B):
         bias = (float(est[0][i, 0] - phi[i, 0]), float(est[1][i, 0] - theta[i, 0]), float(est[2][i, 0] - r[i, 0]))
         sq = bound[i].tolist()
+        r_est = float(est[2][i, 0])
+        clipped = min(abs(r_est - exact.r_min_m), abs(r_est - exact.r_max_m)) < 1e-9  # held at the field of view's edge
         rows.append({"phi_deg": math.degrees(float(phi[i, 0])), "theta_deg": theta_deg, "r_m": float(r[i, 0]), "model": model,
+                     "range_clipped": clipped,
                      "bias_phi_deg": math.degrees(bias[0]), "bias_theta_deg": math.degrees(bias[1]), "bias_r_m": bias[2],
                      "sqrt_crb_phi_deg": math.degrees(sq[0]), "sqrt_crb_theta_deg": math.degrees(sq[1]), "sqrt_crb_r_m": sq[2],
                      "bias_over_crb_phi": abs(bias[0]) / sq[0], "bias_over_crb_r": abs(bias[2]) / sq[2]})
