@@ -328,9 +328,13 @@ def write_index(runs: list[NotebookRun], out_root: str | os.PathLike = "runs", h
 def _history(history: list[dict], out_root: Path) -> str:
     if not history:
         return ""
+
+    def link(m: dict) -> str:
+        return html.escape(Path(os.path.relpath(m["path"], out_root.resolve())).as_posix()) + "/index.html"
+
     rows = "".join(
-        f"<tr><td>{html.escape(str(m.get('time')))}</td><td><a href='{html.escape(Path(os.path.relpath(m['path'], out_root.resolve())).as_posix())}/index.html'>"
-        f"{html.escape(Path(m['path']).name)}</a></td><td>{html.escape(str(m.get('status')))}</td>"
+        f"<tr><td>{html.escape(str(m.get('time')))}</td><td><a href='{link(m)}'>{html.escape(Path(m['path']).name)}</a></td>"
+        f"<td>{html.escape(str(m.get('status')))}</td>"
         f"<td><code>{html.escape((m.get('commit') or '-')[:10] + ('+' if m.get('dirty') else ''))}</code></td>"
         f"<td>{html.escape(', '.join(m.get('notebooks') or []))}</td></tr>" for m in reversed(history))
     return (f"<section id='runs'><h2>report runs</h2><table class='params'><tr><th>time (UTC)</th><th>run</th><th>status</th>"
