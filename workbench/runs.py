@@ -184,13 +184,24 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
+METRICS_FILES = ("metrics.json", "compare.json", "verify.json")  # a notebook's, `workbench compare`'s, `workbench verify`'s
+
+
 def run_metrics(folder: str | os.PathLike) -> dict[str, float]:
-    """The flattened numbers of a run's ``metrics.json`` ({} when it has none)."""
-    path = Path(folder) / "metrics.json"
+    """The flattened numbers of a run's results: the first of :data:`METRICS_FILES` it has, else the last epoch of a
+    training run's ``history.json`` (keys "final.<name>"); {} when it has none."""
+    folder = Path(folder)
     try:
-        return flatten(json.loads(path.read_text()))
-    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        for name in METRICS_FILES:
+            if (folder / name).is_file():
+                return flatten(json.loads((folder / name).read_text()))
+        if (folder / "history.json").is_file():
+            history = json.loads((folder / "history.json").read_text())
+            records = history.get("history", history) if isinstance(history, dict) else history
+            return flatten({"final": records[-1]}) if isinstance(records, list) and records else {}
+    except (ValueError, UnicodeDecodeError, OSError):
         return {}
+    return {}
 
 
 def diff_runs(a: str | os.PathLike, b: str | os.PathLike, root: str | os.PathLike = "runs", only_different: bool = False) -> dict[str, Any]:
