@@ -74,6 +74,9 @@ display(Markdown(metrics["conclusion"]))
 # `seed_note` is what the note reported; `measured` is the median over the simulated scenes (the untrained
 # model's loss and gradients). It runs under the same `N_side` and `width` as the rest of this notebook. Look
 # at the gradient column (the note had NaN everywhere) and at the oracle NMSE: what an exact prediction scores.
+# "ok True" means the total loss and its gradients are finite: a NaN named in the last column comes from a term of
+# weight 0 in that preset ("ok True (weight 0)"), so it is not in the total. README table 1 is this table over 64
+# scenes; this notebook uses `n_scenes` (32 by default), so its medians differ from the README's by sampling noise.
 
 # %%
 seed_rows = seed_note.seed_table(params.n_scenes, params.preset_names, params.seed, n_grad=params.n_grad,

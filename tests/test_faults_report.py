@@ -31,25 +31,27 @@ def test_a_dead_kernel_fails_its_notebook_only_and_stale_outputs_are_cleared(tmp
     _notebook(books / "a_ok.ipynb", WRITE_OUTPUTS)
     _notebook(books / "b_dies.ipynb", "print('before the kill')", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", WRITE_OUTPUTS)
     _notebook(books / "c_after.ipynb", WRITE_OUTPUTS)
-    stale = out / "b_dies"  # an earlier, successful run of b_dies left its results here
+    stale = out / "r1" / "b_dies"  # an earlier, successful run of b_dies in the report run r1 left its results here
     stale.mkdir(parents=True)
     for name in ("old.png", "fig.png", "metrics.json", "figures.json", "page.html"):
         (stale / name).write_text("from the previous run")
     (stale / "study.db").write_text("not an output: kept")
 
-    assert main(["report", "--notebooks", str(books), "--out", str(out), "--no-progress"]) == 1
+    assert main(["report", "--notebooks", str(books), "--out", str(out), "--run", "r1", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "notebook b_dies failed" in err and "DeadKernelError" in err
 
-    index = {r["name"]: r for r in json.loads((out / "index.json").read_text())}
+    index = {r["name"]: r for r in json.loads((out / "r1" / "index.json").read_text())}
     assert [index[n]["status"] for n in ("a_ok", "b_dies", "c_after")] == ["ok", "failed", "ok"]  # c ran after the dead kernel
     # cell 3 of the executed notebook (papermill inserts the injected parameters as cell 1)
     dead = index["b_dies"]
     assert dead["figures"] == [] and dead["metrics"] is None and dead["pages"] == []  # nothing from the earlier run
     assert dead["cell"] == 3 and "os.kill" in dead["cell_source"] and "kernel stopped" in dead["error"]
-    assert sorted(p.name for p in stale.iterdir()) == ["b_dies.ipynb", "study.db"]
+    assert sorted(p.name for p in stale.iterdir()) == ["b_dies.ipynb", "manifest.json", "study.db"]
+    assert json.loads((stale / "manifest.json").read_text())["status"] == "failed"
     assert index["c_after"]["figures"] == ["fig.png"] and index["c_after"]["metrics"] == "metrics.json"
-    page = (out / "index.html").read_text()
+    for page in ((out / "r1" / "index.html").read_text(), (out / "index.html").read_text()):  # the run's index and the accumulating one
+        assert "b_dies" in page and "failed in cell 3" in page and "from the previous run" not in page
     assert "b_dies" in page and "failed in cell 3" in page and "from the previous run" not in page
 
 

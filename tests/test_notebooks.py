@@ -245,16 +245,21 @@ def test_bad_parameter_fails_in_config_cell(tmp_path, name, params, field):
 
 
 def test_report_cli_failure_names_notebook_and_cell(tmp_path, capsys):
+    # the report validates -p against the notebook's parameter class before anything is written or removed
     rc = cli.main(["report", "--only", "02", "--ci", "-p", "c_eps", "-1", "--out", str(tmp_path), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 1
-    assert "c_eps = -1.0" in err and "[config]" in err
-    # the cell is named as the user sees it: the line of the notebook's source where the config cell starts
-    line = int(re.search(r"02_eigen_spectrum failed in 02_eigen_spectrum\.py line (\d+)", err).group(1))
+    assert rc == 2
+    assert "c_eps = -1.0" in err and "02_eigen_spectrum" in err
+    assert not any(tmp_path.iterdir())
+    # a notebook that fails in its kernel is named with its cell as the user sees it: the line of the notebook's
+    # source where the config cell starts
+    run = report.run_notebook(report.notebook_path("02_eigen_spectrum"), tmp_path, {"c_eps": -1.0}, ci=True)
+    assert run.status == "failed" and run.cell_source.startswith("[config]")
+    line = int(re.search(r"02_eigen_spectrum\.py line (\d+)", run.where).group(1))
     assert report.notebook_path("02_eigen_spectrum").read_text().splitlines()[line - 1] == '# %% tags=["config"]'
 
     assert (tmp_path / "02_eigen_spectrum" / "02_eigen_spectrum.ipynb").exists()  # partial output kept
-    index = (tmp_path / "index.html").read_text()
+    index = report.write_index([run], tmp_path).read_text()
     assert "02_eigen_spectrum" in index and "failed" in index
 
 

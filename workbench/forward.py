@@ -182,6 +182,36 @@ class TrainingData:
         return cls(simulate(cfg.system, t.n_train, seed=split_seed(t.seed, "train"), device=dev),
                    simulate(cfg.system, t.n_val, seed=split_seed(t.seed, "val"), device=dev), cls.key_of(cfg))
 
+    @classmethod
+    def from_dataset(cls, path, cfg: ExperimentConfig, device=None) -> TrainingData:
+        """Training and validation scenes from the dataset folder ``path`` (made by ``workbench data generate`` or
+        ``workbench data import``; verified by :func:`workbench.data.load_dataset`) instead of the simulator:
+        ``cfg.train.n_train`` + ``cfg.train.n_val`` scenes of a permutation seeded by ``cfg.train.seed`` (so the split
+        is deterministic and the two sets are disjoint), the first n_train for training. ``cfg.system`` must equal
+        the dataset's (:func:`dataset_config` gives that config); a dataset with too few scenes fails naming the
+        sizes."""
+        from .config import ConfigError
+        from .data import load_dataset
+
+        t = cfg.train
+        batch = load_dataset(path, system=cfg.system)
+        need = t.n_train + t.n_val
+        if need > len(batch):
+            raise ConfigError(f"--data '{path}': holds {len(batch)} scenes, fewer than train.n_train + train.n_val = {t.n_train} + {t.n_val}; "
+                              "lower --n-train / --set train.n_val, or add scenes")
+        gen = torch.Generator().manual_seed(split_seed(t.seed, "train", 1))
+        order = torch.randperm(len(batch), generator=gen)
+        dev = resolve_device(t.device if device is None else device)
+        pick = lambda idx: SceneBatch(**{k: v[idx] for k, v in batch.tensors().items()}).to(dev)  # noqa: E731
+        return cls(pick(order[:t.n_train]), pick(order[t.n_train:need]), cls.key_of(cfg))
+
+    @staticmethod
+    def dataset_config(path, cfg: ExperimentConfig) -> ExperimentConfig:
+        """``cfg`` with the system of the dataset folder ``path`` (its manifest's config)."""
+        from .data import dataset_system
+
+        return cfg.replace(system=dataset_system(path).to_dict())
+
     @property
     def device(self) -> torch.device:
         return self.train.y.device

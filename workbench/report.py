@@ -1,14 +1,24 @@
 """Headless notebook runs: ``workbench report`` / ``make report``.
 
-Every notebook in ``notebooks/`` is executed with papermill into ``runs/<name>/`` (the executed notebook,
-its figures, its metrics.json), with a progress display, and ``runs/index.html`` links them all. A failing
-notebook keeps its partial output (papermill saves after every cell) and makes the command exit non-zero,
-naming the notebook and the cell; so does a notebook whose kernel dies (killed, out of memory): the other
-notebooks still run and the index is written after each one. Before a notebook runs, the outputs of its
-previous run in that folder (executed notebook, figures, pages, metrics.json, figures.json) are removed, so a
-failed run never shows an earlier run's results as its own. ``out_dir`` is set by the report itself
-(``<out>/<name>``): passing it with ``-p`` is refused (use ``--out``). The kernel is ``python3`` launched from the
-current interpreter, so a run from ``.venv/bin/workbench`` executes the notebooks with the project's environment.
+Each report is a run of its own: ``workbench report`` makes a new folder ``<out>/report-<UTC time>/`` (or reuses
+``--run NAME``) with a ``manifest.json`` (:mod:`workbench.runs`: time, git commit and dirty flag, package
+versions, device, parameters) and executes every notebook in ``notebooks/`` with papermill into
+``<run>/<name>/`` (the executed notebook, its figures, its metrics.json and its own manifest), with a progress
+display. So a headless report never shares a folder, an Optuna database (notebook 06 keeps its study under its
+out_dir unless ``-p storage`` names one) or trained models with an interactive session (whose notebooks write
+to ``runs/<name>/``) or with another report. ``<run>/index.html`` links that report's notebooks, and
+``<out>/index.html`` accumulates: per notebook the latest report's result (``--only 02`` updates 02's entry and
+keeps the others) and a list of every report run.
+
+Parameters are validated before anything is created or deleted: unknown names, ``out_dir`` (set by the report
+itself to ``<run>/<name>``: use ``--out``/``--run``), and the values, by the notebook's class in
+:mod:`workbench.params`. A failing notebook keeps its partial output (papermill saves after every cell) and makes
+the command exit non-zero, naming the notebook and the cell; so does a notebook whose kernel dies (killed, out
+of memory): the other notebooks still run and the indexes are written after each one. Before a notebook runs in
+a reused folder, the outputs of its previous run there (executed notebook, figures, pages, metrics.json,
+figures.json) are removed, so a failed run never shows an earlier run's results as its own. The kernel is
+``python3`` launched from the current interpreter, so a run from ``.venv/bin/workbench`` executes the notebooks
+with the project's environment.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .io import atomic_write_json, atomic_write_text
+from .runs import finish_run, list_runs, new_run_dir, start_run
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 KERNEL = "python3"
@@ -166,6 +177,7 @@ def run_notebook(path: str | os.PathLike, out_root: str | os.PathLike = "runs", 
     out_dir.mkdir(parents=True, exist_ok=True)
     out_nb = out_dir / f"{name}.ipynb"
     clear_outputs(out_dir, name)
+    start_run(out_dir, "notebook", name, params, notebook=str(path))
     t0 = time.perf_counter()
     error = cell = source = where = None
     try:
@@ -197,6 +209,7 @@ def run_notebook(path: str | os.PathLike, out_root: str | os.PathLike = "runs", 
     run.figures = figure_files(out_dir)
     run.pages = sorted(p.name for p in out_dir.glob("*.html"))
     run.metrics = "metrics.json" if (out_dir / "metrics.json").exists() else None
+    finish_run(out_dir, status, seconds, error=error, where=where)
     return run
 
 
@@ -267,10 +280,11 @@ def _parameter_table(params: dict) -> str:
     return f"<table class='params'>{rows}</table>"
 
 
-def _section(r: NotebookRun) -> str:
+def _section(r: NotebookRun, index_dir: Path | None = None) -> str:
     import mistune
 
-    base = f"{html.escape(r.name)}/"
+    rel = os.path.relpath(r.out_dir, index_dir) if index_dir is not None else r.name
+    base = html.escape(Path(rel).as_posix()) + "/"
     colour = "#070" if r.status == "ok" else "#b00"
     m = _metrics(r)
     conclusion = mistune.html(m["conclusion"]) if r.status == "ok" and m.get("conclusion") else ""
@@ -290,11 +304,12 @@ def _section(r: NotebookRun) -> str:
             f"<details><summary>parameters used</summary>{_parameter_table(used)}</details>{fixes}</section>")
 
 
-def write_index(runs: list[NotebookRun], out_root: str | os.PathLike = "runs") -> Path:
-    """runs/index.html (and index.json), a results page: per notebook its status and time, the conclusion its run
-    computed, its figures in the notebook's order with their titles, the parameters it actually ran with (the
-    validated values, defaults included, as the notebook recorded them), and links to the executed notebook,
-    metrics.json and the interactive pages."""
+def write_index(runs: list[NotebookRun], out_root: str | os.PathLike = "runs", history: list[dict] | None = None) -> Path:
+    """``out_root/index.html`` (and index.json), a results page: per notebook its status and time, the conclusion
+    its run computed, its figures in the notebook's order with their titles, the parameters it actually ran with
+    (the validated values, defaults included, as the notebook recorded them), and links (relative to
+    ``out_root``) to the executed notebook, metrics.json and the interactive pages. ``history``: report run
+    manifests (with "path") listed at the end, newest first."""
     out_root = Path(out_root)
     toc = " · ".join(f"<a href='#{html.escape(r.name)}' style='color:{'#070' if r.status == 'ok' else '#b00'}'>{html.escape(r.name)}</a>"
                      for r in runs)
@@ -305,16 +320,52 @@ def write_index(runs: list[NotebookRun], out_root: str | os.PathLike = "runs") -
             ".conclusion{background:#f6f8fa;padding:2px 12px;border-left:4px solid #6a8} table.params{font-size:0.85em;border-collapse:collapse}"
             "table.params td{padding:1px 8px;border-bottom:1px solid #eee} .error{color:#b00}</style></head><body><h1>workbench report</h1>"
             f"<p>{sum(r.status == 'ok' for r in runs)}/{len(runs)} notebooks ok, {time.strftime('%Y-%m-%d %H:%M:%S')}: {toc}</p>"
-            + "".join(_section(r) for r in runs) + "</body></html>")
+            + "".join(_section(r, out_root.resolve()) for r in runs) + _history(history or [], out_root) + "</body></html>")
     atomic_write_json(out_root / "index.json", [asdict(r) | {"kernel_seconds": r.kernel_seconds} for r in runs])
     return atomic_write_text(out_root / "index.html", page)
 
 
-def run_report(notebooks: list[Path], out_root: str | os.PathLike = "runs", parameters: dict | None = None, ci: bool = False,
-               progress: bool = True, kernel_name: str = KERNEL) -> list[NotebookRun]:
-    """Run ``notebooks`` in order (every one, even after a failure), then write the index. ``parameters``
-    go to each notebook that declares them; one that no notebook declares fails before anything runs."""
-    from tqdm.auto import tqdm
+def _history(history: list[dict], out_root: Path) -> str:
+    if not history:
+        return ""
+
+    def link(m: dict) -> str:
+        return html.escape(Path(os.path.relpath(m["path"], out_root.resolve())).as_posix()) + "/index.html"
+
+    rows = "".join(
+        f"<tr><td>{html.escape(str(m.get('time')))}</td><td><a href='{link(m)}'>{html.escape(Path(m['path']).name)}</a></td>"
+        f"<td>{html.escape(str(m.get('status')))}</td>"
+        f"<td><code>{html.escape((m.get('commit') or '-')[:10] + ('+' if m.get('dirty') else ''))}</code></td>"
+        f"<td>{html.escape(', '.join(m.get('notebooks') or []))}</td></tr>" for m in reversed(history))
+    return (f"<section id='runs'><h2>report runs</h2><table class='params'><tr><th>time (UTC)</th><th>run</th><th>status</th>"
+            f"<th>commit</th><th>notebooks</th></tr>{rows}</table></section>")
+
+
+def read_index(out_root: str | os.PathLike) -> list[NotebookRun]:
+    """The notebook entries of ``out_root/index.json`` ([] when there is none or it cannot be read)."""
+    path = Path(out_root) / "index.json"
+    try:
+        entries = json.loads(path.read_text())
+        names = set(NotebookRun.__dataclass_fields__)
+        return [NotebookRun(**{k: v for k, v in e.items() if k in names}) for e in entries]
+    except (FileNotFoundError, ValueError, TypeError, UnicodeDecodeError):
+        return []
+
+
+def update_index(runs: list[NotebookRun], out_root: str | os.PathLike = "runs") -> Path:
+    """The accumulating ``out_root/index.html``: the entries of ``runs`` replace those of the same notebooks, the
+    other notebooks' entries (from earlier reports) stay; every report run under ``out_root`` is listed."""
+    mine = {r.name for r in runs}
+    kept = [r for r in read_index(out_root) if r.name not in mine and Path(r.out_dir).is_dir()]
+    merged = sorted(kept + list(runs), key=lambda r: r.name)
+    return write_index(merged, out_root, history=list_runs(out_root, depth=1))
+
+
+def validate_parameters(notebooks: list[Path], parameters: dict | None = None, ci: bool = False) -> dict[Path, dict]:
+    """{notebook: the parameters it gets} after every check a run would make, before anything is written: ``out_dir``
+    refused, every name declared by some notebook, and the values of each notebook that has a parameter class in
+    :mod:`workbench.params` validated by it (ConfigError naming the notebook and field)."""
+    from .params import NOTEBOOK_PARAMS
 
     parameters = parameters or {}
     _refuse_out_dir(parameters)
@@ -322,11 +373,47 @@ def run_report(notebooks: list[Path], out_root: str | os.PathLike = "runs", para
     unknown = sorted(k for k in parameters if not any(k in d for d in declared.values()))
     if unknown:
         raise ConfigError(f"-p {', '.join(unknown)}: not a parameter of {', '.join(p.stem for p in notebooks)} (see --help-notebook NAME)")
+    out = {}
+    for path in notebooks:
+        mine = {k: v for k, v in parameters.items() if k in declared[path]}
+        cls = NOTEBOOK_PARAMS.get(path.stem)
+        if cls is not None:
+            try:
+                cls.from_dict({**(ci_parameters(path.stem) if ci else {}), **mine})
+            except ConfigError as e:
+                raise ConfigError(f"{path.stem}: {e} (nothing was run or removed)") from None
+        out[path] = mine
+    return out
+
+
+def run_report(notebooks: list[Path], out_root: str | os.PathLike = "runs", parameters: dict | None = None, ci: bool = False,
+               progress: bool = True, kernel_name: str = KERNEL, run_name: str | None = None) -> list[NotebookRun]:
+    """Run ``notebooks`` in order (every one, even after a failure) into a new report run folder under ``out_root``
+    (``run_name``: that folder's name instead, reused if it exists), writing its index and the accumulating
+    ``out_root/index.html`` after each. ``parameters`` go to each notebook that declares them; a name no
+    notebook declares, or a value a notebook's parameter class refuses, fails before anything is written.
+    Each returned run's ``out_dir`` is ``<out_root>/<run>/<name>``."""
+    from tqdm.auto import tqdm
+
+    per_notebook = validate_parameters(notebooks, parameters, ci)
+    out_root = Path(out_root)
+    if run_name:
+        if Path(run_name).name != run_name or run_name in (".", ".."):
+            raise ConfigError(f"--run {run_name!r}: expected a folder name (no /), e.g. baseline")
+        run_dir = out_root / run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = new_run_dir(out_root, "report")
+    start_run(run_dir, "report", run_dir.name, {"parameters": parameters or {}, "ci": ci}, notebooks=[p.stem for p in notebooks])
+    t0 = time.perf_counter()
     runs = []
     bar = tqdm(notebooks, desc="notebooks", unit="nb", disable=not progress)
     for path in bar:
         bar.set_postfix_str(path.stem)
-        mine = {k: v for k, v in parameters.items() if k in declared[path]}
-        runs.append(run_notebook(path, out_root, mine, ci=ci, kernel_name=kernel_name, progress=progress))
-        write_index(runs, out_root)
+        runs.append(run_notebook(path, run_dir, per_notebook[path], ci=ci, kernel_name=kernel_name, progress=progress))
+        write_index(runs, run_dir)
+        update_index(runs, out_root)
+    finish_run(run_dir, "ok" if all(r.status == "ok" for r in runs) else "failed", time.perf_counter() - t0,
+               failed=[r.name for r in runs if r.status != "ok"])
+    update_index(runs, out_root)  # the run list shows the finished status
     return runs

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                                        for k, v in BUDGETS.items()) + " (default quick)")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="override a field for every entry")
     p.add_argument("--out", default=None, help="folder for the run folders, compare.json and table.md (default runs/compare_BUDGET)")
+    p.add_argument("--data", metavar="DIR", help="train on the scenes of this dataset folder (workbench data generate / import; its "
+                                                  "system replaces the budget's); the test scenes are simulated for that system")
     p.add_argument("--snrs", default="0,10,20", help="SNRs of the localisation scenes, dB (default 0,10,20)")
     p.add_argument("--n-per-snr", type=int, default=None, help="localisation scenes per SNR (default 64 on a CPU, 256 on a GPU)")
     p.add_argument("--test-seed", type=int, default=None,
@@ -59,11 +61,23 @@ def _cli_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--test-seed = {args.test_seed}: expected an integer >= 0")
     out = Path(args.out or f"runs/compare_{args.budget}")
     overrides = budget_overrides(args.budget, parse_overrides(args.set))
+    data = None
+    if args.data:
+        from ..data import dataset_system
+        from ..forward import TrainingData
+
+        overrides.update({f"system.{k}": v for k, v in dataset_system(args.data).to_dict().items()})
+        data = TrainingData.from_dataset(args.data, next(iter(entry_configs(entries, overrides).values())))
     entry_configs(entries, overrides)  # refuse a bad configuration before anything is simulated
     out.mkdir(parents=True, exist_ok=True)
+    from ..runs import finish_run, start_run
+
+    start_run(out, "compare", out.name, {"entries": entries, "overrides": overrides, "budget": args.budget, "data": args.data,
+                                         "snrs": snrs, "n_per_snr": args.n_per_snr, "test_seed": args.test_seed, "n_boot": args.n_boot})
     with torch_threads(args.threads, "--threads"):
         result = compare(entries, overrides, out, snrs, args.n_per_snr, reuse=not args.no_reuse, progress=not args.no_progress,
-                         test_seed=args.test_seed, n_boot=args.n_boot)
+                         data=data, test_seed=args.test_seed, n_boot=args.n_boot)
+    finish_run(out, "ok", result["seconds"])
     table = format_table(result["table"])
     atomic_write_json(out / "compare.json", result)
     atomic_write_text(out / "table.md", f"{table}\n\n{conclusion(result)}\n")

@@ -52,6 +52,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    """``workbench data import FILE --out DIR`` (:func:`workbench.scenes_io.import_scenes`)."""
+    from ..scenes_io import import_scenes, read_scene_file
+
+    scenes = read_scene_file(args.file)
+    out = import_scenes(args.file, args.out, force=args.force)
+    s = scenes.system
+    print(f"wrote {out} ({len(scenes)} scenes from {args.file}; system L {s.L}, M {s.M}, N {s.N_H}x{s.N_V}, K_max {s.K_max}); "
+          f"use it with --data {out}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """``workbench data generate`` and ``workbench data check``."""
     p = sub.add_parser("data", help="generate and check datasets of simulated scenes on disk")
@@ -76,3 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("path")
     config_args(c)
     c.set_defaults(func=_cmd_check)
+
+    i = actions.add_parser("import", help="turn a scene file of your own (.npz, .mat, .h5; docs/data-format.md) into a dataset folder")
+    i.add_argument("file", help="the scene file: y, H, codes, N_H, N_V and the truth (K, phi, theta, r, power, noise_var)")
+    i.add_argument("--out", required=True, help="dataset folder, e.g. data/measured")
+    i.add_argument("--force", action="store_true", help="replace an existing dataset (only once the new one is complete)")
+    i.set_defaults(func=_cmd_import)

@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--epochs", type=int, help=f"epochs (default {default_epochs})")
         p.add_argument("--n-train", type=int, help="training scenes" + (f" (default {VERIFY_BUDGET['train.n_train']})" if name == "verify" else ""))
         if name == "train":
+            p.add_argument("--data", metavar="DIR", help="train on the scenes of this dataset folder (workbench data generate / import; "
+                                                          "its system replaces the preset's) instead of simulated ones")
             p.add_argument("--out", help="run folder for history.json and checkpoint.pt (default runs/train_PRESET)")
             p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint (same system and model config)")
         else:
@@ -82,9 +84,19 @@ def _train_command(args: argparse.Namespace) -> int:
     else:
         cfg = _cli_config(args)
         out = Path(args.out or f"runs/train_{args.preset or DEFAULT_PRESET}")
+    data = None
+    if args.data:
+        from ..forward import TrainingData
+
+        cfg = TrainingData.dataset_config(args.data, cfg)
+        data = TrainingData.from_dataset(args.data, cfg)
     RunFolder(out).check_writable()  # before any scene is simulated
-    result = fit(cfg, progress=not args.no_progress, run_dir=out, resume=bool(args.resume))
+    from ..runs import finish_run, start_run
+
+    start_run(out, "train", out.name, {"config": cfg.to_dict(), "data": args.data, "resume": bool(args.resume)}, device=data.device if data else None)
+    result = fit(cfg, data, progress=not args.no_progress, run_dir=out, resume=bool(args.resume))
     last = result.history[-1] if result.history else {}
+    finish_run(out, "ok", None, epochs=len(result.history))
     print(f"wrote {out}/{HISTORY_FILE} and {out}/{CHECKPOINT_FILE} ({len(result.history)} epochs); final val_nmse {fmt(last.get('val_nmse'))}")
     return 0
 
