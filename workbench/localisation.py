@@ -285,6 +285,8 @@ def _subspace_residual(E: torch.Tensor, system: SystemConfig, u: torch.Tensor, s
     x = u * scale
     A = steering(system, x[..., 0], x[..., 1], 1.0 / x[..., 2]).mT * valid[:, None, :]  # [B,N,kp]
     gram = A.mH @ A + torch.diag_embed((~valid).to(A.dtype))
+    # two slots on one point make the Gram matrix singular: a relative ridge keeps the residual defined (and large)
+    gram = gram + 1e-12 * gram.diagonal(dim1=-2, dim2=-1).real.amax(-1)[:, None, None] * torch.eye(gram.shape[-1], dtype=A.dtype, device=A.device)
     coef = torch.linalg.solve(gram, A.mH @ E)
     return torch.view_as_real(E - A @ coef).square().sum((-3, -2, -1))
 
