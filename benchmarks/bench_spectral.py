@@ -1,6 +1,6 @@
 """Eigengap hinge + subspace term, forward and backward: the original pipeline's way vs batched full matrix vs factored.
 
-Usage: python benchmarks/bench_spectral.py [--quick] [--batch 64] [--n 144] [--repeats 7]
+Usage: python benchmarks/bench_spectral.py [--device cpu|cuda|auto] [--quick] [--batch 64] [--n 144] [--repeats 7]
 
 The input has the structure of the pipeline's R_blend: R = F F^H + C_EPS I, trace N, C_EPS = 0.01, with
 F = A [B,N,K_max] (the network's factor, `recommended`: beta = 0) or F = [sqrt(0.7) A, sqrt(0.3) F_samp]
@@ -11,7 +11,8 @@ F = A [B,N,K_max] (the network's factor, `recommended`: beta = 0) or F = [sqrt(0
 (b) batched full matrix: eigengap_hinge(backend="eigvalsh") + subspace_energy(backend="safe") on R;
 (c) factored: eigengap_hinge(backend="exact") + subspace_energy(backend="safe") on the Factored R: an r x r
     Gram matrix (r = K_max, or 2 K_max with the blend) instead of an N x N eigendecomposition.
-Prints a markdown table: the best ms per call (forward + backward) over the repeats of one run (on a shared machine
+The inputs are drawn on the CPU (the same on every device) and moved to ``--device``; on CUDA every call is
+synchronised. Prints the device, then a markdown table: the best ms per call (forward + backward) over the repeats of one run (on a shared machine
 noise only adds time), the ratios against (a), and how far (b) and (c) are from a complex128 reference (values and gradients w.r.t. R's factor).
 """
 
@@ -23,6 +24,7 @@ import time
 import torch
 
 from workbench import spectral as sp
+from workbench.config import resolve_device
 from workbench.covariance import Factored
 
 C_EPS = 0.01
@@ -45,12 +47,12 @@ def make_inputs(B: int, N: int, kmax: int = 5, blend: bool = False, seed: int = 
 
 
 def formed(F: torch.Tensor) -> torch.Tensor:
-    return F @ F.mH + C_EPS * torch.eye(F.shape[1], dtype=F.dtype)
+    return F @ F.mH + C_EPS * torch.eye(F.shape[1], dtype=F.dtype, device=F.device)
 
 
 def original(F, K, a, mask, margin=0.03, eps_psd=1e-4):
     """The original pipeline's way: full SVD with vectors, then a per-scene loop with .item()."""
-    Rl = formed(F) + eps_psd * torch.eye(F.shape[1], dtype=F.dtype)
+    Rl = formed(F) + eps_psd * torch.eye(F.shape[1], dtype=F.dtype, device=F.device)
     U, S, _ = torch.linalg.svd(Rl)
     hinge, energy = [], []
     for b in range(F.shape[0]):
@@ -75,12 +77,19 @@ def time_call(fn, F, K, a, mask, repeats: int) -> float:
     times = []
     for i in range(repeats + 1):
         Fr = F.clone().requires_grad_()
+        _sync(F.device)
         t0 = time.perf_counter()
         h, e = fn(Fr, K, a, mask)
         (h.sum() + e.sum()).backward()
+        _sync(F.device)
         if i:  # the first call warms up
             times.append(time.perf_counter() - t0)
     return 1e3 * min(times)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def errors(fn, F, K, a, mask, margin=50.0) -> tuple[float, float]:
@@ -100,22 +109,28 @@ def errors(fn, F, K, a, mask, margin=50.0) -> tuple[float, float]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto", help="cpu | cuda | auto (CUDA when present); cuda:N also works")
     ap.add_argument("--quick", action="store_true", help="batch 8, 2 repeats: a smoke run")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--n", type=int, default=144)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    if args.device.split(":")[0] not in ("cpu", "cuda", "auto"):
+        ap.error(f"--device {args.device}: expected one of cpu, cuda, auto")
+    device = resolve_device(args.device)
     if args.quick:
         args.batch, args.repeats = 8, 2
     torch.set_num_threads(args.threads)
     inputs = {"beta = 0 (r = K_max)": make_inputs(args.batch, args.n), "beta = 0.3 (r = 2 K_max)": make_inputs(args.batch, args.n, blend=True)}
+    inputs = {label: tuple(t.to(device) for t in x) for label, x in inputs.items()}
     rows = [
         ("(a) original: svd + per-scene loop with .item()", original),
         ("(b) batched full matrix: eigvalsh + safe (N x N eigh)", full_matrix),
         ("(c) factored: exact + safe (r x r Gram matrix)", factored),
     ]
-    print(f"batch {args.batch}, N = {args.n}, complex64, {args.threads} threads, torch {torch.__version__}, best of {args.repeats}, one run")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"device {device} ({name}), batch {args.batch}, N = {args.n}, complex64, torch {torch.__version__}, best of {args.repeats}, one run")
     print("\n| input | method (hinge + subspace, forward + backward) | ms per call | speed-up vs (a) | value / gradient error vs complex128 |")
     print("|---|---|---:|---:|---|")
     for label, (F, K, a, mask) in inputs.items():

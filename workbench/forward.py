@@ -4,7 +4,8 @@ and the scenes of a training run (:class:`TrainingData`).
 Owns: moving a batch, its R_samp and its prior factor to the model's device, running the model and the covariance
 pipeline (:func:`workbench.losses.covariances`, optionally the loss terms, :func:`workbench.losses.compute_losses`)
 and handing the results back on the device the caller asks for; R_samp [n,N,N] of a batch of scenes per
-(estimator, Fix 1, system), and the model's prior factor of it [n,N,K_max], each computed once per scene, in chunks.
+(estimator, Fix 1, system), and the model's prior factor of it [n,N,K_max], each computed once per scene, in chunks;
+the maximum-likelihood fit of a batch's scenes (shared by the physics baseline and the physics head), once per batch.
 Must not: train (optimiser, schedule: :mod:`workbench.train`), score (:mod:`workbench.studies`), draw, or choose a
 device (:func:`workbench.config.resolve_device` does).
 
@@ -24,8 +25,9 @@ from tqdm.auto import tqdm
 from .config import ExperimentConfig, FixConfig, SystemConfig, check_choice, resolve_device
 from .covariance import Covariances
 from .estimators import normalise_rsamp, rsamp_raw
+from .likelihood import SnapshotFit, ml_fit_for
 from .losses import compute_losses, covariances
-from .model import CovarianceNet, ModelOutput
+from .model import CovarianceNet, ModelOutput, PhysicsFits
 from .physics import SceneBatch, scene_seed, simulate
 
 # The held-out protocol: the scenes of one train.seed come from disjoint seed streams (physics.scene_seed), one per
@@ -54,15 +56,18 @@ class RsampCache:
     * ``rsamp(estimator, system, normalise)``: R_samp as the pipeline uses it (Fix 1 when ``normalise``:
       :func:`workbench.estimators.normalise_rsamp`), [n,N,N] complex64, trace N when normalised;
     * ``prior(estimator, system, normalise)``: the model's prior factor of that R_samp
-      (:meth:`workbench.model.CovarianceNet.prior_factor` with k = K_max), [n,N,K_max] complex64.
+      (:meth:`workbench.model.CovarianceNet.prior_factor` with k = K_max), [n,N,K_max] complex64;
+    * ``ml_fit(system)``: the maximum-likelihood fit of the scenes, K by MDL (:func:`workbench.likelihood.ml_fit_for`),
+      and ``physics_fits(system)``, the physics head's view of it (:class:`workbench.model.PhysicsFits`).
 
     The key of an entry is (estimator, Fix 1, system); the scenes are the batch's. ``counts`` says how many chunks
-    each kind ("raw", "prior") computed (tests read it). ``chunk``: scenes per call."""
+    each kind ("raw", "prior") and how many batched ML fits ("ml_fit") were computed (tests read it). ``chunk``:
+    scenes per R_samp/prior call (the ML fit chunks by device: :data:`workbench.likelihood.ML_CHUNK`)."""
 
     def __init__(self, batch: SceneBatch, chunk: int = RSAMP_CHUNK):
         self.batch, self.chunk = batch, chunk
         self._store: dict[tuple, torch.Tensor] = {}
-        self.counts = {"raw": 0, "prior": 0}
+        self.counts = {"raw": 0, "prior": 0, "ml_fit": 0}
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -121,6 +126,26 @@ class RsampCache:
         if key not in self._store:
             self._store[key] = compute()
         return self._store[key]
+
+    def ml_fit(self, system: SystemConfig) -> SnapshotFit:
+        """The maximum-likelihood fit of the batch's scenes with K by MDL (:func:`workbench.likelihood.ml_fit_for`), on
+        the batch's device, computed once per batch and system under the :meth:`derived` key ("ml_fit", system JSON):
+        the physics baseline's localisation source (:class:`workbench.studies.localisation.PhysicsSource`) and the
+        physics head (:meth:`physics_fits`) of the same batch share this one fit."""
+        def compute():
+            self.counts["ml_fit"] += 1
+            with torch.no_grad():
+                return ml_fit_for(self.batch, system)
+        return self.derived(("ml_fit", self._system_key(system)), compute)
+
+    def physics_fits(self, system: SystemConfig) -> PhysicsFits:
+        """The physics head's :class:`~workbench.model.PhysicsFits` of the batch's scenes: :meth:`ml_fit`'s nested fits
+        (no copy), [n,...] on the batch's device; index it by scene (``fits[idx]``) as R_samp is."""
+        return PhysicsFits.of(self.ml_fit(system))
+
+    def fits_of(self, cfg: ExperimentConfig) -> PhysicsFits | None:
+        """The :meth:`physics_fits` the model of ``cfg`` takes (None unless ``model.head`` is "physics")."""
+        return self.physics_fits(cfg.system) if cfg.model.head == "physics" else None
 
     # the same three for a config (its fixes.rsamp_estimator, fixes.rsamp_normalise and system)
     def rsamp_of(self, cfg: ExperimentConfig, progress: bool = False) -> torch.Tensor:
@@ -243,6 +268,11 @@ class TrainingData:
         """The model's prior factor [n,N,K_max] of :meth:`rsamp` (None when ``cfg.model.rsamp_input`` is off)."""
         return self.cache(split).prior_of(cfg)
 
+    def fits(self, split: str, cfg: ExperimentConfig) -> PhysicsFits | None:
+        """The physics head's ML fits of the ``split`` scenes (:meth:`RsampCache.fits_of`: once per scene, kept with
+        the scenes; None unless ``cfg.model.head`` is "physics"). A step takes its scenes' fits by index."""
+        return self.cache(split).fits_of(cfg)
+
 
 # ---------------------------------------------------------------------------------------------
 # The forward pass
@@ -274,19 +304,27 @@ def _move(x, device):
 
 
 def forward(model: CovarianceNet, batch: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig, *,
-            prior: torch.Tensor | None = None, terms: tuple[str, ...] | None = None, losses: bool = False,
-            amp: bool = False, out_device=None) -> Forward:
+            prior: torch.Tensor | None = None, fits: PhysicsFits | None = None, terms: tuple[str, ...] | None = None,
+            losses: bool = False, amp: bool = False, out_device=None) -> Forward:
     """Run ``model`` on ``batch`` and the covariance pipeline of ``cfg`` on its prediction.
 
     batch: B scenes; R_samp [B,N,N] complex64 (the pipeline's, e.g. :meth:`RsampCache.rsamp_of`); prior: the model's
     prior factor [B,N,K_max] complex64 of R_samp (:meth:`RsampCache.prior_of`; None: the model computes it when it
-    needs one). All three are moved to the model's device first. ``losses`` (or a ``terms`` tuple): also the loss
+    needs one); fits: the physics head's ML fits of these B scenes (:meth:`RsampCache.fits_of`, indexed like R_samp;
+    None with a physics-head model: those of ``batch``'s own cache, :meth:`RsampCache.physics_fits`, computed once per
+    batch object and shared with the physics baseline's source on it; ignored by the other heads). All are moved to
+    the model's device first. ``losses`` (or a ``terms`` tuple): also the loss
     terms (:func:`workbench.losses.compute_losses`, ``terms`` None = all). ``amp``: the encoder under autocast.
     Autograd is whatever the caller has on (training keeps it; evaluation wraps the call in ``torch.no_grad``).
     Returns :class:`Forward` (out, cov, losses), on ``out_device`` (default: the model's device)."""
     dev = model_device(model)
+    if getattr(getattr(model, "cfg", None), "head", None) != "physics":
+        fits = None  # only a physics-head model takes fits
+    elif fits is None:
+        fits = rsamp_cache(batch).physics_fits(model.system)
     b, Rs, pr = batch.to(dev), R_samp.to(dev), _move(prior, dev)
-    out = model(b.y, b.H, b.codes, R_samp=Rs, amp=amp, prior=pr)
+    extra = {} if fits is None else {"fits": _move(fits, dev)}
+    out = model(b.y, b.H, b.codes, R_samp=Rs, amp=amp, prior=pr, **extra)
     if losses or terms is not None:
         values, cov = compute_losses(out, b, Rs, cfg, terms=terms)
     else:

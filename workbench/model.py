@@ -13,8 +13,9 @@ and g [B,K_max] a per-scene gain of each column (softplus, initialised to 1), so
 physics-based estimate and learns how far to trust each of its components.
 
 With ``head = "physics"`` the factor is built from source parameters instead of regressed entry by entry:
-the maximum-likelihood fits of the physics baseline (:func:`workbench.likelihood.ml_localise`, no gradient,
-memoised per scene) give k = 1..K_max sources with (phi, theta, r, p) each; the network's K logits start
+the maximum-likelihood fits of the physics baseline (:func:`workbench.likelihood.ml_localise`, no gradient;
+:class:`PhysicsFits`, computed once per batch of scenes by :meth:`workbench.forward.RsampCache.physics_fits` and passed
+in as ``fits``, as the prior factor is) give k = 1..K_max sources with (phi, theta, r, p) each; the network's K logits start
 from the fits' MDL scores, and for the chosen fit it learns a gain per source and a small location correction,
 A[:, j] = sqrt(N g_j p_j / sum p) a(phi_j + dphi_j, theta_j + dtheta_j, r_j'), plus a learned correction of
 the whole factor (scaled by a learned scalar starting at 0). At initialisation R_pred is the trace-normalised
@@ -27,7 +28,6 @@ the complex inputs, the factor and every linear-algebra step stay float32/comple
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -36,7 +36,7 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig, SystemConfig
 from .covariance import low_rank_factor
-from .likelihood import ml_localise
+from .likelihood import SnapshotFit, ml_localise
 from .physics import element_positions, steering
 
 PHYSICS_CORRECTION = (math.radians(1.0), math.radians(1.0), 0.05)  # largest learned change of phi, theta (rad), 1/r (1/m)
@@ -52,6 +52,33 @@ class ModelOutput:
     A: torch.Tensor
     k_logits: torch.Tensor
     angles: torch.Tensor
+
+
+@dataclass
+class PhysicsFits:
+    """The nested maximum-likelihood fits the physics head starts from, of B scenes (:attr:`SnapshotFit.levels` of an
+    MDL fit, :func:`workbench.likelihood.ml_localise` with K = None): phi, theta [B,K_max,K_max] rad, r [B,K_max,K_max] m,
+    power [B,K_max,K_max] mW (row k-1: the k-source fit, slot j; zero beyond slot k-1), noise_var [B,K_max] mW and
+    criterion [B,K_max] (MDL of k = 1..K_max sources), float64. Indexing (``fits[idx]``) selects scenes, as a tensor's
+    first dimension does, so a training step takes its scenes' fits by index."""
+
+    phi: torch.Tensor
+    theta: torch.Tensor
+    r: torch.Tensor
+    power: torch.Tensor
+    noise_var: torch.Tensor
+    criterion: torch.Tensor
+
+    @classmethod
+    def of(cls, fit: SnapshotFit) -> PhysicsFits:
+        """The fits of an MDL :class:`~workbench.likelihood.SnapshotFit` (views of its tensors, no copy)."""
+        return cls(**{n: fit.levels[n] for n in ("phi", "theta", "r", "power", "noise_var")}, criterion=fit.criterion)
+
+    def __getitem__(self, idx) -> PhysicsFits:
+        return PhysicsFits(**{n: getattr(self, n)[idx] for n in self.__dataclass_fields__})
+
+    def __len__(self) -> int:
+        return self.phi.shape[0]
 
 
 class CovarianceNet(nn.Module):
@@ -97,7 +124,6 @@ class CovarianceNet(nn.Module):
             self.head["k_temperature"] = _Scale(1.0)  # K logits = k(pooled) - t (MDL(k) - min MDL)
             self.head["correction"] = _Scale(0.0)  # weight of the regressed factor added to the physics factor
         self.N, self.K_max = N, K
-        self._fits: dict[bytes, dict[str, torch.Tensor]] = {}  # physics head: ML fits per scene (not state)
 
     def features(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Token features [B,N,2L+2] float32 from y [B,L,M], H [B,M,N], codes [B,L,N]."""
@@ -137,10 +163,12 @@ class CovarianceNet(nn.Module):
             return (V * (ev / tr).sqrt()[..., None, :].to(V.dtype)).to(torch.complex64)
 
     def forward(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, R_samp: torch.Tensor | None = None,
-                amp: bool = False, prior: torch.Tensor | None = None) -> ModelOutput:
+                amp: bool = False, prior: torch.Tensor | None = None, fits: PhysicsFits | None = None) -> ModelOutput:
         """y [B,L,M], H [B,M,N], codes [B,L,N] complex64; R_samp [B,N,N] (needed with ``rsamp_input`` unless ``prior``
         is given); prior: :meth:`prior_factor` of R_samp, [B,N,K_max] complex64, when already computed (it is used
-        as given, not checked against R_samp). Call through :func:`workbench.forward.forward`."""
+        as given, not checked against R_samp); fits: the physics head's :class:`PhysicsFits` of these B scenes, on the
+        model's device, when already computed (used as given; None: :meth:`physics_fits` fits them now, every call).
+        Call through :func:`workbench.forward.forward`, which passes both from the batch's cache."""
         feats = self.features(y, H, codes)
         if not self.cfg.rsamp_input:
             prior = None
@@ -159,7 +187,7 @@ class CovarianceNet(nn.Module):
         f = self.head["factor"](h).view(h.shape[0], self.N, 2, self.K_max)
         A = torch.complex(f[:, :, 0], f[:, :, 1]) / math.sqrt(self.K_max)  # trace(A A^H) = O(N) at init
         if self.cfg.head == "physics":
-            return self._physics_head(h, A, self.physics_fits(y, H, codes))
+            return self._physics_head(h, A, self.physics_fits(y, H, codes) if fits is None else fits)
         if prior is not None:
             gain = nn.functional.softplus(self.head["prior_gain"](h.mean(dim=1)))  # [B,K_max]
             A = self.head["prior_scale"](prior) * gain[:, None, :] + 0.1 * A
@@ -173,30 +201,23 @@ class CovarianceNet(nn.Module):
         return ModelOutput(A=A, k_logits=k_logits, angles=torch.stack([phi, theta, r], -1))
 
     # -- the physics head -----------------------------------------------------------------------
-    def physics_fits(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The nested ML fits of every scene (:attr:`~workbench.likelihood.SnapshotFit.levels` plus the MDL
-        ``criterion``), [B,K_max,K_max] / [B,K_max] float64 on y's device. Computed once per scene and memoised
-        by a digest of its (y, H, codes) bytes: the fit is a deterministic function of them and costs about a
-        second per scene on a CPU, while training shows every scene once per epoch."""
-        keys = [_digest(y[b], H[b], codes[b]) for b in range(y.shape[0])]
-        missing = [b for b, k in enumerate(keys) if k not in self._fits]
-        if missing:
-            idx = torch.tensor(missing, device=y.device)
-            with torch.no_grad():
-                fit = ml_localise(y[idx], H[idx], codes[idx], self.system)
-            for j, b in enumerate(missing):
-                self._fits[keys[b]] = {**{k: v[j].cpu() for k, v in fit.levels.items()}, "criterion": fit.criterion[j].cpu()}
-        return {k: torch.stack([self._fits[key][k] for key in keys]).to(y.device) for k in self._fits[keys[0]]}
+    def physics_fits(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> PhysicsFits:
+        """The :class:`PhysicsFits` of the B scenes (y [B,L,M], H [B,M,N], codes [B,L,N]), on y's device, fitted now
+        (:func:`~workbench.likelihood.ml_localise`, no gradient, chunked by device). Nothing is kept: a caller that
+        shows the same scenes again (training, validation) passes the batch's cached fits as ``fits`` instead
+        (:meth:`workbench.forward.RsampCache.physics_fits`)."""
+        with torch.no_grad():
+            return PhysicsFits.of(ml_localise(y, H, codes, self.system))
 
-    def _physics_head(self, h: torch.Tensor, A_corr: torch.Tensor, fits: dict[str, torch.Tensor]) -> ModelOutput:
+    def _physics_head(self, h: torch.Tensor, A_corr: torch.Tensor, fits: PhysicsFits) -> ModelOutput:
         """ModelOutput of the physics head from the encoded tokens h [B,N,W], the regressed factor A_corr
         [B,N,K_max] and the ML fits (:meth:`physics_fits`)."""
         s, B, Kmax = self.system, h.shape[0], self.K_max
         pooled = h.mean(dim=1)
-        crit = fits["criterion"]
+        crit = fits.criterion
         k_logits = self.head["k"](pooled) - self.head["k_temperature"]((crit - crit.min(1, keepdim=True).values).float())
         K = k_logits.detach().argmax(1) + 1
-        level = lambda name: fits[name][torch.arange(B, device=h.device), K - 1]  # noqa: E731  (the fit of K sources)
+        level = lambda name: getattr(fits, name)[torch.arange(B, device=h.device), K - 1]  # noqa: E731  (the fit of K sources)
         phi, theta, r, p = (level(n).float() for n in ("phi", "theta", "r", "power"))
         mask = torch.arange(Kmax, device=h.device)[None, :] < K[:, None]
         share = p / p.sum(1, keepdim=True).clamp_min(1e-30)
@@ -212,7 +233,7 @@ class CovarianceNet(nn.Module):
         a = steering(s, phi, theta, 1.0 / inv_r)  # [B,Kmax,N] complex64
         w = torch.where(mask, (self.N * gain * share).clamp_min(1e-20).sqrt(), torch.zeros_like(gain))  # no sqrt at 0: NaN gradient
         A = (a * w[..., None].to(a.dtype)).mT + self.head["correction"](A_corr)
-        top = {n: fits[n][:, -1].float() for n in ("phi", "theta", "r")}  # unused slots: the K_max-source fit
+        top = {n: getattr(fits, n)[:, -1].float() for n in ("phi", "theta", "r")}  # unused slots: the K_max-source fit
         angles = torch.stack([torch.where(mask, phi, top["phi"]), torch.where(mask, theta, top["theta"]),
                               torch.where(mask, 1.0 / inv_r, top["r"])], -1)
         return ModelOutput(A=A, k_logits=k_logits, angles=angles)
@@ -231,14 +252,6 @@ class _Scale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * x
-
-
-def _digest(*tensors: torch.Tensor) -> bytes:
-    """A 16-byte digest of the tensors' bytes (the physics head's memo key of one scene)."""
-    h = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.digest()
 
 
 def build_model(system: SystemConfig, cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> CovarianceNet:

@@ -42,7 +42,7 @@ from .diagnostics import group_norms, provenance
 from .figures import fmt
 from .forward import TrainingData, forward
 from .losses import TERMS, term_weights
-from .model import CovarianceNet, build_model
+from .model import CovarianceNet, PhysicsFits, build_model
 from .physics import SceneBatch
 
 
@@ -58,16 +58,17 @@ def _schedule(opt, cfg: ExperimentConfig, steps_per_epoch: int):
 
 @torch.no_grad()
 def evaluate(model: CovarianceNet, data: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig, batch_size: int = 256,
-             prior: torch.Tensor | None = None) -> dict:
-    """Validation: mean weighted loss, mean of every term, and the unweighted NMSE of R_pred. R_samp [n,N,N] and its
-    prior factor [n,N,K_max] (None: the model computes it) of the ``data`` scenes (:class:`workbench.forward.RsampCache`)."""
+             prior: torch.Tensor | None = None, fits: PhysicsFits | None = None) -> dict:
+    """Validation: mean weighted loss, mean of every term, and the unweighted NMSE of R_pred. R_samp [n,N,N], its
+    prior factor [n,N,K_max] (None: the model computes it) and the physics head's ML fits (None: those of each
+    slice's own cache) of the ``data`` scenes (:class:`workbench.forward.RsampCache`)."""
     model.eval()
     sums: dict[str, float] = {}
     nm = []
     for s in range(0, len(data), batch_size):
         b = data[s:s + batch_size]
         _, cov, losses = forward(model, b, R_samp[s:s + batch_size], cfg, prior=None if prior is None else prior[s:s + batch_size],
-                                 losses=True, amp=cfg.train.amp)
+                                 fits=None if fits is None else fits[s:s + batch_size], losses=True, amp=cfg.train.amp)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(b)
         nm.append(nmse(cov.R_pred, cov.R_ref))  # unweighted: no knob enters it
@@ -103,6 +104,7 @@ def fit(cfg: ExperimentConfig, data: TrainingData | None = None, on_epoch: Calla
     check_scenes(data.val, cfg.system, "training scenes (val split)")
     Rs_train, Rs_val = data.rsamp("train", cfg, progress=progress), data.rsamp("val", cfg, progress=progress)
     prior_train, prior_val = data.prior("train", cfg), data.prior("val", cfg)  # once per scene, not once per step
+    fits_train, fits_val = data.fits("train", cfg), data.fits("val", cfg)  # physics head: ML fits once per scene
     steps_per_epoch = math.ceil(len(data.train) / t.batch_size)
     loop = _Loop(cfg, device, model, steps_per_epoch)
     if saved is not None:
@@ -110,8 +112,9 @@ def fit(cfg: ExperimentConfig, data: TrainingData | None = None, on_epoch: Calla
     bar = tqdm(total=max(0, t.epochs - loop.epoch) * steps_per_epoch, disable=not progress, desc="train", unit="step")
     while loop.epoch < t.epochs:
         t0 = time.perf_counter()
-        record = _train_epoch(loop, cfg, data.train, Rs_train, prior_train, bar)
-        record = _ordered({**record, **evaluate(loop.model, data.val, Rs_val, cfg, prior=prior_val), "seconds": time.perf_counter() - t0})
+        record = _train_epoch(loop, cfg, data.train, Rs_train, prior_train, bar, fits_train)
+        record = _ordered({**record, **evaluate(loop.model, data.val, Rs_val, cfg, prior=prior_val, fits=fits_val),
+                           "seconds": time.perf_counter() - t0})
         loop.history.append(record)
         loop.epoch += 1
         if run is not None:
@@ -182,9 +185,10 @@ class _Loop:
 
 
 def _train_epoch(loop: _Loop, cfg: ExperimentConfig, train_data: SceneBatch, Rs_train: torch.Tensor, prior_train: torch.Tensor | None,
-                 bar) -> dict:
+                 bar, fits_train: PhysicsFits | None = None) -> dict:
     """One pass over the training scenes in a seeded random order; the epoch's record without validation and time.
-    Rs_train [n,N,N] and prior_train [n,N,K_max] (or None) are the scenes' R_samp and its prior factor."""
+    Rs_train [n,N,N], prior_train [n,N,K_max] (or None) and fits_train (the physics head's ML fits, or None) are the
+    scenes' R_samp, its prior factor and their fits, each taken by the step's scene indices."""
     t, params, groups = cfg.train, loop.params, loop.groups
     start = [p.detach().clone() for p in params]
     term_sums = dict.fromkeys(["total", *TERMS], 0.0)
@@ -192,7 +196,8 @@ def _train_epoch(loop: _Loop, cfg: ExperimentConfig, train_data: SceneBatch, Rs_
     counts = {"applied": 0, "nonfinite": 0, "scaler": 0}
     for idx in torch.randperm(len(train_data), generator=loop.gen).split(t.batch_size):
         idx = idx.to(loop.device)
-        outcome, losses, norms = _train_step(loop, cfg, train_data[idx], Rs_train[idx], None if prior_train is None else prior_train[idx])
+        outcome, losses, norms = _train_step(loop, cfg, train_data[idx], Rs_train[idx], None if prior_train is None else prior_train[idx],
+                                             None if fits_train is None else fits_train[idx])
         bar.update()
         counts[outcome] += 1
         if outcome != "applied":
@@ -217,12 +222,14 @@ def _train_epoch(loop: _Loop, cfg: ExperimentConfig, train_data: SceneBatch, Rs_
             "steps": sum(counts.values()), "skipped_nonfinite": counts["nonfinite"], "skipped_scaler": counts["scaler"]}
 
 
-def _train_step(loop: _Loop, cfg: ExperimentConfig, b: SceneBatch, Rs: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[str, dict, dict]:
-    """One optimiser step on batch ``b`` (R_samp ``Rs`` [B,N,N], its prior factor [B,N,K_max] or None): ("applied" |
+def _train_step(loop: _Loop, cfg: ExperimentConfig, b: SceneBatch, Rs: torch.Tensor, prior: torch.Tensor | None = None,
+                fits: PhysicsFits | None = None) -> tuple[str, dict, dict]:
+    """One optimiser step on batch ``b`` (R_samp ``Rs`` [B,N,N], its prior factor [B,N,K_max] or None, the physics
+    head's ML fits of its scenes or None): ("applied" |
     "nonfinite" | "scaler", losses, gradient norms per group). A non-finite loss or gradient skips the step and
     records its provenance; a step that would write a non-finite weight is rolled back."""
     t, model, params, opt, scaler = cfg.train, loop.model, loop.params, loop.opt, loop.scaler
-    losses = forward(model, b, Rs, cfg, prior=prior, losses=True, amp=t.amp).losses
+    losses = forward(model, b, Rs, cfg, prior=prior, fits=fits, losses=True, amp=t.amp).losses
     opt.zero_grad(set_to_none=True)
     scaler.scale(losses["total"]).backward()
     scaler.unscale_(opt)
@@ -234,7 +241,7 @@ def _train_step(loop: _Loop, cfg: ExperimentConfig, b: SceneBatch, Rs: torch.Ten
         scaler.update()
         return "scaler", losses, norms
     if not finite:
-        again = forward(model, b, Rs, cfg, prior=prior, losses=True, amp=t.amp).losses  # recompute the graph to trace the NaN's origin
+        again = forward(model, b, Rs, cfg, prior=prior, fits=fits, losses=True, amp=t.amp).losses  # recompute the graph to trace the NaN's origin
         records = provenance(again, model, loop.weights)
         loop.prov.extend({"epoch": loop.epoch, "step": loop.step, **r} for r in records or [{"term": "total", "op": "unknown", "groups": []}])
         opt.zero_grad(set_to_none=True)

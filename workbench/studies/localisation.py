@@ -29,7 +29,7 @@ from ..covariance import hermitise
 from ..estimators import oracle_knowledge
 from ..forward import forward, rsamp_cache, split_seed
 from ..grid import Grid
-from ..likelihood import crb_for, ml_fit_for
+from ..likelihood import crb_for
 from ..localisation import COUNT_METHODS, METHODS, Localisation, count_sources, localise, spectrum
 from ..metrics import DEFAULT_TOLERANCES, GATE_SIGMAS, match_metrics, score_sources, summarise, tolerances_array
 from ..physics import SceneBatch, simulate
@@ -74,7 +74,9 @@ class PhysicsSource:
         self.system, self.k = system, k
 
     def fit(self, b: SceneBatch):
-        return rsamp_cache(b).derived(("ml_fit", self.system.to_json()), lambda: ml_fit_for(b, self.system))
+        """The batch's ML fit, K by MDL (:meth:`workbench.forward.RsampCache.ml_fit`: once per batch, the same fit a
+        physics-head network gets on that batch)."""
+        return rsamp_cache(b).ml_fit(self.system)
 
     def given_k(self, b: SceneBatch, K: torch.Tensor | None) -> torch.Tensor:
         """The covariance [n,N,N] of the fit with K[b] sources (None: the MDL count)."""
@@ -108,7 +110,7 @@ def _model_source(name: str, run, which: str) -> Source:
         cfg, model = run.config, run.model
         model.eval()
         cache = rsamp_cache(b)
-        out, cov, _ = forward(model, b, cache.rsamp_of(cfg), cfg, prior=cache.prior_of(cfg), out_device=b.y.device)
+        out, cov, _ = forward(model, b, cache.rsamp_of(cfg), cfg, prior=cache.prior_of(cfg), fits=cache.fits_of(cfg), out_device=b.y.device)
         return cov, out.k_logits.argmax(-1) + 1
 
     def source(b: SceneBatch):
