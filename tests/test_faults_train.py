@@ -237,15 +237,15 @@ def test_fit_refuses_a_model_built_for_another_config(build, needle, monkeypatch
 
     monkeypatch.setattr(TrainingData, "simulate", no_training)
     cfg = preset("recommended", **TINY4, **{"train.epochs": 1})
-    other = preset("recommended", **TINY4, **build)
+    other = preset("recommended", **{**TINY4, **build})
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         fit(cfg, progress=False, model=build_model(other.system, other.model))
 
 
 @pytest.mark.parametrize("argv, needles", [
-    (["--set", "train.lr", "0.5"], ["train.lr: run", "!= requested 0.5"]),
-    (["--preset", "seed_fix3"], ["fixes.", "!= requested"]),
-    (["--set", "train.batch_size", "4", "--set", "loss.lam_gap", "0.5"], ["train.batch_size", "loss.lam_gap"]),
+    (["--set", "train.lr", "0.5"], ["train.lr: checkpoint", "!= requested 0.5"]),
+    (["--preset", "seed_fix3"], ["fixes.lam_gap", "model.rsamp_input", "system.N_H"]),
+    (["--set", "train.batch_size", "4", "--set", "loss.k_ce", "0.5"], ["train.batch_size", "loss.k_ce"]),
 ])
 def test_resume_refuses_changed_training_fields_naming_each(tiny_run, capsys, argv, needles):
     """Policy: a resume keeps the run's configuration except train.epochs/train.device; nothing is rewritten on refusal."""

@@ -19,9 +19,10 @@ space (:func:`dataset_bytes`) is checked against the free space before anything 
 
 Writing. A new dataset is streamed into a temporary folder ``.<name>.*.tmp`` beside the target and moved into
 place with one rename. ``force`` replaces an existing dataset in place: the new scene file is streamed into a
-temporary file inside it, then renamed to its own (content-derived) name, then ``manifest.json`` is replaced atomically (the switch), then the old scene
-file is removed; a crash at any moment leaves the old or the new dataset, complete, at the path. Only files the
-workbench writes (``manifest.json``, ``scenes-*.pt``, its temporary files) are ever removed: anything else in
+temporary file inside it, then renamed to its own (content-derived) name, then ``manifest.json`` is replaced
+atomically (the switch), then the old scene file is removed; a crash at any moment leaves the old or the new
+dataset, complete, at the path. Only files the workbench writes (``manifest.json``, ``scenes-*.bin``/``.pt``, its
+temporary files) are ever removed: anything else in
 the folder stays. Leftovers of a crashed write (temporary folders and files, an unreferenced scene file) are
 removed by the next write to the same path (never those of a live writer: it holds a flock on its temporary
 folder and file, and cleaners skip locked ones). The switches into one parent folder are serialised by a lock on
@@ -30,8 +31,8 @@ it; simulating and streaming run outside that lock. Files and folders follow the
 
 Loading (and ``workbench data check``) verifies, in order: the manifest's structure and digest, the stored
 config (valid, and equal to the expected one when given), the scene file's size and SHA-256 (before reading
-anything from it), the layout (known dtypes, regions inside the file), the tensors' names and shapes, and the scenes themselves with
-:func:`check_scenes` (finite values, source counts within [K_min, K_max], masks matching K). Every failure
+anything from it), the layout (known dtypes, regions inside the file), the tensors' names and shapes, and the
+scenes themselves with :func:`check_scenes` (finite values, source counts within [K_min, K_max], masks matching K). Every failure
 raises :class:`DatasetError` (a :class:`~workbench.config.ConfigError`) naming the path, and the scene where
 one is at fault.
 """

@@ -42,7 +42,6 @@ from .checkpoints import (
     CHECKPOINT_FORMAT,
     RunFolder,
     TrainResult,
-    check_same_run,
     load_weights,
 )
 from .config import ConfigError, ExperimentConfig, resolve_device
@@ -115,16 +114,15 @@ def check_model_fits(model: CovarianceNet, cfg: ExperimentConfig) -> None:
 
 
 def resume_changes(saved: ExperimentConfig, cfg: ExperimentConfig, where: str) -> dict[str, list]:
-    """The permitted changes of a resume, {"train.epochs": [old, new], ...}; ConfigError naming every other changed field
-    (system and model fields are named by :func:`~workbench.checkpoints.check_same_run` first)."""
-    check_same_run(saved, cfg, where)
+    """The permitted changes of a resume, {"train.epochs": [old, new], ...}; ConfigError naming every other changed
+    field (system and model fields included: the weights would not fit them)."""
     diffs = _config_diff(saved.to_dict(), cfg.to_dict())
     refused = {k: v for k, v in diffs.items() if k not in RESUME_MAY_CHANGE}
     if refused:
         raise ConfigError(f"{where}: --resume continues a run with its own configuration, and these fields differ: "
-                          + "; ".join(f"{k}: run {a!r} != requested {b!r}" for k, (a, b) in refused.items())
-                          + f". Only {', '.join(RESUME_MAY_CHANGE)} may change on resume; drop the other options, "
-                          "or start a new run in another folder")
+                          + "; ".join(f"{k}: checkpoint {a!r} != requested {b!r}" for k, (a, b) in refused.items())
+                          + f". Only {', '.join(RESUME_MAY_CHANGE)} may change on resume; drop the other options (--preset, "
+                          "--set), or start a new run in another folder")
     return {k: [a, b] for k, (a, b) in diffs.items()}
 
 
@@ -227,7 +225,7 @@ class _Loop:
                 "resumes": json.dumps(self.resumes)}
 
     def restore(self, payload: dict, where: str) -> None:
-        """Continue from ``payload`` (a checkpoint of this run, :func:`check_same_run` already passed)."""
+        """Continue from ``payload`` (a checkpoint of this run, :func:`resume_changes` already passed)."""
         missing = [k for k in ("optimizer", "rng", "epoch", "step") if k not in payload]
         if missing:
             raise ConfigError(f"{where}: not resumable (no {', '.join(missing)}: a weights-only checkpoint)")
