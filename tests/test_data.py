@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from workbench import data as data_module
 from workbench.cli import main
 from workbench.config import ConfigError, SystemConfig
 from workbench.data import (
@@ -33,7 +34,7 @@ def test_round_trip_and_manifest(ds):
     m = read_manifest(ds)
     assert m["n"] == 10 and m["seed"] == 3 and m["config"] == SMALL.to_dict() and m["version"]
     (info,) = m["files"].values()
-    assert len(info["sha256"]) == 64 and m["created"] and scenes_file(ds).name == f"scenes-{info['sha256'][:16]}.pt"
+    assert len(info["sha256"]) == 64 and m["created"] and scenes_file(ds).name == f"scenes-{info['sha256'][:16]}.bin"
     assert dataset_system(ds) == SMALL
     # chunk i is simulate(seed=chunk_seed(seed, i)): regenerate and compare every tensor, R_true included
     ref = simulate(SMALL, 4, seed=chunk_seed(3, 0))
@@ -64,7 +65,7 @@ def test_force_keeps_the_old_dataset_when_the_new_one_fails(ds, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", boom)
+    monkeypatch.setattr(data_module, "_write_chunk", boom)
     with pytest.raises(OSError, match="disk full"):
         save_dataset(simulate(SMALL, 2), SMALL, 0, ds, force=True)
     assert scenes_file(ds).read_bytes() == before and len(load_dataset(ds)) == 10

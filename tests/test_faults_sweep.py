@@ -202,3 +202,26 @@ def test_processes_started_together_on_a_new_database_all_succeed_without_extra_
         assert code == 0, err[-2000:]
     trials = sweep.load_study(url, "together", heartbeat=None).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * target  # exactly as many trials as asked, none failed
+
+
+def test_join_refuses_options_that_conflict_with_the_stored_study_naming_each(tmp_path, capsys, space_file):
+    """`--join` used to ignore --space/--preset/--set/--epochs silently (trials ran lr 0.0055 when [0.5, 0.9] was asked)."""
+    url = f"sqlite:///{tmp_path}/join.db"
+    stored = search_space.load_space(TINY_SPACE, overrides=TINY_BUDGET)
+    sweep.create_study(stored, url, "s")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**TINY_SPACE, "params": {"train.lr": {"type": "float", "low": 0.5, "high": 0.9}}}))
+    base = ["sweep", "--join", "--storage", url, "--study", "s", "--trials", "1"]
+    assert main([*base, "--space", str(other), "--epochs", "5", "--set", "train.batch_size", "4"]) == 2
+    err = capsys.readouterr().err
+    for needle in ("--epochs 5 (the study has 1)", "--set train.batch_size 4 (the study has 8)", "--space", "searched knobs train.lr"):
+        assert needle in err, err
+    assert main([*base, "--preset", "seed_before"]) == 2
+    err = capsys.readouterr().err
+    assert "--preset (differ from the study in" in err and "fixes." in err, err
+    assert optuna.load_study(study_name="s", storage=url).get_trials() == []  # nothing ran
+    # options equal to the stored ones are accepted (the same command as the creation, plus --join)
+    s = optuna.load_study(study_name="s", storage=url)
+    space, settings = sweep.study_space(s)
+    assert sweep.join_conflicts(space, settings, space=str(space_file), epochs=1, n_train=8, n_val=4, pruner="median",
+                                overrides={"train.batch_size": 8}) == []

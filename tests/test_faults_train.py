@@ -221,3 +221,75 @@ def test_verify_defaults_to_a_short_budget_and_prints_its_time(capsys, monkeypat
     assert "verdict: PASS (1/1 checks) in " in capsys.readouterr().out
     assert main(["verify", "--preset", "recommended", "--no-progress", "--epochs", "7", "--n-train", "99"]) == 0
     assert (seen["cfg"].train.epochs, seen["cfg"].train.n_train) == (7, 99)
+
+
+# ---------------------------------------------------------------------------------------------
+# a model, a run and a config agree, or nothing starts
+@pytest.mark.parametrize("build, needle", [
+    ({"model.width": 16}, "model.width: model 16 != cfg 8"),
+    ({"system.L": 6}, "system.L: model 6 != cfg 4"),
+])
+def test_fit_refuses_a_model_built_for_another_config(build, needle, monkeypatch):
+    from workbench.model import build_model
+
+    def no_training(*a, **k):
+        raise AssertionError("training data was simulated before the model was checked")
+
+    monkeypatch.setattr(TrainingData, "simulate", no_training)
+    cfg = preset("recommended", **TINY4, **{"train.epochs": 1})
+    other = preset("recommended", **{**TINY4, **build})
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        fit(cfg, progress=False, model=build_model(other.system, other.model))
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--set", "train.lr", "0.5"], ["train.lr: checkpoint", "!= requested 0.5"]),
+    (["--preset", "seed_fix3"], ["fixes.lam_gap", "model.rsamp_input", "system.N_H"]),
+    (["--set", "train.batch_size", "4", "--set", "loss.k_ce", "0.5"], ["train.batch_size", "loss.k_ce"]),
+])
+def test_resume_refuses_changed_training_fields_naming_each(tiny_run, capsys, argv, needles):
+    """Policy: a resume keeps the run's configuration except train.epochs/train.device; nothing is rewritten on refusal."""
+    run_dir, _ = tiny_run
+    before = (run_dir / "history.json").read_bytes()
+    assert main(["train", "--resume", str(run_dir), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    assert "Traceback" not in err and (run_dir / "history.json").read_bytes() == before
+
+
+def test_resume_with_more_epochs_applies_and_records_the_change(tmp_path, one_thread):
+    run_dir = tmp_path / "run"
+    cfg = preset("recommended", **TINY4, **{"train.epochs": 1})
+    fit(cfg, progress=False, run_dir=run_dir)
+    assert main(["train", "--resume", str(run_dir), "--no-progress", "--epochs", "2"]) == 0
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history["history"]) == 2 and history["config"]["train"]["epochs"] == 2
+    assert history["resumes"] == [{"epoch": 1, "changed": {"train.epochs": [1, 2]}}]
+
+
+LOCKER = r"""
+import sys, time
+from workbench.checkpoints import RunFolder
+with RunFolder(sys.argv[1]).lock():
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_run_folder_has_one_writer_and_the_second_is_told_the_pid(tiny_run, tmp_path, capsys):
+    run_dir = tmp_path / "busy"
+    import shutil
+    shutil.copytree(tiny_run[0], run_dir, symlinks=True)
+    holder = subprocess.Popen([sys.executable, "-c", LOCKER, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["train", "--resume", str(run_dir), "--no-progress", "--epochs", "2"]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by PID {holder.pid}" in err and "Traceback" not in err, err
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died (kill -9): the lock went with it
+    assert main(["train", "--resume", str(run_dir), "--no-progress", "--epochs", "2"]) == 0
+    assert len(json.loads((run_dir / "history.json").read_text())["history"]) == 2

@@ -9,16 +9,20 @@ Run folders (``workbench train --out DIR``). After every epoch the whole resumab
 scheduler, scaler, epoch counter, RNG states, history, provenance) is written as ``checkpoint.pt`` together with
 ``history.json`` into a fresh folder ``DIR/.epoch-*``; the symbolic link ``DIR/state`` is then switched to it
 with one atomic rename, and ``DIR/history.json`` and ``DIR/checkpoint.pt`` are links through ``state``. So the two
-files always describe the same epoch of the same run, whenever the process is killed.
+files always describe the same epoch of the same run, whenever the process is killed. A run folder has one writer at a
+time: :meth:`RunFolder.lock` takes an exclusive ``flock`` on ``DIR/.lock`` (released when the process ends, however it
+ends) and a second writer gets a ConfigError naming the holder's PID.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, ExperimentConfig, resolve_device
-from .io import atomic_torch_save, atomic_write_json, fsync_dir
+from .io import atomic_torch_save, atomic_write_json, dir_mode, fsync_dir
 from .model import CovarianceNet, build_model
 
 
@@ -43,6 +47,7 @@ CHECKPOINT_FORMAT = 2
 HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 STATE_LINK = "state"
+LOCK_FILE = ".lock"
 
 
 def check_same_run(saved: ExperimentConfig, cfg: ExperimentConfig, where: str) -> None:
@@ -141,6 +146,31 @@ class RunFolder:
     def checkpoint(self) -> Path:
         return self.path / STATE_LINK / CHECKPOINT_FILE
 
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run folder's writer lock for the block (an exclusive flock on ``DIR/.lock``, holding the PID);
+        ConfigError "in use by PID n" when another process holds it. Released on exit, or when the process dies."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise ConfigError(f"run folder '{self.path}' is in use by PID {holder} (another workbench train writing into it); "
+                                  "wait for it to finish, or use another --out") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def check_writable(self) -> None:
         """ConfigError unless the folder exists or can be created, accepts files, and is not an older layout."""
         p = self.path
@@ -166,7 +196,7 @@ class RunFolder:
         folder = Path(tempfile.mkdtemp(prefix=f".epoch-{payload['epoch']:05d}-", dir=self.path))
         atomic_torch_save(folder / CHECKPOINT_FILE, payload)
         atomic_write_json(folder / HISTORY_FILE, history)
-        os.chmod(folder, 0o755)  # mkdtemp makes it private
+        os.chmod(folder, dir_mode())  # mkdtemp makes it private; the umask decides who may read it
         for name in (HISTORY_FILE, CHECKPOINT_FILE):
             _symlink(self.path / name, f"{STATE_LINK}/{name}")  # once per folder; dangling until the first switch
         _symlink(self.path / STATE_LINK, folder.name)  # the switch

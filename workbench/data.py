@@ -2,27 +2,37 @@
 
 A dataset is a folder (conventionally under ``data/``) holding
 
-* ``scenes-<first 16 hex digits of its SHA-256>.pt``: ``torch.save`` of a dict of the
-  :class:`~workbench.physics.SceneBatch` tensors, except ``R_true``, which is a function of the stored source
-  parameters and is recomputed on load with :func:`~workbench.physics.source_covariance` (it would be ~80 % of
-  the file: N^2 entries per scene);
+* ``scenes-<first 16 hex digits of its SHA-256>.bin`` (format 3): the :class:`~workbench.physics.SceneBatch`
+  tensors as raw little-endian arrays, one contiguous region per tensor (:func:`layout`; nothing is pickled), except
+  ``R_true``, which is a function of the stored source parameters and is recomputed on load with
+  :func:`~workbench.physics.source_covariance` (it would be ~80 % of the file: N^2 entries per scene). Format 2
+  (one ``torch.save`` file ``scenes-<hash>.pt``) is still read;
 * ``manifest.json``: format version, the :class:`~workbench.config.SystemConfig` as a dict, seed, n, chunk,
-  package version, the scene file's name, SHA-256 and size, tensor shapes/dtypes, creation time (UTC), and
-  ``digest``: the SHA-256 of everything else in the manifest, so an edited configuration (``carrier_hz``,
-  ``N_H``, ...) is detected like an edited scene file.
+  package version, the scene file's name, SHA-256 and size, the tensors' shapes, dtypes and offsets, creation
+  time (UTC), and ``digest``: the SHA-256 of everything else in the manifest, so an edited configuration
+  (``carrier_hz``, ``N_H``, ...) is detected like an edited scene file.
 
-Writing. A new dataset is written into a temporary folder ``.<name>.*.tmp`` beside the target and moved into
-place with one rename. ``force`` replaces an existing dataset in place: the new scene file is written under
-its own (content-derived) name, then ``manifest.json`` is replaced atomically (the switch), then the old scene
-file is removed; a crash at any moment leaves the old or the new dataset, complete, at the path. Only files the
-workbench writes (``manifest.json``, ``scenes-*.pt``, its temporary files) are ever removed: anything else in
+Bounded memory. :func:`generate` simulates ``chunk`` scenes at a time and writes each into its place in the scene
+file before simulating the next (R_true dropped), so its memory is that of one chunk whatever ``n``; the disk
+space (:func:`dataset_bytes`) is checked against the free space before anything is simulated, and claimed with
+``posix_fallocate`` where the file system supports it.
+
+Writing. A new dataset is streamed into a temporary folder ``.<name>.*.tmp`` beside the target and moved into
+place with one rename. ``force`` replaces an existing dataset in place: the new scene file is streamed into a
+temporary file inside it, then renamed to its own (content-derived) name, then ``manifest.json`` is replaced
+atomically (the switch), then the old scene file is removed; a crash at any moment leaves the old or the new
+dataset, complete, at the path. Only files the workbench writes (``manifest.json``, ``scenes-*.bin``/``.pt``, its
+temporary files) are ever removed: anything else in
 the folder stays. Leftovers of a crashed write (temporary folders and files, an unreferenced scene file) are
-removed by the next write to the same path. Writes into one parent folder are serialised by a lock on it.
+removed by the next write to the same path (never those of a live writer: it holds a flock on its temporary
+folder and file, and cleaners skip locked ones). The switches into one parent folder are serialised by a lock on
+it; simulating and streaming run outside that lock. Files and folders follow the user's umask
+(:func:`workbench.io.file_mode`).
 
 Loading (and ``workbench data check``) verifies, in order: the manifest's structure and digest, the stored
-config (valid, and equal to the expected one when given), the scene file's size and SHA-256 (before unpickling
-anything, ``torch.load(weights_only=True)``), the tensors' names and shapes, and the scenes themselves with
-:func:`check_scenes` (finite values, source counts within [K_min, K_max], masks matching K). Every failure
+config (valid, and equal to the expected one when given), the scene file's size and SHA-256 (before reading
+anything from it), the layout (known dtypes, regions inside the file), the tensors' names and shapes, and the
+scenes themselves with :func:`check_scenes` (finite values, source counts within [K_min, K_max], masks matching K). Every failure
 raises :class:`DatasetError` (a :class:`~workbench.config.ConfigError`) naming the path, and the scene where
 one is at fault.
 """
@@ -31,29 +41,33 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__
 from .checks import check_K
 from .config import ConfigError, SystemConfig
-from .io import atomic_write_text, dumps_json, fsync_dir
+from .io import atomic_write_text, dir_mode, dumps_json, file_mode, fsync_dir
 from .physics import SceneBatch, scene_seed, simulate, source_covariance
 
-FORMAT = 2
+FORMAT = 3
+READABLE_FORMATS = (2, 3)  # format 2: one torch.save file scenes-<hash>.pt (read, never written)
 MANIFEST_FILE = "manifest.json"
-SCENES_FILE = re.compile(r"scenes-[0-9a-f]{16}\.pt")  # the scene file's name; format 1 used "scenes.pt"
+SCENES_FILE = re.compile(r"scenes-[0-9a-f]{16}\.(bin|pt)")  # the scene file's name (.bin format 3, .pt format 2); format 1 used "scenes.pt"
 LEGACY_SCENES_FILE = "scenes.pt"
 TEMPORARY = re.compile(r"\.(scenes|manifest\.json)\..+\.tmp")  # this module's temporary files inside a dataset
 RECOMPUTED = ("R_true",)  # SceneBatch fields not stored, rebuilt on load
@@ -128,10 +142,110 @@ def check_scenes(scenes: SceneBatch | dict[str, torch.Tensor], system: SystemCon
 
 
 # ---------------------------------------------------------------------------------------------
-# writing
+# the scene file: raw little-endian arrays, one region per stored tensor (no pickle)
+DTYPES = {"y": torch.complex64, "signal": torch.complex64, "H": torch.complex64, "codes": torch.complex64, "K": torch.int64,
+          "phi": torch.float32, "theta": torch.float32, "r": torch.float32, "power": torch.float32, "mask": torch.bool,
+          "snr_db": torch.float32, "noise_var": torch.float32}  # the stored tensors' dtypes (simulate's output)
+_NP = {"complex64": np.complex64, "float32": np.float32, "int64": np.int64, "bool": np.uint8}  # bool stored as one byte 0/1
+SPACE_MARGIN = 1 << 20  # bytes kept free beyond the dataset's own size (manifest, folder entries)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def layout(system: SystemConfig, n: int) -> dict[str, dict]:
+    """The scene file's layout for ``n`` scenes of ``system``: ``{name: {"shape", "dtype", "offset"}}`` in STORED
+    order, each tensor one contiguous C-order region; the file is exactly :func:`layout_bytes` long."""
+    shapes, out, offset = _expected_shapes(system, n), {}, 0
+    for name in STORED:
+        shape, dtype = shapes[name], DTYPES[name]
+        out[name] = {"shape": list(shape), "dtype": _dtype_name(dtype), "offset": offset}
+        offset += math.prod(shape) * dtype.itemsize
+    return out
+
+
+def layout_bytes(lay: dict[str, dict]) -> int:
+    return sum(math.prod(v["shape"]) * np.dtype(_NP[v["dtype"]]).itemsize for v in lay.values())
+
+
+def dataset_bytes(system: SystemConfig, n: int) -> int:
+    """Bytes on disk of a dataset of ``n`` scenes of ``system`` (its scene file; the manifest is a few KB)."""
+    return layout_bytes(layout(system, n))
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if b < 1000 or unit == "TB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1000
+    return f"{b:.1f} TB"
+
+
+def check_space(out: Path, need: int, what: str = "n") -> None:
+    """DatasetError unless the file system of ``out`` has ``need`` bytes (plus a margin) free; names ``what``."""
+    where = _existing_ancestor(out)
+    free = shutil.disk_usage(where).free
+    if need + SPACE_MARGIN > free:
+        raise DatasetError(f"{what}: the dataset needs {_fmt_bytes(need)} on disk but only {_fmt_bytes(free)} is free on "
+                           f"'{where}'; choose a smaller --n or free disk space")
+
+
+def _write_chunk(f, lay: dict[str, dict], n_total: int, first: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Write one chunk's tensors (scenes ``first``...) into their regions of the open scene file ``f``."""
+    for name in STORED:
+        t = tensors[name]
+        if t.dtype != DTYPES[name]:
+            raise DatasetError(f"{name}: simulate returned {_dtype_name(t.dtype)}, the dataset format stores {_dtype_name(DTYPES[name])}")
+        a = t.detach().cpu().contiguous().numpy()
+        if a.dtype == np.bool_:
+            a = a.view(np.uint8)
+        per_scene = a[:1].nbytes if len(a) else 0
+        f.seek(lay[name]["offset"] + first * per_scene)
+        f.write(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+@contextlib.contextmanager
+def _locked(fd: int) -> Iterator[None]:
+    """Hold an exclusive flock on ``fd`` (a temporary file or folder being written): cleaners skip it."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+
+
+def _in_use(path: Path) -> bool:
+    """True when another open file description holds a flock on ``path`` (a live writer's temporary file/folder)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _writer_lock(parent: Path) -> Iterator[None]:
-    """Serialise dataset writes into ``parent`` (an exclusive flock on the folder itself, released on exit or death)."""
+    """Serialise dataset switches into ``parent`` (an exclusive flock on the folder itself, released on exit or death)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock (concurrent writers to one parent folder are then not protected)
@@ -157,24 +271,6 @@ def _check_target(out: Path, force: bool) -> None:
         raise DatasetError(f"out = '{out}' already holds a dataset; pass --force (force=True) to replace it")
 
 
-def _write_scenes_file(folder: Path, tensors: dict[str, torch.Tensor]) -> tuple[str, dict]:
-    """Save ``tensors`` into ``folder`` under their content-derived name (atomic); returns (name, {"sha256", "bytes"})."""
-    fd, tmp = tempfile.mkstemp(prefix=".scenes.", suffix=".tmp", dir=folder)
-    tmp = Path(tmp)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(tensors, f)
-            f.flush()
-            os.fsync(f.fileno())
-        info = {"sha256": _sha256(tmp), "bytes": tmp.stat().st_size}
-        name = f"scenes-{info['sha256'][:16]}.pt"
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a dataset is an ordinary file
-        os.replace(tmp, folder / name)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return name, info
-
-
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     """The switch: ``manifest.json`` with its digest, replaced atomically."""
     atomic_write_text(folder / MANIFEST_FILE, dumps_json({**manifest, "digest": manifest_digest(manifest)}))
@@ -182,62 +278,105 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 def _remove_unreferenced(folder: Path) -> None:
     """Remove this module's files in a dataset folder that its manifest does not reference (a replaced scene file,
-    temporary files of a crashed write). Files of any other name are never touched."""
+    temporary files of a crashed write). Files of any other name, and a live writer's temporary file, are never touched."""
     try:
         keep = set(json.loads((folder / MANIFEST_FILE).read_text()).get("files", {}))
     except (OSError, ValueError, AttributeError):
         return  # an unreadable manifest: leave everything for `data check` to report
     for p in folder.iterdir():
-        if p.is_file() and p.name != MANIFEST_FILE and p.name not in keep and _ours(p.name):
+        if p.is_file() and p.name != MANIFEST_FILE and p.name not in keep and _ours(p.name) and not _in_use(p):
             p.unlink(missing_ok=True)
 
 
 def _clean_leftovers(out: Path) -> None:
     """Before a write to ``out``: remove temporary folders of crashed writes beside it (``.<name>.*.tmp``/``.old``,
-    when they hold only this module's files) and unreferenced files of this module inside it."""
+    when they hold only this module's files and no live writer holds them) and unreferenced files of this module inside it."""
     for p in list(out.parent.glob(f".{out.name}.*.tmp")) + list(out.parent.glob(f".{out.name}.*.old")):
-        if p.is_dir() and all(q.is_file() and _ours(q.name) for q in p.iterdir()):
+        if p.is_dir() and all(q.is_file() and _ours(q.name) for q in p.iterdir()) and not _in_use(p):
             shutil.rmtree(p, ignore_errors=True)
     if _is_dataset(out):
         _remove_unreferenced(out)
 
 
-def _manifest(tensors: dict[str, torch.Tensor], system: SystemConfig, seed: int, chunk: int | None, name: str, info: dict) -> dict:
+def _manifest(lay: dict, n: int, system: SystemConfig, seed: int, chunk: int | None, name: str, info: dict) -> dict:
     return {
         "format": FORMAT,
         "config": system.to_dict(),
         "seed": int(seed),
-        "n": int(tensors["K"].shape[0]),
+        "n": int(n),
         "chunk": chunk,
         "version": __version__,
         "torch": torch.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "files": {name: info},
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()},
+        "tensors": lay,
         "recomputed": list(RECOMPUTED),
     }
 
 
-def _write_new(out: Path, tensors: dict[str, torch.Tensor], system: SystemConfig, seed: int, chunk: int | None) -> None:
-    """A dataset where there is none: complete it in a temporary folder beside ``out``, then one rename."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+def _stream(out: Path, system: SystemConfig, n: int, seed: int, chunk: int | None, chunks: Iterable[dict[str, torch.Tensor]],
+            force: bool) -> Path:
+    """The one writer: stream ``chunks`` (dicts of the STORED tensors, valid scenes, ``n`` in all) into a scene file,
+    then switch it in with the protocol of the module docstring. Holds one chunk in memory at a time."""
+    lay = layout(system, n)
+    total = layout_bytes(lay)
+    check_space(out, total)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    replacing = _is_dataset(out)
+    # where the scene file is streamed: inside the dataset being replaced, or a temporary folder beside a new one
+    folder = out if replacing else Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    folder_fd = os.open(folder, os.O_RDONLY) if not replacing else None
+    fd, tmp = tempfile.mkstemp(prefix=".scenes.", suffix=".tmp", dir=folder)
+    tmp = Path(tmp)
     try:
-        name, info = _write_scenes_file(tmp, tensors)
-        _write_manifest(tmp, _manifest(tensors, system, seed, chunk, name, info))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a dataset folder is an ordinary folder
-        os.replace(tmp, out)  # `out` is absent or an empty folder
-        fsync_dir(out.parent)
+        with contextlib.ExitStack() as stack:
+            if folder_fd is not None:
+                stack.enter_context(_locked(folder_fd))
+            stack.enter_context(_locked(fd))
+            with os.fdopen(os.dup(fd), "wb") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, total)  # claims the space now: a full disk fails here, not at the end
+                except (AttributeError, OSError) as e:
+                    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                        raise
+                written = 0
+                for tensors in chunks:
+                    m = int(tensors["K"].shape[0])
+                    if written + m > n:
+                        raise DatasetError(f"out = '{out}': more than n = {n} scenes were given")
+                    _write_chunk(f, lay, n, written, tensors)
+                    written += m
+                if written != n:
+                    raise DatasetError(f"out = '{out}': {written} scenes were given, n = {n} expected")
+                f.flush()
+                os.fsync(f.fileno())
+            info = {"sha256": _sha256(tmp), "bytes": tmp.stat().st_size}
+            name = f"scenes-{info['sha256'][:16]}.bin"
+            os.chmod(tmp, file_mode())  # mkstemp makes it private; a dataset follows the user's umask
+            with _writer_lock(out.parent):
+                _check_target(out, force)  # again: another writer may have created it meanwhile
+                _clean_leftovers(out)
+                if replacing != _is_dataset(out):
+                    raise DatasetError(f"out = '{out}' was created or removed by another process while this one wrote; run again")
+                os.replace(tmp, folder / name)
+                tmp.unlink(missing_ok=True)
+                if replacing:  # new file beside the old one, switch the manifest, remove the old file
+                    fsync_dir(out)
+                    _write_manifest(out, _manifest(lay, n, system, seed, chunk, name, info))
+                    _remove_unreferenced(out)
+                else:  # complete in the temporary folder, then one rename
+                    _write_manifest(folder, _manifest(lay, n, system, seed, chunk, name, info))
+                    os.chmod(folder, dir_mode())  # mkdtemp makes it private; a dataset folder follows the user's umask
+                    os.replace(folder, out)  # `out` is absent or an empty folder
+                    fsync_dir(out.parent)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace_in_place(out: Path, tensors: dict[str, torch.Tensor], system: SystemConfig, seed: int, chunk: int | None) -> None:
-    """Replace the dataset ``out``: new scene file beside the old one, switch the manifest, remove the old file."""
-    name, info = _write_scenes_file(out, tensors)
-    fsync_dir(out)
-    _write_manifest(out, _manifest(tensors, system, seed, chunk, name, info))
-    _remove_unreferenced(out)
+        os.close(fd)
+        if folder_fd is not None:
+            os.close(folder_fd)
+        tmp.unlink(missing_ok=True)
+        if not replacing and folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+    return out
 
 
 def save_dataset(batch: SceneBatch, system: SystemConfig, seed: int, out: str | os.PathLike, force: bool = False,
@@ -254,15 +393,7 @@ def save_dataset(batch: SceneBatch, system: SystemConfig, seed: int, out: str | 
     _check_target(out, force)
     tensors = {name: t.detach().cpu().contiguous() for name, t in batch.tensors().items() if name in STORED}
     check_scenes(tensors, system, f"batch for '{out}'")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _writer_lock(out.parent):
-        _check_target(out, force)  # again: another writer may have created it meanwhile
-        _clean_leftovers(out)
-        if _is_dataset(out):
-            _replace_in_place(out, tensors, system, seed, chunk)
-        else:
-            _write_new(out, tensors, system, seed, chunk)
-    return out
+    return _stream(out, system, len(batch), seed, chunk, [tensors], force)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,14 +414,14 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in ("format", "config", "seed", "n", "files") if not isinstance(manifest, dict) or k not in manifest]
     if missing:
         raise DatasetError(f"dataset '{path}': {MANIFEST_FILE} lacks {', '.join(missing)}")
-    if manifest["format"] != FORMAT:
-        raise DatasetError(f"dataset '{path}': format {manifest['format']!r} is not supported (expected {FORMAT}; "
+    if manifest["format"] not in READABLE_FORMATS:
+        raise DatasetError(f"dataset '{path}': format {manifest['format']!r} is not supported (expected one of {READABLE_FORMATS}; "
                            "format 1 had no manifest checksum: generate the dataset again)")
     files = manifest["files"]
     if not isinstance(files, dict) or not files:
         raise DatasetError(f"dataset '{path}': {MANIFEST_FILE} lists no scene file (files is empty): an incomplete dataset")
     if len(files) != 1 or not SCENES_FILE.fullmatch(next(iter(files))):
-        raise DatasetError(f"dataset '{path}': {MANIFEST_FILE} must list exactly one scene file named scenes-<hash>.pt, got {sorted(files)}")
+        raise DatasetError(f"dataset '{path}': {MANIFEST_FILE} must list exactly one scene file named scenes-<hash>.bin, got {sorted(files)}")
     if manifest.get("digest") != manifest_digest(manifest):
         raise DatasetError(f"dataset '{path}': {MANIFEST_FILE} was altered after it was written (its digest does not match its "
                            "content, e.g. an edited config); generate the dataset again")
@@ -334,10 +465,13 @@ def _read_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
         raise DatasetError(f"dataset '{path}': {name} is truncated or altered ({size} bytes, manifest says {info.get('bytes')})")
     if _sha256(spath) != info.get("sha256"):
         raise DatasetError(f"dataset '{path}': {name} is corrupt (SHA-256 does not match the manifest)")
-    try:
-        tensors = torch.load(spath, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise DatasetError(f"dataset '{path}': {name} cannot be read ({type(e).__name__}: {e})") from None
+    if manifest["format"] == 2:
+        try:
+            tensors = torch.load(spath, map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling errors come in many types
+            raise DatasetError(f"dataset '{path}': {name} cannot be read ({type(e).__name__}: {e})") from None
+    else:
+        tensors = _read_raw(path, spath, manifest.get("tensors"))
     if not isinstance(tensors, dict) or set(tensors) != set(STORED):
         keys = sorted(tensors) if isinstance(tensors, dict) else type(tensors).__name__
         raise DatasetError(f"dataset '{path}': {name} holds {keys}, expected {sorted(STORED)}")
@@ -346,6 +480,24 @@ def _read_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
     if bad:
         raise DatasetError(f"dataset '{path}': tensors {', '.join(bad)} do not hold n = {n} scenes")
     return tensors
+
+
+def _read_raw(path: Path, spath: Path, lay: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a format-3 scene file as the manifest's layout describes them (regions inside the file, known dtypes)."""
+    if not isinstance(lay, dict) or not all(isinstance(v, dict) for v in lay.values()):
+        raise DatasetError(f"dataset '{path}': {MANIFEST_FILE} has no tensor layout")
+    size, out = spath.stat().st_size, {}
+    for name, v in lay.items():
+        shape, dtype, offset = v.get("shape"), v.get("dtype"), v.get("offset")
+        if (dtype not in _NP or not isinstance(offset, int) or offset < 0 or not isinstance(shape, list)
+                or not all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise DatasetError(f"dataset '{path}': {MANIFEST_FILE}: tensor {name!r} has an invalid layout {v}")
+        count = math.prod(shape)
+        if offset + count * np.dtype(_NP[dtype]).itemsize > size:
+            raise DatasetError(f"dataset '{path}': tensor {name!r} lies beyond the end of {spath.name}")
+        a = np.fromfile(spath, dtype=np.dtype(_NP[dtype]).newbyteorder("<"), count=count, offset=offset).reshape(shape)
+        out[name] = torch.from_numpy(a != 0) if dtype == "bool" else torch.from_numpy(a.astype(a.dtype.newbyteorder("="), copy=False))
+    return out
 
 
 def load_dataset(path: str | os.PathLike, system: SystemConfig | None = None, device: str | torch.device = "cpu") -> SceneBatch:
@@ -370,8 +522,10 @@ def chunk_seed(seed: int, index: int) -> int:
 
 def generate(system: SystemConfig, n: int, out: str | os.PathLike, seed: int = 0, force: bool = False,
              progress: bool = True, chunk: int = 1024, device: str | torch.device = "cpu") -> Path:
-    """Simulate ``n`` scenes in chunks of ``chunk`` (chunk i uses ``chunk_seed(seed, i)``) with a progress
-    bar, and save them as the dataset ``out``. Fails before simulating if ``out`` exists without ``force``."""
+    """Simulate ``n`` scenes in chunks of ``chunk`` (chunk i uses ``chunk_seed(seed, i)``) and stream them into the
+    dataset ``out``, one chunk in memory at a time (R_true, which simulate returns, is dropped per chunk: it is
+    rebuilt on load). A progress bar shows scenes per second. Fails before simulating if ``out`` exists without
+    ``force``, or if the dataset (:func:`dataset_bytes`) would not fit the free disk."""
     for name, value, lo in (("n", n, 1), ("chunk", chunk, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
             raise DatasetError(f"{name} = {value!r}: expected an integer >= {lo}")
@@ -379,11 +533,18 @@ def generate(system: SystemConfig, n: int, out: str | os.PathLike, seed: int = 0
         raise DatasetError(f"system: expected a SystemConfig, got {type(system).__name__}")
     out = Path(out)
     _check_target(out, force)
-    parts = []
-    with tqdm(total=n, unit="scene", desc=f"generate {out.name}", disable=not progress, file=sys.stderr) as bar:
-        for i, s in enumerate(range(0, n, chunk)):
-            m = min(chunk, n - s)
-            parts.append(simulate(system, m, seed=chunk_seed(seed, i), device=device, chunk=m).to("cpu"))
-            bar.update(m)
-    batch = SceneBatch.cat(parts) if len(parts) > 1 else parts[0]
-    return save_dataset(batch, system, seed, out, force=force, chunk=chunk)
+    check_space(out, dataset_bytes(system, n), what=f"n = {n}")
+
+    def chunks() -> Iterator[dict[str, torch.Tensor]]:
+        with tqdm(total=n, unit="scene", unit_scale=True, desc=f"generate {out.name}", disable=not progress, file=sys.stderr,
+                  smoothing=0.1) as bar:
+            for i, s in enumerate(range(0, n, chunk)):
+                m = min(chunk, n - s)
+                batch = simulate(system, m, seed=chunk_seed(seed, i), device=device, chunk=m)
+                tensors = {k: t.detach().cpu().contiguous() for k, t in batch.tensors().items() if k in STORED}
+                del batch  # R_true goes with it
+                check_scenes(tensors, system, f"generated scenes {s}..{s + m - 1} for '{out}'")
+                yield tensors
+                bar.update(m)
+
+    return _stream(out, system, n, seed, chunk, chunks(), force)

@@ -1,6 +1,10 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, then os.replace, so a reader
 never sees a half-written file and an existing file is only replaced by a complete one.
 
+Permissions follow the user's umask, as ``open()`` and ``mkdir`` would: a new file gets ``0o666 & ~umask``
+(:func:`file_mode`), a new folder ``0o777 & ~umask`` (:func:`dir_mode`); a replaced file keeps its mode.
+(``tempfile.mkstemp``/``mkdtemp`` make private files; every writer of the workbench chmods them to these modes.)
+
 JSON written here is strict (RFC 8259) JSON: a float that is not finite (NaN, inf, -inf; Python, NumPy or
 a 0-d tensor) is written as ``null``. In every JSON file of the workbench, ``null`` where a number is
 expected means "no finite value": e.g. the train_loss of an epoch whose every step was skipped, or a
@@ -27,13 +31,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp's file is private
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else file_mode())  # mkstemp's file is private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
     return path
+
+
+def umask() -> int:
+    """The process's umask (read without changing it for good)."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode of a new file under the user's umask: ``0o666 & ~umask``."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The mode of a new folder under the user's umask: ``0o777 & ~umask``."""
+    return 0o777 & ~umask()
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

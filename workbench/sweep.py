@@ -13,7 +13,10 @@ between workers on many machines (:mod:`workbench.storage`). Creating the schema
 (a file lock beside an SQLite file, an advisory lock on PostgreSQL), so processes started at the same moment
 on a new database all succeed. The study stores the search space, the base config and the pruner settings
 as study user attributes, so a worker elsewhere only needs the storage, ``--study`` and ``--join``; ``--join``
-never creates a database. URLs are shown with their secrets masked (:func:`~workbench.storage.mask_url`), and workers started
+never creates a database, and refuses options that conflict with the stored study (:func:`join_conflicts`: a
+``--space``/``--preset``/``--set``/``--epochs``/``--n-train``/``--n-val``/``--pruner`` that would change what the study
+searches is named, never silently ignored; options equal to the stored ones are accepted). URLs are shown with
+their secrets masked (:func:`~workbench.storage.mask_url`), and workers started
 here get the URL through the environment (``WORKBENCH_STORAGE``), never on a command line that ``ps`` shows.
 
 Workers. Each worker runs trials until the study holds ``trials`` finished trials (COMPLETE, PRUNED, or
@@ -108,6 +111,54 @@ def load_study(storage: str | None = None, study: str = DEFAULT_STUDY, heartbeat
     return s
 
 
+def _short(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def join_conflicts(stored: SearchSpace, settings: dict, *, space: Any = None, preset_name: str | None = None,
+                   overrides: dict[str, Any] | None = None, epochs: int | None = None, n_train: int | None = None,
+                   n_val: int | None = None, pruner: str | None = None) -> list[str]:
+    """What the options of a ``--join`` (None: not given) would change in the stored study, one line per option;
+    empty when every given option agrees with it. A joining worker runs the stored space and base config."""
+    base, out = stored.base, []
+    for flag, value, have in (("--epochs", epochs, base.train.epochs), ("--n-train", n_train, base.train.n_train),
+                              ("--n-val", n_val, base.train.n_val), ("--pruner", pruner, settings.get("pruner"))):
+        if value is not None and value != have:
+            out.append(f"{flag} {value} (the study has {have})")
+    for key, value in (overrides or {}).items():
+        try:
+            changed = base.replace(**{key: value}) != base
+        except ConfigError as e:
+            raise ConfigError(f"--set {key}: {e}") from None
+        if changed:
+            section, field = key.split(".", 1)
+            out.append(f"--set {key} {value!r} (the study has {getattr(getattr(base, section), field)!r})")
+    if space is not None or preset_name is not None:
+        train = {"train.epochs": epochs or base.train.epochs, "train.n_train": n_train or base.train.n_train,
+                 "train.n_val": n_val or base.train.n_val}
+        want = load_space(space, preset_name or "recommended", {**train, **(overrides or {})}).to_dict()
+        have = stored.to_dict()
+        params = sorted(k for k in set(want["params"]) | set(have["params"]) if want["params"].get(k) != have["params"].get(k))
+        fields = sorted(f"{sec}.{k}" for sec in have["base"] for k in have["base"][sec]
+                        if want["base"].get(sec, {}).get(k) != have["base"][sec][k])
+        if params or fields:
+            flags = " and ".join(f for f, v in (("--space", space), ("--preset", preset_name)) if v is not None)
+            parts = (f"searched knobs {_short(params)}" if params else "", f"base fields {_short(fields)}" if fields else "")
+            diff = "; ".join(x for x in parts if x)
+            out.append(f"{flags} (differ from the study in {diff})")
+    return out
+
+
+def check_join(study: optuna.Study, **options: Any) -> None:
+    """ConfigError naming every ``--join`` option that conflicts with the stored study (:func:`join_conflicts`)."""
+    stored, settings = study_space(study)
+    conflicts = join_conflicts(stored, settings, **options)
+    if conflicts:
+        raise ConfigError(f"--join runs study {study.study_name!r} with the search space and base config it was created with; "
+                          f"these options conflict with it: {'; '.join(conflicts)}. Drop them to join, or give a new --study "
+                          "name to start another study")
+
+
 # ---------------------------------------------------------------------------------------------
 # objective
 class TrialData:
@@ -189,19 +240,23 @@ def progress_counts(study: optuna.Study) -> dict[str, int]:
 
 
 def run_worker(storage: str | None = None, study: str = DEFAULT_STUDY, trials: int = 8, *, worker: int = 0, seed: int = 0,
-               heartbeat: int = 10, grace: int | None = None, objective: Callable | None = None, verbose: bool = True) -> list[int]:
+               heartbeat: int = 10, grace: int | None = None, objective: Callable | None = None, verbose: bool = True,
+               join_options: dict[str, Any] | None = None) -> list[int]:
     """Run trials of an existing study until it holds ``trials`` done trials (see :func:`progress_counts`).
 
     ``objective(trial, cfg) -> float`` defaults to :func:`train_objective`. Returns the trial numbers this
     worker ran. Waits (polling every half heartbeat) while the remaining trials are running elsewhere, so that a
     dead worker's trial, once failed by its stale (or missing) heartbeat, is re-run here. Counting the trials and
     creating the next one happen under the storage's :class:`StorageLock`, so workers together never start more
-    than ``trials``."""
+    than ``trials``. ``join_options`` (the options of ``--join``, see :func:`join_conflicts`) are checked against the
+    stored study before any trial runs."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"trials = {trials!r}: expected an integer >= 1")
     check_heartbeat(heartbeat, grace)
     url = storage or default_storage_url()
     s = load_study(url, study, heartbeat, grace, sampler=optuna.samplers.TPESampler(seed=seed + 1000 * worker, n_startup_trials=4))
+    if join_options:
+        check_join(s, **join_options)
     space, _ = study_space(s)
     trial_data = TrialData()  # scenes shared by this worker's trials
     objective = objective or (lambda trial, cfg: train_objective(trial, cfg, data=trial_data))

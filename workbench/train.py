@@ -13,7 +13,17 @@ factor come from :class:`workbench.forward.TrainingData` (computed once per scen
 With a run folder (``workbench train --out DIR``, :class:`workbench.checkpoints.RunFolder`) the whole resumable
 state is written after every epoch as one unit; ``--resume DIR`` continues from it and, with the configuration
 unchanged, ends exactly where an uninterrupted run would. Checkpoints are verified on load
-(:mod:`workbench.checkpoints`). Must not: define what is on disk (checkpoints), draw or sweep.
+(:mod:`workbench.checkpoints`). While :func:`fit` writes a run folder it holds the folder's lock
+(:meth:`RunFolder.lock`): a second writer is refused naming the first one's PID.
+
+Agreement before anything starts. A ``model`` given to :func:`fit` must have been built for ``cfg.system`` and
+``cfg.model`` (each differing field is named). A resume must keep the run's whole configuration except the fields
+in :data:`RESUME_MAY_CHANGE` (``train.epochs``: run longer or shorter; ``train.device``: where it runs): a changed
+learning rate, preset (fixes, loss weights), batch size, seed, ... is refused naming each field, because the
+restored optimiser, scheduler and data order would not honour it. A permitted change is applied from the resumed
+epoch on and recorded in ``history.json`` under ``resumes`` (the epoch it took effect at, each field old -> new);
+the per-epoch records carry the learning rate actually used.
+Must not: define what is on disk (checkpoints), draw or sweep.
 """
 
 from __future__ import annotations
@@ -32,7 +42,6 @@ from .checkpoints import (
     CHECKPOINT_FORMAT,
     RunFolder,
     TrainResult,
-    check_same_run,
     load_weights,
 )
 from .config import ConfigError, ExperimentConfig, resolve_device
@@ -78,6 +87,46 @@ def evaluate(model: CovarianceNet, data: SceneBatch, R_samp: torch.Tensor, cfg: 
             "val_nmse": float(torch.cat(nm).mean())}
 
 
+RESUME_MAY_CHANGE = ("train.epochs", "train.device")  # fields a resume may change (applied and recorded); any other is refused
+
+
+def _config_diff(have: dict, want: dict, prefix: str = "") -> dict[str, tuple]:
+    """{"section.field": (have, want)} for every field that differs between two config dicts (nested by section)."""
+    out = {}
+    for k in sorted(set(have) | set(want)):
+        a, b = have.get(k), want.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_config_diff(a, b, f"{prefix}{k}."))
+        elif a != b:
+            out[f"{prefix}{k}"] = (a, b)
+    return out
+
+
+def check_model_fits(model: CovarianceNet, cfg: ExperimentConfig) -> None:
+    """ConfigError unless ``model`` was built for ``cfg.system`` and ``cfg.model``, naming each differing field."""
+    if not isinstance(model, CovarianceNet):
+        raise ConfigError(f"model: expected a CovarianceNet, got {type(model).__name__}")
+    diffs = {**_config_diff(model.system.to_dict(), cfg.system.to_dict(), "system."),
+             **_config_diff(model.cfg.to_dict(), cfg.model.to_dict(), "model.")}
+    if diffs:
+        raise ConfigError("model: built for another config than cfg ("
+                          + "; ".join(f"{k}: model {a!r} != cfg {b!r}" for k, (a, b) in diffs.items())
+                          + "); build it with build_model(cfg.system, cfg.model) or pass no model")
+
+
+def resume_changes(saved: ExperimentConfig, cfg: ExperimentConfig, where: str) -> dict[str, list]:
+    """The permitted changes of a resume, {"train.epochs": [old, new], ...}; ConfigError naming every other changed
+    field (system and model fields included: the weights would not fit them)."""
+    diffs = _config_diff(saved.to_dict(), cfg.to_dict())
+    refused = {k: v for k, v in diffs.items() if k not in RESUME_MAY_CHANGE}
+    if refused:
+        raise ConfigError(f"{where}: --resume continues a run with its own configuration, and these fields differ: "
+                          + "; ".join(f"{k}: checkpoint {a!r} != requested {b!r}" for k, (a, b) in refused.items())
+                          + f". Only {', '.join(RESUME_MAY_CHANGE)} may change on resume; drop the other options (--preset, "
+                          "--set), or start a new run in another folder")
+    return {k: [a, b] for k, (a, b) in diffs.items()}
+
+
 def fit(cfg: ExperimentConfig, data: TrainingData | None = None, on_epoch: Callable[[dict], bool | None] | None = None,
         progress: bool = True, model: CovarianceNet | None = None, run_dir: str | os.PathLike | None = None,
         resume: bool = False) -> TrainResult:
@@ -89,15 +138,25 @@ def fit(cfg: ExperimentConfig, data: TrainingData | None = None, on_epoch: Calla
     History records: epoch, train_loss, terms (epoch means), val_loss, val_terms, val_nmse (unweighted
     NMSE of R_pred), grad_norm per group (mean over applied steps), param_change (L2 norm of the
     epoch's weight change), lr, steps, skipped_nonfinite, skipped_scaler, seconds."""
-    t = cfg.train
     run = RunFolder(run_dir) if run_dir is not None else None
     if resume and run is None:
         raise ConfigError("resume: give the run folder to resume (run_dir)")
-    saved = run.read() if resume else None
-    if run is not None:
-        run.check_writable()
-    if saved is not None:
-        check_same_run(ExperimentConfig.from_json(saved["config"]), cfg, f"run '{run.path}'")
+    if model is not None:
+        check_model_fits(model, cfg)
+    if run is None:
+        return _fit(cfg, data, on_epoch, progress, model, None, None)
+    if resume:
+        run.read()  # "no run to resume" before anything is created
+    run.check_writable()
+    with run.lock():
+        saved = run.read() if resume else None  # read under the lock: the last epoch another writer completed
+        return _fit(cfg, data, on_epoch, progress, model, run, saved)
+
+
+def _fit(cfg: ExperimentConfig, data: TrainingData | None, on_epoch, progress: bool, model: CovarianceNet | None,
+         run: RunFolder | None, saved: dict | None) -> TrainResult:
+    t = cfg.train
+    changes = resume_changes(ExperimentConfig.from_json(saved["config"]), cfg, f"run '{run.path}'") if saved is not None else {}
     device = resolve_device(t.device)
     data = (TrainingData.simulate(cfg, device) if data is None else data).to(device)
     check_scenes(data.train, cfg.system, "training scenes (train split)")
@@ -109,6 +168,8 @@ def fit(cfg: ExperimentConfig, data: TrainingData | None = None, on_epoch: Calla
     loop = _Loop(cfg, device, model, steps_per_epoch)
     if saved is not None:
         loop.restore(saved, f"checkpoint '{run.checkpoint}'")
+        if changes:
+            loop.resumes.append({"epoch": loop.epoch, "changed": changes})
     bar = tqdm(total=max(0, t.epochs - loop.epoch) * steps_per_epoch, disable=not progress, desc="train", unit="step")
     while loop.epoch < t.epochs:
         t0 = time.perf_counter()
@@ -118,7 +179,8 @@ def fit(cfg: ExperimentConfig, data: TrainingData | None = None, on_epoch: Calla
         loop.history.append(record)
         loop.epoch += 1
         if run is not None:
-            run.write(loop.payload(cfg), {"config": cfg.to_dict(), "epoch": loop.epoch, "history": loop.history, "provenance": loop.prov})
+            run.write(loop.payload(cfg), {"config": cfg.to_dict(), "epoch": loop.epoch, "history": loop.history, "provenance": loop.prov,
+                                          "resumes": loop.resumes})
         bar.set_postfix(loss=f"{record['train_loss']:.4g}", val_nmse=f"{record['val_nmse']:.4g}")
         if on_epoch is not None and on_epoch(record):
             break
@@ -150,6 +212,7 @@ class _Loop:
         self.gen = torch.Generator().manual_seed(t.seed)
         self.history: list[dict] = []
         self.prov: list[dict] = []
+        self.resumes: list[dict] = []  # permitted config changes at resumes: {"epoch", "changed": {field: [old, new]}}
         self.step = 0
         self.epoch = 0  # completed epochs
 
@@ -161,10 +224,11 @@ class _Loop:
         return {"format": CHECKPOINT_FORMAT, "config": cfg.to_json(), "epoch": self.epoch, "step": self.step,
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict() if self.sched is not None else None, "scaler": self.scaler.state_dict(),
-                "rng": rng, "history": json.dumps(self.history), "provenance": json.dumps(self.prov)}
+                "rng": rng, "history": json.dumps(self.history), "provenance": json.dumps(self.prov),
+                "resumes": json.dumps(self.resumes)}
 
     def restore(self, payload: dict, where: str) -> None:
-        """Continue from ``payload`` (a checkpoint of this run, :func:`check_same_run` already passed)."""
+        """Continue from ``payload`` (a checkpoint of this run, :func:`resume_changes` already passed)."""
         missing = [k for k in ("optimizer", "rng", "epoch", "step") if k not in payload]
         if missing:
             raise ConfigError(f"{where}: not resumable (no {', '.join(missing)}: a weights-only checkpoint)")
@@ -182,6 +246,7 @@ class _Loop:
             torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
         self.epoch, self.step = int(payload["epoch"]), int(payload["step"])
         self.history, self.prov = json.loads(payload["history"]), json.loads(payload["provenance"])
+        self.resumes = json.loads(payload.get("resumes", "[]"))
 
 
 def _train_epoch(loop: _Loop, cfg: ExperimentConfig, train_data: SceneBatch, Rs_train: torch.Tensor, prior_train: torch.Tensor | None,

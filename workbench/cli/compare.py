@@ -1,15 +1,30 @@
 """``workbench compare``: the command line of :func:`workbench.studies.compare.compare`.
 
-Owns: the flags, checking them before anything is simulated, and the files the command writes (compare.json,
-table.md). Must not: train or evaluate anything itself.
+Owns: the flags, checking every one of them before anything is simulated (``--snrs`` finite and in the system's SNR
+range, ``--out`` a writable folder with room for the run folders), and the files the command writes as one unit:
+``compare.json``, ``table.md`` and ``manifest.json`` (:data:`MANIFEST`). Must not: train or evaluate anything itself.
+
+The output unit. Before any training, ``manifest.json`` is removed (so nothing in ``--out`` is marked current any
+more), then the previous ``table.md`` and ``compare.json``. After the work, ``compare.json`` and ``table.md`` are
+written (each atomically), then ``manifest.json`` last: it names the config of every entry (and its run folder), and
+the SHA-256 of the table and the JSON. So a failed or killed rerun leaves the old complete set (when it failed before
+touching anything) or no manifest and no table: never an old table beside new run folders. A table is current only
+when ``manifest.json`` exists and its checksums match (:func:`current_outputs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import hashlib
+import json
+import math
+import shutil
 from pathlib import Path
 
-from ..config import ConfigError, check_choice, parse_overrides
+from .. import __version__
+from ..checkpoints import check_out_folder
+from ..config import ConfigError, SystemConfig, check_choice, parse_overrides
 from ..experiments import BUDGETS, DEFAULT_ENTRIES, ENTRIES, budget_overrides, entry_configs
 from ..figures.compare import conclusion, format_table
 from ..io import atomic_write_json, atomic_write_text
@@ -44,16 +59,78 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cli_compare)
 
 
+MANIFEST = "manifest.json"
+OUTPUTS = ("compare.json", "table.md")
+SNR_RANGE = tuple(SystemConfig.__dataclass_fields__["snr_db_min"].metadata.get("range", (-60.0, 100.0)))
+DISK_MARGIN = 16 << 20  # bytes kept free beyond the run folders' estimate
+
+
+def parse_snrs(text: str) -> list[float]:
+    """``--snrs``: comma-separated finite SNRs in dB within the system's SNR range; ConfigError naming ``--snrs``."""
+    try:
+        snrs = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--snrs = {text!r}: expected comma-separated numbers (dB), e.g. 0,10,20") from None
+    if not snrs:
+        raise ConfigError("--snrs: expected at least one SNR in dB")
+    lo, hi = SNR_RANGE
+    bad = [s for s in snrs if not (math.isfinite(s) and lo <= s <= hi)]
+    if bad:
+        raise ConfigError(f"--snrs = {text!r}: {', '.join(str(b) for b in bad)} is not a finite SNR in [{lo:g}, {hi:g}] dB "
+                          "(the range of system.snr_db_min/snr_db_max)")
+    return snrs
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def invalidate_outputs(out: Path) -> None:
+    """Unmark the previous output set: remove ``manifest.json`` first (one unlink: nothing is current from here on),
+    then the table and the JSON it described."""
+    for name in (MANIFEST, *OUTPUTS):
+        (out / name).unlink(missing_ok=True)
+
+
+def write_outputs(out: Path, result: dict, cfgs: dict, text: str) -> None:
+    """``compare.json`` and ``table.md``, then ``manifest.json`` (each atomic; the manifest last)."""
+    atomic_write_json(out / "compare.json", result)
+    atomic_write_text(out / "table.md", text)
+    atomic_write_json(out / MANIFEST, {
+        "format": 1, "version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "entries": {name: {"run": name, "config": cfg.to_dict()} for name, cfg in cfgs.items()},
+        "files": {name: {"sha256": _sha256(out / name)} for name in OUTPUTS}})
+
+
+def current_outputs(out: str | Path) -> dict | None:
+    """The manifest of the complete output set in ``out``, or None when there is none (no manifest, or a file it names
+    is missing or altered)."""
+    out = Path(out)
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        ok = all(_sha256(out / name) == info["sha256"] for name, info in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return manifest if ok else None
+
+
+def _check_space(out: Path, cfgs: dict) -> None:
+    """ConfigError naming ``--out`` unless its disk has room for a run folder per entry (weights + two Adam moments,
+    two epoch folders at a switch) and a margin."""
+    from ..model import build_model
+
+    need = DISK_MARGIN + sum(2 * 3 * 4 * sum(p.numel() for p in build_model(c.system, c.model).parameters()) for c in cfgs.values())
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise ConfigError(f"--out = '{out}': the run folders need about {need / 1e6:.0f} MB but only {free / 1e6:.0f} MB is free; "
+                          "free disk space or choose another --out")
+
+
 def _cli_compare(args: argparse.Namespace) -> int:
     entries = [e.strip() for e in args.presets.split(",") if e.strip()]
     for e in entries:
         check_choice("--presets", e, ENTRIES)
-    try:
-        snrs = [float(s) for s in args.snrs.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--snrs = {args.snrs!r}: expected comma-separated numbers (dB), e.g. 0,10,20") from None
-    if not snrs:
-        raise ConfigError("--snrs: expected at least one SNR in dB")
+    snrs = parse_snrs(args.snrs)
     for flag, value in (("--n-per-snr", args.n_per_snr), ("--n-boot", args.n_boot)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} = {value}: expected an integer >= 1")
@@ -68,8 +145,10 @@ def _cli_compare(args: argparse.Namespace) -> int:
 
         overrides.update({f"system.{k}": v for k, v in dataset_system(args.data).to_dict().items()})
         data = TrainingData.from_dataset(args.data, next(iter(entry_configs(entries, overrides).values())))
-    entry_configs(entries, overrides)  # refuse a bad configuration before anything is simulated
-    out.mkdir(parents=True, exist_ok=True)
+    cfgs = entry_configs(entries, overrides)  # refuse a bad configuration before anything is simulated
+    check_out_folder(out)  # a folder that exists or can be made, and accepts files
+    _check_space(out, cfgs)
+    invalidate_outputs(out)  # from here on, nothing in --out is marked current until the new set is complete
     from ..runs import finish_run, start_run
 
     start_run(out, "compare", out.name, {"entries": entries, "overrides": overrides, "budget": args.budget, "data": args.data,
@@ -79,12 +158,11 @@ def _cli_compare(args: argparse.Namespace) -> int:
                          data=data, test_seed=args.test_seed, n_boot=args.n_boot)
     finish_run(out, "ok", result["seconds"])
     table = format_table(result["table"])
-    atomic_write_json(out / "compare.json", result)
-    atomic_write_text(out / "table.md", f"{table}\n\n{conclusion(result)}\n")
+    write_outputs(out, result, cfgs, f"{table}\n\n{conclusion(result)}\n")
     print(table)
     print()
     print(conclusion(result))
     if args.results:
         write_results(args.results, {**header("compare"), **summary(result)})
-    print(f"\nwrote {out}/compare.json, {out}/table.md and a run folder per entry ({result['seconds']:.0f} s)")
+    print(f"\nwrote {out}/compare.json, {out}/table.md, {out}/{MANIFEST} and a run folder per entry ({result['seconds']:.0f} s)")
     return 0
