@@ -93,11 +93,16 @@ def invalidate_outputs(out: Path) -> None:
 
 
 def write_outputs(out: Path, result: dict, cfgs: dict, text: str) -> None:
-    """``compare.json`` and ``table.md``, then ``manifest.json`` (each atomic; the manifest last)."""
+    """``compare.json`` and ``table.md``, then ``manifest.json`` (each atomic; the manifest last, keeping the run's identity
+    fields that :func:`workbench.runs.start_run` wrote)."""
     atomic_write_json(out / "compare.json", result)
     atomic_write_text(out / "table.md", text)
+    try:  # the run's identity (workbench.runs: time, commit, versions, parameters, status) stays in the one manifest
+        identity = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        identity = {}
     atomic_write_json(out / MANIFEST, {
-        "format": 1, "version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **(identity if isinstance(identity, dict) else {}), "format": 1, "version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "entries": {name: {"run": name, "config": cfg.to_dict()} for name, cfg in cfgs.items()},
         "files": {name: {"sha256": _sha256(out / name)} for name in OUTPUTS}})
 
