@@ -76,12 +76,17 @@ display(Markdown(figures.markdown_table(rows)))
 
 # %% [markdown]
 # ## Curves
-# Top: the presets on shared axes (a red ring marks an epoch with skipped steps). Look at whether the validation
-# NMSE falls below 1 and which preset gets lowest. Middle: gradient norms per parameter group. Bottom: each
+# One figure per question. First, per epoch, the presets on shared axes (a red ring marks an epoch with skipped
+# steps; a preset with no step applied is named under the title): look at whether the validation NMSE falls below 1
+# and which preset gets lowest. Then the loss of every step, the gradient norms per parameter group, and each
 # preset's loss terms.
 
 # %%
-display(Image(figures.save_figure(fig_training.training_figure({n: r.history for n, r in runs.items()}), out / "training.png")))
+histories = {n: r.history for n, r in runs.items()}
+display(Image(figures.save_figure(fig_training.training_figure(histories), out / "training.png")))
+display(Image(figures.save_figure(fig_training.step_figure(histories), out / "training_steps.png")))
+display(Image(figures.save_figure(fig_training.gradient_norm_figure(histories), out / "gradient_norms.png")))
+display(Image(figures.save_figure(fig_training.terms_figure(histories), out / "loss_terms.png")))
 metrics["conclusion"] = fig_compare.training_conclusion(rows)
 display(Markdown(metrics["conclusion"]))
 save_metrics(out, metrics);

@@ -105,6 +105,8 @@ display(Markdown(figures.markdown_table([{"covariance": n, "SNR dB": s, "RMSE φ
 
 # %%
 display(Image(figures.save_figure(fig_localisation.localisation_figure(res), out / "localisation.png")))
+display(Image(figures.save_figure(fig_localisation.normalised_error_figure(res), out / "normalised_error.png")))
+display(Image(figures.save_figure(fig_localisation.detection_figure(res), out / "detection.png")))
 metrics["conclusion"] = fig_localisation.localisation_conclusion(res)
 display(Markdown(metrics["conclusion"]))
 

@@ -137,7 +137,8 @@ def fit(cfg: ExperimentConfig, data: TrainingData | None = None, on_epoch: Calla
 
     History records: epoch, train_loss, terms (epoch means), val_loss, val_terms, val_nmse (unweighted
     NMSE of R_pred), grad_norm per group (mean over applied steps), param_change (L2 norm of the
-    epoch's weight change), lr, steps, skipped_nonfinite, skipped_scaler, seconds."""
+    epoch's weight change), lr, steps, skipped_nonfinite, skipped_scaler, step_loss (the total loss of each step in
+    order, None for a step not applied), seconds."""
     run = RunFolder(run_dir) if run_dir is not None else None
     if resume and run is None:
         raise ConfigError("resume: give the run folder to resume (run_dir)")
@@ -189,7 +190,7 @@ def _fit(cfg: ExperimentConfig, data: TrainingData | None, on_epoch, progress: b
 
 
 RECORD_ORDER = ("epoch", "train_loss", "terms", "val_loss", "val_terms", "val_nmse", "grad_norm", "param_change", "lr", "steps",
-                "skipped_nonfinite", "skipped_scaler", "seconds")
+                "skipped_nonfinite", "skipped_scaler", "step_loss", "seconds")
 
 
 def _ordered(record: dict) -> dict:
@@ -259,12 +260,14 @@ def _train_epoch(loop: _Loop, cfg: ExperimentConfig, train_data: SceneBatch, Rs_
     term_sums = dict.fromkeys(["total", *TERMS], 0.0)
     gsum = dict.fromkeys(groups, 0.0)
     counts = {"applied": 0, "nonfinite": 0, "scaler": 0}
+    step_loss: list[float | None] = []  # the total loss of each step; None for a step not applied (JSON-safe)
     for idx in torch.randperm(len(train_data), generator=loop.gen).split(t.batch_size):
         idx = idx.to(loop.device)
         outcome, losses, norms = _train_step(loop, cfg, train_data[idx], Rs_train[idx], None if prior_train is None else prior_train[idx],
                                              None if fits_train is None else fits_train[idx])
         bar.update()
         counts[outcome] += 1
+        step_loss.append(float(losses["total"].detach()) if outcome == "applied" else None)
         if outcome != "applied":
             continue
         for k in term_sums:
@@ -284,7 +287,8 @@ def _train_epoch(loop: _Loop, cfg: ExperimentConfig, train_data: SceneBatch, Rs_
 
     return {"epoch": loop.epoch, "train_loss": mean(term_sums["total"]), "terms": {k: mean(term_sums[k]) for k in TERMS},
             "grad_norm": {g: mean(v) for g, v in gsum.items()}, "param_change": change, "lr": loop.opt.param_groups[0]["lr"],
-            "steps": sum(counts.values()), "skipped_nonfinite": counts["nonfinite"], "skipped_scaler": counts["scaler"]}
+            "steps": sum(counts.values()), "skipped_nonfinite": counts["nonfinite"], "skipped_scaler": counts["scaler"],
+            "step_loss": step_loss}
 
 
 def _train_step(loop: _Loop, cfg: ExperimentConfig, b: SceneBatch, Rs: torch.Tensor, prior: torch.Tensor | None = None,

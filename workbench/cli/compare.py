@@ -102,7 +102,8 @@ def write_outputs(out: Path, result: dict, cfgs: dict, text: str) -> None:
     except (OSError, ValueError):
         identity = {}
     atomic_write_json(out / MANIFEST, {
-        **(identity if isinstance(identity, dict) else {}), "format": 1, "version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **(identity if isinstance(identity, dict) else {}), "format": 1, "version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "entries": {name: {"run": name, "config": cfg.to_dict()} for name, cfg in cfgs.items()},
         "files": {name: {"sha256": _sha256(out / name)} for name in OUTPUTS}})
 

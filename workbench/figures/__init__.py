@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # matplotlib is imported where a figure is made: fmt alone (t
 
 COLOURS = {"R_true": "#1b9e77", "R_samp": "#d95f02", "R_pred": "#7570b3", "R_blend": "#e7298a", "R_samp_raw": "#a6761d"}
 DPI = 144  # sharp in JupyterLab on high-density screens
+WIDTH_IN = 6.5  # a figure's width in inches: 936 px at DPI, within a notebook's ~970 px (tests/test_figures.py checks <= 1000)
+FORMATS = ("png", "svg", "pdf")  # what save_figure writes, by the path's suffix
 MANIFEST = "figures.json"
 MISSING = "-"  # what fmt writes for a missing value
 
@@ -79,30 +81,39 @@ def plain_log_ticks(ax, axis: str = "y") -> None:
 
 
 def describe(fig: Figure) -> dict:
-    """{"title", "axes": [{"title", "xlabel", "ylabel"}]} of a matplotlib figure (colour bars left out)."""
-    axes = [a for a in fig.axes if a.get_label() != "<colorbar>" and a.get_visible()]
+    """{"title", "axes": [{"title", "xlabel", "ylabel"}]} of a matplotlib figure (colour bars and axes switched off,
+    such as a message's, left out)."""
+    axes = [a for a in fig.axes if a.get_label() != "<colorbar>" and a.get_visible() and a.axison]
     suptitle = fig._suptitle.get_text() if fig._suptitle is not None else ""
     return {"title": suptitle or (axes[0].get_title() if axes else ""),
             "axes": [{"title": a.get_title(), "xlabel": a.get_xlabel(), "ylabel": a.get_ylabel()} for a in axes]}
 
 
-def png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
-    """A matplotlib figure as PNG bytes; the figure is closed."""
+def png_bytes(fig: Figure, dpi: int = DPI, fmt: str = "png", close: bool = True) -> bytes:
+    """A matplotlib figure as PNG bytes (or ``fmt``: "svg", "pdf"); the figure is closed unless ``close=False``."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight")
+    if close:
+        plt.close(fig)
     return buf.getvalue()
 
 
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = DPI) -> str:
-    """Write a matplotlib figure as PNG atomically, record its title and labels in ``figures.json`` beside it
-    (replacing an entry of the same file name, else appending: the notebook's order), and close it."""
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = DPI, close: bool = True) -> str:
+    """Write a matplotlib figure atomically as PNG, SVG or PDF (by the path's suffix, :data:`FORMATS`), record its
+    title and labels in ``figures.json`` beside it for a PNG (replacing an entry of the same file name, else appending:
+    the notebook's order; the report pages show the PNGs), and close it unless ``close=False``."""
+    from ..config import check_choice
+
     path = Path(path)
+    kind = path.suffix.lstrip(".").lower()
+    check_choice("figure format", kind, FORMATS)
     meta = {"file": path.name, **describe(fig)}
-    data = png_bytes(fig, dpi)
+    data = png_bytes(fig, dpi, kind, close)
     atomic_write(path, lambda f: f.write(data))
+    if kind != "png":
+        return str(path)
     manifest = path.parent / MANIFEST
     entries = json.loads(manifest.read_text()) if manifest.exists() else []
     entries = [e for e in entries if e.get("file") != path.name] + [meta]

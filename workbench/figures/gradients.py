@@ -10,43 +10,51 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from . import fmt, legend_outside
+from . import WIDTH_IN, fmt, legend_outside
 
 
 def gradient_figure(rows: list[dict]) -> Figure:
-    """Per backend, the gradient norm of its own term per parameter group (log bars). An exact zero is written
-    a bold "0" at the foot of the axis (no bar), a non-finite gradient is a red cross; a gap term whose hinge is
-    inactive in these scenes (gap above the margin: gradient exactly zero) is labelled so."""
-    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.0))
-    for ax, kind in zip(axes, ("gap", "subspace")):
+    """Per backend, the gradient norm of its own term per parameter group (log bars): the gap backends above, the
+    subspace backends below, one legend beside them. An exact zero is written a bold "0" at the foot of the axis (no
+    bar), a non-finite gradient is a red cross at the top; a gap term whose hinge is inactive in these scenes (gap
+    above the margin: gradient exactly zero) is marked "*" and explained in the footnote."""
+    kinds = [k for k in ("gap", "subspace") if any(r["kind"] == k for r in rows)] or ["gap"]
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(WIDTH_IN, 2.7 * len(kinds) + 0.5), layout="constrained", squeeze=False)
+    groups: list[str] = []
+    nonfinite = inactive = False
+    for ax, kind in zip(axes[:, 0], kinds):
         sub = [r for r in rows if r["kind"] == kind]
-        groups = list(sub[0]["term_grad_norm"]) if sub else []
+        groups = groups or (list(sub[0]["term_grad_norm"]) if sub else [])
         w = 0.8 / max(len(groups), 1)
         finite = [v for r in sub for v in r["term_grad_norm"].values() if math.isfinite(v) and v > 0]
         top = max(finite, default=1.0)
         foot = min(finite, default=1.0) / 30
         for j, g in enumerate(groups):
             for i, r in enumerate(sub):
-                v = r["term_grad_norm"][g]
+                v = r["term_grad_norm"].get(g, math.nan)
                 x = i + (j - (len(groups) - 1) / 2) * w
                 if v == 0.0:
-                    ax.text(x, foot, "0", ha="center", va="bottom", fontsize=9, fontweight="bold", color=f"C{j}")
+                    ax.text(x, foot, "0", ha="center", va="bottom", fontsize=8, fontweight="bold", color=f"C{j}")
                 elif math.isfinite(v):
                     ax.bar(x, v, w, color=f"C{j}")
                 else:
-                    ax.plot(x, top, "x", color="red", ms=10, mew=2)
-        handles = [Patch(color=f"C{j}", label=g) for j, g in enumerate(groups)]
-        if any(not math.isfinite(v) for r in sub for v in r["term_grad_norm"].values()):
-            handles.append(Line2D([], [], color="red", marker="x", ls="", mew=2, label="NaN / inf"))
-        labels = [r["backend"] + ("\n(hinge inactive)" if r.get("hinge_active") is False else "") for r in sub]
+                    ax.plot(x, top * 3, "x", color="red", ms=8, mew=2)
+                    nonfinite = True
+        inactive = inactive or any(r.get("hinge_active") is False for r in sub)
         ax.set_yscale("log")
         ax.set_ylim(foot / 2, top * 10)
-        ax.set_xticks(range(len(sub)), labels, rotation=20, fontsize=8)
-        ax.set_xlabel(f"{kind} backend")
-        ax.set_ylabel("‖∇ term‖ per parameter group (log; 0 = exactly zero)")
-        ax.set_title(f"Gradient of the {kind} term through the network")
-        legend_outside(ax, handles=handles, title="parameter group")
-    fig.tight_layout()
+        ax.set_xticks(range(len(sub)), [r["backend"] + ("*" if r.get("hinge_active") is False else "") for r in sub], fontsize=8)
+        ax.set_xlabel(f"{kind} backend", fontsize=9)
+        ax.set_ylabel("‖∇ term‖ (log)", fontsize=9)
+        ax.set_title(f"Gradient of the {kind} term through the network", fontsize=9)
+    handles = [Patch(color=f"C{j}", label=g) for j, g in enumerate(groups)]
+    handles.append(Line2D([], [], color="k", marker="$0$", ls="", label="exactly 0"))
+    if nonfinite:
+        handles.append(Line2D([], [], color="red", marker="x", ls="", mew=2, label="NaN / inf"))
+    legend_outside(axes[0, 0], handles=handles, title="parameter group", title_fontsize=8)
+    if inactive:
+        fig.supxlabel("* hinge inactive in these scenes (gap above the margin): its gradient is exactly 0", fontsize=8, color="#555")
+    fig.suptitle("Gradient norm of each eigen backend's term, per parameter group", fontsize=10)
     return fig
 
 

@@ -12,102 +12,112 @@ from matplotlib.figure import Figure
 
 from ..studies import median
 from ..studies.pipeline import MATRICES, SUMMARISED, Spectra
-from . import COLOURS, fmt, legend_outside, markdown_table
+from . import COLOURS, WIDTH_IN, fmt, legend_outside, markdown_table
 
-ZERO_REL = 1e-9  # eigenvalues below this fraction of lambda_max are numerically zero (float32 rounding is ~1e-7)
+UNITS = "R_true, R_samp: trace-N units; R_pred, R_blend: the network's scale"
 
 
 def norms_figure(rows: list[dict]) -> Figure:
     """Grouped bars, log scale: the median Frobenius norm of each matrix per preset, with rank(R_blend) above
     its bar."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(rows)) + 1.6, 3.8))
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.6), layout="constrained")
     width = 0.8 / len(SUMMARISED)
     for j, name in enumerate(SUMMARISED):
         xs = [i + (j - (len(SUMMARISED) - 1) / 2) * width for i in range(len(rows))]
         ax.bar(xs, [r[name]["fro"] for r in rows], width, label=name.replace("R_samp_raw", "R_samp before Fix 1"), color=COLOURS[name])
     for i, r in enumerate(rows):
-        ax.annotate(f"rank\n{r['R_blend']['rank']:.0f}", (i + 1.5 * width, r["R_blend"]["fro"]), ha="center", va="bottom", fontsize=7)
+        ax.annotate(f"{r['R_blend']['rank']:.0f}", (i + 1.5 * width, r["R_blend"]["fro"]), ha="center", va="bottom", fontsize=7)
     ax.set_yscale("log")
     ax.margins(y=0.25)
-    ax.set_xticks(range(len(rows)), [r["preset"] for r in rows], rotation=15)
+    ax.set_xticks(range(len(rows)), [r["preset"] for r in rows], rotation=20 if len(rows) > 3 else 0, fontsize=8)
     ax.set_xlabel("preset")
     ax.set_ylabel("median ‖R‖_F (log scale)")
-    ax.set_title("Size of each matrix of the pipeline, per preset")
+    ax.set_title("Size of each matrix of the pipeline, per preset (number: rank of R_blend)", fontsize=9)
     legend_outside(ax)
-    fig.tight_layout()
     return fig
 
 
-def _nonzero(ev: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Eigenvalues with the numerically zero ones (below ZERO_REL lambda_max) replaced by NaN, and that floor."""
-    floor = ZERO_REL * float(ev.abs().max())
-    return torch.where(ev > floor, ev, torch.full_like(ev, math.nan)), floor
+def floor_of(ev: torch.Tensor) -> float:
+    """The rounding floor of a spectrum: N eps lambda_max (eps of the eigenvalues' dtype, float32 for complex64
+    matrices). Eigenvalues below it are rounding noise, not spectrum."""
+    eps = torch.finfo(ev.dtype if ev.dtype.is_floating_point else torch.float32).eps
+    return ev.shape[-1] * eps * float(ev.abs().max())
+
+
+def _above_floor(ev: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """Eigenvalues with those below :func:`floor_of` replaced by NaN, that floor, and how many were below it."""
+    floor = floor_of(ev)
+    keep = ev > floor
+    return torch.where(keep, ev, torch.full_like(ev, math.nan)), floor, int((~keep).sum())
 
 
 def spectrum_figure(spec: Spectra, scene: int = 0, matrices: Iterable[str] = MATRICES) -> Figure:
-    """Sorted eigenvalues of one scene on a log axis, one line per matrix; K marked by a vertical line and the
-    gap lambda_K - lambda_{K+1} of R_blend shaded. Eigenvalues below 1e-9 lambda_max (numerically zero:
-    rank deficiency and float32 rounding) are not drawn; the grey band says where they would be."""
+    """Sorted eigenvalues of one scene on a log axis, one line per matrix; K marked by a vertical line and the gap
+    lambda_K - lambda_{K+1} of R_blend shaded. Eigenvalues below N eps lambda_max (:func:`floor_of`: float32 rounding
+    noise, rank deficiency) are not spectrum: they are drawn as hollow triangles on that matrix's floor and counted in
+    the legend."""
     K = int(spec.K[scene])
-    fig, ax = plt.subplots(figsize=(8.6, 4.0))
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.8), layout="constrained")
     idx = torch.arange(1, spec.eigvals["R_blend"].shape[-1] + 1)
     floors = []
     for name in matrices:
-        ev, floor = _nonzero(spec.eigvals[name][scene])
+        ev, floor, n_low = _above_floor(spec.eigvals[name][scene])
         floors.append(floor)
-        ax.semilogy(idx, ev, ".-", ms=3, lw=1, color=COLOURS[name],
-                    label=f"{name}: rank {int(spec.rank[name][scene])}, cond {fmt(float(spec.cond[name][scene]), show_nonfinite=True)}")
+        label = f"{name}: rank {int(spec.rank[name][scene])}, cond {fmt(float(spec.cond[name][scene]), show_nonfinite=True)}"
+        ax.semilogy(idx, ev, ".-", ms=3, lw=1, color=COLOURS[name], label=label + (f", {n_low} at the floor" if n_low else ""))
+        low = torch.isnan(ev)
+        if n_low:
+            ax.plot(idx[low], [floor] * n_low, "v", mfc="none", ms=4, color=COLOURS[name])
     ev = spec.eigvals["R_blend"][scene]
     gap = float(ev[K - 1] - ev[K])
     ax.axhspan(float(ev[K]), float(ev[K - 1]), color=COLOURS["R_blend"], alpha=0.15, label=f"R_blend gap λ_K − λ_K+1 = {fmt(gap)}")
     ax.axvline(K + 0.5, color="k", ls="--", lw=0.8, label=f"K = {K}")
-    ax.set_ylim(bottom=max(floors))
-    ax.text(0.99, 0.02, "not drawn: eigenvalues below 1e-9 λ_max (numerically zero)", transform=ax.transAxes, ha="right",
-            fontsize=7, color="#555")
+    ax.plot([], [], "v", mfc="none", color="#555", label="at the floor N·eps·λ_max\n(rounding noise, not drawn as spectrum)")
+    ax.set_ylim(bottom=min(floors) / 3)
     ax.set_xlabel("eigenvalue index (largest first)")
-    ax.set_ylabel("eigenvalue (trace-N units, log scale)")
-    ax.set_title(f"Eigenvalues of the pipeline's matrices, scene {scene} (K = {K})")
+    ax.set_ylabel("eigenvalue (log)")
+    ax.set_title(f"Eigenvalues of the pipeline's matrices, scene {scene} (K = {K})", fontsize=9)
     legend_outside(ax)
-    fig.tight_layout()
+    fig.supxlabel(UNITS, fontsize=7, color="#555")
     return fig
 
 
 def spectrum_plotly(spec: Spectra, scene: int = 0):
-    """The same view as :func:`spectrum_figure`, interactive (hover shows index and value)."""
+    """The same view as :func:`spectrum_figure`, interactive (hover shows index and value); eigenvalues below the
+    rounding floor are left out (a gap in the line)."""
     import plotly.graph_objects as go
 
     K = int(spec.K[scene])
     fig = go.Figure()
     for name in MATRICES:
-        ev = _nonzero(spec.eigvals[name][scene])[0].tolist()
-        fig.add_trace(go.Scatter(x=list(range(1, len(ev) + 1)), y=ev, mode="lines+markers", name=name, marker={"size": 3},
-                                 line={"color": COLOURS[name]}, connectgaps=False))
+        ev, _, n_low = _above_floor(spec.eigvals[name][scene])
+        fig.add_trace(go.Scatter(x=list(range(1, len(ev) + 1)), y=ev.tolist(), mode="lines+markers", marker={"size": 3},
+                                 name=name + (f" ({n_low} at the floor)" if n_low else ""), line={"color": COLOURS[name]}, connectgaps=False))
     ev = spec.eigvals["R_blend"][scene]
     fig.add_hrect(y0=float(ev[K]), y1=float(ev[K - 1]), fillcolor=COLOURS["R_blend"], opacity=0.15, line_width=0)
     fig.add_vline(x=K + 0.5, line_dash="dash")
-    fig.update_yaxes(type="log", title="eigenvalue (trace-N units)")
-    fig.update_xaxes(title="eigenvalue index (largest first)")
-    fig.update_layout(title=f"Eigenvalues of the pipeline's matrices, scene {scene} (K = {K}); numerically zero ones not drawn", height=420)
+    fig.update_yaxes(type="log", title="eigenvalue (log)")
+    fig.update_xaxes(title=f"eigenvalue index (largest first); {UNITS}")
+    fig.update_layout(title=f"Eigenvalues, scene {scene} (K = {K}); below N·eps·λ_max (rounding) not drawn", height=420)
     return fig
 
 
 def loading_figure(rows: list[dict]) -> Figure:
     """Against C_EPS (log-log): the smallest and largest of R_blend's lower eigenvalues lambda_{K+1..N} and the gap
-    lambda_K - lambda_{K+1} (medians over scenes); and the condition number."""
+    lambda_K - lambda_{K+1} (medians over scenes); and below, the condition number."""
     c = [r["c_eps"] for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.5, 3.6))
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(WIDTH_IN, 5.2), layout="constrained", sharex=True)
     a1.loglog(c, [r["lower_min"] for r in rows], "o-", label="smallest λ_K+1..N")
     a1.loglog(c, [r["lower_max"] for r in rows], "s--", label="largest λ_K+1..N")
     a1.loglog(c, [r["gap"] for r in rows], "^-", label="gap λ_K − λ_K+1")
     a1.set_xlabel("diagonal loading C_EPS (trace-N units)")
-    a1.set_ylabel("eigenvalue, median over scenes")
-    a1.set_title("Loading lifts the floor and keeps the gap")
+    a1.set_ylabel("eigenvalue, median")
+    a1.set_title("Loading lifts the floor and keeps the gap", fontsize=9)
     legend_outside(a1)
     a2.loglog(c, [r["cond"] if math.isfinite(r["cond"]) else float("nan") for r in rows], "o-")
     a2.set_xlabel("diagonal loading C_EPS (trace-N units)")
-    a2.set_ylabel("cond(R_blend) = λ_max / λ_min")
-    a2.set_title("Condition number of R_blend")
-    fig.tight_layout()
+    a2.set_ylabel("cond(R_blend)")
+    a2.set_title("Condition number of R_blend = λ_max / λ_min", fontsize=9)
     return fig
 
 

@@ -12,7 +12,7 @@ import optuna
 from matplotlib.figure import Figure
 
 from ..studies.sweeps import OUTCOMES
-from . import fmt, legend_outside
+from . import WIDTH_IN, fmt, legend_outside
 
 OUTCOME_COLOURS = {"complete": "#2ca02c", "pruned": "#ff7f0e", "nonfinite": "#d62728", "failed": "#7f7f7f"}
 
@@ -31,8 +31,11 @@ def _optuna_mpl(builder, *args, **kwargs) -> Figure:
         warnings.simplefilter("ignore", UserWarning)
         ax = builder(*args, **kwargs)
     fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-    fig.set_size_inches(8.0, 4.0)
-    fig.tight_layout()
+    fig.set_size_inches(WIDTH_IN, 3.6)
+    for a in fig.axes:  # Optuna's own title ("Hyperparameter Importances", ...): ours replaces it, never overprints it
+        for loc in ("center", "left", "right"):
+            a.set_title("", loc=loc)
+    fig.set_layout_engine("constrained")
     return fig
 
 
@@ -54,8 +57,11 @@ def importances_figure(study, params: Sequence[str], note: str = "") -> Figure:
     from optuna.visualization import matplotlib as om
 
     fig = _optuna_mpl(om.plot_param_importances, study, params=list(params), target_name="val_nmse")
-    if note:
-        fig.axes[0].set_title(f"Importance of each knob for the validation NMSE ({note})", fontsize=9)
+    ax = fig.axes[0]
+    ax.set_title("Importance of each knob for the validation NMSE" + (f"\n({note})" if note else ""), fontsize=9)
+    ax.set_xlabel(ax.get_xlabel() or "importance")
+    ax.set_ylabel(ax.get_ylabel() or "knob")
+    ax.tick_params(labelsize=8)
     return fig
 
 
@@ -102,15 +108,22 @@ def parallel_plotly(rows: list[dict]):
     scale = [[i / n, OUTCOME_COLOURS[o]] for i, o in enumerate(OUTCOMES)]
     line = {"color": [OUTCOMES.index(r["outcome"]) for r in rows], "colorscale": scale, "cmin": 0, "cmax": n}
     fig = go.Figure(go.Parcoords(dimensions=dims, line=line))
-    fig.update_layout(title="Knobs versus outcome (every finished trial; colour: complete / pruned / non-finite / failed)")
+    fig.update_layout(title="Knobs versus outcome (every finished trial; colour: complete / pruned / non-finite / failed)", height=460,
+                      margin={"l": 80, "r": 80, "t": 110, "b": 40})
     return fig
+
+
+def _wrap_label(label: str) -> str:
+    """A knob's dotted name on two lines ("fixes.\nsubspace_backend"), so neighbouring axis labels do not run together."""
+    head, dot, tail = label.partition(".")
+    return f"{head}.\n{tail}" if dot else label
 
 
 def parallel_figure(rows: list[dict]) -> Figure:
     """The parallel-coordinates view of :func:`parallel_plotly` as a static matplotlib figure: each axis
     scaled to [0, 1] over its ticks or values, one line per trial coloured by outcome."""
     axes = _parallel_axes(rows)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(axes)), 4.0))
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.8), layout="constrained")
     scaled = []
     for a in axes:
         pts = a["values"] + [v for v, _ in a["ticks"] or []]
@@ -120,19 +133,19 @@ def parallel_figure(rows: list[dict]) -> Figure:
         x = len(scaled) - 1
         ax.axvline(x, color="k", lw=0.8)
         for v, text in a["ticks"] or [(lo, fmt(lo)), (hi, fmt(hi))]:
-            ax.text(x + 0.03, (v - lo) / span, text, fontsize=7, va="center")
+            ax.text(x + 0.03, (v - lo) / span, text, fontsize=6.5, va="center")
     for i, r in enumerate(rows):
         ax.plot(range(len(axes)), [s[i] for s in scaled], color=OUTCOME_COLOURS[r["outcome"]], alpha=0.7, lw=1.2)
     for o in OUTCOMES:
         ax.plot([], [], color=OUTCOME_COLOURS[o], label=o)
-    ax.set_xticks(range(len(axes)), [a["label"] for a in axes], rotation=20, fontsize=8)
+    ax.set_xticks(range(len(axes)), [_wrap_label(a["label"]) for a in axes], fontsize=7)
     ax.set_yticks([])
     ax.set_xlabel("knob, validation NMSE, outcome")
-    ax.set_ylabel("value (each axis scaled to its own range)")
-    ax.set_xlim(-0.2, len(axes) - 0.5)
+    ax.set_ylabel("each axis scaled to its range")
+    ax.set_xlim(-0.2, len(axes) - 0.4)
+    ax.set_ylim(-0.05, 1.05)
     legend_outside(ax, title="outcome")
-    ax.set_title("Knobs versus outcome of every finished trial")
-    fig.tight_layout()
+    ax.set_title("Knobs versus outcome of every finished trial", fontsize=9)
     return fig
 
 
@@ -146,15 +159,18 @@ def _short(label: str) -> str:
 
 def outcomes_figure(rows: list[dict], param: str | None = None) -> Figure:
     """Stacked bars per knob value of :func:`workbench.studies.sweeps.outcome_fractions` rows: the fraction of
-    trials that completed, were pruned, were non-finite or failed, one panel per knob (a grid of up to three
-    columns) or only ``param``. Each bar carries its number of trials; a bar with a caveat (few trials, or a
-    knob value always paired with another knob's value) is hatched and its caveat listed under the panel."""
+    trials complete / pruned / non-finite / failed, one panel per knob (at most 2 a row) or only ``param``. Each bar
+    carries its number of trials; a bar with a caveat (few trials, or a knob value always paired with another knob's
+    value) is hatched and marked with a number, its caveat listed under the figure."""
+    import textwrap
+
     names = [param] if param else sorted({r["param"] for r in rows})
-    cols = min(3, max(1, len(names)))
+    cols = min(2, max(1, len(names)))
     nrows = math.ceil(max(1, len(names)) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.3 * cols + 1.4, 3.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(WIDTH_IN, 2.6 * nrows + 1.0), layout="constrained", squeeze=False)
     for ax in axes.flat[len(names):]:
         ax.set_visible(False)
+    notes: list[str] = []
     for ax, name in zip(axes.flat, names):
         sub = [r for r in rows if r["param"] == name]
         x = list(range(len(sub)))
@@ -163,17 +179,24 @@ def outcomes_figure(rows: list[dict], param: str | None = None) -> Figure:
             ax.bar(x, [r[o] for r in sub], bottom=bottom, color=OUTCOME_COLOURS[o], label=o,
                    hatch=["//" if r["caveat"] else "" for r in sub], edgecolor="white")
             bottom = [b + r[o] for b, r in zip(bottom, sub)]
+        labels = []
         for xi, r in zip(x, sub):
             ax.text(xi, 1.01, f"n={r['n']}", ha="center", va="bottom", fontsize=7)
-        notes = [f"{_short(r['value'])}: {r['caveat']}" for r in sub if r["caveat"]]
-        ax.set_xticks(x, [_short(r["value"]) for r in sub], fontsize=7, rotation=15)
+            label = _short(r["value"]).replace(", ", ",\n")  # a bin "[lo, hi]" on two lines
+            if r["caveat"]:
+                notes.append(f"({len(notes) + 1}) {name} = {label}: {r['caveat']}")
+                label += f" ({len(notes)})"
+            labels.append(label)
+        ax.set_xticks(x, labels, fontsize=7)
         ax.set_ylim(0, 1.12)
         ax.set_title(name, fontsize=9)
-        ax.set_ylabel("fraction of trials")
-        ax.set_xlabel("value" + ("\n" + "\n".join(notes) if notes else ""), fontsize=7)
-    legend_outside(axes.flat[min(len(names), cols) - 1], title="outcome")
-    fig.suptitle("Outcome of the trials per knob value (hatched: read with care)")
-    fig.tight_layout()
+        ax.set_ylabel("fraction of trials", fontsize=8)
+        ax.set_xlabel("value", fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=OUTCOME_COLOURS[o]) for o in OUTCOMES]
+    legend_outside(axes.flat[cols - 1 if len(names) >= cols else 0], handles=handles, labels=list(OUTCOMES), title="outcome", title_fontsize=8)
+    if notes:
+        fig.supxlabel("\n".join(textwrap.fill(n, 110) for n in notes), fontsize=6.5, color="#555", ha="left", x=0.01)
+    fig.suptitle("Outcome of the trials per knob value (hatched, numbered: read with care)", fontsize=10)
     return fig
 
 
