@@ -155,13 +155,14 @@ def _cli_compare(args: argparse.Namespace) -> int:
     check_out_folder(out)  # a folder that exists or can be made, and accepts files
     _check_space(out, cfgs)
     invalidate_outputs(out)  # from here on, nothing in --out is marked current until the new set is complete
-    from ..runs import finish_run, start_run
-
-    start_run(out, "compare", out.name, {"entries": entries, "overrides": overrides, "budget": args.budget, "data": args.data,
-                                         "snrs": snrs, "n_per_snr": args.n_per_snr, "test_seed": args.test_seed, "n_boot": args.n_boot})
     with torch_threads(args.threads, "--threads"):
         result = compare(entries, overrides, out, snrs, args.n_per_snr, reuse=not args.no_reuse, progress=not args.no_progress,
                          data=data, test_seed=args.test_seed, n_boot=args.n_boot)
+    from ..runs import finish_run, start_run
+
+    # the run's identity goes into the manifest only once the set is complete: a killed run leaves no manifest at all
+    start_run(out, "compare", out.name, {"entries": entries, "overrides": overrides, "budget": args.budget, "data": args.data,
+                                         "snrs": snrs, "n_per_snr": args.n_per_snr, "test_seed": args.test_seed, "n_boot": args.n_boot})
     finish_run(out, "ok", result["seconds"])
     table = format_table(result["table"])
     write_outputs(out, result, cfgs, f"{table}\n\n{conclusion(result)}\n")
