@@ -293,7 +293,10 @@ class Panel:
         self.status.value = self.describe(result)
         fig = self.figure(result)
         if fig is not None:
-            self.image.value = figures.png_bytes(fig, PANEL_DPI)
+            from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+            fits = isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)  # fits its canvas: no tight box, one draw less
+            self.image.value = figures.png_bytes(fig, PANEL_DPI, tight=not fits)
             self.image.layout.display = None
 
     def update(self, change=None) -> Any:
