@@ -339,6 +339,7 @@ def test_localisation_reference_does_not_flatten_the_rest():
             lo, hi = ax.get_ylim()
             assert hi / lo < 1e4, (ax.get_title(), lo, hi)
     assert any(c.__class__.__name__ == "LineCollection" for ax in fig.axes for c in ax.collections)  # error bars
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["φ", "θ", "r"]  # the columns are named
     plt.close(fig)
 
 

@@ -185,3 +185,118 @@ def _sweep_panel_checks(p):
     panel.button.click()
     assert panel.result["summary"]["counts"]["done"] == 3 and panel.controls["knob"].value == "fixes.subspace_backend"
     assert sum(panel.result["states"].values()) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# panels that behave; results out of panels
+def _training_params():
+    return wp.notebook_params("04_training", presets="seed_fix2,recommended", epochs=1, n_train=4, n_val=2, batch_size=4, width=16, N_side=4)
+
+
+def test_training_preset_resets_every_knob_and_marks_changed_controls():
+    """Choosing seed_fix2 after recommended (with a subspace weight typed in) takes seed_fix2's weight, lr and epochs;
+    a control changed since carries wb-changed and a ●."""
+    p = _training_params()
+    panel = ui.TrainingPanel(p)
+    panel.controls["subspace"].value = 0.05
+    assert panel.changed() == ["subspace"] and panel.controls["subspace"].description.startswith("●")
+    panel.controls["preset"].value = "seed_fix2"
+    want = p.experiment("seed_fix2")
+    assert panel.controls["subspace"].value == want.loss.subspace
+    assert panel.controls["lr"].value == pytest.approx(want.train.lr) and panel.controls["epochs"].value == want.train.epochs
+    assert panel.config() == want and panel.changed() == [] and not panel.controls["subspace"].description.startswith("●")
+    panel.controls["lr"].value = 1e-2
+    assert panel.changed() == ["lr"] and "wb-changed" in panel.controls["lr"]._dom_classes
+    panel.controls["lr"].value = want.train.lr
+    assert panel.changed() == []
+
+
+def test_training_stop_ends_after_the_current_epoch():
+    panel = ui.TrainingPanel(_training_params())
+    panel.controls["epochs"].value = 3
+    report = panel.report_progress
+
+    def stop_at_first_epoch(fraction, text):
+        report(fraction, text)
+        if fraction > 0:
+            panel.request_stop()  # what the stop button does
+
+    panel.report_progress = stop_at_first_epoch
+    assert panel.stop_button.disabled
+    panel.button.click()
+    assert len(panel.result.history) == 1 and "stopped after epoch 1 of 3" in panel.status.value
+    assert panel.stop_button.disabled  # enabled only while training
+
+
+def test_all_skipped_run_draws_no_step_applied():
+    from workbench.figures.training import training_figure
+
+    hist = [{"epoch": 0, "train_loss": float("nan"), "terms": {"nmse": float("nan")}, "val_nmse": 1.0, "grad_norm": {"backbone": float("nan")},
+             "param_change": 0.0, "steps": 3, "skipped_nonfinite": 3, "skipped_scaler": 0, "step_loss": [None] * 3}]
+    fig = training_figure({"seed_fix2": hist})
+    assert any("no step applied" in t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")))
+
+
+def test_panel_mimebundle_keeps_a_static_view():
+    import base64
+
+    p = wp.notebook_params("02_eigen_spectrum", n_scenes=2, width=16, N_side=6)
+    spec = pipeline.spectra(p.experiment(), pipeline.scene_batch(p.experiment(), 2, 0))
+    panel = ui.SpectrumPanel(p, initial=spec)
+    bundle = panel._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert base64.b64decode(bundle["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<img src='data:image/png;base64," in bundle["text/html"] and "scene 0" in bundle["text/html"]
+
+
+def test_panel_saves_its_figure_in_every_format(tmp_path):
+    p = wp.notebook_params("02_eigen_spectrum", n_scenes=2, width=16, N_side=6, out_dir=str(tmp_path))
+    spec = pipeline.spectra(p.experiment(), pipeline.scene_batch(p.experiment(), 2, 0))
+    panel = ui.SpectrumPanel(p, initial=spec)
+    magic = {"png": b"\x89PNG", "svg": b"<?xml", "pdf": b"%PDF"}
+    for fmt, head in magic.items():
+        path = panel.save_figure(fmt)
+        assert path.startswith(str(tmp_path)) and open(path, "rb").read()[:len(head)] == head
+    panel.fmt.value = "svg"
+    panel.save_button.click()
+    assert "saved" in panel.output_line.value and len(list(tmp_path.glob("panel_02_eigen_spectrum_*.svg"))) == 2
+
+
+def test_panel_command_names_its_view():
+    import shlex
+
+    p = wp.notebook_params("04_training", presets="seed_fix2,recommended", epochs=1, n_train=4, n_val=2, batch_size=4, width=16, N_side=4)
+    panel = ui.TrainingPanel(p)
+    panel.controls["subspace"].value = 0.05
+    args = shlex.split(panel.command())
+    assert args[:4] == ["workbench", "report", "--only", "04_training"]
+    pairs = dict(zip(args[5::3], args[6::3]))
+    assert pairs["presets"] == "recommended" and pairs["subspace_weight"] == "0.05" and pairs["n_train"] == "4" and "out_dir" not in pairs
+    panel.command_button.click()
+    assert panel.output_line.value.startswith("workbench report --only 04_training")
+
+
+@pytest.mark.slow
+def test_panel_command_run_headless_reproduces_the_panel(tmp_path):
+    """02's panel after moving C_EPS and the scene: its command, parsed back and run headless, gives the panel's numbers."""
+    import json
+    import shlex
+
+    from workbench.config import parse_value
+    from workbench.report import NOTEBOOK_DIR, run_notebook
+
+    p = wp.notebook_params("02_eigen_spectrum", **wp.SpectrumParams.ci)
+    panel = ui.SpectrumPanel(p)
+    panel.controls["c_eps"].value = 0.01
+    panel.controls["scene"].value = 1
+    spec = panel.result
+    args = shlex.split(panel.command())
+    assert args[:4] == ["workbench", "report", "--only", "02_eigen_spectrum"] and args[4::3] == ["-p"] * len(args[4::3])
+    params = {k: parse_value(v) for k, v in zip(args[5::3], args[6::3])}
+    run = run_notebook(NOTEBOOK_DIR / "02_eigen_spectrum.py", tmp_path, params)
+    assert run.status == "ok", run.error
+    m = json.loads((tmp_path / "02_eigen_spectrum" / "metrics.json").read_text())
+    assert m["scene"]["index"] == 1
+    for name, ev in m["scene"]["eigvals"].items():
+        assert ev == pytest.approx(spec.eigvals[name][1].tolist(), rel=1e-5, abs=1e-6), name
+    assert m["summary"]["R_blend"]["gap"] == pytest.approx(spec.summary()["R_blend"]["gap"], rel=1e-5)

@@ -15,8 +15,11 @@ knob answers within a second. Panels work without a kernel: tests set ``control.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import html
 import json
+import shlex
 import time
 from typing import Any
 
@@ -77,9 +80,20 @@ class Panel:
     (HTML for the status line) and optionally ``figure(result)`` (a matplotlib figure, shown as a PNG).
     ``update()`` runs them with the busy state on; every control's ``value`` change calls it (sliders on
     release), unless the panel is built with ``auto=False`` (then a button runs it). ``knobs`` maps control
-    names to dotted config keys: with a ``preset`` control, choosing a preset resets them to its values."""
+    names to dotted config keys: with a ``preset`` control, choosing a preset resets them to its values, and a control
+    the user changed since carries the CSS class ``wb-changed`` and a "●" before its description.
+
+    Results out: ``notebook`` names the panel's notebook and ``param_of`` maps controls to that notebook's parameters
+    (:mod:`workbench.params`; a control absent from it is named a notebook field of the same name, or has none):
+    :meth:`command` is the ``workbench report`` line that reproduces the view, :meth:`save_figure` writes the figure
+    as PNG, SVG or PDF into the notebook's ``out_dir``. A long action checks :attr:`stop_requested` (the *stop*
+    button sets it) between epochs or trials. Displayed, a panel carries a static PNG and HTML of its last view
+    besides the widget, for a notebook reopened without a kernel."""
 
     knobs: dict[str, str] = {}
+    notebook: str = ""
+    param_of: dict[str, str | None] = {}
+    long_action = False  # a stop button for training / trials
 
     def __init__(self, controls: dict[str, widgets.Widget], initial: Any = None, auto: bool = True, buttons: tuple = ()):
         self.controls = controls
@@ -91,14 +105,29 @@ class Panel:
         self.result: Any = None
         self.error: str | None = None
         self.seconds: float | None = None
+        self.stop_requested = False
         self._hold = False
+        self._descriptions = {k: getattr(w, "description", "") for k, w in controls.items()}
+        self._baseline = self.values()
         for name, w in controls.items():
             if name == "preset" and self.knobs:
                 w.observe(self._load_preset, names="value")
             elif auto and hasattr(w, "value"):
                 w.observe(self.update, names="value")
+            if name != "preset" and hasattr(w, "value"):
+                w.observe(self._mark_changed, names="value")
+        self.fmt = widgets.Dropdown(options=list(figures.FORMATS), value="png", layout=widgets.Layout(width="80px")).add_class("wb-save-format")
+        self.save_button = widgets.Button(description="save figure", icon="download").add_class("wb-save")
+        self.save_button.on_click(lambda _: self._save_clicked())
+        self.command_button = widgets.Button(description="copy as command", icon="terminal").add_class("wb-command")
+        self.command_button.on_click(lambda _: self._command_clicked())
+        self.stop_button = widgets.Button(description="stop", icon="stop", button_style="danger", disabled=True).add_class("wb-stop")
+        self.stop_button.on_click(lambda _: self.request_stop())
+        self.output_line = widgets.Textarea(value="", layout=widgets.Layout(width="100%", height="3.2em", display="none")).add_class("wb-out")
+        actions = [self.fmt, self.save_button, self.command_button, *([self.stop_button] if self.long_action else [])]
         row = widgets.HBox([*controls.values(), *buttons], layout=widgets.Layout(flex_flow="row wrap", align_items="center"))
-        self.widget = widgets.VBox([row, widgets.HBox([self.status, self.progress]), self.image]).add_class("wb-panel")
+        extra = widgets.HBox(actions, layout=widgets.Layout(flex_flow="row wrap", align_items="center")).add_class("wb-actions")
+        self.widget = widgets.VBox([row, extra, self.output_line, widgets.HBox([self.status, self.progress]), self.image]).add_class("wb-panel")
         if initial is not None:
             self.show_result(initial)
 
@@ -122,7 +151,8 @@ class Panel:
         return {key: self.controls[name].value for name, key in self.knobs.items()}
 
     def _load_preset(self, change) -> None:
-        """Reset the knob controls to the chosen preset's values (one recomputation, not one per control)."""
+        """Reset every knob control to the chosen preset's values (one recomputation, not one per control); the
+        "changed" marks are cleared: the preset is the new baseline."""
         cfg = self.base_config(change["new"])
         self._hold = True
         try:
@@ -131,8 +161,102 @@ class Panel:
                 self.controls[name].value = getattr(getattr(cfg, section), field)
         finally:
             self._hold = False
+        self._baseline = self.values()
+        for name in self.controls:
+            self._mark(name, False)
         if not getattr(self, "manual", False):
             self.update()
+
+    def _mark_changed(self, change) -> None:
+        name = next((k for k, w in self.controls.items() if w is change["owner"]), None)
+        if name is not None and not self._hold:
+            self._mark(name, change["new"] != self._baseline.get(name))
+
+    def _mark(self, name: str, on: bool) -> None:
+        """Show whether control ``name`` differs from the preset's (or the starting) value: class ``wb-changed`` and a ●."""
+        w = self.controls[name]
+        if on:
+            w.add_class("wb-changed")
+        else:
+            w.remove_class("wb-changed")
+        if self._descriptions.get(name):
+            w.description = ("● " if on else "") + self._descriptions[name]
+
+    def changed(self) -> list[str]:
+        """The controls the user changed since the preset (or the start)."""
+        return [k for k, w in self.controls.items() if "wb-changed" in w._dom_classes]
+
+    # -- results out ---------------------------------------------------------------------------
+    def notebook_parameters(self) -> dict[str, Any]:
+        """The parameters of :attr:`notebook` that reproduce this view: the panel's parameters that differ from the
+        notebook's defaults (sizes, seed; not ``out_dir``), then each mapped control's value."""
+        out = {}
+        for f in dataclasses.fields(self.params):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            v = getattr(self.params, f.name)
+            if f.name != "out_dir" and v != default:
+                out[f.name] = v
+        fields = {f.name for f in dataclasses.fields(self.params)}
+        for name, w in self.controls.items():
+            target = self.param_of.get(name, name if name in fields else None)
+            if target is not None and hasattr(w, "value"):
+                out[target] = w.value
+        return out
+
+    def unmapped_controls(self) -> list[str]:
+        fields = {f.name for f in dataclasses.fields(self.params)}
+        return [n for n in self.controls if self.param_of.get(n, n if n in fields else None) is None]
+
+    def command(self) -> str:
+        """The ``workbench report --only NAME -p key value ...`` line that reproduces this view (values as JSON where
+        JSON, strings as themselves: how ``-p`` reads them)."""
+        def text(v):
+            return v if isinstance(v, str) else json.dumps(v)
+
+        parts = ["workbench", "report", "--only", self.notebook]
+        for k, v in self.notebook_parameters().items():
+            if v is not None:
+                parts += ["-p", k, text(v)]
+        return shlex.join(parts)
+
+    def figure_now(self):
+        """A fresh figure of the current result (matplotlib), or None."""
+        return None if self.result is None else self.figure(self.result)
+
+    def save_figure(self, fmt: str = "png", folder=None) -> str:
+        """Write the current view's figure as ``fmt`` (png, svg, pdf) into ``folder`` (default: the notebook's out_dir)
+        as ``panel_<notebook>_<n>.<fmt>``; returns the path."""
+        from pathlib import Path
+
+        from .config import check_choice
+
+        check_choice("figure format", fmt, figures.FORMATS)
+        fig = self.figure_now()
+        if fig is None:
+            raise ConfigError("save figure: this view has no figure yet")
+        folder = Path(folder) if folder is not None else self.params.out_path
+        n = 1 + len(list(folder.glob(f"panel_{self.notebook}_*.{fmt}")))
+        return figures.save_figure(fig, folder / f"panel_{self.notebook}_{n}.{fmt}")
+
+    def _save_clicked(self) -> None:
+        try:
+            path = self.save_figure(self.fmt.value)
+            self._say(f"saved {path}")
+        except (ConfigError, OSError) as e:
+            self._say(f"not saved: {e}")
+
+    def _command_clicked(self) -> None:
+        line = self.command()
+        missing = self.unmapped_controls()
+        self._say(line + (f"\n# no notebook parameter for: {', '.join(missing)}" if missing else ""))
+
+    def _say(self, text: str) -> None:
+        self.output_line.value = text
+        self.output_line.layout.display = None
+
+    def request_stop(self) -> None:
+        """Ask the running long action to stop after its current epoch or trial."""
+        self.stop_requested = True
 
     def base_config(self, preset_name: str) -> ExperimentConfig:
         """The notebook's config for ``preset_name`` (its sizes and fixed values on top of the preset)."""
@@ -149,6 +273,7 @@ class Panel:
             w.disabled = on
         for b in getattr(self, "buttons", ()):
             b.disabled = on
+        self.stop_button.disabled = not on
         if on:
             self.widget.add_class("wb-busy")
             self.status.value = f"<span class='wb-busy-text' style='color:#666'>{html.escape(text)}</span>"
@@ -168,7 +293,10 @@ class Panel:
         self.status.value = self.describe(result)
         fig = self.figure(result)
         if fig is not None:
-            self.image.value = figures.png_bytes(fig, PANEL_DPI)
+            from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+            fits = isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)  # fits its canvas: no tight box, one draw less
+            self.image.value = figures.png_bytes(fig, PANEL_DPI, tight=not fits)
             self.image.layout.display = None
 
     def update(self, change=None) -> Any:
@@ -187,10 +315,21 @@ class Panel:
             self.busy(False)
         return self.result
 
+    def static_html(self) -> str:
+        """The last view as static HTML: the status line and the figure (a notebook reopened without a kernel)."""
+        img = (f"<img src='data:image/png;base64,{base64.b64encode(self.image.value).decode()}' style='max-width:100%'>"
+               if self.image.value else "")
+        return f"<div class='wb-static'>{self.status.value}{img}</div>"
+
     def _repr_mimebundle_(self, **kwargs):
         if self.result is None and self.error is None and not getattr(self, "manual", False):
             self.update()  # nothing was passed in: compute once, for a panel built on its own
-        return self.widget._repr_mimebundle_(**kwargs)
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle = dict(bundle[0]) if isinstance(bundle, tuple) else dict(bundle or {})
+        if self.image.value:
+            bundle["image/png"] = base64.b64encode(self.image.value).decode()
+        bundle["text/html"] = self.static_html()
+        return bundle
 
 
 class _Cache:
@@ -222,6 +361,8 @@ class NormalisationPanel(Panel):
     """01: toggle Fix 1 / Fix 2, C_EPS, beta and the estimator; see the norms, traces and ranks of R_samp,
     R_pred, R_blend (:func:`workbench.studies.pipeline.pipeline_summary`, the function behind the headless table)."""
 
+    notebook = "01_covariance_normalisation"
+    param_of = {"preset": "presets"}  # the toggles are the panel's own: 01 runs every preset as it is
     knobs = {"rsamp_normalise": "fixes.rsamp_normalise", "rblend_trace_normalise": "fixes.rblend_trace_normalise",
              "c_eps": "fixes.c_eps", "beta": "fixes.beta", "estimator": "fixes.rsamp_estimator"}
 
@@ -266,6 +407,7 @@ class SpectrumPanel(Panel):
     """02: C_EPS, beta, estimator, preset and scene; redraws the spectra (:func:`workbench.studies.pipeline.spectra`).
     Moving the scene only redraws: the spectra of all scenes are computed once per config."""
 
+    notebook = "02_eigen_spectrum"
     knobs = {"c_eps": "fixes.c_eps", "beta": "fixes.beta", "estimator": "fixes.rsamp_estimator"}
 
     def __init__(self, params: SpectrumParams, initial=None):
@@ -313,6 +455,7 @@ class GradientPanel(Panel):
     """03: choose the eigen backends, the weights and C_EPS; one real forward/backward
     (:func:`workbench.diagnostics.gradient_report`, as in the headless table) and its gradient status."""
 
+    notebook = "03_nan_gradients"
     knobs = {"gap_backend": "fixes.gap_backend", "subspace_backend": "fixes.subspace_backend", "lam_gap": "fixes.lam_gap",
              "subspace_weight": "loss.subspace", "c_eps": "fixes.c_eps"}
 
@@ -367,6 +510,10 @@ class TrainingPanel(Panel):
     the curves. Nothing trains on display: the panel starts from the headless run of the chosen preset."""
 
     manual = True
+    long_action = True
+    notebook = "04_training"
+    param_of = {"preset": "presets", "subspace": "subspace_weight"}
+    knobs = {"epochs": "train.epochs", "lr": "train.lr", "subspace": "loss.subspace"}  # a preset sets all three
 
     def __init__(self, params: TrainingParams, data=None, initial: dict | None = None):
         self.params = params
@@ -403,10 +550,12 @@ class TrainingPanel(Panel):
             self._data = {key: TrainingData.simulate(cfg)}
         epochs = cfg.train.epochs
 
-        def on_epoch(record: dict) -> None:
+        def on_epoch(record: dict) -> bool:
             self.report_progress((record["epoch"] + 1) / epochs, f"training: epoch {record['epoch'] + 1}/{epochs}, "
                                                                  f"val NMSE {_html(record['val_nmse'], show_nonfinite=True)}")
+            return self.stop_requested  # True stops fit after this epoch
 
+        self.stop_requested = False
         self.report_progress(0.0, f"training: epoch 0/{epochs}")
         return fit(cfg, data=self._data[key], progress=False, on_epoch=on_epoch)
 
@@ -416,8 +565,10 @@ class TrainingPanel(Panel):
         last = run.history[-1]
         skipped = sum(h["skipped_nonfinite"] for h in run.history)
         marks = " ".join(f"{'✔' if c['passed'] else '✘'} {html.escape(c['name'])}" for c in checks(run.history, run.provenance))
-        return (f"{html.escape(self.controls['preset'].value)}: final train loss {_html(last['train_loss'], show_nonfinite=True)}, validation NMSE "
-                f"{_html(last['val_nmse'], show_nonfinite=True)}, {skipped} steps skipped; {marks}")
+        n, total = len(run.history), run.config.train.epochs
+        stopped = f" (stopped after epoch {n} of {total})" if n < total else ""
+        return (f"{html.escape(self.controls['preset'].value)}{stopped}: final train loss {_html(last['train_loss'], show_nonfinite=True)}, "
+                f"validation NMSE {_html(last['val_nmse'], show_nonfinite=True)}, {skipped} steps skipped; {marks}")
 
     def figure(self, run):
         from .figures.training import training_figure
@@ -430,6 +581,9 @@ class LocalisationPanel(Panel):
     interactive plotly figure (:func:`workbench.studies.localisation.scene_spectrum`, as the headless cell) and
     lists its true and estimated sources. ``sources``: the headless cell's sources (trained networks included), so
     nothing is trained or re-estimated for the rest of the scenes; one scene answers within a second."""
+
+    notebook = "05_localisation"
+    param_of = {"source": "spectrum_of", "snr_db": None}  # the notebook's spectrum is at its highest SNR
 
     def __init__(self, params: LocalisationParams, sources: dict | None = None, initial: dict | None = None):
         from .studies.localisation import localisation_sources
@@ -451,6 +605,19 @@ class LocalisationPanel(Panel):
         self.widget.children = (*self.widget.children, self.plot)
         if initial is not None:
             self.show_result(initial)
+
+    def save_figure(self, fmt: str = "html", folder=None) -> str:
+        """The interactive spectrum as a standalone HTML page (plotly; static formats need kaleido) in ``folder``
+        (default: the notebook's out_dir); returns the path."""
+        from pathlib import Path
+
+        from .figures.localisation import spectrum_plotly
+
+        if self.result is None:
+            raise ConfigError("save figure: this view has no figure yet")
+        folder = Path(folder) if folder is not None else self.params.out_path
+        n = 1 + len(list(folder.glob(f"panel_{self.notebook}_*.html")))
+        return figures.save_html(spectrum_plotly(self.result), folder / f"panel_{self.notebook}_{n}.html")
 
     def compute(self) -> dict:
         from .studies.localisation import scene_spectrum, snr_scene
@@ -482,6 +649,10 @@ class SweepPanel(Panel):
     """06: choose the knob whose outcome fractions are shown (:func:`workbench.studies.sweeps.outcome_fractions`, as
     the headless cell), and run more trials on the same study (:func:`workbench.sweep.run_sweep`, as the headless cell)."""
 
+    notebook = "06_sweep"
+    long_action = True
+    param_of = {"knob": None, "more": None}
+
     def __init__(self, params: SweepParams, initial: dict | None = None):
         self.params = params
         knobs = list(params.search_space.params)
@@ -506,14 +677,27 @@ class SweepPanel(Panel):
         from . import sweep
 
         done = sweep.progress_counts(self.study())["done"]
-        p = self.params
-        self.busy(True, f"running {self.controls['more'].value} more trial(s)...")
+        p, more = self.params, self.controls["more"].value
+        self.stop_requested = False
+        self.busy(True, f"running {more} more trial(s)...")
         try:
-            sweep.run_sweep(p.search_space, trials=done + self.controls["more"].value, study=p.study, storage=p.storage_url, seed=p.seed,
-                            pruner=p.pruner, enqueue=p.enqueued, verbose=False)
+            for i in range(more):  # one trial at a time: progress, and "stop" between trials
+                if self.stop_requested:
+                    break
+                self.report_progress(i / more, f"trial {i + 1} of {more}...")
+                sweep.run_sweep(p.search_space, trials=done + i + 1, study=p.study, storage=p.storage_url, seed=p.seed,
+                                pruner=p.pruner, enqueue=p.enqueued, verbose=False)
         finally:
             self.busy(False)
         return self.update()
+
+    def notebook_parameters(self) -> dict[str, Any]:
+        """As :meth:`Panel.notebook_parameters`, with ``trials`` the study's finished trials (the view's count)."""
+        from . import sweep
+
+        out = super().notebook_parameters()
+        out["trials"] = sweep.progress_counts(self.study())["done"]
+        return out
 
     def compute(self) -> dict:
         from . import sweep

@@ -89,12 +89,14 @@ def describe(fig: Figure) -> dict:
             "axes": [{"title": a.get_title(), "xlabel": a.get_xlabel(), "ylabel": a.get_ylabel()} for a in axes]}
 
 
-def png_bytes(fig: Figure, dpi: int = DPI, fmt: str = "png", close: bool = True) -> bytes:
-    """A matplotlib figure as PNG bytes (or ``fmt``: "svg", "pdf"); the figure is closed unless ``close=False``."""
+def png_bytes(fig: Figure, dpi: int = DPI, fmt: str = "png", close: bool = True, tight: bool = True) -> bytes:
+    """A matplotlib figure as PNG bytes (or ``fmt``: "svg", "pdf"); the figure is closed unless ``close=False``.
+    ``tight=False`` skips the tight bounding box (one draw less: a panel's figure under constrained layout already
+    fits its canvas)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format=fmt, dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
     if close:
         plt.close(fig)
     return buf.getvalue()

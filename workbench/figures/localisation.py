@@ -65,7 +65,7 @@ def localisation_figure(res: dict) -> Figure:
     groups = source_groups(list(res["covariances"]))
     snr = res["snr_db"]
     fig, axes = _facets(len(groups), 3)
-    for row, (group, names) in zip(axes, groups.items()):
+    for r, (row, (group, names)) in enumerate(zip(axes, groups.items())):
         for ax, (key, crb_key, ylabel, what) in zip(row, _QUANTITIES):
             crb = _values(res["sqrt_crb"][crb_key])
             others = [y for n in names if n not in REFERENCES for y in _values(res["covariances"][n][key])]
@@ -77,8 +77,8 @@ def localisation_figure(res: dict) -> Figure:
                 else:
                     ax.plot(snr, ys, "o-", color=f"C{i}", ms=3, lw=1.1)
             ax.plot(snr, crb, "k--", lw=1)
-            ax.set(yscale="log", ylim=lim, xlabel="SNR (dB)" if row is axes[-1] else "", ylabel=ylabel if ax is row[0] else "")
-            ax.set_title(what if row is axes[0] else "", fontsize=9)
+            ax.set(yscale="log", ylim=lim, ylabel=ylabel if ax is row[0] else "")
+            ax.set_title(what if r == 0 else "", fontsize=9)
             _snr_axis(ax, snr)
         _group_legend(row[-1], names, extra=[Line2D([], [], color="k", ls="--", label="sqrt(CRB)")], title=group)
     for ax in axes[-1]:
@@ -117,7 +117,7 @@ def normalised_error_figure(res: dict) -> Figure:
     fig, axes = _facets(max(len(groups), 1), 3)
     if not groups:
         axes[0, 0].text(0.5, 0.5, "no per-source statistics in this result", ha="center", va="center", transform=axes[0, 0].transAxes)
-    for row, (group, names) in zip(axes, groups.items()):
+    for r, (row, (group, names)) in enumerate(zip(axes, groups.items())):
         for ax, (key, what) in zip(row, _NERR):
             def stat(name, i, key=key):
                 d = per[name]["true_k"][i].get(key) or {}
@@ -137,7 +137,7 @@ def normalised_error_figure(res: dict) -> Figure:
                 ax.errorbar(x, _values(ys), yerr=[lo, hi], fmt="o-", color=f"C{j}", ms=3, lw=1.0, capsize=2, elinewidth=0.8)
             ax.axhline(1.0, color="k", ls="--", lw=0.8)
             ax.set(yscale="log", ylim=lim, ylabel="err / √CRB_k" if ax is row[0] else "")
-            ax.set_title(what if row is axes[0] else "", fontsize=9)
+            ax.set_title(what if r == 0 else "", fontsize=9)
             _snr_axis(ax, snr)
         _group_legend(row[-1], names, extra=[Line2D([], [], color="k", ls="--", label="the bound (1)")], title=group)
     for ax in axes[-1]:
@@ -153,12 +153,12 @@ def detection_figure(res: dict) -> Figure:
     groups = source_groups(list(res["covariances"]))
     snr = res["snr_db"]
     fig, axes = _facets(len(groups), 2)
-    for row, (group, names) in zip(axes, groups.items()):
+    for r, (row, (group, names)) in enumerate(zip(axes, groups.items())):
         for ax, key, what in ((row[0], "f1", "F1 of the detections"), (row[1], "k_accuracy", "accuracy of the count of K")):
             for i, name in enumerate(names):
                 ax.plot(snr, [v if v is not None else math.nan for v in res["covariances"][name][key]], "o-", color=f"C{i}", ms=3, lw=1.1)
             ax.set(ylim=(-0.05, 1.05), ylabel=key.replace("k_accuracy", "K accuracy").replace("f1", "F1"))
-            ax.set_title(what if row is axes[0] else "", fontsize=9)
+            ax.set_title(what if r == 0 else "", fontsize=9)
             _snr_axis(ax, snr)
         legend_outside(row[-1], handles=[Line2D([], [], color=f"C{i}", marker="o", ms=3, label=n) for i, n in enumerate(names)],
                        title=group, title_fontsize=8)
