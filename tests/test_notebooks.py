@@ -328,8 +328,8 @@ def test_06_bad_space_fails_in_config_cell(tmp_path):
 def test_report_cli_takes_negative_numbers_and_writes_a_results_page(tmp_path):
     """`workbench report --only 05 -p snrs_db -10,0 --ci`: the negative list is a value, the run uses it, and the
     index is a results page (the conclusion, captioned figures, the parameters the notebook actually used)."""
-    assert cli.main(["report", "--only", "05", "-p", "snrs_db", "-10,0", "--ci", "--out", str(tmp_path), "--no-progress"]) == 0
-    m = json.loads((tmp_path / "05_localisation" / "metrics.json").read_text())
+    assert cli.main(["report", "--only", "05", "-p", "snrs_db", "-10,0", "--ci", "--out", str(tmp_path), "--run", "r1", "--no-progress"]) == 0
+    m = json.loads((tmp_path / "r1" / "05_localisation" / "metrics.json").read_text())  # each report is a run folder of its own
     assert m["params"]["snrs_db"] == "-10,0" and m["localisation"]["snr_db"] == [-10.0, 0.0]
-    page = (tmp_path / "index.html").read_text()
+    page = (tmp_path / "r1" / "index.html").read_text()
     assert "class='conclusion'" in page and "<figcaption>" in page and "n_per_snr" in page  # a default the run used, not only -p's
