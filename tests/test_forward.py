@@ -13,17 +13,15 @@ from workbench.forward import TrainingData, forward, rsamp_cache
 from workbench.losses import compute_losses
 from workbench.model import CovarianceNet, ModelOutput, build_model
 from workbench.physics import simulate
-from workbench.train import fit
+from workbench.train import fit, torch_threads
 
 SMALL = {"system.N_H": 6, "system.N_V": 6, "model.width": 16, "model.heads": 2, "model.layers": 1}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):  # the project's own context manager, restoring the count after
+        yield
 
 
 @pytest.fixture(scope="module")

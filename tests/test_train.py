@@ -9,7 +9,7 @@ from workbench.checkpoints import load_checkpoint, save_checkpoint
 from workbench.cli import main
 from workbench.config import ConfigError, preset
 from workbench.forward import TrainingData
-from workbench.train import checks, fit, verify
+from workbench.train import checks, fit, torch_threads, verify
 
 TINY = {"model.width": 32, "model.layers": 1, "model.heads": 2, "train.n_train": 48, "train.n_val": 16,
         "train.batch_size": 16, "train.epochs": 2, "fixes.rsamp_estimator": "ls_scatter"}
@@ -18,10 +18,8 @@ TINY = {"model.width": 32, "model.layers": 1, "model.heads": 2, "train.n_train":
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny models on a shared 2-core machine: a second torch thread only spins (measured several times slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):  # the project's own context manager, restoring the count after
+        yield
 
 
 @pytest.fixture(scope="module")
