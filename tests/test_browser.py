@@ -172,9 +172,21 @@ def _act(page, cls: str, how: str, value) -> None:
     if how == "select":
         page.locator(f".{cls} select").select_option(value)
     elif how == "fill":
+        # A preset chosen just before resets this control from the kernel; if that reset arrives after the fill it
+        # overwrites the typed value. The kernel marks a value it took that differs from the preset (wb-changed): wait
+        # for the mark with the value still in the box, and type again if the reset won the race.
         box = page.locator(f".{cls} input")
-        box.fill(value)
-        box.press("Enter")
+        for _ in range(5):
+            box.fill(value)
+            box.press("Enter")
+            try:
+                page.wait_for_selector(f".{cls}.wb-changed", timeout=5_000)
+            except Exception:  # playwright's TimeoutError
+                continue
+            page.wait_for_timeout(500)
+            if box.input_value() == value and page.locator(f".{cls}.wb-changed").count():
+                return
+        raise AssertionError(f"{cls}: the kernel did not take the value {value!r}")
     else:
         page.locator(f"button.{cls}").click()
 

@@ -48,9 +48,11 @@ def one_thread():
 
 
 def _flat(record: dict, prefix: str = "") -> dict:
-    """A history record as {dotted key: number}, without the wall time."""
+    """A history record as {dotted key: number}, without the wall time (lists, e.g. step_loss, by index)."""
     out = {}
     for k, v in record.items():
+        if isinstance(v, list):
+            v = {str(i): x for i, x in enumerate(v)}
         if isinstance(v, dict):
             out |= _flat(v, f"{prefix}{k}.")
         elif k != "seconds":
