@@ -175,6 +175,55 @@ def test_rerunning_the_command_resumes_the_study(tmp_path):
         sweep.run_sweep({"train.lr": [1e-3]}, **kw)
 
 
+def test_devices_start_one_worker_per_gpu_that_sees_only_its_own(tmp_path, monkeypatch):
+    started = []
+
+    class Finished:
+        def wait(self):
+            return 0
+
+    def spawn(url, study, trials, *, worker, env=None, threads=None, **kw):
+        started.append((worker, (env or {}).get("CUDA_VISIBLE_DEVICES"), env.get("PATH") if env else None))
+        return Finished()
+
+    monkeypatch.setattr(sweep, "spawn_worker", spawn)
+    kw = dict(trials=1, epochs=1, n_train=32, n_val=16, storage=f"sqlite:///{tmp_path}/optuna.db", study="gpus", preset_name="seed_fix2",
+              overrides=TINY_FIXED, pruner="none", verbose=False)
+    space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    sweep.run_sweep(space, devices=["0", "2"], **kw)
+    import os
+
+    assert started == [(0, "0", os.environ.get("PATH")), (1, "2", os.environ.get("PATH"))]  # the rest of the environment is kept
+    started.clear()
+    sweep.run_sweep(space, workers=2, **{**kw, "study": "cpus"})  # plain workers: no device is pinned
+    assert [d for _, d, _ in started] == [None, None]
+    with pytest.raises(ConfigError, match="one worker per device"):
+        sweep.run_sweep(space, workers=2, devices=["0"], **kw)
+
+
+def test_join_with_devices_is_refused(tmp_path, capsys):
+    assert main(["sweep", "--join", "--devices", "0", "--storage", f"sqlite:///{tmp_path}/none.db"]) == 2
+    assert "--devices with --join" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+
+
+@pytest.mark.parametrize("text", ["0,x", "0,0", "", "-1", "cuda:0"])
+def test_bad_devices_are_refused_naming_the_flag(text):
+    with pytest.raises(ConfigError, match="--devices"):
+        sweep.parse_devices(text)
+
+
+def test_devices_all_without_cuda_is_refused(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        sweep.parse_devices("all")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert sweep.parse_devices("all") == ["0", "1", "2"]
+
+
 # ---------------------------------------------------------------------------------------------
 # workers sharing one study; one of them killed mid-trial
 

@@ -309,6 +309,23 @@ def _next_step(study: optuna.Study, trials: int) -> str:
     return "wait" if c["done"] + c["running"] >= trials else "run"
 
 
+def parse_devices(text: str) -> list[str]:
+    """``--devices``: comma-separated CUDA device indices ("0,1"), or "all" for every GPU torch sees (one worker each).
+    ConfigError naming ``--devices`` for anything else, a repeated index, or "all" on a machine without CUDA."""
+    text = text.strip()
+    if text == "all":
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError("--devices = 'all': no CUDA device is visible here; give indices (e.g. 0,1) or leave --devices out")
+        return [str(i) for i in range(n)]
+    items = [t.strip() for t in text.split(",")]
+    if not items or any(not t.isdigit() for t in items) or len(set(items)) != len(items):
+        raise ConfigError(f"--devices = {text!r}: expected 'all' or distinct CUDA device indices separated by commas, e.g. 0,1")
+    return items
+
+
 def spawn_worker(storage: str, study: str, trials: int, *, worker: int = 0, seed: int = 0, heartbeat: int = 10,
                  grace: int | None = None, threads: int | None = None, **popen_kwargs) -> subprocess.Popen:
     """Start ``workbench sweep --join`` as a child process (same interpreter); returns the Popen. The storage URL
@@ -328,16 +345,22 @@ def run_sweep(space: str | os.PathLike | dict | SearchSpace | None = None, *, tr
               n_val: int = 64, study: str = DEFAULT_STUDY, storage: str | None = None, workers: int = 1, preset_name: str = "recommended",
               overrides: dict[str, Any] | None = None, seed: int = 0, pruner: str = "median", pruner_startup: int = 2,
               heartbeat: int = 10, grace: int | None = None, enqueue: list[dict[str, Any]] | None = None,
-              verbose: bool = True) -> optuna.Study:
+              devices: list[str] | None = None, verbose: bool = True) -> optuna.Study:
     """Validate the space, create (or resume) the study, run ``workers`` workers, return the study.
 
     ``enqueue``: configurations ({knob: value}, knobs left out are sampled) queued before the sampler's, once
     (a resumed study does not queue them again). One worker runs in this process; more run as child
-    processes (``workbench sweep --join``), each with cpu_count // workers torch threads. Every check on the
-    input happens before any trial starts."""
+    processes (``workbench sweep --join``), each with cpu_count // workers torch threads. ``devices``: CUDA device
+    indices (:func:`parse_devices`), one child worker per device that sees only its own GPU
+    (``CUDA_VISIBLE_DEVICES``), so ``train.device = "auto"`` puts each worker's trials on its own device; it
+    replaces ``workers``. Every check on the input happens before any trial starts."""
     for name, v, lo in (("trials", trials, 1), ("epochs", epochs, 1), ("n_train", n_train, 1), ("n_val", n_val, 1), ("workers", workers, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ConfigError(f"{name} = {v!r}: expected an integer >= {lo}")
+    if devices is not None:
+        if workers != 1:
+            raise ConfigError(f"workers = {workers} with devices = {devices}: devices starts one worker per device; give one of them")
+        devices = parse_devices(",".join(devices))
     if not isinstance(space, SearchSpace):
         space = load_space(space, preset_name, {"train.epochs": epochs, "train.n_train": n_train, "train.n_val": n_val, **(overrides or {})})
     for item in enqueue or []:
@@ -348,11 +371,14 @@ def run_sweep(space: str | os.PathLike | dict | SearchSpace | None = None, *, tr
     with storage_errors(url), StorageLock(url):
         for item in enqueue or []:
             s.enqueue_trial(item, skip_if_exists=True)
-    if workers == 1:
+    if workers == 1 and devices is None:
         run_worker(url, study, trials, worker=0, seed=seed, heartbeat=heartbeat, grace=grace, verbose=verbose)
     else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        procs = [spawn_worker(url, study, trials, worker=i, seed=seed, heartbeat=heartbeat, grace=grace, threads=threads) for i in range(workers)]
+        n = len(devices) if devices is not None else workers
+        threads = max(1, (os.cpu_count() or 1) // n)
+        envs = [None] * n if devices is None else [{**os.environ, "CUDA_VISIBLE_DEVICES": d} for d in devices]
+        procs = [spawn_worker(url, study, trials, worker=i, seed=seed, heartbeat=heartbeat, grace=grace, threads=threads, env=envs[i])
+                 for i in range(n)]
         codes = [p.wait() for p in procs]
         if any(codes) and verbose:
             print(f"sweep: worker exit codes {codes}", file=sys.stderr)

@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import optuna
 
-from ..config import PRESETS, parse_overrides
+from ..config import PRESETS, ConfigError, parse_overrides
 from ..io import atomic_write_json
 from ..storage import STORAGE_ENV, default_storage_url, mask_url
-from ..sweep import DEFAULT_STUDY, PRUNERS, run_sweep, run_worker, summarize, trials_table
+from ..sweep import DEFAULT_STUDY, PRUNERS, parse_devices, run_sweep, run_worker, summarize, trials_table
 from ..train import torch_threads
 
 
@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", help=f"SQLAlchemy URL (default: ${STORAGE_ENV}, else sqlite:///runs/optuna.db); postgresql+psycopg2://... "
                    f"to share across machines. A URL with a password is better passed in ${STORAGE_ENV}: a command line is visible to ps")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--devices", help="one worker per GPU: 'all' or CUDA device indices, e.g. 0,1 (each worker sees only its "
+                                     "own device; replaces --workers). Workers on other machines join with --join --storage")
     p.add_argument("--preset", choices=PRESETS, metavar="PRESET",
                    help=f"base config, one of {', '.join(PRESETS)} (default recommended; a space file's 'preset' wins; "
                         "with --join: the study's, and a different one is refused)")
@@ -78,6 +80,9 @@ def _cli_sweep(args: argparse.Namespace) -> int:
 def _sweep_command(args: argparse.Namespace) -> int:
     url = args.storage or os.environ.get(STORAGE_ENV) or default_storage_url()
     if args.join:
+        if args.devices:
+            raise ConfigError("--devices with --join: a joining worker is one process on one device; start one per GPU, "
+                              "e.g. CUDA_VISIBLE_DEVICES=1 workbench sweep --join ...")
         options = {"space": args.space, "preset_name": args.preset, "overrides": parse_overrides(args.set) or None, "epochs": args.epochs,
                    "n_train": args.n_train, "n_val": args.n_val, "pruner": args.pruner}
         run_worker(url, args.study, args.trials, worker=args.worker_index, seed=args.seed, heartbeat=args.heartbeat, grace=args.grace,
@@ -86,7 +91,8 @@ def _sweep_command(args: argparse.Namespace) -> int:
     d = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in SWEEP_DEFAULTS.items()}
     s = run_sweep(args.space, trials=args.trials, epochs=d["epochs"], n_train=d["n_train"], n_val=d["n_val"], study=args.study,
                   storage=url, workers=args.workers, preset_name=d["preset"], overrides=parse_overrides(args.set), seed=args.seed,
-                  pruner=d["pruner"], heartbeat=args.heartbeat, grace=args.grace)
+                  pruner=d["pruner"], heartbeat=args.heartbeat, grace=args.grace,
+                  devices=parse_devices(args.devices) if args.devices else None)
     summary = summarize(s)
     c = summary["counts"]
     print(f"study {args.study!r} in {mask_url(url)}: {c['done']} done ({c['complete']} complete, {c['pruned']} pruned of which "
