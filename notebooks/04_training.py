@@ -42,6 +42,7 @@ subspace_weight: float | None = None  # weight of the subspace term (loss.subspa
 width: int = 32  # network width (one layer)
 N_side: int = 8  # RIS side: N_side x N_side elements (at least 3)
 seed: int = 0  # seed of data and models
+data: str | None = None  # a dataset folder (workbench data generate / import); None: simulated scenes. Its scenes and system replace N_side
 out_dir: str = "runs/04_training"  # run folders, metrics.json and figures go here (relative: under the checkout)
 
 # %% tags=["config"]
@@ -66,7 +67,7 @@ params
 # One set of scenes for all presets (`TrainingData`), then one training per preset with a progress bar.
 
 # %%
-data = TrainingData.simulate(next(iter(configs.values())))
+data = TrainingData.load(next(iter(configs.values())), params.data_path)  # simulated, or the dataset `data`
 runs = experiments.train_entries(configs, data, out, reuse=False)
 rows = compare.training_rows(runs)
 metrics["scenes_digest"] = experiments.scenes_digest(data)

@@ -339,7 +339,7 @@ class _Cache:
     def __init__(self, params, cfg: ExperimentConfig, n_scenes: int):
         from .studies.pipeline import scene_batch
 
-        self.params, self.batch = params, scene_batch(cfg, n_scenes, params.seed)
+        self.params, self.batch = params, scene_batch(cfg, n_scenes, params.seed, params.data_path)
         self._models: dict[str, Any] = {}
 
     def raw(self, cfg: ExperimentConfig):
@@ -547,7 +547,7 @@ class TrainingPanel(Panel):
         cfg = self.config()
         key = TrainingData.key_of(cfg)
         if key not in self._data:
-            self._data = {key: TrainingData.simulate(cfg)}
+            self._data = {key: TrainingData.load(cfg, self.params.data_path)}
         epochs = cfg.train.epochs
 
         def on_epoch(record: dict) -> bool:
@@ -686,7 +686,7 @@ class SweepPanel(Panel):
                     break
                 self.report_progress(i / more, f"trial {i + 1} of {more}...")
                 sweep.run_sweep(p.search_space, trials=done + i + 1, study=p.study, storage=p.storage_url, seed=p.seed,
-                                pruner=p.pruner, enqueue=p.enqueued, verbose=False)
+                                pruner=p.pruner, enqueue=p.enqueued, verbose=False, data=p.data_path)
         finally:
             self.busy(False)
         return self.update()
