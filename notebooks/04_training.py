@@ -51,9 +51,11 @@ from IPython.display import Image, Markdown, display
 from workbench import experiments, figures, ui
 from workbench import params as wp
 from workbench.figures import compare as fig_compare
+from workbench.figures import runs as fig_runs
 from workbench.figures import training as fig_training
 from workbench.forward import TrainingData
 from workbench.io import save_metrics
+from workbench.runs import diff_runs, notebook_runs, runs_root_of
 from workbench.studies import compare
 
 params = wp.from_cell("04_training", globals())
@@ -91,6 +93,21 @@ display(Image(figures.save_figure(fig_training.terms_figure(histories), out / "l
 metrics["conclusion"] = fig_compare.training_conclusion(rows)
 display(Markdown(metrics["conclusion"]))
 save_metrics(out, metrics);
+
+# %% [markdown]
+# ## This run beside the previous one
+# `diff_runs` (`workbench.runs`), the function behind `workbench runs diff A B`: the two latest runs of this notebook (headless
+# reports' 04 folders and the panel's *train* runs below, each with its manifest; `workbench runs` lists them), their
+# identity (time, commit, device), parameters and metrics side by side, only the rows that differ. To compare two
+# others: `diff_runs("runs/<A>", "runs/<B>")`.
+
+# %%
+earlier = notebook_runs("04_training", runs_root_of(out))
+if len(earlier) >= 2:
+    display(Markdown(fig_runs.diff_markdown(diff_runs(earlier[-2]["path"], earlier[-1]["path"], only_different=True))))
+else:
+    display(Markdown(f"Fewer than two runs of this notebook under `{runs_root_of(out)}` yet: a headless report "
+                     "(`workbench report --only 04`) or the panel's *train* below makes one."))
 
 # %% [markdown]
 # ## Explore
