@@ -97,7 +97,10 @@ class Panel:
     :meth:`command` is the ``workbench report`` line that reproduces the view, :meth:`save_figure` writes the figure
     as PNG, SVG or PDF into the notebook's ``out_dir``. A long action checks :attr:`stop_requested` (the *stop*
     button sets it) between epochs or trials. Displayed, a panel carries a static PNG and HTML of its last view
-    besides the widget, for a notebook reopened without a kernel."""
+    besides the widget, for frontends that render those when the widget's model is absent (nbconvert's HTML, notebook
+    viewers). JupyterLab renders only the widget mimetype ("Error displaying widget" when its model is missing), so
+    ``make lab`` saves widget state with the notebook (notebooks/lab-settings) and a reopened notebook restores the
+    panel's last view (tests/test_browser.py)."""
 
     knobs: dict[str, str] = {}
     notebook: str = ""
