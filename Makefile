@@ -20,8 +20,9 @@ install: $(STAMP)
 notebooks: $(STAMP)  ## the .ipynb of every notebook from its percent-format .py source (jupytext keeps the pair in sync)
 	$(VENV)/bin/jupytext --sync notebooks/*.py
 
-lab: notebooks  ## JupyterLab on localhost (token auth on), rooted at the checkout and opened on notebooks/
+lab: notebooks  ## JupyterLab on localhost (token auth on), rooted at the checkout and opened on notebooks/; widget state is saved with a notebook (notebooks/lab-settings)
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --ServerApp.root_dir=. --ServerApp.default_url=/lab/tree/notebooks \
+		--LabApp.app_settings_dir=notebooks/lab-settings \
 		$(if $(filter 0,$(shell id -u)),--allow-root,)
 
 report: $(STAMP)  ## every notebook headless into runs/, with an index page

@@ -36,6 +36,7 @@ n_grad: int = 8  # scenes used for the loss and gradient columns of the measured
 width: int = 64  # width of the untrained network that produces R_pred (model.width)
 N_side: int = 12  # RIS side: N_side x N_side elements (at least 3)
 seed: int = 0  # seed of the simulated scenes and of the model initialisation
+data: str | None = None  # a dataset folder (workbench data generate / import); None: simulated scenes. Its scenes and system replace N_side
 out_dir: str = "runs/01_covariance_normalisation"  # metrics.json and figures go here (relative: under the checkout)
 
 # %% tags=["config"]
@@ -60,7 +61,7 @@ params
 # between `seed_before` and `seed_fix1` (Fix 1) and of R_blend between `seed_fix1` and `seed_fix2` (Fix 2).
 
 # %%
-rows = pipeline.normalisation_rows(configs, params.n_scenes, params.seed)
+rows = pipeline.normalisation_rows(configs, params.n_scenes, params.seed, params.data_path)
 metrics["rows"] = rows
 display(Markdown(fig_pipeline.summary_markdown(rows)))
 
@@ -80,7 +81,7 @@ display(Markdown(metrics["conclusion"]))
 
 # %%
 seed_rows = seed_note.seed_table(params.n_scenes, params.preset_names, params.seed, n_grad=params.n_grad,
-                                 overrides=params.dotted_overrides())
+                                 overrides=params.dotted_overrides(), data=params.data_path)
 metrics["seed_table"] = seed_rows
 metrics["seed_comparison"] = seed_note.seed_comparison(seed_rows)
 display(Markdown(figures.markdown_table(metrics["seed_comparison"])))

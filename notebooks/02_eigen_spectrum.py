@@ -39,6 +39,7 @@ c_eps_sweep: str = "0.0001,0.001,0.01,0.1,1,10"  # comma-separated C_EPS values 
 width: int = 64  # width of the untrained network that produces R_pred (model.width)
 N_side: int = 12  # RIS side: N_side x N_side elements (at least 3)
 seed: int = 0  # seed of scenes and model
+data: str | None = None  # a dataset folder (workbench data generate / import); None: simulated scenes. Its scenes and system replace N_side
 out_dir: str = "runs/02_eigen_spectrum"  # metrics.json and figures go here (relative: under the checkout)
 
 # %% tags=["config"]
@@ -57,7 +58,7 @@ metrics = {"notebook": "02_eigen_spectrum", "params": params.to_dict(), "fixes":
 params
 
 # %%
-batch = pipeline.scene_batch(cfg, params.n_scenes, params.seed)
+batch = pipeline.scene_batch(cfg, params.n_scenes, params.seed, params.data_path)
 
 # %% [markdown]
 # ## Spectra

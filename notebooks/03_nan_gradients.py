@@ -42,6 +42,7 @@ N_side: int = 12  # RIS side: N_side x N_side elements (at least 3)
 width: int = 64  # width of the (untrained, one-layer) network
 fd_step: float = 1e-6  # finite-difference step (float64)
 seed: int = 0  # seed of scenes, model and directions
+data: str | None = None  # a dataset folder (workbench data generate / import); None: simulated scenes. Its scenes and system replace N_side
 out_dir: str = "runs/03_nan_gradients"  # metrics.json and figures go here (relative: under the checkout)
 
 # %% tags=["config"]
@@ -62,7 +63,7 @@ metrics = {"notebook": "03_nan_gradients", "params": params.to_dict(), "fixes": 
 params
 
 # %%
-batch = pipeline.scene_batch(cfg, params.n_scenes, params.seed)
+batch = pipeline.scene_batch(cfg, params.n_scenes, params.seed, params.data_path)
 model = build_model(cfg.system, cfg.model, seed=params.seed)
 
 # %% [markdown]

@@ -42,6 +42,7 @@ subspace_weight: float | None = None  # weight of the subspace term (loss.subspa
 width: int = 32  # network width (one layer)
 N_side: int = 8  # RIS side: N_side x N_side elements (at least 3)
 seed: int = 0  # seed of data and models
+data: str | None = None  # a dataset folder (workbench data generate / import); None: simulated scenes. Its scenes and system replace N_side
 out_dir: str = "runs/04_training"  # run folders, metrics.json and figures go here (relative: under the checkout)
 
 # %% tags=["config"]
@@ -50,9 +51,11 @@ from IPython.display import Image, Markdown, display
 from workbench import experiments, figures, ui
 from workbench import params as wp
 from workbench.figures import compare as fig_compare
+from workbench.figures import runs as fig_runs
 from workbench.figures import training as fig_training
 from workbench.forward import TrainingData
 from workbench.io import save_metrics
+from workbench.runs import diff_runs, notebook_runs, runs_root_of
 from workbench.studies import compare
 
 params = wp.from_cell("04_training", globals())
@@ -66,7 +69,7 @@ params
 # One set of scenes for all presets (`TrainingData`), then one training per preset with a progress bar.
 
 # %%
-data = TrainingData.simulate(next(iter(configs.values())))
+data = TrainingData.load(next(iter(configs.values())), params.data_path)  # simulated, or the dataset `data`
 runs = experiments.train_entries(configs, data, out, reuse=False)
 rows = compare.training_rows(runs)
 metrics["scenes_digest"] = experiments.scenes_digest(data)
@@ -90,6 +93,21 @@ display(Image(figures.save_figure(fig_training.terms_figure(histories), out / "l
 metrics["conclusion"] = fig_compare.training_conclusion(rows)
 display(Markdown(metrics["conclusion"]))
 save_metrics(out, metrics);
+
+# %% [markdown]
+# ## This run beside the previous one
+# `diff_runs` (`workbench.runs`), the function behind `workbench runs diff A B`: the two latest runs of this notebook (headless
+# reports' 04 folders and the panel's *train* runs below, each with its manifest; `workbench runs` lists them), their
+# identity (time, commit, device), parameters and metrics side by side, only the rows that differ. To compare two
+# others: `diff_runs("runs/<A>", "runs/<B>")`.
+
+# %%
+earlier = notebook_runs("04_training", runs_root_of(out))
+if len(earlier) >= 2:
+    display(Markdown(fig_runs.diff_markdown(diff_runs(earlier[-2]["path"], earlier[-1]["path"], only_different=True))))
+else:
+    display(Markdown(f"Fewer than two runs of this notebook under `{runs_root_of(out)}` yet: a headless report "
+                     "(`workbench report --only 04`) or the panel's *train* below makes one."))
 
 # %% [markdown]
 # ## Explore

@@ -58,6 +58,7 @@ batch_size: int = 32  # scenes per step
 width: int = 32  # network width (one layer)
 N_side: int = 8  # RIS side: N_side x N_side elements (at least 3)
 seed: int = 0  # seed of the training scenes, the models and the localisation scenes
+data: str | None = None  # a dataset folder (workbench data generate / import); None: simulated scenes. Its scenes and system replace N_side
 out_dir: str = "runs/05_localisation"  # metrics.json and figures go here (relative: under the checkout)
 
 # %% tags=["config"]
@@ -80,10 +81,11 @@ params
 # %% [markdown]
 # ## The networks
 # Reused from `models_dir` when a complete run of exactly this config is there (notebook 04 writes them), else
-# trained here on the same scenes for every preset.
+# trained here on the same scenes for every preset. With `data` they train on the dataset's scenes into
+# `out_dir/models` (never reused), and the localisation scenes below are simulated with the dataset's system.
 
 # %%
-runs = experiments.train_entries(configs, TrainingData.simulate(cfg), params.models_path)
+runs = experiments.train_entries(configs, TrainingData.load(cfg, params.data_path), params.models_path, reuse=params.data is None)
 metrics["models"] = {n: experiments.history_summary(r) for n, r in runs.items()}
 display(Markdown(figures.markdown_table([{"preset": n, "reused": m["reused"], "epochs": m["epochs"], "final val NMSE": m["final_val_nmse"],
                                           "skipped steps": m["skipped_nonfinite"]} for n, m in metrics["models"].items()])))

@@ -44,6 +44,7 @@ enqueue: str = '[{"fixes.subspace_backend": "eigh", "loss.subspace": 0.1}]'  # J
 preset: str = "recommended"  # base config (a preset named in the space wins)
 pruner: str = "median"  # median | none
 seed: int = 0  # seed of the sampler, the data and the models
+data: str | None = None  # a dataset folder (workbench data generate / import); None: simulated scenes. Its scenes and system replace N_side
 out_dir: str = "runs/06_sweep"  # metrics.json, figures and the default study database go here
 
 # %% tags=["config"]
@@ -70,7 +71,7 @@ params
 
 # %%
 study = sweep.run_sweep(search_space, trials=params.trials, study=params.study, storage=params.storage_url, seed=params.seed,
-                        pruner=params.pruner, enqueue=params.enqueued)
+                        pruner=params.pruner, enqueue=params.enqueued, data=params.data_path)
 metrics["storage"] = sweep.mask_url(params.storage_url)
 metrics["space"] = search_space.to_dict()["params"]
 metrics["queued"] = params.enqueued

@@ -36,3 +36,13 @@ def pg_url():
     with admin.connect() as c:
         c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A dataset of 40 scenes on a 5 x 4 RIS (not a notebook's square N_side), made by `workbench data generate`."""
+    from workbench import cli
+
+    path = tmp_path_factory.mktemp("datasets") / "tiny"
+    assert cli.main(["data", "generate", "--n", "40", "--out", str(path), "--set", "N_H", "5", "--set", "N_V", "4", "--quiet"]) == 0
+    return path

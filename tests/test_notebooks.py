@@ -333,3 +333,39 @@ def test_report_cli_takes_negative_numbers_and_writes_a_results_page(tmp_path):
     assert m["params"]["snrs_db"] == "-10,0" and m["localisation"]["snr_db"] == [-10.0, 0.0]
     page = (tmp_path / "r1" / "index.html").read_text()
     assert "class='conclusion'" in page and "<figcaption>" in page and "n_per_snr" in page  # a default the run used, not only -p's
+
+
+# ---------------------------------------------------------------------------------------------
+# data: a dataset folder (workbench data generate on a 5 x 4 RIS) instead of simulated scenes
+def test_02_runs_on_a_dataset_and_uses_its_system(tmp_path, tiny_dataset):
+    from workbench.data import load_dataset
+
+    run = report.run_notebook(report.notebook_path("02_eigen_spectrum"), tmp_path, {"data": str(tiny_dataset)}, ci=True)
+    assert run.status == "ok", run.error
+    m = json.loads((Path(run.out_dir) / "metrics.json").read_text())
+    p = wp.notebook_params("02_eigen_spectrum", **m["params"])
+    assert m["params"]["data"] == str(tiny_dataset) and p.experiment().system.N == 20  # the dataset's 5 x 4, not N_side 12
+    assert all(len(v) == 20 for v in m["scene"]["eigvals"].values())
+    scenes = load_dataset(tiny_dataset)[:p.n_scenes]
+    assert m["K"] == scenes.K.tolist()  # the dataset's first n_scenes scenes
+    assert m["rank"]["R_true"] == scenes.K.tolist()  # rank(R_true) = K of those scenes
+
+
+def test_04_report_with_data_trains_on_the_dataset(tmp_path, tiny_dataset):
+    """`workbench report --only 04 -p data PATH`: every preset trains on the dataset's scenes (its system, its split)."""
+    from workbench import experiments
+    from workbench.forward import TrainingData
+
+    assert cli.main(["report", "--only", "04", "--ci", "-p", "data", str(tiny_dataset), "--out", str(tmp_path), "--run", "r",
+                     "--no-progress"]) == 0
+    m = json.loads((tmp_path / "r" / "04_training" / "metrics.json").read_text())
+    p = wp.notebook_params("04_training", **m["params"])
+    cfg = p.experiment(p.preset_names[0])
+    assert cfg.system.N_H == 5 and cfg.system.N_V == 4
+    assert m["scenes_digest"] == experiments.scenes_digest(TrainingData.from_dataset(tiny_dataset, cfg))
+    assert m["scenes_digest"] != experiments.scenes_digest(TrainingData.simulate(cfg))
+
+
+def test_report_refuses_a_bad_data_path_naming_data(tmp_path, capsys):
+    rc = cli.main(["report", "--only", "03", "--ci", "-p", "data", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 2 and "03_nan_gradients.data" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 import jupytext
 import nbformat
 import pytest
+import torch
 
 from workbench import params as wp
 from workbench import report
@@ -243,3 +244,44 @@ def test_sweep_params_build_space_and_storage(tmp_path):
     from workbench import search_space
 
     assert set(wp.notebook_params("06_sweep").search_space.params) == set(search_space.DEFAULT_SPACE)
+
+
+# ---------------------------------------------------------------------------------------------
+# data: a dataset folder's scenes and system in every notebook
+@pytest.mark.parametrize("name", sorted(wp.NOTEBOOK_PARAMS))
+def test_data_gives_the_datasets_system(name, tiny_dataset):
+    from workbench.data import dataset_system
+
+    p = wp.notebook_params(name, **{**wp.NOTEBOOK_PARAMS[name].ci, "data": str(tiny_dataset)})
+    system = dataset_system(tiny_dataset)
+    assert (system.N_H, system.N_V) == (5, 4)
+    for preset_name in p.preset_names:  # the dataset's system replaces N_side under every preset the notebook runs
+        assert p.experiment(preset_name).system == system
+    assert all(p.dotted_overrides()[f"system.{k}"] == v for k, v in system.to_dict().items())
+    assert wp.notebook_params(name, **wp.NOTEBOOK_PARAMS[name].ci).experiment().system != system  # without data: the notebook's sizes
+
+
+@pytest.mark.parametrize("name", sorted(wp.NOTEBOOK_PARAMS))
+def test_bad_data_is_refused_naming_data(name, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for bad, why in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "manifest.json is missing")):
+        with pytest.raises(ConfigError, match=rf"{name}\.data = .*{why}"):
+            wp.notebook_params(name, data=str(bad))
+
+
+def test_relative_data_is_under_the_checkout(tiny_dataset, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_ROOT", str(tiny_dataset.parent))
+    p = wp.notebook_params("02_eigen_spectrum", data="tiny")
+    assert p.data_path == tiny_dataset and p.experiment().system.N == 20
+
+
+def test_data_scenes_are_the_datasets(tiny_dataset):
+    """01-03 take the dataset's first n_scenes scenes; more than it holds is refused naming n_scenes."""
+    from workbench.data import load_dataset
+    from workbench.studies import pipeline
+
+    p = wp.notebook_params("02_eigen_spectrum", n_scenes=6, data=str(tiny_dataset))
+    batch = pipeline.scene_batch(p.experiment(), p.n_scenes, p.seed, p.data_path)
+    assert torch.equal(batch.y, load_dataset(tiny_dataset).y[:6])
+    with pytest.raises(ConfigError, match="n_scenes = 41"):
+        pipeline.scene_batch(p.experiment(), 41, p.seed, p.data_path)

@@ -84,3 +84,66 @@ def test_unknown_run_is_a_config_error(tmp_path, capsys):
 def test_new_run_dirs_are_distinct(tmp_path):
     first, second = runs.new_run_dir(tmp_path, "report"), runs.new_run_dir(tmp_path, "report")
     assert first != second and first.is_dir() and second.is_dir() and first.name.startswith("report-")
+
+
+# ---------------------------------------------------------------------------------------------
+# notebook 04's runs cell: the two latest runs of the notebook side by side, through diff_runs
+def _notebook_run(folder, name, epochs, val):
+    runs.start_run(folder, "notebook", name, {"epochs": epochs, "presets": "recommended"})
+    (folder / "metrics.json").write_text(json.dumps({"rows": [{"final val NMSE": val}]}))
+    runs.finish_run(folder, "ok", 2.0)
+
+
+def test_notebook_runs_and_the_runs_root(tmp_path, monkeypatch):
+    root = tmp_path / "out"
+    runs.start_run(root / "report-1", "report", "report-1")
+    _notebook_run(root / "report-1" / "04_training", "04_training", 2, 0.5)
+    _notebook_run(root / "report-1" / "02_eigen_spectrum", "02_eigen_spectrum", 2, 0.1)
+    runs.start_run(root / "04_training" / "panels" / "train-x", "panel", "04_training/train-x", {"notebook": "04_training", "action": "train"})
+    found = runs.notebook_runs("04_training", root)
+    assert sorted(m["kind"] for m in found) == ["notebook", "panel"] and all("02_eigen" not in m["path"] for m in found)
+    assert runs.runs_root_of(root / "report-1" / "04_training") == root  # a report's notebook folder: the report's --out
+    assert runs.report_of(root / "report-1" / "04_training") == root / "report-1" / "04_training"
+    assert runs.report_of(root / "04_training") is None
+    monkeypatch.setenv("WORKBENCH_ROOT", str(tmp_path / "checkout"))
+    assert runs.runs_root_of(root / "04_training") == tmp_path / "checkout" / "runs"  # a lab out_dir: the checkout's runs/
+
+
+def test_notebook_04_runs_cell_shows_diff_runs(tmp_path, monkeypatch):
+    """The cell of notebook 04 run on two report runs: it shows exactly diff_runs' changed rows (the CLI's function)."""
+    import jupytext
+    from IPython.display import Markdown
+
+    from workbench.figures.runs import diff_markdown
+    from workbench.report import notebook_path
+
+    root = tmp_path / "out"
+    for i, (epochs, val) in enumerate(((2, 0.5), (3, 0.25))):
+        runs.start_run(root / f"report-{i}", "report", f"report-{i}")
+        _notebook_run(root / f"report-{i}" / "04_training", "04_training", epochs, val)
+    cell = next(c.source for c in jupytext.read(notebook_path("04_training")).cells if "notebook_runs(" in c.source)
+    assert "diff_runs(" in cell and "def " not in cell  # no second implementation in the notebook
+    shown = []
+    ns = {"out": root / "report-1" / "04_training", "display": shown.append, "Markdown": Markdown, "notebook_runs": runs.notebook_runs,
+          "runs_root_of": runs.runs_root_of, "diff_runs": runs.diff_runs, "fig_runs": __import__("workbench.figures.runs").figures.runs}
+    exec(cell, ns)  # noqa: S102 - our own notebook's cell
+    want = runs.diff_runs(root / "report-0" / "04_training", root / "report-1" / "04_training", only_different=True)
+    assert [m.data for m in shown] == [diff_markdown(want)]
+    text = shown[0].data
+    assert "| parameters | epochs | 2 | 3 | ≠ |" in text and "| metrics | rows.0.final val NMSE | 0.5 | 0.25 | ≠ |" in text
+    assert "| parameters | presets |" not in text  # equal rows are left out
+    # with one run only, it says so
+    shown.clear()
+    ns["out"] = tmp_path / "other" / "04_training"
+    monkeypatch.setenv("WORKBENCH_ROOT", str(tmp_path / "empty"))
+    exec(cell, ns)  # noqa: S102
+    assert "Fewer than two runs" in shown[0].data
+
+
+def test_diff_markdown_caps_the_rows(two_runs):
+    from workbench.figures.runs import diff_markdown
+
+    root, a, b = two_runs
+    d = runs.diff_runs(a, b, root)
+    text = diff_markdown(d, max_rows=3)
+    assert text.count("\n| ") == 4 and f"{len(d['rows']) - 3} more rows: `workbench runs diff {a} {b}`" in text

@@ -333,3 +333,17 @@ def test_sweep_views_on_a_hand_made_study():
               fig_sweeps.history_figure(s),
               fig_sweeps.importances_figure(s, list(imp))):
         assert figures.png_bytes(f)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trials_train_on_a_dataset(tiny_dataset):
+    """notebook 06's data=: a worker's trials take the dataset's scenes (TrainingData.from_dataset), one worker only."""
+    from workbench import experiments
+    from workbench.config import preset
+    from workbench.forward import TrainingData
+
+    cfg = TrainingData.dataset_config(tiny_dataset, preset("recommended", **{"train.n_train": 8, "train.n_val": 4, "train.device": "cpu"}))
+    data = sweep.TrialData(tiny_dataset).for_config(cfg)
+    assert experiments.scenes_digest(data) == experiments.scenes_digest(TrainingData.from_dataset(tiny_dataset, cfg))
+    assert experiments.scenes_digest(data) != experiments.scenes_digest(sweep.TrialData().for_config(cfg))
+    with pytest.raises(ConfigError, match="workers = 1"):
+        sweep.run_sweep(None, trials=1, workers=2, data=tiny_dataset)

@@ -13,6 +13,12 @@ from workbench.config import preset
 from workbench.studies import pipeline
 
 
+@pytest.fixture(autouse=True)
+def _own_root(tmp_path, monkeypatch):
+    """Relative out_dirs (the notebooks' defaults) and interactive run folders land under the test's folder, not the checkout's runs/."""
+    monkeypatch.setenv("WORKBENCH_ROOT", str(tmp_path / "root"))
+
+
 def test_normalisation_panel_toggles_fix1_and_loads_presets():
     panel = ui.NormalisationPanel(wp.notebook_params("01_covariance_normalisation", n_scenes=3, width=16, N_side=6, presets="seed_fix2"))
     before = panel.update()
@@ -185,6 +191,16 @@ def _sweep_panel_checks(p):
     panel.button.click()
     assert panel.result["summary"]["counts"]["done"] == 3 and panel.controls["knob"].value == "fixes.subspace_backend"
     assert sum(panel.result["states"].values()) == 3
+    # the action is a run of its own beside the study, with a manifest and the trials it added
+    import json
+
+    from workbench import runs
+
+    m = runs.read_run(panel.last_run)
+    assert m["kind"] == "panel" and m["status"] == "ok" and m["study"] == p.study and panel.last_run.parent == p.out_path / "panels"
+    added = json.loads((panel.last_run / "metrics.json").read_text())
+    assert added["added"] == [2] and added["before"]["counts"]["done"] == 2 and added["after"]["counts"]["done"] == 3
+    assert runs.run_metrics(panel.last_run)["after.counts.done"] == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,3 +316,57 @@ def test_panel_command_run_headless_reproduces_the_panel(tmp_path):
     for name, ev in m["scene"]["eigvals"].items():
         assert ev == pytest.approx(spec.eigvals[name][1].tolist(), rel=1e-5, abs=1e-6), name
     assert m["summary"]["R_blend"]["gap"] == pytest.approx(spec.summary()["R_blend"]["gap"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# interactive runs have an identity: a run folder of their own with a manifest, never a headless report's
+def test_training_panel_action_is_a_run_of_its_own(tmp_path):
+    from workbench import runs
+
+    p = wp.notebook_params("04_training", presets="recommended", epochs=1, n_train=4, n_val=2, batch_size=4, width=16, N_side=4,
+                           out_dir=str(tmp_path / "lab04"))
+    panel = ui.TrainingPanel(p)
+    panel.button.click()
+    first = panel.last_run
+    assert first.parent == tmp_path / "lab04" / "panels" and first.name.startswith("train-")
+    m = runs.read_run(first)
+    assert m["kind"] == "panel" and m["status"] == "ok" and m["seconds"] > 0 and m["stopped"] is False
+    assert m["parameters"]["notebook"] == "04_training" and m["parameters"]["action"] == "train"
+    assert m["parameters"]["command"] == panel.command() and m["parameters"]["parameters"]["epochs"] == 1
+    assert (first / "checkpoint.pt").exists() and str(first) in panel.status.value  # fit's run folder, named in the status
+    assert runs.run_metrics(first)["final.val_nmse"] == pytest.approx(panel.result.history[-1]["val_nmse"])
+    panel.controls["epochs"].value = 2
+    panel.button.click()
+    second = panel.last_run
+    assert second != first and len(panel.result.history) == 2
+    assert [r["path"] for r in runs.list_runs(tmp_path / "lab04")] == [str(first), str(second)]
+    rows = {(sec, k): (a, b) for sec, k, a, b in runs.diff_runs(first, second, only_different=True)["rows"]}
+    assert rows[("parameters", "parameters.epochs")] == (1, 2) and ("metrics", "final.epoch") in rows
+
+
+def _fake_report(folder, name):
+    """A headless report's folders as `workbench report` writes them before a notebook runs."""
+    from workbench import runs
+
+    runs.start_run(folder, "report", folder.name)
+    runs.start_run(folder / name, "notebook", name)
+    return folder / name
+
+
+def test_panel_actions_never_write_into_a_headless_report(tmp_path):
+    out = _fake_report(tmp_path / "report-x", "04_training")
+    p = wp.notebook_params("04_training", presets="recommended", epochs=1, n_train=4, n_val=2, batch_size=4, width=16, N_side=4,
+                           out_dir=str(out))
+    panel = ui.TrainingPanel(p)
+    panel.button.click()
+    assert panel.last_run.parent == tmp_path / "root" / "runs" / "panels" / "04_training"
+    assert sorted(q.name for q in out.iterdir()) == ["manifest.json"]  # the report's folder is untouched
+
+
+def test_sweep_panel_refuses_a_headless_reports_study(tmp_path):
+    out = _fake_report(tmp_path / "report-y", "06_sweep")
+    p = wp.notebook_params("06_sweep", **{**wp.SweepParams.ci, "trials": 2}, out_dir=str(out))
+    panel = ui.SweepPanel(p)
+    panel.button.click()
+    assert "not run" in panel.output_line.value and "headless report" in panel.output_line.value
+    assert panel.last_run is None and not (out / "optuna.db").exists() and not (tmp_path / "root" / "runs").exists()

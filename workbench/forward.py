@@ -208,6 +208,12 @@ class TrainingData:
                    simulate(cfg.system, t.n_val, seed=split_seed(t.seed, "val"), device=dev), cls.key_of(cfg))
 
     @classmethod
+    def load(cls, cfg: ExperimentConfig, dataset=None, device=None) -> TrainingData:
+        """:meth:`simulate`, or :meth:`from_dataset` when ``dataset`` (a dataset folder) is given: the scenes a
+        notebook or a panel trains on."""
+        return cls.simulate(cfg, device) if dataset is None else cls.from_dataset(dataset, cfg, device)
+
+    @classmethod
     def from_dataset(cls, path, cfg: ExperimentConfig, device=None) -> TrainingData:
         """Training and validation scenes from the dataset folder ``path`` (made by ``workbench data generate`` or
         ``workbench data import``; verified by :func:`workbench.data.load_dataset`) instead of the simulator:

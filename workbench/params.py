@@ -10,7 +10,12 @@ The rule for a notebook's fields:
   its default ``None`` means "the preset's value". :data:`CONFIG_KEYS` maps it to its dotted config key and
   :mod:`workbench.config` validates it, so no range is declared twice;
 * a **size** (RIS side, network width, scenes, epochs) always applies, so that notebooks run in seconds;
-* everything else (the preset, a scene index, a seed, ``out_dir``) is the notebook's own.
+* everything else (the preset, a scene index, a seed, ``out_dir``) is the notebook's own;
+* ``data`` (every notebook): None, or a dataset folder made by ``workbench data generate`` / ``workbench data import``
+  (relative paths are under :func:`project_root`). Given, the notebook's scenes come from it (through
+  :func:`workbench.data.load_dataset` / :meth:`workbench.forward.TrainingData.from_dataset`) and its system (N_H,
+  N_V, L, M, K_max, ...) replaces the notebook's sizes (``N_side`` is then ignored). It is validated before
+  anything else: a missing folder, or one that is not a dataset, fails naming ``<notebook>.data``.
 
 The config cell of a notebook is ``params = wp.from_cell("<name>", globals())``: it reads the parameters cell's
 variables by the dataclass's field names, so each parameter is written twice (the cell and the field), and
@@ -97,8 +102,38 @@ class NotebookParams(ConfigBase):
     fixed: ClassVar[dict[str, Any]] = {}
 
     def _check_relations(self) -> None:
+        self.data_system  # noqa: B018 - validates ``data`` first (exists, is a dataset, has the truth)
         for name in self.preset_names:
             self.experiment(name)  # every knob and size, validated by the config itself
+
+    @property
+    def data_path(self) -> Path | None:
+        """``data`` as an absolute folder (relative values are under :func:`project_root`), or None."""
+        if self.data is None or self.data == "":
+            return None
+        return Path(self.data) if os.path.isabs(self.data) else project_root() / self.data
+
+    @property
+    def data_system(self):
+        """The :class:`~workbench.config.SystemConfig` of the dataset ``data`` (None without one). A folder that does
+        not exist, is not a dataset, is altered, or has no truth fails with a ConfigError naming ``<notebook>.data``
+        (every notebook measures against R_true, the truth's covariance)."""
+        path = self.data_path
+        if path is None:
+            return None
+        from .data import dataset_system
+        from .scenes_io import dataset_truth
+
+        where = f"{self._section}.data = {self.data!r}"
+        try:
+            system = dataset_system(path)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}; expected None or a dataset folder made by `workbench data generate` or "
+                              "`workbench data import`") from None
+        if not dataset_truth(path):
+            raise ConfigError(f"{where}: the dataset has no truth (K, phi, theta, r, power, noise_var); this notebook measures "
+                              "against R_true, which needs it")
+        return system
 
     @property
     def out_path(self) -> Path:
@@ -126,6 +161,9 @@ class NotebookParams(ConfigBase):
             out[fname] = dict.fromkeys(CONFIG_KEYS[fname], value)
             if fname == "width":
                 out[fname]["model.heads"] = heads_for(value)
+        system = self.data_system
+        if system is not None:  # the dataset's system replaces the notebook's sizes (applied last)
+            out["data"] = {f"system.{k}": v for k, v in system.to_dict().items()}
         return out
 
     def dotted_overrides(self) -> dict[str, Any]:
@@ -160,6 +198,7 @@ class NormalisationParams(NotebookParams):
     width: int = field(default=64, metadata=_rng(8, 8192))
     N_side: int = field(default=12, metadata=_rng(3, 64))
     seed: int = field(default=0, metadata=_rng(0, 2**31 - 1))
+    data: str | None = None
     out_dir: str = "runs/01_covariance_normalisation"
 
 
@@ -178,6 +217,7 @@ class SpectrumParams(NotebookParams):
     width: int = field(default=64, metadata=_rng(8, 8192))
     N_side: int = field(default=12, metadata=_rng(3, 64))
     seed: int = field(default=0, metadata=_rng(0, 2**31 - 1))
+    data: str | None = None
     out_dir: str = "runs/02_eigen_spectrum"
 
     def _check_relations(self) -> None:
@@ -208,6 +248,7 @@ class GradientParams(NotebookParams):
     width: int = field(default=64, metadata=_rng(8, 8192))
     fd_step: float = field(default=1e-6, metadata=_rng(1e-12, 1e-2))
     seed: int = field(default=0, metadata=_rng(0, 2**31 - 1))
+    data: str | None = None
     out_dir: str = "runs/03_nan_gradients"
 
 
@@ -231,6 +272,7 @@ class TrainingParams(NotebookParams):
     width: int = field(default=32, metadata=_rng(8, 8192))
     N_side: int = field(default=8, metadata=_rng(3, 64))
     seed: int = field(default=0, metadata=_rng(0, 2**31 - 1))
+    data: str | None = None
     out_dir: str = "runs/04_training"
 
 
@@ -238,7 +280,10 @@ class TrainingParams(NotebookParams):
 class LocalisationParams(NotebookParams):
     """05: localisation from R_true, the R_samp estimators, the physics baseline and every preset's trained network.
     The networks are trained as in notebook 04 (same fields, same defaults) into ``models_dir``, or reused from it
-    when a complete run of exactly that config is there (:func:`workbench.experiments.train_entries`)."""
+    when a complete run of exactly that config is there (:func:`workbench.experiments.train_entries`). With ``data``
+    the networks train on the dataset's scenes (never reused: a saved run records its config, not its scenes) into
+    ``out_dir/models`` unless ``models_dir`` names a folder; the localisation scenes are simulated with the dataset's
+    system (the SNR sweep needs scenes at each SNR)."""
 
     _section: ClassVar[str] = "05_localisation"
     ci: ClassVar[dict[str, Any]] = {"n_per_snr": 2, "snrs_db": "0,20", "estimators": "beamscan", "presets": "seed_fix2,recommended",
@@ -263,6 +308,7 @@ class LocalisationParams(NotebookParams):
     width: int = field(default=32, metadata=_rng(8, 8192))
     N_side: int = field(default=8, metadata=_rng(3, 64))
     seed: int = field(default=0, metadata=_rng(0, 2**31 - 1))
+    data: str | None = None
     out_dir: str = "runs/05_localisation"
 
     def _check_relations(self) -> None:
@@ -299,9 +345,10 @@ class LocalisationParams(NotebookParams):
     @property
     def models_path(self) -> Path:
         """``models_dir`` as an absolute folder: "" is notebook 04's output folder beside ``out_dir`` (so a report
-        or a lab session reuses what 04 trained); relative values are under :func:`project_root`."""
+        or a lab session reuses what 04 trained), or ``out_dir/models`` with ``data``; relative values are under
+        :func:`project_root`."""
         if not self.models_dir:
-            return self.out_path.parent / "04_training"
+            return self.out_path / "models" if self.data_path is not None else self.out_path.parent / "04_training"
         return Path(self.models_dir) if os.path.isabs(self.models_dir) else project_root() / self.models_dir
 
 
@@ -350,6 +397,7 @@ class SweepParams(NotebookParams):
     preset: str = "recommended"
     pruner: str = field(default="median", metadata={"choices": ("median", "none")})
     seed: int = field(default=0, metadata=_rng(0, 2**31 - 1))
+    data: str | None = None
     out_dir: str = "runs/06_sweep"
 
     def _check_relations(self) -> None:

@@ -1,8 +1,10 @@
 """Runs with an identity: the ``manifest.json`` every run folder carries, listing runs and comparing two.
 
 A *run* is a folder written by one command: a headless report (``workbench report``: kind "report", with one
-folder per notebook inside, kind "notebook"), a training run (``workbench train``: kind "train") or a comparison
-(``workbench compare``: kind "compare"). Its ``manifest.json`` holds::
+folder per notebook inside, kind "notebook"), a training run (``workbench train``: kind "train"), a comparison
+(``workbench compare``: kind "compare") or an action of a notebook's widget panel (04's *train*, 06's *run more
+trials*: kind "panel", in ``<out_dir>/panels/<action>-<UTC time>/``, or under ``runs/panels/<notebook>/`` when
+``out_dir`` is a headless report's folder: :func:`report_of`). Its ``manifest.json`` holds::
 
     {"kind": "report", "name": "...", "time": "2024-05-01T12:00:00+00:00" (UTC, ISO 8601),
      "commit": "<40 hex digits>" | null, "dirty": true | false | null,   # of the checkout the package runs from
@@ -34,7 +36,7 @@ from .config import ConfigError
 from .io import atomic_write_json
 
 MANIFEST = "manifest.json"
-KINDS = ("report", "notebook", "train", "compare")
+KINDS = ("report", "notebook", "train", "compare", "panel")
 PACKAGES = ("workbench", "torch", "numpy", "optuna")
 CHECKOUT = Path(__file__).resolve().parent.parent  # the folder holding the package: a git checkout in development
 
@@ -143,6 +145,41 @@ def new_run_dir(root: str | os.PathLike, kind: str) -> Path:
         except FileExistsError:
             continue
     raise ConfigError(f"--out '{root}': could not create a new run folder for {kind}-{stamp}")
+
+
+def report_of(folder: str | os.PathLike) -> Path | None:
+    """The headless report run that ``folder`` belongs to: ``folder`` itself or its parent when that holds a run
+    manifest of kind "report" or "notebook" (``workbench report`` writes both before a notebook runs); else None.
+    Interactive actions never write there (:mod:`workbench.ui`)."""
+    folder = Path(folder)
+    for path in (folder, folder.parent):
+        try:
+            if read_run(path).get("kind") in ("report", "notebook"):
+                return path
+        except ConfigError:
+            continue
+    return None
+
+
+def notebook_runs(notebook: str, root: str | os.PathLike = "runs") -> list[dict[str, Any]]:
+    """The runs of notebook ``notebook`` under ``root``, oldest first (:func:`list_runs`, four levels down): its
+    folders in headless reports (kind "notebook") and its panels' actions (kind "panel")."""
+    return [m for m in list_runs(root, depth=4)
+            if (m.get("kind") == "notebook" and m.get("name") == notebook)
+            or (m.get("kind") == "panel" and (m.get("parameters") or {}).get("notebook") == notebook)]
+
+
+def runs_root_of(out_dir: str | os.PathLike) -> Path:
+    """The folder holding the runs an ``out_dir`` sits among: the ``--out`` root of the headless report it belongs to
+    (:func:`report_of`), else ``runs/`` of the checkout (:func:`workbench.params.project_root`)."""
+    report = report_of(out_dir)
+    if report is not None:
+        if read_run(report).get("kind") == "notebook":  # <out>/<report run>/<notebook>, or <out>/<notebook> run on its own
+            report = report.parent if (report.parent / MANIFEST).is_file() else report
+        return report.parent
+    from .params import project_root
+
+    return project_root() / "runs"
 
 
 def list_runs(root: str | os.PathLike = "runs", depth: int = 3) -> list[dict[str, Any]]:

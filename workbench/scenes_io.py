@@ -14,7 +14,8 @@ HDF5 ``.h5``/``.hdf5`` file (h5py; datasets at the root) holding
   Slots at or beyond a scene's K are padding: they are ignored (NaN is allowed there) and stored as 0.
 
 Owns: :func:`read_scene_file` (every check, each failing with a ConfigError naming the file and the field) and
-:func:`import_scenes` (the dataset it becomes, through :func:`workbench.data.save_dataset`). Must not: simulate
+:func:`import_scenes` (the dataset it becomes, through :func:`workbench.data.save_dataset`), :func:`dataset_truth` (whether
+an imported dataset has the truth). Must not: simulate
 scenes or write dataset files itself (:mod:`workbench.data` does).
 
 Truth: training learns R_true (a function of the truth), so :func:`import_scenes` requires it for now and says
@@ -253,3 +254,16 @@ def import_scenes(path: str | os.PathLike, out: str | os.PathLike, force: bool =
     atomic_write_json(Path(out) / IMPORT_FILE, {"source": str(Path(path).resolve()), "sha256": h, "n": len(scenes), "truth": scenes.truth,
                                                 "signal": "y (the noise-free part of imported scenes is not known)"})
     return Path(out)
+
+
+def dataset_truth(path: str | os.PathLike) -> bool:
+    """Whether the dataset folder ``path`` holds the truth (K, phi, theta, r, power, noise_var): a generated dataset
+    always does; an imported one says so in its ``import.json`` (True when that file is absent or unreadable, as
+    :func:`import_scenes` requires the truth for now). Notebooks refuse a dataset without it, naming ``data``."""
+    import json
+
+    try:
+        info = json.loads((Path(path) / IMPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return True
+    return bool(info.get("truth", True)) if isinstance(info, dict) else True

@@ -163,17 +163,22 @@ def check_join(study: optuna.Study, **options: Any) -> None:
 # objective
 class TrialData:
     """The scenes of the trials a worker runs, owned by the worker: simulated once per system, sizes and seed
-    (trials usually share them) with their R_samp cache (:class:`workbench.forward.TrainingData`)."""
+    (trials usually share them) with their R_samp cache (:class:`workbench.forward.TrainingData`). ``dataset``: a
+    dataset folder whose scenes are taken instead (:meth:`~workbench.forward.TrainingData.from_dataset`; the trials'
+    system must be the dataset's)."""
 
-    def __init__(self):
+    def __init__(self, dataset: str | os.PathLike | None = None):
         self.data = None
+        self.dataset = dataset
 
     def for_config(self, cfg: ExperimentConfig):
         from .forward import TrainingData
 
         key = TrainingData.key_of(cfg)
         if self.data is None or self.data.key != key:
-            self.data = TrainingData.simulate(cfg, resolve_device(cfg.train.device))
+            device = resolve_device(cfg.train.device)
+            self.data = (TrainingData.simulate(cfg, device) if self.dataset is None
+                         else TrainingData.from_dataset(self.dataset, cfg, device))
         return self.data
 
 
@@ -241,7 +246,7 @@ def progress_counts(study: optuna.Study) -> dict[str, int]:
 
 def run_worker(storage: str | None = None, study: str = DEFAULT_STUDY, trials: int = 8, *, worker: int = 0, seed: int = 0,
                heartbeat: int = 10, grace: int | None = None, objective: Callable | None = None, verbose: bool = True,
-               join_options: dict[str, Any] | None = None) -> list[int]:
+               join_options: dict[str, Any] | None = None, data: str | os.PathLike | None = None) -> list[int]:
     """Run trials of an existing study until it holds ``trials`` done trials (see :func:`progress_counts`).
 
     ``objective(trial, cfg) -> float`` defaults to :func:`train_objective`. Returns the trial numbers this
@@ -249,7 +254,7 @@ def run_worker(storage: str | None = None, study: str = DEFAULT_STUDY, trials: i
     dead worker's trial, once failed by its stale (or missing) heartbeat, is re-run here. Counting the trials and
     creating the next one happen under the storage's :class:`StorageLock`, so workers together never start more
     than ``trials``. ``join_options`` (the options of ``--join``, see :func:`join_conflicts`) are checked against the
-    stored study before any trial runs."""
+    stored study before any trial runs. ``data``: a dataset folder the trials train on (:class:`TrialData`)."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"trials = {trials!r}: expected an integer >= 1")
     check_heartbeat(heartbeat, grace)
@@ -258,7 +263,7 @@ def run_worker(storage: str | None = None, study: str = DEFAULT_STUDY, trials: i
     if join_options:
         check_join(s, **join_options)
     space, _ = study_space(s)
-    trial_data = TrialData()  # scenes shared by this worker's trials
+    trial_data = TrialData(data)  # scenes shared by this worker's trials
     objective = objective or (lambda trial, cfg: train_objective(trial, cfg, data=trial_data))
     host = f"{socket.gethostname()}:{os.getpid()}"
     ran: list[int] = []
@@ -345,7 +350,7 @@ def run_sweep(space: str | os.PathLike | dict | SearchSpace | None = None, *, tr
               n_val: int = 64, study: str = DEFAULT_STUDY, storage: str | None = None, workers: int = 1, preset_name: str = "recommended",
               overrides: dict[str, Any] | None = None, seed: int = 0, pruner: str = "median", pruner_startup: int = 2,
               heartbeat: int = 10, grace: int | None = None, enqueue: list[dict[str, Any]] | None = None,
-              devices: list[str] | None = None, verbose: bool = True) -> optuna.Study:
+              devices: list[str] | None = None, verbose: bool = True, data: str | os.PathLike | None = None) -> optuna.Study:
     """Validate the space, create (or resume) the study, run ``workers`` workers, return the study.
 
     ``enqueue``: configurations ({knob: value}, knobs left out are sampled) queued before the sampler's, once
@@ -353,7 +358,12 @@ def run_sweep(space: str | os.PathLike | dict | SearchSpace | None = None, *, tr
     processes (``workbench sweep --join``), each with cpu_count // workers torch threads. ``devices``: CUDA device
     indices (:func:`parse_devices`), one child worker per device that sees only its own GPU
     (``CUDA_VISIBLE_DEVICES``), so ``train.device = "auto"`` puts each worker's trials on its own device; it
-    replaces ``workers``. Every check on the input happens before any trial starts."""
+    replaces ``workers``. ``data``: a dataset folder the trials train on instead of simulated scenes (one worker in
+    this process only; the space's config must carry the dataset's system). Every check on the input happens before
+    any trial starts."""
+    if data is not None and (workers != 1 or devices is not None):
+        raise ConfigError(f"data = '{data}': training on a dataset runs with workers = 1 and no devices (got workers = {workers}, "
+                          f"devices = {devices})")
     for name, v, lo in (("trials", trials, 1), ("epochs", epochs, 1), ("n_train", n_train, 1), ("n_val", n_val, 1), ("workers", workers, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ConfigError(f"{name} = {v!r}: expected an integer >= {lo}")
@@ -372,7 +382,7 @@ def run_sweep(space: str | os.PathLike | dict | SearchSpace | None = None, *, tr
         for item in enqueue or []:
             s.enqueue_trial(item, skip_if_exists=True)
     if workers == 1 and devices is None:
-        run_worker(url, study, trials, worker=0, seed=seed, heartbeat=heartbeat, grace=grace, verbose=verbose)
+        run_worker(url, study, trials, worker=0, seed=seed, heartbeat=heartbeat, grace=grace, verbose=verbose, data=data)
     else:
         n = len(devices) if devices is not None else workers
         threads = max(1, (os.cpu_count() or 1) // n)

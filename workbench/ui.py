@@ -1,7 +1,15 @@
 """Widget panels: the notebooks' interactive views, bound to the same functions the headless cells call.
 
-Owns: ipywidgets controls, their layout, the busy state and what a panel caches between updates. Must not:
-validate parameters (:mod:`workbench.params`), measure (:mod:`workbench.studies`) or draw (:mod:`workbench.figures`).
+Owns: ipywidgets controls, their layout, the busy state, what a panel caches between updates, and where a panel
+action's run folder goes (:meth:`Panel.action_run`). Must not: validate parameters (:mod:`workbench.params`), measure
+(:mod:`workbench.studies`), draw (:mod:`workbench.figures`) or write manifests itself (:mod:`workbench.runs` does).
+
+Interactive runs have an identity: an action that computes a result (04's *train*, 06's *run more trials*) writes
+into a run folder of its own, ``<out_dir>/panels/<action>-<UTC time>/``, with a ``manifest.json`` (kind "panel": the
+notebook, the action, the notebook parameters that reproduce it and the ``workbench report`` command), so
+``workbench runs`` lists it and ``workbench runs diff`` compares it. It never writes into a headless report's folders:
+when ``out_dir`` is one (:func:`workbench.runs.report_of`), the run folder goes under ``runs/panels/<notebook>/``, and
+06 refuses to add trials to the report's Optuna study.
 
 A panel is built from a notebook's validated parameters and, where the headless cell already computed it,
 that cell's result: displaying a panel never recomputes. Its controls start from the config the headless run
@@ -16,6 +24,7 @@ knob answers within a second. Panels work without a kernel: tests set ``control.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import html
 import json
@@ -88,7 +97,10 @@ class Panel:
     :meth:`command` is the ``workbench report`` line that reproduces the view, :meth:`save_figure` writes the figure
     as PNG, SVG or PDF into the notebook's ``out_dir``. A long action checks :attr:`stop_requested` (the *stop*
     button sets it) between epochs or trials. Displayed, a panel carries a static PNG and HTML of its last view
-    besides the widget, for a notebook reopened without a kernel."""
+    besides the widget, for frontends that render those when the widget's model is absent (nbconvert's HTML, notebook
+    viewers). JupyterLab renders only the widget mimetype ("Error displaying widget" when its model is missing), so
+    ``make lab`` saves widget state with the notebook (notebooks/lab-settings) and a reopened notebook restores the
+    panel's last view (tests/test_browser.py)."""
 
     knobs: dict[str, str] = {}
     notebook: str = ""
@@ -103,6 +115,7 @@ class Panel:
         self.progress = widgets.FloatProgress(value=0.0, min=0.0, max=1.0, layout=widgets.Layout(display="none", width="320px"))
         self.image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%", display="none"))
         self.result: Any = None
+        self.last_run = None  # the run folder of the last action (action_run)
         self.error: str | None = None
         self.seconds: float | None = None
         self.stop_requested = False
@@ -238,6 +251,34 @@ class Panel:
         n = 1 + len(list(folder.glob(f"panel_{self.notebook}_*.{fmt}")))
         return figures.save_figure(fig, folder / f"panel_{self.notebook}_{n}.{fmt}")
 
+    def run_root(self):
+        """The folder a panel action's run folders go into: ``<out_dir>/panels``, or ``runs/panels/<notebook>`` under
+        :func:`~workbench.params.project_root` when ``out_dir`` belongs to a headless report."""
+        from .params import project_root
+        from .runs import report_of
+
+        out = self.params.out_path
+        return project_root() / "runs" / "panels" / self.notebook if report_of(out) is not None else out / "panels"
+
+    @contextlib.contextmanager
+    def action_run(self, action: str, device: Any = None, **extra: Any):
+        """A new run folder ``<run_root>/<action>-<UTC time>`` for one action, with its manifest (:func:`workbench.runs.start_run`,
+        kind "panel"; status "ok" or "failed", its seconds and whether it was stopped, when the block ends). Yields the
+        folder; :attr:`last_run` is it."""
+        from .runs import finish_run, new_run_dir, start_run
+
+        folder = new_run_dir(self.run_root(), action)
+        start_run(folder, "panel", f"{self.notebook}/{folder.name}", {"notebook": self.notebook, "action": action,
+                                                                       "parameters": self.notebook_parameters(),
+                                                                       "command": self.command()}, device=device, **extra)
+        self.last_run = folder
+        t0, status = time.perf_counter(), "failed"
+        try:
+            yield folder
+            status = "ok"
+        finally:
+            finish_run(folder, status, time.perf_counter() - t0, stopped=self.stop_requested)
+
     def _save_clicked(self) -> None:
         try:
             path = self.save_figure(self.fmt.value)
@@ -339,7 +380,7 @@ class _Cache:
     def __init__(self, params, cfg: ExperimentConfig, n_scenes: int):
         from .studies.pipeline import scene_batch
 
-        self.params, self.batch = params, scene_batch(cfg, n_scenes, params.seed)
+        self.params, self.batch = params, scene_batch(cfg, n_scenes, params.seed, params.data_path)
         self._models: dict[str, Any] = {}
 
     def raw(self, cfg: ExperimentConfig):
@@ -547,7 +588,7 @@ class TrainingPanel(Panel):
         cfg = self.config()
         key = TrainingData.key_of(cfg)
         if key not in self._data:
-            self._data = {key: TrainingData.simulate(cfg)}
+            self._data = {key: TrainingData.load(cfg, self.params.data_path)}
         epochs = cfg.train.epochs
 
         def on_epoch(record: dict) -> bool:
@@ -557,7 +598,10 @@ class TrainingPanel(Panel):
 
         self.stop_requested = False
         self.report_progress(0.0, f"training: epoch 0/{epochs}")
-        return fit(cfg, data=self._data[key], progress=False, on_epoch=on_epoch)
+        with self.action_run("train", device=self._data[key].device) as folder:
+            run = fit(cfg, data=self._data[key], progress=False, on_epoch=on_epoch, run_dir=folder)
+        run.extra["panel_run"] = str(folder)
+        return run
 
     def describe(self, run) -> str:
         from .train import checks
@@ -567,8 +611,9 @@ class TrainingPanel(Panel):
         marks = " ".join(f"{'✔' if c['passed'] else '✘'} {html.escape(c['name'])}" for c in checks(run.history, run.provenance))
         n, total = len(run.history), run.config.train.epochs
         stopped = f" (stopped after epoch {n} of {total})" if n < total else ""
+        saved = f"<br><small class='wb-run'>run folder: {html.escape(run.extra['panel_run'])}</small>" if run.extra.get("panel_run") else ""
         return (f"{html.escape(self.controls['preset'].value)}{stopped}: final train loss {_html(last['train_loss'], show_nonfinite=True)}, "
-                f"validation NMSE {_html(last['val_nmse'], show_nonfinite=True)}, {skipped} steps skipped; {marks}")
+                f"validation NMSE {_html(last['val_nmse'], show_nonfinite=True)}, {skipped} steps skipped; {marks}{saved}")
 
     def figure(self, run):
         from .figures.training import training_figure
@@ -673,20 +718,38 @@ class SweepPanel(Panel):
         return sweep.load_study(self.params.storage_url, self.params.study)
 
     def run_more(self) -> Any:
-        """Run ``more`` trials beyond those already finished, then redraw."""
+        """Run ``more`` trials beyond those already finished on the notebook's study, then redraw. The action is a run
+        of its own (:meth:`Panel.action_run`: its manifest, and a ``metrics.json`` with the study's counts and best
+        trial before and after and the trials it added). Refused when the study is a headless report's (the
+        default storage under a report's ``out_dir``): a report's study holds only what the report ran."""
         from . import sweep
+        from .io import save_metrics
+        from .runs import report_of
 
-        done = sweep.progress_counts(self.study())["done"]
         p, more = self.params, self.controls["more"].value
+        report = report_of(p.out_path) if not p.storage else None
+        if report is not None:
+            self._say(f"not run: this study belongs to the headless report '{report}'; open the notebook with its own out_dir "
+                      "(runs/06_sweep in the lab) or give a storage of your own to add trials")
+            return self.result
+        s = self.study()
+        before = sweep.summarize(s)
+        done = sweep.progress_counts(s)["done"]
         self.stop_requested = False
         self.busy(True, f"running {more} more trial(s)...")
         try:
-            for i in range(more):  # one trial at a time: progress, and "stop" between trials
-                if self.stop_requested:
-                    break
-                self.report_progress(i / more, f"trial {i + 1} of {more}...")
-                sweep.run_sweep(p.search_space, trials=done + i + 1, study=p.study, storage=p.storage_url, seed=p.seed,
-                                pruner=p.pruner, enqueue=p.enqueued, verbose=False)
+            with self.action_run("trials", study=p.study, storage=sweep.mask_url(p.storage_url)) as folder:
+                added: list[int] = []
+                for i in range(more):  # one trial at a time: progress, and "stop" between trials
+                    if self.stop_requested:
+                        break
+                    self.report_progress(i / more, f"trial {i + 1} of {more}...")
+                    known = {t.number for t in self.study().get_trials(deepcopy=False)}
+                    s = sweep.run_sweep(p.search_space, trials=done + i + 1, study=p.study, storage=p.storage_url, seed=p.seed,
+                                        pruner=p.pruner, enqueue=p.enqueued, verbose=False, data=p.data_path)
+                    added += sorted({t.number for t in s.get_trials(deepcopy=False)} - known)
+                save_metrics(folder, {"notebook": self.notebook, "action": "trials", "study": p.study, "added": added,
+                                      "before": before, "after": sweep.summarize(s)})
         finally:
             self.busy(False)
         return self.update()

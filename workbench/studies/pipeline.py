@@ -8,12 +8,13 @@ Eigenvalues are real, descending, in the matrices' units (trace-N scale, dimensi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..config import SAMPLE_ESTIMATORS, ExperimentConfig, SystemConfig, check_choice, preset
+from ..config import SAMPLE_ESTIMATORS, ConfigError, ExperimentConfig, SystemConfig, check_choice, preset
 from ..covariance import hermitise, nmse, spectrum_stats, trace_normalise
 from ..estimators import normalise_rsamp
 from ..forward import forward, rsamp_cache
@@ -25,9 +26,19 @@ MATRICES = ("R_true", "R_samp", "R_pred", "R_blend")
 SUMMARISED = ("R_samp_raw", "R_samp", "R_pred", "R_blend")
 
 
-def scene_batch(cfg: ExperimentConfig, n_scenes: int, seed: int) -> SceneBatch:
-    """The simulated scenes every view of a notebook shares (CPU, seeded)."""
-    return simulate(cfg.system, n_scenes, seed=seed)
+def scene_batch(cfg: ExperimentConfig, n_scenes: int, seed: int, data: str | os.PathLike | None = None) -> SceneBatch:
+    """The scenes every view of a notebook shares (CPU): ``n_scenes`` simulated with ``seed``, or, given the dataset
+    folder ``data``, its first ``n_scenes`` scenes (:func:`workbench.data.load_dataset`, verified; ``cfg.system`` must
+    be the dataset's, see :attr:`workbench.params.NotebookParams.data_system`). A dataset with fewer scenes fails
+    naming ``n_scenes``."""
+    if data is None:
+        return simulate(cfg.system, n_scenes, seed=seed)
+    from ..data import load_dataset
+
+    batch = load_dataset(data, system=cfg.system)
+    if n_scenes > len(batch):
+        raise ConfigError(f"n_scenes = {n_scenes}: the dataset '{data}' holds only {len(batch)} scenes; lower n_scenes or add scenes")
+    return batch[:n_scenes]
 
 
 @dataclass
@@ -75,13 +86,15 @@ def pipeline_summary(cfg: ExperimentConfig, batch: SceneBatch, seed: int = 0, R_
     return {name: matrix_summary(mats.get(name), mats.K) for name in SUMMARISED}
 
 
-def normalisation_rows(configs: dict[str, ExperimentConfig], n_scenes: int, seed: int = 0) -> list[dict]:
+def normalisation_rows(configs: dict[str, ExperimentConfig], n_scenes: int, seed: int = 0,
+                       data: str | os.PathLike | None = None) -> list[dict]:
     """Notebook 01: for each named config, median ||.||_F, trace, rank and condition number of R_samp (raw
     and as used), R_pred and R_blend over the same ``n_scenes`` scenes and the same untrained model.
-    One dict per config: {"preset": name, "config": fixes dict, "R_samp_raw": {...}, "R_samp", "R_pred", "R_blend"}."""
+    One dict per config: {"preset": name, "config": fixes dict, "R_samp_raw": {...}, "R_samp", "R_pred", "R_blend"}.
+    ``data``: a dataset folder whose scenes are used instead of simulated ones (:func:`scene_batch`)."""
     rows = []
     for name, cfg in configs.items():
-        rows.append({"preset": name, "config": cfg.fixes.to_dict(), **pipeline_summary(cfg, scene_batch(cfg, n_scenes, seed), seed=seed)})
+        rows.append({"preset": name, "config": cfg.fixes.to_dict(), **pipeline_summary(cfg, scene_batch(cfg, n_scenes, seed, data), seed=seed)})
     return rows
 
 

@@ -17,8 +17,8 @@ from ..covariance import oracle_nmse, spectrum_stats
 from ..diagnostics import gradient_report
 from ..forward import forward, rsamp_cache
 from ..model import build_model
-from ..physics import simulate
 from . import quartiles
+from .pipeline import scene_batch
 
 SEED_NOTE_ROWS = {  # the seed note's own figures
     "seed_before": {"R_samp_fro": 0.000285, "R_blend_fro": 3.46e12, "loss": 1.7e25, "grad": "NaN"},
@@ -27,16 +27,17 @@ SEED_NOTE_ROWS = {  # the seed note's own figures
 
 
 def seed_table(n_scenes: int = 64, presets: Iterable[str] = (*SEED_PRESETS, "recommended"), seed: int = 0,
-               n_grad: int = 16, overrides: dict | None = None) -> list[dict]:
+               n_grad: int = 16, overrides: dict | None = None, data=None) -> list[dict]:
     """The seed note's Progress table, measured: for each preset, over the same ``n_scenes`` scenes and
     the same untrained model, ||R_samp||_F (raw and as used), ||R_blend||_F, rank(R_blend) and the NMSE of
     an exact prediction (quartiles), then the loss, the gradient norm per group and ``ok`` from
     :func:`~workbench.diagnostics.gradient_report` on the first ``n_grad`` scenes. ``overrides`` (dotted keys,
-    e.g. {"system.N_H": 6}) apply to every preset."""
+    e.g. {"system.N_H": 6}) apply to every preset. ``data``: a dataset folder whose first ``n_scenes`` scenes are used
+    instead of simulated ones (:func:`workbench.studies.pipeline.scene_batch`; ``overrides`` must then carry its system)."""
     rows = []
     for name in presets:
         cfg = preset(name, **(overrides or {}))
-        batch = simulate(cfg.system, n_scenes, seed=seed)
+        batch = scene_batch(cfg, n_scenes, seed, data)
         model = build_model(cfg.system, cfg.model, seed=seed)
         cache = rsamp_cache(batch)
         with torch.no_grad():
