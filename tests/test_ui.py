@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from workbench import params as wp
-from workbench import ui
+from workbench import train, ui
 from workbench.config import preset
 from workbench.studies import pipeline
 
@@ -154,6 +154,29 @@ def test_localisation_panel_draws_one_scene_within_a_second():
     scene = localisation.snr_scene(system, 20.0, 3, p.seed, 2, snr_index=1)  # 20 dB is the second SNR: seed + 1
     again = localisation.scene_spectrum(system, scene, "R_samp[seed]", sources["R_samp[seed]"], "mvdr", scene=2)
     assert again["estimated"] == panel.result["estimated"]
+
+
+def test_localisation_panel_computes_one_scene_on_one_thread(monkeypatch):
+    """One scene is many tiny linear-algebra calls: the panel runs them on LocalisationPanel.THREADS (1) threads, and
+    restores the caller's count afterwards."""
+    from workbench.studies import localisation
+
+    p = wp.notebook_params("05_localisation", n_per_snr=2, N_side=4, snrs_db="20", estimators="seed", presets="recommended",
+                           physics_baseline=False)
+    seen = []
+    real = localisation.scene_spectrum
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(localisation, "scene_spectrum", spy)
+    before = torch.get_num_threads()
+    with train.torch_threads(2):
+        panel = ui.LocalisationPanel(p, localisation.localisation_sources(p.experiment(), p.estimator_names))
+        panel.update()
+        assert torch.get_num_threads() == 2
+    assert seen == [ui.LocalisationPanel.THREADS] == [1] and torch.get_num_threads() == before
 
 
 def test_panel_shows_invalid_combination():

@@ -664,13 +664,19 @@ class LocalisationPanel(Panel):
         n = 1 + len(list(folder.glob(f"panel_{self.notebook}_*.html")))
         return figures.save_html(spectrum_plotly(self.result), folder / f"panel_{self.notebook}_{n}.html")
 
+    # One scene is hundreds of tiny linear-algebra calls (RAP-MUSIC, its refinements): a second thread only adds
+    # synchronisation, and on a loaded machine its waits dominate (3 scenes: 12.9 s at 2 threads, 2.4 s at 1, load 4.8).
+    THREADS = 1
+
     def compute(self) -> dict:
         from .studies.localisation import scene_spectrum, snr_scene
+        from .train import torch_threads
 
         v, p = self.values(), self.params
         system = p.experiment().system
-        batch = snr_scene(system, v["snr_db"], p.n_per_snr, p.seed, v["scene"], snr_index=p.snr_values.index(v["snr_db"]))
-        return scene_spectrum(system, batch, v["source"], self.sources[v["source"]], v["method"], p.use_true_k, scene=v["scene"])
+        with torch_threads(self.THREADS):
+            batch = snr_scene(system, v["snr_db"], p.n_per_snr, p.seed, v["scene"], snr_index=p.snr_values.index(v["snr_db"]))
+            return scene_spectrum(system, batch, v["source"], self.sources[v["source"]], v["method"], p.use_true_k, scene=v["scene"])
 
     def show_result(self, view: dict) -> None:
         from .figures.localisation import spectrum_plotly
