@@ -1,0 +1,207 @@
+"""The learned localiser (``model.head = "detector"``): measurements (y, H, codes) -> K, every source's (phi, theta, r,
+power) and R_pred = sum_k p_k a_k a_k^H.
+
+Owns: :class:`LocaliserNet` (features, the heatmap network, decoding the heatmap into sources, the likelihood
+refinement call), :func:`detection_grid`, and what it returns beside :class:`~workbench.model.ModelOutput`'s fields
+(:class:`Detection`, :class:`Sources`). Must not: define loss terms (the heatmap loss is
+:func:`workbench.losses.detection_loss`), fit the likelihood itself (:func:`workbench.likelihood.ml_refine` does),
+move data between devices (:func:`workbench.forward.forward` does), train, score or draw.
+
+Design (README, "The learned localiser"):
+
+1. **Features**, no parameters, no gradient: the matched filter of the snapshots over a coarse search grid
+   (:func:`detection_grid`, P x T x Q cells: ``model.detector_step_deg`` in phi and theta, ``model.detector_n_r``
+   ranges uniform in 1/r): S_g = sum_l |a_g^H G_l^H y_l|^2 normalised by D_g = sum_l ||G_l a_g||^2 (one quadratic form
+   per scene, :meth:`workbench.grid.Grid.quadratic`), and the same after the strongest cell's atom is projected out of
+   every snapshot (one step of the ML fit's matching pursuit: weak sources under a strong one's sidelobes show there).
+   Both in log10, relative to the scene's maximum: free of units, of the SNR's scale and of the noise variance.
+2. **Heatmap**: a small dilated 2-D CNN over (phi, theta) with the Q ranges as channels (``model.width`` channels,
+   ``model.layers`` residual blocks) gives a source-presence logit and a sub-cell offset (phi, theta, 1/r; within
+   +-1/2 cell) per cell. Trained with :func:`workbench.losses.detection_loss` (a focal loss against the cells that hold
+   the true sources, and the offsets there: a loss over the set of sources, invariant to their order).
+3. **Decoding**: the local maxima of the probability map (3 x 3 x 3 neighbourhood), the K_max largest; a peak is a
+   source when its probability exceeds ``model.detector_threshold`` (the strongest one always is: K >= 1). The count
+   has logits log P(K = k) of independent peaks (``k_logits``, argmax = the count).
+4. **Refinement** (evaluation mode, ``model.refine_iters`` > 0): that many Fisher-scoring steps of the snapshot
+   likelihood from the detections (:func:`workbench.likelihood.ml_refine`), which also estimates the powers and the
+   noise variance. The exact spherical steering vector (:func:`workbench.physics.steering`) builds R_pred.
+
+Nothing of a scene but y, H and the codes is read: not K, not the noise variance, not R_true (tests/test_localiser.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, SystemConfig
+from .grid import Grid
+from .likelihood import ml_refine
+from .model import CovarianceNet, ModelOutput
+from .physics import source_covariance, steering
+
+N_FEATURES = 2  # feature maps per cell: the matched filter, and the same after one matching-pursuit step
+HEAT_PRIOR = 0.01  # the heatmap's initial probability per cell (the bias of its last layer)
+
+
+def detection_grid(system: SystemConfig, cfg: ModelConfig) -> Grid:
+    """The detector's search grid: :meth:`Grid.default` with ``cfg.detector_step_deg`` and ``cfg.detector_n_r``."""
+    return Grid.default(system, step_deg=cfg.detector_step_deg, n_r=cfg.detector_n_r)
+
+
+@dataclass
+class Detection:
+    """The heatmap of a batch: logits [B,P,T,Q] float32 (source presence per cell of ``grid``), offsets [B,3,P,T,Q]
+    float32 (sub-cell position of a source in the cell, in cells of phi, theta and 1/r, within +-1/2), and the
+    features it was computed from (:meth:`LocaliserNet.features`, [B,N_FEATURES,P,T,Q] log10 relative power; None when
+    not kept)."""
+
+    logits: torch.Tensor
+    offsets: torch.Tensor
+    grid: Grid
+    features: torch.Tensor | None = None
+
+
+@dataclass
+class Sources:
+    """The localiser's sources: K [B] int64 (1..K_max); phi, theta [B,K_max] rad, r [B,K_max] m, power [B,K_max] mW
+    (float64 after refinement, else float32; slot j < K[b] real, the rest padding with power 0); mask [B,K_max] bool;
+    score [B,K_max] the heatmap probability of each slot's peak (descending); noise_var [B] mW per complex entry
+    (estimated from the snapshots: the refinement's, or without one the residual energy after the sources' fit)."""
+
+    K: torch.Tensor
+    phi: torch.Tensor
+    theta: torch.Tensor
+    r: torch.Tensor
+    power: torch.Tensor
+    mask: torch.Tensor
+    score: torch.Tensor
+    noise_var: torch.Tensor
+
+    def covariance(self, system: SystemConfig) -> torch.Tensor:
+        """R_pred = sum_k p_k a_k a_k^H [B,N,N] complex64 in mW (exact steering, as R_true is built)."""
+        return source_covariance(system, self.phi, self.theta, torch.where(self.mask, self.r, torch.ones_like(self.r)),
+                                 self.power, self.mask)
+
+
+class _Block(nn.Module):
+    """x + W2 gelu(W1 x): two 3 x 3 convolutions, dilations d and 2d, residual (one block sees 7 d + 1 cells across)."""
+
+    def __init__(self, width: int, dilation: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation)
+        self.mix = nn.Conv2d(width, width, 3, padding=2 * dilation, dilation=2 * dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mix(nn.functional.gelu(self.conv(x)))
+
+
+class LocaliserNet(CovarianceNet):
+    """The learned localiser (module docstring). A :class:`CovarianceNet` by type (the training loop, checkpoints and
+    :func:`workbench.forward.forward` take it as any model) with its own body: ``backbone`` (the CNN) and ``head``
+    (heatmap and offsets)."""
+
+    def __init__(self, system: SystemConfig, cfg: ModelConfig):
+        nn.Module.__init__(self)
+        self.system, self.cfg = system, cfg
+        self.grid = detection_grid(system, cfg)
+        P, T, Q = self.grid.shape
+        W = cfg.width
+        pos = torch.stack(torch.meshgrid(torch.linspace(-1, 1, P), torch.linspace(-1, 1, T), indexing="ij"))
+        self.register_buffer("pos", pos, persistent=False)  # [2,P,T] phi, theta scaled to [-1, 1]
+        self.backbone = nn.ModuleDict({"embed": nn.Conv2d(N_FEATURES * Q + 2, W, 3, padding=1),
+                                       "blocks": nn.ModuleList([_Block(W, 2 ** (i % 2)) for i in range(cfg.layers)])})
+        self.head = nn.ModuleDict({"heat": nn.Conv2d(W, Q, 1), "offset": nn.Conv2d(W, 3 * Q, 1)})
+        nn.init.constant_(self.head["heat"].bias, math.log(HEAT_PRIOR / (1 - HEAT_PRIOR)))
+        self.N, self.K_max = system.N, system.K_max
+
+    # -- 1. features ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def features(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Feature maps [B,N_FEATURES,P,T,Q] float32 of y [B,L,M], H [B,M,N], codes [B,L,N] (module docstring, 1.)."""
+        s, grid = self.system, self.grid
+        c64 = torch.complex64
+        y = y.to(c64) / y.abs().square().mean((1, 2)).clamp_min(1e-30).sqrt()[:, None, None]
+        H = H.to(c64) / H.abs().square().mean((1, 2)).clamp_min(1e-30).sqrt()[:, None, None]
+        codes = codes.to(c64)
+        D = grid.quadratic(s, (H.mH @ H) * (codes.mH @ codes)).clamp_min(1e-30)  # sum_l ||G_l a_g||^2, [B,P,T,Q]
+
+        def scan(yy):  # sum_l |a_g^H G_l^H y_l|^2 / D_g
+            z = codes.conj() * (yy @ H.conj())  # G_l^H y_l, [B,L,N]
+            return grid.response(s, z.conj()).abs().square().sum(1) / D
+
+        S = scan(y)
+        g = grid.unravel(S.flatten(1).argmax(1))  # strongest cell, [B,3]
+        b = (codes * grid.vectors(s, g)[:, None, :]) @ H.mT  # its atom G_l a_g, [B,L,M]
+        y2 = y - b * ((b.conj() * y).sum(-1, keepdim=True) / b.abs().square().sum(-1, keepdim=True).clamp_min(1e-30))
+        top = S.flatten(1).amax(1).clamp_min(1e-30)[:, None, None, None]
+        return torch.stack([(S / top).clamp_min(1e-8).log10(), (scan(y2) / top).clamp_min(1e-8).log10()], 1).float()
+
+    # -- 2. heatmap -------------------------------------------------------------------------------
+    def heatmap(self, feats: torch.Tensor, amp: bool = False) -> Detection:
+        """The :class:`Detection` of feature maps [B,N_FEATURES,P,T,Q] (module docstring, 2.)."""
+        B, F, P, T, Q = feats.shape
+        x = torch.cat([feats.permute(0, 1, 4, 2, 3).reshape(B, F * Q, P, T), self.pos.expand(B, -1, -1, -1)], 1)
+        amp_dtype = torch.float16 if x.is_cuda else torch.bfloat16
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp):
+            h = nn.functional.gelu(self.backbone["embed"](x))
+            for block in self.backbone["blocks"]:
+                h = block(h)
+            logits, off = self.head["heat"](h).float(), self.head["offset"](h).float()
+        logits = logits.permute(0, 2, 3, 1)  # [B,P,T,Q]
+        offsets = 0.5 * torch.tanh(off.view(B, 3, Q, P, T).permute(0, 1, 3, 4, 2))  # [B,3,P,T,Q]
+        return Detection(logits=logits, offsets=offsets, grid=self.grid, features=feats)
+
+    # -- 3. decoding ------------------------------------------------------------------------------
+    def decode(self, det: Detection) -> tuple[torch.Tensor, ...]:
+        """The K_max strongest local maxima of the heatmap: (score [B,K_max] descending probabilities, keep [B,K_max]
+        bool (score above the threshold; slot 0 always), phi, theta, r [B,K_max] float32 (cell + offset, inside the field
+        of view; differentiable in the offsets), k_logits [B,K_max] (log P(K = k) of independent peaks, relative to the
+        threshold: argmax + 1 = keep.sum(1)))."""
+        prob = torch.sigmoid(det.logits)
+        peak = nn.functional.max_pool3d(prob[:, None].detach(), 3, stride=1, padding=1)[:, 0] == prob.detach()
+        k = min(self.K_max, prob[0].numel())
+        score, flat = torch.where(peak, prob, torch.zeros_like(prob)).flatten(1).topk(k, dim=1)
+        if k < self.K_max:
+            score, flat = nn.functional.pad(score, (0, self.K_max - k)), nn.functional.pad(flat, (0, self.K_max - k))
+        idx = self.grid.unravel(flat)  # [B,K_max,3]
+        off = det.offsets.flatten(2).gather(2, flat[:, None, :].expand(-1, 3, -1)).mT  # [B,K_max,3]
+        phi, theta, r = self.grid.from_fractional(idx.to(off.dtype) + off)
+        s = self.system
+        pm, tm = math.radians(s.phi_max_deg), math.radians(s.theta_max_deg)
+        phi, theta, r = phi.clamp(-pm, pm), theta.clamp(-tm, tm), r.clamp(s.r_min_m, s.r_max_m)
+        thr = self.cfg.detector_threshold
+        keep = score > thr
+        keep[:, 0] = True
+        sc = score.clamp(1e-6, 1 - 1e-6)
+        gain = (sc.log() - math.log(thr)) - ((1 - sc).log() - math.log(1 - thr))  # log-odds of a peak vs the threshold
+        k_logits = gain.cumsum(1)  # log P(K = k) up to a constant: the first k peaks sources, the rest not
+        return score, keep, phi, theta, r, k_logits
+
+    # -- the whole model --------------------------------------------------------------------------
+    def forward(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, R_samp: torch.Tensor | None = None,
+                amp: bool = False, prior: torch.Tensor | None = None, fits=None) -> ModelOutput:
+        """y [B,L,M], H [B,M,N], codes [B,L,N] complex64 -> :class:`ModelOutput` with A [B,N,K_max] (columns
+        sqrt(N p_k / sum p) a_k: R_pred trace-normalised to N, for the covariance pipeline), k_logits, angles [B,K_max,3]
+        (phi, theta rad, r m; padded slots hold the unkept peaks), ``detection`` (:class:`Detection`) and ``sources``
+        (:class:`Sources`, powers in mW). R_samp, prior and fits are accepted for the common call and ignored.
+        Evaluation mode refines the detections (``model.refine_iters``); training mode does not (the locations stay
+        differentiable in the offsets)."""
+        det = self.heatmap(self.features(y, H, codes), amp)
+        score, keep, phi, theta, r, k_logits = self.decode(det)
+        iters = 0 if self.training else self.cfg.refine_iters
+        with torch.no_grad():
+            rphi, rtheta, rr, power, noise_var = ml_refine(y, H, codes, self.system, phi.detach(), theta.detach(), r.detach(), keep, iters)
+        if iters > 0:
+            phi, theta, r = (torch.where(keep, a.float(), b) for a, b in ((rphi, phi), (rtheta, theta), (rr, r)))
+        power = power.float()
+        a = steering(self.system, phi, theta, r)  # [B,K_max,N] complex64, exact model
+        share = power / power.sum(1, keepdim=True).clamp_min(1e-30)
+        w = torch.where(keep, (self.N * share).clamp_min(1e-20).sqrt(), torch.zeros_like(share))
+        A = (a * w[..., None].to(a.dtype)).mT
+        src = Sources(K=keep.sum(1), phi=phi.detach(), theta=theta.detach(), r=r.detach(), power=power * keep, mask=keep,
+                      score=score.detach(), noise_var=noise_var.float())
+        return ModelOutput(A=A, k_logits=k_logits, angles=torch.stack([phi, theta, r], -1), detection=det, sources=src)
