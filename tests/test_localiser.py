@@ -147,6 +147,23 @@ def test_training_on_a_tiny_set_lowers_the_detection_loss():
     assert h[-1]["terms"]["detect"] < 0.7 * h[0]["terms"]["detect"], [r["terms"]["detect"] for r in h]
 
 
+def test_prune_drops_weak_and_duplicate_sources_and_keeps_the_count_consistent(setup):
+    cfg, batch, model = setup
+    B, K = 3, cfg.system.K_max + 1
+    model = build_model(cfg.system.replace(K_max=K), cfg.model).eval()
+    phi = torch.tensor([[0.1, 0.1 + 1e-3, -0.4]]).repeat(B, 1)  # slot 1 duplicates slot 0
+    theta, r = torch.zeros(B, K), torch.full((B, K), 2.0)
+    power = torch.tensor([[1e-4, 5e-5, 1e-12]]).repeat(B, 1).double()  # slot 2 far below the noise
+    keep = torch.ones(B, K, dtype=torch.bool)
+    score = torch.tensor([[0.9, 0.8, 0.7]]).repeat(B, 1)
+    gain = torch.ones(B, K)
+    H, codes = batch.H[:B], batch.codes[:B]
+    score2, alive, phi2, _, _, p2, k_logits = model.prune(H, codes, score, keep, phi, theta, r, power, torch.full((B,), 1e-9).double(),
+                                                          gain.cumsum(1))
+    assert alive.tolist() == [[True, False, False]] * B and torch.equal(phi2[:, 0], phi[:, 0])
+    assert torch.equal(k_logits.argmax(1) + 1, alive.sum(1)) and (p2[~alive] == 0).all()
+
+
 def test_refinement_moves_detections_towards_the_sources():
     s = SystemConfig(N_H=6, N_V=6, K_max=2, snr_db_min=25, snr_db_max=25)
     b = simulate(s, 8, seed=2)
@@ -176,6 +193,8 @@ def test_detector_config_is_validated():
         ModelConfig(detector_threshold=1.5)
     with pytest.raises(ConfigError, match="model.refine_iters"):
         ModelConfig(refine_iters=-1)
+    with pytest.raises(ConfigError, match="model.detector_min_snr_db"):
+        ModelConfig(detector_min_snr_db=float("nan"))
     assert detection_grid(SystemConfig(), ModelConfig(detector_step_deg=4.0, detector_n_r=6)).shape == (31, 16, 6)
 
 

@@ -314,11 +314,13 @@ class ModelConfig(ConfigBase):
     head: str = field(default="factor", metadata=_choice(*MODEL_HEADS))  # "physics": R_pred from ML source fits (model.py)
     # the "detector" head (workbench/detector.py): a source-presence heatmap over a grid of detector_step_deg in phi and
     # theta and detector_n_r ranges (uniform in 1/r); a cell is a source when its probability exceeds detector_threshold;
-    # the detections are refined by refine_iters Fisher-scoring steps of the snapshot likelihood (0: none)
+    # the detections are refined by refine_iters Fisher-scoring steps of the snapshot likelihood (0: none), then sources
+    # whose per-snapshot SNR p_k mean_l ||G_l a_k||^2 / sigma^2 is below detector_min_snr_db are dropped
     detector_step_deg: float = field(default=4.0, metadata=_num(0.5, 30.0))
     detector_n_r: int = field(default=6, metadata=_num(1, 64))
     detector_threshold: float = field(default=0.5, metadata=_num(0.01, 0.99))
     refine_iters: int = field(default=4, metadata=_num(0, 100))
+    detector_min_snr_db: float = field(default=0.0, metadata=_num(-30.0, 60.0))  # refined sources below this SNR are dropped
 
     def _check_relations(self) -> None:
         if self.width % self.heads:

@@ -11,9 +11,10 @@ Design (README, "The learned localiser"):
 
 1. **Features**, no parameters, no gradient: the matched filter of the snapshots over a coarse search grid
    (:func:`detection_grid`, P x T x Q cells: ``model.detector_step_deg`` in phi and theta, ``model.detector_n_r``
-   ranges uniform in 1/r): S_g = sum_l |a_g^H G_l^H y_l|^2 normalised by D_g = sum_l ||G_l a_g||^2 (one quadratic form
-   per scene, :meth:`workbench.grid.Grid.quadratic`), and the same after the strongest cell's atom is projected out of
-   every snapshot (one step of the ML fit's matching pursuit: weak sources under a strong one's sidelobes show there).
+   ranges uniform in 1/r), sum_l |a_g^H G_l^H y_l|^2 / ||G_l a_g||^2 (:func:`workbench.matched_filter.scan`, the ML
+   fit's; normalising per snapshot matters: the summed normalisation puts a single source's maximum elsewhere), and
+   the same after the strongest cell's atom is projected out of every snapshot (one step of the ML fit's matching
+   pursuit: weak sources under a strong one's sidelobes show there).
    Both in log10, relative to the scene's maximum: free of units, of the SNR's scale and of the noise variance.
 2. **Heatmap**: a small dilated 2-D CNN over (phi, theta) with the Q ranges as channels (``model.width`` channels,
    ``model.layers`` residual blocks) gives a source-presence logit and a sub-cell offset (phi, theta, 1/r; within
@@ -24,7 +25,9 @@ Design (README, "The learned localiser"):
    has logits log P(K = k) of independent peaks (``k_logits``, argmax = the count).
 4. **Refinement** (evaluation mode, ``model.refine_iters`` > 0): that many Fisher-scoring steps of the snapshot
    likelihood from the detections (:func:`workbench.likelihood.ml_refine`), which also estimates the powers and the
-   noise variance. The exact spherical steering vector (:func:`workbench.physics.steering`) builds R_pred.
+   noise variance; then sources below ``model.detector_min_snr_db`` and duplicates are dropped
+   (:meth:`LocaliserNet.prune`).
+   The exact spherical steering vector (:func:`workbench.physics.steering`) builds R_pred.
 
 Nothing of a scene but y, H and the codes is read: not K, not the noise variance, not R_true (tests/test_localiser.py).
 """
@@ -40,16 +43,36 @@ from torch import nn
 from .config import ModelConfig, SystemConfig
 from .grid import Grid
 from .likelihood import ml_refine
+from .matched_filter import atom_norms, pick, project_out, scan
 from .model import CovarianceNet, ModelOutput
-from .physics import source_covariance, steering
+from .physics import measurement_matrices, source_covariance, steering
 
 N_FEATURES = 2  # feature maps per cell: the matched filter, and the same after one matching-pursuit step
 HEAT_PRIOR = 0.01  # the heatmap's initial probability per cell (the bias of its last layer)
 
 
+
 def detection_grid(system: SystemConfig, cfg: ModelConfig) -> Grid:
     """The detector's search grid: :meth:`Grid.default` with ``cfg.detector_step_deg`` and ``cfg.detector_n_r``."""
     return Grid.default(system, step_deg=cfg.detector_step_deg, n_r=cfg.detector_n_r)
+
+
+@torch.no_grad()
+def detector_features(system: SystemConfig, grid: Grid, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The detector's feature maps [B,N_FEATURES,P,T,Q] float32 on ``grid`` (:func:`detection_grid`) of y [B,L,M],
+    H [B,M,N], codes [B,L,N] (module docstring, 1.; log10 power relative to the scene's maximum, floored at -8). No
+    gradient. :meth:`workbench.forward.RsampCache.prior_of` keeps them per scene for training."""
+    y = y.to(torch.complex64) / y.abs().square().mean((1, 2)).clamp_min(1e-30).sqrt()[:, None, None]
+    H = H.to(torch.complex64) / H.abs().square().mean((1, 2)).clamp_min(1e-30).sqrt()[:, None, None]
+    G = measurement_matrices(H, codes.to(torch.complex64))
+    norm2 = atom_norms(system, grid, G)
+    S = scan(system, grid, G, y, norm2)  # [B,P*T*Q]
+    g = pick(grid, S)  # the strongest cell, [B,3]
+    b = (G @ grid.vectors(system, g)[:, None, :, None])[..., 0]  # its atom G_l a_g, [B,L,M]
+    S2 = scan(system, grid, G, project_out(y, b[:, :, None, :]), norm2)
+    top = S.amax(1, keepdim=True).clamp_min(1e-30)
+    feats = torch.stack([(S / top).clamp_min(1e-8).log10(), (S2 / top).clamp_min(1e-8).log10()], 1)
+    return feats.reshape(len(y), N_FEATURES, *grid.shape).float()
 
 
 @dataclass
@@ -119,26 +142,9 @@ class LocaliserNet(CovarianceNet):
         self.N, self.K_max = system.N, system.K_max
 
     # -- 1. features ------------------------------------------------------------------------------
-    @torch.no_grad()
     def features(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Feature maps [B,N_FEATURES,P,T,Q] float32 of y [B,L,M], H [B,M,N], codes [B,L,N] (module docstring, 1.)."""
-        s, grid = self.system, self.grid
-        c64 = torch.complex64
-        y = y.to(c64) / y.abs().square().mean((1, 2)).clamp_min(1e-30).sqrt()[:, None, None]
-        H = H.to(c64) / H.abs().square().mean((1, 2)).clamp_min(1e-30).sqrt()[:, None, None]
-        codes = codes.to(c64)
-        D = grid.quadratic(s, (H.mH @ H) * (codes.mH @ codes)).clamp_min(1e-30)  # sum_l ||G_l a_g||^2, [B,P,T,Q]
-
-        def scan(yy):  # sum_l |a_g^H G_l^H y_l|^2 / D_g
-            z = codes.conj() * (yy @ H.conj())  # G_l^H y_l, [B,L,N]
-            return grid.response(s, z.conj()).abs().square().sum(1) / D
-
-        S = scan(y)
-        g = grid.unravel(S.flatten(1).argmax(1))  # strongest cell, [B,3]
-        b = (codes * grid.vectors(s, g)[:, None, :]) @ H.mT  # its atom G_l a_g, [B,L,M]
-        y2 = y - b * ((b.conj() * y).sum(-1, keepdim=True) / b.abs().square().sum(-1, keepdim=True).clamp_min(1e-30))
-        top = S.flatten(1).amax(1).clamp_min(1e-30)[:, None, None, None]
-        return torch.stack([(S / top).clamp_min(1e-8).log10(), (scan(y2) / top).clamp_min(1e-8).log10()], 1).float()
+        """:func:`detector_features` on this model's grid: [B,N_FEATURES,P,T,Q] float32."""
+        return detector_features(self.system, self.grid, y, H, codes)
 
     # -- 2. heatmap -------------------------------------------------------------------------------
     def heatmap(self, feats: torch.Tensor, amp: bool = False) -> Detection:
@@ -181,22 +187,53 @@ class LocaliserNet(CovarianceNet):
         k_logits = gain.cumsum(1)  # log P(K = k) up to a constant: the first k peaks sources, the rest not
         return score, keep, phi, theta, r, k_logits
 
+    # -- 4. after the refinement ------------------------------------------------------------------
+    @torch.no_grad()
+    def prune(self, H, codes, score, keep, phi, theta, r, power, noise_var, k_logits) -> tuple[torch.Tensor, ...]:
+        """Drop refined sources the snapshots do not support: a per-snapshot SNR p_k mean_l ||G_l a_k||^2 / sigma^2
+        below ``model.detector_min_snr_db`` (default 0 dB: a source of SNR s raises the log-likelihood by about
+        L (s - log(1 + s)), which pays the ML fit's MDL penalty of 4 log(L) / 2 for s >= ~1 at L = 16), and the
+        weaker of two sources refined to within half a grid cell of each other (two peaks on one source); the strongest
+        source always stays. The slots are reordered so the kept sources come first, in heatmap order, and the count's
+        logits follow (a dropped peak's log-odds set to -30). H [B,M,N], codes [B,L,N]; the rest as :meth:`decode` and
+        :func:`~workbench.likelihood.ml_refine` return them. Returns (score, keep, phi, theta, r, power, k_logits)."""
+        c128 = torch.complex128
+        Hc, C = H.to(c128), codes.to(c128)
+        Qm = (Hc.mH @ Hc) * (C.mH @ C) / C.shape[1]  # mean_l ||G_l a||^2 = a^H Qm a
+        a = steering(self.system, phi.double(), theta.double(), r.double())
+        snr = power * torch.einsum("bkn,bnm,bkm->bk", a.conj(), Qm, a).real / noise_var[:, None]
+        alive = keep & (snr >= 10 ** (self.cfg.detector_min_snr_db / 10))
+        f = self.grid.fractional_index(phi, theta, r)
+        close = (f[:, :, None] - f[:, None, :]).abs().amax(-1) < 0.5  # [B,i,j]
+        alive = alive & ~(close & (snr[:, None, :] > snr[:, :, None]) & alive[:, None, :]).any(-1)
+        rows = torch.arange(len(snr), device=snr.device)
+        alive[rows, torch.where(keep, snr, torch.full_like(snr, -math.inf)).argmax(1)] = True
+        order = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)
+        take = lambda t: t.gather(1, order)  # noqa: E731
+        gain = torch.diff(k_logits, dim=1, prepend=torch.zeros_like(k_logits[:, :1]))
+        alive = take(alive)
+        k_logits = torch.where(alive, take(gain), torch.full_like(gain, -30.0)).cumsum(1)
+        return take(score), alive, take(phi), take(theta), take(r), take(power) * alive, k_logits
+
     # -- the whole model --------------------------------------------------------------------------
     def forward(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, R_samp: torch.Tensor | None = None,
                 amp: bool = False, prior: torch.Tensor | None = None, fits=None) -> ModelOutput:
         """y [B,L,M], H [B,M,N], codes [B,L,N] complex64 -> :class:`ModelOutput` with A [B,N,K_max] (columns
         sqrt(N p_k / sum p) a_k: R_pred trace-normalised to N, for the covariance pipeline), k_logits, angles [B,K_max,3]
         (phi, theta rad, r m; padded slots hold the unkept peaks), ``detection`` (:class:`Detection`) and ``sources``
-        (:class:`Sources`, powers in mW). R_samp, prior and fits are accepted for the common call and ignored.
+        (:class:`Sources`, powers in mW). prior: the feature maps of these scenes when already computed
+        (:func:`detector_features`, from :meth:`workbench.forward.RsampCache.prior_of`; used as given); None: computed
+        now from y, H and the codes. R_samp and fits are accepted for the common call and ignored.
         Evaluation mode refines the detections (``model.refine_iters``); training mode does not (the locations stay
         differentiable in the offsets)."""
-        det = self.heatmap(self.features(y, H, codes), amp)
+        det = self.heatmap(self.features(y, H, codes) if prior is None else prior, amp)
         score, keep, phi, theta, r, k_logits = self.decode(det)
         iters = 0 if self.training else self.cfg.refine_iters
         with torch.no_grad():
             rphi, rtheta, rr, power, noise_var = ml_refine(y, H, codes, self.system, phi.detach(), theta.detach(), r.detach(), keep, iters)
         if iters > 0:
             phi, theta, r = (torch.where(keep, a.float(), b) for a, b in ((rphi, phi), (rtheta, theta), (rr, r)))
+            score, keep, phi, theta, r, power, k_logits = self.prune(H, codes, score, keep, phi, theta, r, power, noise_var, k_logits)
         power = power.float()
         a = steering(self.system, phi, theta, r)  # [B,K_max,N] complex64, exact model
         share = power / power.sum(1, keepdim=True).clamp_min(1e-30)

@@ -152,8 +152,23 @@ class RsampCache:
         return self.rsamp(cfg.fixes.rsamp_estimator, cfg.system, cfg.fixes.rsamp_normalise, progress)
 
     def prior_of(self, cfg: ExperimentConfig) -> torch.Tensor | None:
-        """The prior factor the model of ``cfg`` takes (None when it takes none: ``model.rsamp_input`` off)."""
+        """The per-scene input the model of ``cfg`` takes beside y, H and the codes, computed once per scene: the prior
+        factor (``model.rsamp_input``), the detector head's feature maps (:meth:`detector_features`), else None."""
+        if cfg.model.head == "detector":
+            return self.detector_features(cfg)
         return self.prior(cfg.fixes.rsamp_estimator, cfg.system, cfg.fixes.rsamp_normalise) if cfg.model.rsamp_input else None
+
+    def detector_features(self, cfg: ExperimentConfig) -> torch.Tensor:
+        """The detector head's feature maps of the batch's scenes (:func:`workbench.detector.detector_features` on
+        :func:`~workbench.detector.detection_grid` of ``cfg.model``), [n,F,P,T,Q] float32, from y, H and the codes
+        only, in chunks, kept (:meth:`derived`)."""
+        from .detector import detection_grid, detector_features
+
+        grid = detection_grid(cfg.system, cfg.model)
+        key = ("detector_features", self._system_key(cfg.system), cfg.model.detector_step_deg, cfg.model.detector_n_r)
+        b = self.batch
+        return self.derived(key, lambda: torch.cat([detector_features(cfg.system, grid, b.y[s:s + self.chunk], b.H[s:s + self.chunk],
+                                                                      b.codes[s:s + self.chunk]) for s in range(0, len(b), self.chunk)]))
 
     def to(self, device) -> RsampCache:
         """The cache of the batch on ``device`` (self when already there); the entries move along."""
