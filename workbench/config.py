@@ -321,6 +321,7 @@ class ModelConfig(ConfigBase):
     detector_threshold: float = field(default=0.5, metadata=_num(0.01, 0.99))
     refine_iters: int = field(default=4, metadata=_num(0, 100))
     detector_min_snr_db: float = field(default=0.0, metadata=_num(-30.0, 60.0))  # refined sources below this SNR are dropped
+    detector_rounds: int = field(default=1, metadata=_num(1, 8))  # detection rounds, each on what the previous ones left
 
     def _check_relations(self) -> None:
         if self.width % self.heads:

@@ -27,6 +27,9 @@ Design (README, "The learned localiser"):
    likelihood from the detections (:func:`workbench.likelihood.ml_refine`), which also estimates the powers and the
    noise variance; then sources below ``model.detector_min_snr_db`` and duplicates are dropped
    (:meth:`LocaliserNet.prune`).
+5. **More rounds** (``model.detector_rounds`` > 1): the snapshots with the kept sources' fit removed are read again
+   by the same network as a scene of their own, its new peaks added, all refined and pruned again
+   (:meth:`LocaliserNet.next_round`): sources a strong one hid are found as the ML fit's matching pursuit finds them.
    The exact spherical steering vector (:func:`workbench.physics.steering`) builds R_pred.
 
 Nothing of a scene but y, H and the codes is read: not K, not the noise variance, not R_true (tests/test_localiser.py).
@@ -40,13 +43,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import ModelConfig, SystemConfig
+from .config import ConfigError, ModelConfig, SystemConfig
 from .grid import Grid
 from .likelihood import ml_refine
 from .matched_filter import atom_norms, pick, project_out, scan
 from .model import CovarianceNet, ModelOutput
 from .physics import measurement_matrices, source_covariance, steering
 
+DECODING_FIELDS = ("detector_threshold", "detector_min_snr_db", "detector_rounds", "refine_iters")  # model fields outside the weights
 N_FEATURES = 2  # feature maps per cell: the matched filter, and the same after one matching-pursuit step
 HEAT_PRIOR = 0.01  # the heatmap's initial probability per cell (the bias of its last layer)
 
@@ -141,6 +145,14 @@ class LocaliserNet(CovarianceNet):
         nn.init.constant_(self.head["heat"].bias, math.log(HEAT_PRIOR / (1 - HEAT_PRIOR)))
         self.N, self.K_max = system.N, system.K_max
 
+    def set_decoding(self, **fields) -> None:
+        """Change the decoding settings of a trained model (:data:`DECODING_FIELDS` of ``model``: they do not touch the
+        weights), e.g. a run trained before they were chosen. ConfigError for another field or a bad value."""
+        bad = sorted(set(fields) - set(DECODING_FIELDS))
+        if bad:
+            raise ConfigError(f"decoding: {', '.join(bad)} cannot change on a trained model; allowed: {', '.join(DECODING_FIELDS)}")
+        self.cfg = self.cfg.replace(**fields)
+
     # -- 1. features ------------------------------------------------------------------------------
     def features(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """:func:`detector_features` on this model's grid: [B,N_FEATURES,P,T,Q] float32."""
@@ -215,6 +227,33 @@ class LocaliserNet(CovarianceNet):
         k_logits = torch.where(alive, take(gain), torch.full_like(gain, -30.0)).cumsum(1)
         return take(score), alive, take(phi), take(theta), take(r), take(power) * alive, k_logits
 
+    @torch.no_grad()
+    def next_round(self, y, H, codes, amp, score, keep, phi, theta, r, k_logits) -> tuple[torch.Tensor, ...]:
+        """One more round of detection (``model.detector_rounds`` > 1; evaluation mode): the snapshots with the kept
+        sources' least-squares fit removed (exact steering atoms, per snapshot) are read as a scene of their own
+        (features, heatmap, decoding: sources the strong ones hid), the new peaks are appended after the kept sources
+        (up to K_max slots), and all are refined jointly and pruned again. Returns (score, keep, phi, theta, r, power,
+        noise_var, k_logits) as :meth:`forward` uses them."""
+        c128 = torch.complex128
+        a = steering(self.system, phi.double(), theta.double(), r.double()) * keep[..., None]  # [B,K,N]
+        b = (H.to(c128)[:, None] @ (codes.to(c128)[:, :, None, :] * a[:, None]).mT).mT  # atoms G_l a_k, [B,L,K,M]
+        yy = y.to(c128)
+        gram = b.conj() @ b.mT + 1e-12 * b.abs().square().sum(-1).amax(-1)[..., None, None] * torch.eye(b.shape[2], dtype=c128, device=b.device)
+        resid = yy - (b.mT @ torch.linalg.solve(gram, b.conj() @ yy[..., None]))[..., 0]
+        score2, keep2, phi2, theta2, r2, logits2 = self.decode(self.heatmap(self.features(resid, H, codes), amp))
+        gain = lambda k: torch.diff(k, dim=1, prepend=torch.zeros_like(k[:, :1]))  # noqa: E731
+        cat = lambda u, v: torch.cat([u, v], 1)  # noqa: E731
+        both = cat(keep, keep2 & (score2 > self.cfg.detector_threshold))
+        order = torch.argsort((~both).to(torch.int8), dim=1, stable=True)[:, : self.K_max]
+        take = lambda u, v: cat(u, v).gather(1, order)  # noqa: E731
+        score, phi, theta, r = (take(u, v) for u, v in ((score, score2), (phi, phi2), (theta, theta2), (r, r2)))
+        keep = both.gather(1, order)
+        k_logits = take(gain(k_logits), gain(logits2)).cumsum(1)
+        rphi, rtheta, rr, power, noise_var = ml_refine(y, H, codes, self.system, phi, theta, r, keep, self.cfg.refine_iters)
+        phi, theta, r = (torch.where(keep, u.float(), v) for u, v in ((rphi, phi), (rtheta, theta), (rr, r)))
+        pruned = self.prune(H, codes, score, keep, phi, theta, r, power, noise_var, k_logits)
+        return (*pruned[:6], noise_var, pruned[6])
+
     # -- the whole model --------------------------------------------------------------------------
     def forward(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, R_samp: torch.Tensor | None = None,
                 amp: bool = False, prior: torch.Tensor | None = None, fits=None) -> ModelOutput:
@@ -234,6 +273,9 @@ class LocaliserNet(CovarianceNet):
         if iters > 0:
             phi, theta, r = (torch.where(keep, a.float(), b) for a, b in ((rphi, phi), (rtheta, theta), (rr, r)))
             score, keep, phi, theta, r, power, k_logits = self.prune(H, codes, score, keep, phi, theta, r, power, noise_var, k_logits)
+            for _ in range(self.cfg.detector_rounds - 1):
+                score, keep, phi, theta, r, power, noise_var, k_logits = self.next_round(
+                    y, H, codes, amp, score, keep, phi, theta, r, k_logits)
         power = power.float()
         a = steering(self.system, phi, theta, r)  # [B,K_max,N] complex64, exact model
         share = power / power.sum(1, keepdim=True).clamp_min(1e-30)
