@@ -4,10 +4,11 @@ the same scenes and device in one run, each at its best batch size (scenes per c
     .venv/bin/python benchmarks/bench_localiser.py [--run DIR] [--device cpu|cuda|auto] [--snr 20] [--quick] [--threads 2]
 
 --run: a trained localiser's run folder (``workbench compare --presets localiser`` writes ``<out>/localiser/``; its
-checkpoint.pt is loaded onto --device). Without one an untrained localiser of the ``localiser`` entry on the quick
-budget's system is timed: its heatmap finds fewer sources, so its refinement is cheaper than a trained one's, which
-says so in the output. The ML fit: :func:`workbench.likelihood.ml_localise` with K by MDL (its ``chunk`` is the batch
-size). Both see only y, H and the codes. Best of --repeats per batch size, after one warm-up call.
+checkpoint.pt is loaded onto --device, with the entry's current decoding settings unless --own-decoding). Without one
+an untrained localiser of the ``localiser`` entry on the quick budget's system is timed: its heatmap finds fewer
+sources, so its refinement is cheaper than a trained one's, which the output says. The ML fit:
+:func:`workbench.likelihood.ml_localise` with K by MDL (its ``chunk`` is the batch size). Both see only y, H and the
+codes. Best of --repeats per batch size, after one warm-up call.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from timing import best_time  # noqa: E402
 
 from workbench.checkpoints import TrainResult, load_checkpoint
 from workbench.config import DEVICES, resolve_device
+from workbench.detector import DECODING_FIELDS
 from workbench.experiments import budget_overrides, entry_config
 from workbench.likelihood import ml_localise
 from workbench.model import build_model
@@ -30,6 +32,8 @@ from workbench.studies.localiser import run_localiser
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default=None, help="a trained localiser's run folder (default: an untrained localiser)")
+    ap.add_argument("--own-decoding", action="store_true", help="keep the run's own decoding settings (default: the localiser "
+                    "entry's current detector_threshold, detector_min_snr_db, detector_rounds, refine_iters)")
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto (CUDA when present)")
     ap.add_argument("--snr", type=float, default=20.0, help="SNR of the timed scenes, dB (default 20)")
     ap.add_argument("--scenes", type=int, default=128, help="scenes timed (default 128)")
@@ -52,7 +56,11 @@ def main(argv=None) -> None:
     device = resolve_device(args.device)
     if args.run:
         run = load_checkpoint(Path(args.run) / "checkpoint.pt", device=device)
-        what = f"trained run {args.run}"
+        if not args.own_decoding:  # the entry's current decoding settings (they are not weights)
+            entry = entry_config("localiser").model
+            run.model.set_decoding(**{k: getattr(entry, k) for k in DECODING_FIELDS})
+            run.config = run.config.replace(model=run.model.cfg.to_dict())
+        what = f"trained run {args.run}, decoding " + ", ".join(f"{k} {getattr(run.model.cfg, k)}" for k in DECODING_FIELDS)
     else:
         cfg = entry_config("localiser", budget_overrides("quick"))
         run = TrainResult(history=[], provenance=[], model=build_model(cfg.system, cfg.model, device), config=cfg)

@@ -77,7 +77,7 @@ from workbench.studies import localiser as loc_study
 
 params = wp.from_cell("05_localisation", globals())
 out = params.out_path
-configs = experiments.entry_configs(params.entry_names, params.dotted_overrides())
+configs = experiments.entry_configs(params.preset_names, params.dotted_overrides())
 cfg = next(iter(configs.values()))
 metrics = {"notebook": "05_localisation", "params": params.to_dict()}
 params
@@ -88,7 +88,8 @@ params
 # trained here on the same scenes for every preset.
 
 # %%
-runs = experiments.train_entries(configs, TrainingData.simulate(cfg), params.models_path)
+entries = experiments.entry_configs(params.entry_names, params.dotted_overrides())  # the presets and the localiser: same scenes
+runs = experiments.train_entries(entries, TrainingData.simulate(cfg), params.models_path)
 if params.localiser_path is not None:
     runs["localiser"] = load_checkpoint(params.localiser_path / "checkpoint.pt")
 metrics["models"] = {n: experiments.history_summary(r) for n, r in runs.items()}

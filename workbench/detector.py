@@ -62,14 +62,24 @@ def detection_grid(system: SystemConfig, cfg: ModelConfig) -> Grid:
 
 
 @torch.no_grad()
-def detector_features(system: SystemConfig, grid: Grid, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """The detector's feature maps [B,N_FEATURES,P,T,Q] float32 on ``grid`` (:func:`detection_grid`) of y [B,L,M],
-    H [B,M,N], codes [B,L,N] (module docstring, 1.; log10 power relative to the scene's maximum, floored at -8). No
-    gradient. :meth:`workbench.forward.RsampCache.prior_of` keeps them per scene for training."""
-    y = y.to(torch.complex64) / y.abs().square().mean((1, 2)).clamp_min(1e-30).sqrt()[:, None, None]
+def detector_atoms(system: SystemConfig, grid: Grid, H: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the features need of a scene's channel and codes alone (not of y), so several rounds share it: G [B,L,M,N]
+    complex64 (H normalised by its RMS) and the atom norms ||G_l a_g||^2 [B,L,P*T*Q] (:func:`~workbench.matched_filter.atom_norms`,
+    the features' largest cost)."""
     H = H.to(torch.complex64) / H.abs().square().mean((1, 2)).clamp_min(1e-30).sqrt()[:, None, None]
     G = measurement_matrices(H, codes.to(torch.complex64))
-    norm2 = atom_norms(system, grid, G)
+    return G, atom_norms(system, grid, G)
+
+
+@torch.no_grad()
+def detector_features(system: SystemConfig, grid: Grid, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor,
+                      atoms: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The detector's feature maps [B,N_FEATURES,P,T,Q] float32 on ``grid`` (:func:`detection_grid`) of y [B,L,M],
+    H [B,M,N], codes [B,L,N] (module docstring, 1.; log10 power relative to the scene's maximum, floored at -8); atoms:
+    :func:`detector_atoms` of H and the codes when already computed. No gradient.
+    :meth:`workbench.forward.RsampCache.prior_of` keeps them per scene for training."""
+    G, norm2 = detector_atoms(system, grid, H, codes) if atoms is None else atoms
+    y = y.to(torch.complex64) / y.abs().square().mean((1, 2)).clamp_min(1e-30).sqrt()[:, None, None]
     S = scan(system, grid, G, y, norm2)  # [B,P*T*Q]
     g = pick(grid, S)  # the strongest cell, [B,3]
     b = (G @ grid.vectors(system, g)[:, None, :, None])[..., 0]  # its atom G_l a_g, [B,L,M]
@@ -154,9 +164,9 @@ class LocaliserNet(CovarianceNet):
         self.cfg = self.cfg.replace(**fields)
 
     # -- 1. features ------------------------------------------------------------------------------
-    def features(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def features(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, atoms=None) -> torch.Tensor:
         """:func:`detector_features` on this model's grid: [B,N_FEATURES,P,T,Q] float32."""
-        return detector_features(self.system, self.grid, y, H, codes)
+        return detector_features(self.system, self.grid, y, H, codes, atoms)
 
     # -- 2. heatmap -------------------------------------------------------------------------------
     def heatmap(self, feats: torch.Tensor, amp: bool = False) -> Detection:
@@ -228,7 +238,7 @@ class LocaliserNet(CovarianceNet):
         return take(score), alive, take(phi), take(theta), take(r), take(power) * alive, k_logits
 
     @torch.no_grad()
-    def next_round(self, y, H, codes, amp, score, keep, phi, theta, r, k_logits) -> tuple[torch.Tensor, ...]:
+    def next_round(self, y, H, codes, amp, score, keep, phi, theta, r, k_logits, atoms=None) -> tuple[torch.Tensor, ...]:
         """One more round of detection (``model.detector_rounds`` > 1; evaluation mode): the snapshots with the kept
         sources' least-squares fit removed (exact steering atoms, per snapshot) are read as a scene of their own
         (features, heatmap, decoding: sources the strong ones hid), the new peaks are appended after the kept sources
@@ -240,7 +250,7 @@ class LocaliserNet(CovarianceNet):
         yy = y.to(c128)
         gram = b.conj() @ b.mT + 1e-12 * b.abs().square().sum(-1).amax(-1)[..., None, None] * torch.eye(b.shape[2], dtype=c128, device=b.device)
         resid = yy - (b.mT @ torch.linalg.solve(gram, b.conj() @ yy[..., None]))[..., 0]
-        score2, keep2, phi2, theta2, r2, logits2 = self.decode(self.heatmap(self.features(resid, H, codes), amp))
+        score2, keep2, phi2, theta2, r2, logits2 = self.decode(self.heatmap(self.features(resid, H, codes, atoms), amp))
         gain = lambda k: torch.diff(k, dim=1, prepend=torch.zeros_like(k[:, :1]))  # noqa: E731
         cat = lambda u, v: torch.cat([u, v], 1)  # noqa: E731
         both = cat(keep, keep2 & (score2 > self.cfg.detector_threshold))
@@ -265,7 +275,9 @@ class LocaliserNet(CovarianceNet):
         now from y, H and the codes. R_samp and fits are accepted for the common call and ignored.
         Evaluation mode refines the detections (``model.refine_iters``); training mode does not (the locations stay
         differentiable in the offsets)."""
-        det = self.heatmap(self.features(y, H, codes) if prior is None else prior, amp)
+        rounds = not self.training and self.cfg.refine_iters > 0 and self.cfg.detector_rounds > 1
+        atoms = detector_atoms(self.system, self.grid, H, codes) if rounds else None
+        det = self.heatmap(self.features(y, H, codes, atoms) if prior is None else prior, amp)
         score, keep, phi, theta, r, k_logits = self.decode(det)
         iters = 0 if self.training else self.cfg.refine_iters
         with torch.no_grad():
@@ -275,7 +287,7 @@ class LocaliserNet(CovarianceNet):
             score, keep, phi, theta, r, power, k_logits = self.prune(H, codes, score, keep, phi, theta, r, power, noise_var, k_logits)
             for _ in range(self.cfg.detector_rounds - 1):
                 score, keep, phi, theta, r, power, noise_var, k_logits = self.next_round(
-                    y, H, codes, amp, score, keep, phi, theta, r, k_logits)
+                    y, H, codes, amp, score, keep, phi, theta, r, k_logits, atoms)
         power = power.float()
         a = steering(self.system, phi, theta, r)  # [B,K_max,N] complex64, exact model
         share = power / power.sum(1, keepdim=True).clamp_min(1e-30)
