@@ -37,6 +37,7 @@ Nothing of a scene but y, H and the codes is read: not K, not the noise variance
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -154,6 +155,17 @@ class LocaliserNet(CovarianceNet):
         self.head = nn.ModuleDict({"heat": nn.Conv2d(W, Q, 1), "offset": nn.Conv2d(W, 3 * Q, 1)})
         nn.init.constant_(self.head["heat"].bias, math.log(HEAT_PRIOR / (1 - HEAT_PRIOR)))
         self.N, self.K_max = system.N, system.K_max
+        self._validating = False
+
+    @contextlib.contextmanager
+    def validation(self):
+        """Within the block the model does not refine (as in training mode): the training loop's validation scores the
+        heatmap, the loss it trains on, without paying the likelihood steps every epoch (:func:`workbench.train.evaluate`)."""
+        self._validating = True
+        try:
+            yield
+        finally:
+            self._validating = False
 
     def set_decoding(self, **fields) -> None:
         """Change the decoding settings of a trained model (:data:`DECODING_FIELDS` of ``model``: they do not touch the
@@ -273,13 +285,14 @@ class LocaliserNet(CovarianceNet):
         (:class:`Sources`, powers in mW). prior: the feature maps of these scenes when already computed
         (:func:`detector_features`, from :meth:`workbench.forward.RsampCache.prior_of`; used as given); None: computed
         now from y, H and the codes. R_samp and fits are accepted for the common call and ignored.
-        Evaluation mode refines the detections (``model.refine_iters``); training mode does not (the locations stay
-        differentiable in the offsets)."""
-        rounds = not self.training and self.cfg.refine_iters > 0 and self.cfg.detector_rounds > 1
+        Evaluation mode refines the detections (``model.refine_iters``); training mode and :meth:`validation` do not
+        (the locations stay differentiable in the offsets)."""
+        infer = not self.training and not self._validating  # refine only at inference
+        rounds = infer and self.cfg.refine_iters > 0 and self.cfg.detector_rounds > 1
         atoms = detector_atoms(self.system, self.grid, H, codes) if rounds else None
         det = self.heatmap(self.features(y, H, codes, atoms) if prior is None else prior, amp)
         score, keep, phi, theta, r, k_logits = self.decode(det)
-        iters = 0 if self.training else self.cfg.refine_iters
+        iters = self.cfg.refine_iters if infer else 0
         with torch.no_grad():
             rphi, rtheta, rr, power, noise_var = ml_refine(y, H, codes, self.system, phi.detach(), theta.detach(), r.detach(), keep, iters)
         if iters > 0:
