@@ -36,8 +36,10 @@
 # finds one source per scan and projects it out before the next (RAP-MUSIC), which resolves them.
 #
 # **Time.** About 20 s with the defaults on a quiet 2-core CPU when notebook 04 has run with the same sizes (its
-# networks are reused), about 35 s when the networks are trained here first. `n_per_snr`, `N_side` and the
-# number of presets are the big knobs.
+# networks are reused), about 35 s when the networks are trained here first, before the learned localiser was added;
+# `localiser` (trained here on the same 128 scenes, then run on every SNR's scenes and compared with a second ML fit at
+# the highest SNR) adds an estimated 15-20 s, not yet re-measured on a quiet machine; `localiser = False` leaves it
+# out. `n_per_snr`, `N_side` and the number of presets are the big knobs.
 
 # %% tags=["parameters"]
 method: str = "music"  # music | mvdr
@@ -140,15 +142,15 @@ save_metrics(out, metrics);
 # The learned localiser (`workbench/detector.py`) reads y, H and the codes only: a heatmap of source presence over a
 # coarse grid, its peaks above a learned threshold (the count), then a few Fisher-scoring steps of the snapshot
 # likelihood from there. Here both it and the ML fit (K by MDL) are scored on their own sources, directly (no MUSIC),
-# on the same scenes: miss and false-alarm rates, count accuracy, per-source error over sqrt(CRB), covariance NMSE and
-# seconds per scene on this machine. With the defaults it is trained on 128 scenes for 3 epochs, far too little to
+# on the same scenes (those of the highest SNR above): miss and false-alarm rates, count accuracy, per-source error
+# over sqrt(CRB), covariance NMSE and seconds per scene on this machine. With the defaults it is trained on 128 scenes for 3 epochs, far too little to
 # show what it can do; give `localiser_run` a run folder trained with a bigger budget (README, "The learned
 # localiser"). Below: one scene's matched-filter spectrum and heatmap with its detections (red), the ML fit's (cyan)
 # and the truth (white).
 
 # %%
 if "localiser" in runs:
-    loc_res = loc_study.localiser_vs_ml(runs["localiser"], params.snr_values, params.n_per_snr, seed=params.seed, n_boot=200)
+    loc_res = loc_study.localiser_vs_ml(runs["localiser"], [snr], params.n_per_snr, seed=params.seed, n_boot=200)
     metrics["localiser"] = loc_res
     display(Markdown(figures.markdown_table(fig_localiser.localiser_table(loc_res))))
     loc_view = loc_study.localiser_scene(runs["localiser"], scene)

@@ -29,7 +29,7 @@ def localiser_table(res: dict) -> list[dict]:
 def localiser_scene_figure(view: dict) -> Figure:
     """Two panels over (phi, theta), each the maximum over range: the matched-filter spectrum the network reads (dB) and
     its heatmap (probability), with the true sources (white x), the localiser's (red o) and the ML fit's (cyan +)."""
-    fig, axes = plt.subplots(1, 2, figsize=(WIDTH_IN, 2.6), layout="constrained", sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(WIDTH_IN, 2.6), layout="constrained")
     ext = (view["phi_deg"][0], view["phi_deg"][-1], view["theta_deg"][0], view["theta_deg"][-1])
     for ax, key, title, kw in ((axes[0], "spectrum_db", "matched filter (dB, max over r)", {"vmin": -20, "vmax": 0}),
                                (axes[1], "heat", "localiser heatmap (max over r)", {"vmin": 0, "vmax": 1})):
@@ -40,8 +40,7 @@ def localiser_scene_figure(view: dict) -> Figure:
                            (view["ml"], dict(marker="+", color="cyan", ms=9, mew=1.5))):
             ax.plot([p["phi_deg"] for p in pts], [p["theta_deg"] for p in pts], ls="none", **style)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("φ (deg)")
-    axes[0].set_ylabel("θ (deg)")
+        ax.set(xlabel="φ (deg)", ylabel="θ (deg)")
     legend_outside(axes[1], handles=[Line2D([], [], ls="none", marker="x", color="k", label=f"true (K = {view['K']})"),
                                      Line2D([], [], ls="none", marker="o", mfc="none", mec="red", label=f"localiser (K = {view['K_localiser']})"),
                                      Line2D([], [], ls="none", marker="+", color="c", label=f"ML fit (K = {view['K_ml']})")], fontsize=7)
