@@ -95,6 +95,21 @@ def _permuted(batch: SceneBatch, order: torch.Tensor) -> SceneBatch:
     return SceneBatch(**{**t, **{k: t[k][:, order] for k in ("phi", "theta", "r", "power", "mask")}})
 
 
+def test_validation_scores_the_heatmap_without_refining(setup):
+    cfg, batch, model = setup
+    with torch.no_grad():
+        with model.validation():
+            val = model(batch.y, batch.H, batch.codes)
+        model.train()
+        try:
+            train = model(batch.y, batch.H, batch.codes)
+        finally:
+            model.eval()
+        inferred = model(batch.y, batch.H, batch.codes)
+    assert torch.equal(val.angles, train.angles) and not torch.equal(val.angles, inferred.angles)
+    assert not model._validating
+
+
 def test_detection_loss_is_invariant_to_the_order_of_the_true_sources(setup):
     cfg, batch, model = setup
     det = _run(model, batch, cfg).out.detection
