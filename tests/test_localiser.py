@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from workbench.config import ConfigError, ModelConfig, SystemConfig
-from workbench.detector import Detection, LocaliserNet, detection_grid
+from workbench.detector import PAD_SHARE, Detection, LocaliserNet, detection_grid
 from workbench.experiments import VARIANTS, entry_config
 from workbench.forward import forward, rsamp_cache
 from workbench.grid import Grid
@@ -67,8 +67,10 @@ def test_outputs_have_documented_shapes_units_and_ranges(setup):
     torch.testing.assert_close(torch.diagonal(R, dim1=-2, dim2=-1).real.sum(-1), src.power.sum(1).float(), rtol=1e-4, atol=0)
     ratio = src.power.sum(1) / batch.power.sum(1)
     assert ((ratio > 1e-2) & (ratio < 1e2)).all()
-    # the pipeline's R_pred = A A^H is the same matrix trace-normalised to N
-    torch.testing.assert_close(cov.R_pred, R * (N / src.power.sum(1).float())[:, None, None], rtol=1e-3, atol=1e-4)
+    # the pipeline's R_pred = A A^H is the same matrix trace-normalised to N (plus the next peaks at PAD_SHARE each)
+    torch.testing.assert_close(cov.R_pred, R * (N / src.power.sum(1).float())[:, None, None], rtol=1e-3, atol=1e-3)
+    pad = out.A.abs().square().sum(1)[~src.mask]  # the next peaks, at PAD_SHARE of the trace each
+    torch.testing.assert_close(pad, torch.full_like(pad, N * PAD_SHARE), rtol=1e-4, atol=0)
 
 
 def test_no_oracle_field_is_read(setup):

@@ -54,6 +54,10 @@ from .physics import measurement_matrices, source_covariance, steering
 DECODING_FIELDS = ("detector_threshold", "detector_min_snr_db", "detector_rounds", "refine_iters")  # model fields outside the weights
 N_FEATURES = 2  # feature maps per cell: the matched filter, and the same after one matching-pursuit step
 HEAT_PRIOR = 0.01  # the heatmap's initial probability per cell (the bias of its last layer)
+# the share of the trace the factor A gives each slot that is not a source (the next peaks): R_pred keeps rank K_max, so
+# MUSIC asked for more sources than the localiser counted takes its next peaks instead of a flat noise subspace (where
+# the joint subspace refinement never converges); Sources.covariance leaves them out
+PAD_SHARE = 1e-4
 
 
 
@@ -280,7 +284,8 @@ class LocaliserNet(CovarianceNet):
     def forward(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, R_samp: torch.Tensor | None = None,
                 amp: bool = False, prior: torch.Tensor | None = None, fits=None) -> ModelOutput:
         """y [B,L,M], H [B,M,N], codes [B,L,N] complex64 -> :class:`ModelOutput` with A [B,N,K_max] (columns
-        sqrt(N p_k / sum p) a_k: R_pred trace-normalised to N, for the covariance pipeline), k_logits, angles [B,K_max,3]
+        sqrt(N p_k / sum p) a_k: R_pred trace-normalised to N, for the covariance pipeline; the slots beyond the count
+        hold the next peaks at :data:`PAD_SHARE` of the trace), k_logits, angles [B,K_max,3]
         (phi, theta rad, r m; padded slots hold the unkept peaks), ``detection`` (:class:`Detection`) and ``sources``
         (:class:`Sources`, powers in mW). prior: the feature maps of these scenes when already computed
         (:func:`detector_features`, from :meth:`workbench.forward.RsampCache.prior_of`; used as given); None: computed
@@ -304,7 +309,7 @@ class LocaliserNet(CovarianceNet):
         power = power.float()
         a = steering(self.system, phi, theta, r)  # [B,K_max,N] complex64, exact model
         share = power / power.sum(1, keepdim=True).clamp_min(1e-30)
-        w = torch.where(keep, (self.N * share).clamp_min(1e-20).sqrt(), torch.zeros_like(share))
+        w = torch.where(keep, (self.N * share).clamp_min(1e-20).sqrt(), torch.full_like(share, math.sqrt(self.N * PAD_SHARE)))
         A = (a * w[..., None].to(a.dtype)).mT
         src = Sources(K=keep.sum(1), phi=phi.detach(), theta=theta.detach(), r=r.detach(), power=power * keep, mask=keep,
                       score=score.detach(), noise_var=noise_var.float())

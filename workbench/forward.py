@@ -4,7 +4,8 @@ and the scenes of a training run (:class:`TrainingData`).
 Owns: moving a batch, its R_samp and its prior factor to the model's device, running the model and the covariance
 pipeline (:func:`workbench.losses.covariances`, optionally the loss terms, :func:`workbench.losses.compute_losses`)
 and handing the results back on the device the caller asks for; R_samp [n,N,N] of a batch of scenes per
-(estimator, Fix 1, system), and the model's prior factor of it [n,N,K_max], each computed once per scene, in chunks;
+(estimator, Fix 1, system), and the model's prior factor of it [n,N,K_max] (for the detector head: its feature maps),
+each computed once per scene, in chunks;
 the maximum-likelihood fit of a batch's scenes (shared by the physics baseline and the physics head), once per batch.
 Must not: train (optimiser, schedule: :mod:`workbench.train`), score (:mod:`workbench.studies`), draw, or choose a
 device (:func:`workbench.config.resolve_device` does).
