@@ -2,12 +2,13 @@
 power) and R_pred = sum_k p_k a_k a_k^H.
 
 Owns: :class:`LocaliserNet` (features, the heatmap network, decoding the heatmap into sources, the likelihood
-refinement call), :func:`detection_grid`, and what it returns beside :class:`~workbench.model.ModelOutput`'s fields
+refinement call, pruning, further rounds), :func:`detection_grid`, :func:`detector_features` /
+:func:`detector_atoms`, and what it returns beside :class:`~workbench.model.ModelOutput`'s fields
 (:class:`Detection`, :class:`Sources`). Must not: define loss terms (the heatmap loss is
 :func:`workbench.losses.detection_loss`), fit the likelihood itself (:func:`workbench.likelihood.ml_refine` does),
 move data between devices (:func:`workbench.forward.forward` does), train, score or draw.
 
-Design (README, "The learned localiser"):
+Design (README, section 5 "The learned localiser"):
 
 1. **Features**, no parameters, no gradient: the matched filter of the snapshots over a coarse search grid
    (:func:`detection_grid`, P x T x Q cells: ``model.detector_step_deg`` in phi and theta, ``model.detector_n_r``
@@ -30,7 +31,8 @@ Design (README, "The learned localiser"):
 5. **More rounds** (``model.detector_rounds`` > 1): the snapshots with the kept sources' fit removed are read again
    by the same network as a scene of their own, its new peaks added, all refined and pruned again
    (:meth:`LocaliserNet.next_round`): sources a strong one hid are found as the ML fit's matching pursuit finds them.
-   The exact spherical steering vector (:func:`workbench.physics.steering`) builds R_pred.
+
+The exact spherical steering vector (:func:`workbench.physics.steering`) builds R_pred.
 
 Nothing of a scene but y, H and the codes is read: not K, not the noise variance, not R_true (tests/test_localiser.py).
 """
