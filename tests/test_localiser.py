@@ -225,3 +225,14 @@ def test_localiser_on_cuda_matches_cpu(setup):
     assert out_gpu.A.device.type == "cuda"
     assert torch.equal(out_gpu.sources.K.cpu(), out_cpu.sources.K)
     torch.testing.assert_close(out_gpu.angles.cpu(), out_cpu.angles, rtol=1e-3, atol=1e-3)
+
+
+def test_compare_takes_the_localiser_as_an_entry(tmp_path):
+    from workbench.studies import compare as C
+
+    cfg = entry_config("localiser")
+    assert cfg.model.head == "detector" and C._entry_oracle(cfg.to_dict()) == "none"
+    res = C.compare(["localiser"], {**TINY, "train.n_train": 8, "train.n_val": 4, "train.epochs": 1, "train.batch_size": 4},
+                    snrs_db=[20.0], n_per_snr=2, baselines=("identity",), progress=False, n_boot=20)
+    row = next(r for r in res["table"] if r["row"] == "localiser: R_pred")
+    assert row["oracle"] == "none" and row["localisation"]["20"]["own_k"]["k_accuracy"]["value"] is not None
