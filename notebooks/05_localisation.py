@@ -36,8 +36,10 @@
 # finds one source per scan and projects it out before the next (RAP-MUSIC), which resolves them.
 #
 # **Time.** About 20 s with the defaults on a quiet 2-core CPU when notebook 04 has run with the same sizes (its
-# networks are reused), about 35 s when the networks are trained here first. `n_per_snr`, `N_side` and the
-# number of presets are the big knobs.
+# networks are reused), about 35 s when the networks are trained here first, before the learned localiser was added;
+# `localiser` (trained here on the same 128 scenes, then run on every SNR's scenes and compared with a second ML fit at
+# the highest SNR) adds an estimated 15-20 s, not yet re-measured on a quiet machine; `localiser = False` leaves it
+# out. `n_per_snr`, `N_side` and the number of presets are the big knobs.
 
 # %% tags=["parameters"]
 method: str = "music"  # music | mvdr
@@ -47,6 +49,8 @@ estimators: str = "seed,beamscan"  # R_samp estimators: seed | ls_scatter | cova
 physics_baseline: bool = True  # localise from the maximum-likelihood fit on the snapshots (physics[ML])
 use_true_k: bool = True  # localise with the true K (oracle); else each source's own count
 presets: str = "seed_before,seed_fix1,seed_fix2,seed_fix3,recommended"  # trained networks to localise from
+localiser: bool = True  # also the learned localiser (the `localiser` entry: heatmap + likelihood refinement)
+localiser_run: str = ""  # its run folder, trained with a bigger budget ("": train it here with the sizes below)
 blend: bool = False  # also localise from each network's R_blend (doubles the networks' cost)
 spectrum_of: str = ""  # the source whose spectrum of one scene is drawn ("": the last preset's R_pred)
 scene: int = 0  # that scene (index among the scenes of the highest SNR)
@@ -66,10 +70,13 @@ from IPython.display import Image, Markdown, display
 
 from workbench import experiments, figures, ui
 from workbench import params as wp
+from workbench.checkpoints import load_checkpoint
 from workbench.figures import localisation as fig_localisation
+from workbench.figures import localiser as fig_localiser
 from workbench.forward import TrainingData
 from workbench.io import save_metrics
 from workbench.studies import localisation
+from workbench.studies import localiser as loc_study
 
 params = wp.from_cell("05_localisation", globals())
 out = params.out_path
@@ -85,7 +92,10 @@ params
 # `out_dir/models` (never reused), and the localisation scenes below are simulated with the dataset's system.
 
 # %%
-runs = experiments.train_entries(configs, TrainingData.load(cfg, params.data_path), params.models_path, reuse=params.data is None)
+entries = experiments.entry_configs(params.entry_names, params.dotted_overrides())  # the presets and the localiser: same scenes
+runs = experiments.train_entries(entries, TrainingData.load(cfg, params.data_path), params.models_path, reuse=params.data is None)
+if params.localiser_path is not None:
+    runs["localiser"] = load_checkpoint(params.localiser_path / "checkpoint.pt")
 metrics["models"] = {n: experiments.history_summary(r) for n, r in runs.items()}
 display(Markdown(figures.markdown_table([{"preset": n, "reused": m["reused"], "epochs": m["epochs"], "final val NMSE": m["final_val_nmse"],
                                           "skipped steps": m["skipped_nonfinite"]} for n, m in metrics["models"].items()])))
@@ -128,6 +138,27 @@ spectrum_fig = fig_localisation.spectrum_plotly(view)
 figures.save_html(spectrum_fig, out / "spectrum.html")
 ui.show(spectrum_fig)
 save_metrics(out, metrics);
+
+# %% [markdown]
+# ## The learned localiser against the ML fit
+# The learned localiser (`workbench/detector.py`) reads y, H and the codes only: a heatmap of source presence over a
+# coarse grid, its peaks above a learned threshold (the count), then a few Fisher-scoring steps of the snapshot
+# likelihood from there. Here both it and the ML fit (K by MDL) are scored on their own sources, directly (no MUSIC),
+# on the same scenes (those of the highest SNR above): miss and false-alarm rates, count accuracy, per-source error
+# over sqrt(CRB), covariance NMSE and seconds per scene on this machine. With the defaults it is trained on 128 scenes for 3 epochs, far too little to
+# show what it can do; give `localiser_run` a run folder trained with a bigger budget (README, "The learned
+# localiser"). Below: one scene's matched-filter spectrum and heatmap with its detections (red), the ML fit's (cyan)
+# and the truth (white).
+
+# %%
+if "localiser" in runs:
+    loc_res = loc_study.localiser_vs_ml(runs["localiser"], [snr], params.n_per_snr, seed=params.seed, n_boot=200)
+    metrics["localiser"] = loc_res
+    display(Markdown(figures.markdown_table(fig_localiser.localiser_table(loc_res))))
+    loc_view = loc_study.localiser_scene(runs["localiser"], scene)
+    metrics["localiser_scene"] = {k: loc_view[k] for k in ("snr_db", "K", "K_localiser", "K_ml", "localiser", "ml", "true")}
+    display(Image(figures.save_figure(fig_localiser.localiser_scene_figure(loc_view), out / "localiser_scene.png")))
+    save_metrics(out, metrics);
 
 # %% [markdown]
 # ## Explore

@@ -34,7 +34,7 @@ def test_history_records_every_epoch_and_step(tiny_run):
     assert all(r["steps"] == 3 and r["skipped_nonfinite"] == 0 for r in h)
     for r in h:
         assert math.isfinite(r["train_loss"]) and math.isfinite(r["val_nmse"]) and r["param_change"] > 0
-        assert set(r["grad_norm"]) == {"backbone", "head"} and set(r["terms"]) == {"nmse", "k_ce", "aux", "gap", "subspace"}
+        assert set(r["grad_norm"]) == {"backbone", "head"} and set(r["terms"]) == {"nmse", "k_ce", "aux", "gap", "subspace", "detect"}
 
 
 def test_cosine_schedule_is_stepped_per_batch(tiny_run):

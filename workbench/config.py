@@ -25,6 +25,7 @@ SAMPLE_ESTIMATORS = ("seed", "ls_scatter", "covariance_matching", "beamscan", "b
 GAP_BACKENDS = ("eigh", "svd", "svd_flipped", "eigvalsh", "finite_diff", "exact")
 SUBSPACE_BACKENDS = ("eigh", "detach", "lorentzian", "safe")
 DEVICES = ("auto", "cpu", "cuda")
+MODEL_HEADS = ("factor", "physics", "detector")  # model.head: workbench/model.py (factor, physics), workbench/detector.py
 STEERING_MODELS = ("exact", "fresnel", "separable")  # physics.steering: the spherical wave and its two approximations
 MIN_CHANNEL_GAIN = 1e-16  # smallest BS-RIS path gain: beamscan fails from ~1e-19 on (|H|^4 below float32's range)
 
@@ -297,6 +298,7 @@ class LossWeights(ConfigBase):
     k_ce: float = field(default=0.1, metadata=_num(0.0, 1e6))
     aux: float = field(default=0.1, metadata=_num(0.0, 1e6))  # permutation-invariant angle/range loss
     subspace: float = field(default=0.0, metadata=_num(0.0, 1e6))  # MUSIC denominator at true sources
+    detect: float = field(default=0.0, metadata=_num(0.0, 1e6))  # the detector head's heatmap set loss (losses.detection_loss)
 
 
 @dataclass
@@ -309,7 +311,17 @@ class ModelConfig(ConfigBase):
     ffn_mult: int = field(default=2, metadata=_num(1, 16))  # feed-forward width = ffn_mult * width
     dropout: float = field(default=0.0, metadata=_num(0.0, 0.9))
     rsamp_input: bool = False  # feed R_samp's top-K_max factor to the network and refine it (a skip)
-    head: str = field(default="factor", metadata=_choice("factor", "physics"))  # "physics": R_pred from ML source fits (model.py)
+    head: str = field(default="factor", metadata=_choice(*MODEL_HEADS))  # "physics": R_pred from ML source fits (model.py)
+    # the "detector" head (workbench/detector.py): a source-presence heatmap over a grid of detector_step_deg in phi and
+    # theta and detector_n_r ranges (uniform in 1/r); a cell is a source when its probability exceeds detector_threshold;
+    # the detections are refined by refine_iters Fisher-scoring steps of the snapshot likelihood (0: none), then sources
+    # whose per-snapshot SNR p_k mean_l ||G_l a_k||^2 / sigma^2 is below detector_min_snr_db are dropped
+    detector_step_deg: float = field(default=4.0, metadata=_num(0.5, 30.0))
+    detector_n_r: int = field(default=6, metadata=_num(1, 64))
+    detector_threshold: float = field(default=0.5, metadata=_num(0.01, 0.99))
+    refine_iters: int = field(default=4, metadata=_num(0, 100))
+    detector_min_snr_db: float = field(default=0.0, metadata=_num(-30.0, 60.0))  # refined sources below this SNR are dropped
+    detector_rounds: int = field(default=1, metadata=_num(1, 8))  # detection rounds, each on what the previous ones left
 
     def _check_relations(self) -> None:
         if self.width % self.heads:

@@ -118,6 +118,9 @@ def gradient_report(cfg: ExperimentConfig, batch: SceneBatch | None = None, mode
     grad_norm = group_norms(total_grads, params, groups)
     term_grad_norm = {}
     for term in TERMS:
+        if not losses[term].requires_grad:  # a term this model does not have (e.g. ``detect`` without a heatmap)
+            term_grad_norm[term] = group_norms([None] * len(params), params, groups)
+            continue
         g = torch.autograd.grad(losses[term], params, retain_graph=True, allow_unused=True)
         term_grad_norm[term] = group_norms(g, params, groups)
     stats = spectrum_stats(cov.R_blend.detach())

@@ -25,6 +25,13 @@ from .train import fit
 # preset variants: a measurements-only network whose head builds R_pred from the physics baseline's source fits
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "physics_head": ("recommended", {"model.head": "physics", "model.rsamp_input": False, "fixes.rsamp_estimator": "seed"}),
+    # the learned localiser (workbench/detector.py): a heatmap over the search grid trained with the detection loss alone,
+    # refined by a few likelihood steps; R_samp ("seed": no oracle) only feeds the pipeline's reported terms
+    "localiser": ("recommended", {"model.head": "detector", "model.rsamp_input": False, "fixes.rsamp_estimator": "seed",
+                                  "loss.detect": 1.0, "loss.nmse": 0.0, "loss.k_ce": 0.0, "loss.aux": 0.0, "loss.subspace": 0.0,
+                                  "fixes.lam_gap": 0.0, "model.width": 32, "model.layers": 4,
+                                  # decoding, chosen on the dev split (README, "The learned localiser")
+                                  "model.detector_threshold": 0.25, "model.detector_min_snr_db": 10.0, "model.detector_rounds": 3}),
 }
 ENTRIES = (*PRESETS, *VARIANTS)
 DEFAULT_ENTRIES = PRESETS

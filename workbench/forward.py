@@ -4,7 +4,8 @@ and the scenes of a training run (:class:`TrainingData`).
 Owns: moving a batch, its R_samp and its prior factor to the model's device, running the model and the covariance
 pipeline (:func:`workbench.losses.covariances`, optionally the loss terms, :func:`workbench.losses.compute_losses`)
 and handing the results back on the device the caller asks for; R_samp [n,N,N] of a batch of scenes per
-(estimator, Fix 1, system), and the model's prior factor of it [n,N,K_max], each computed once per scene, in chunks;
+(estimator, Fix 1, system), and the model's prior factor of it [n,N,K_max] (for the detector head: its feature maps),
+each computed once per scene, in chunks;
 the maximum-likelihood fit of a batch's scenes (shared by the physics baseline and the physics head), once per batch.
 Must not: train (optimiser, schedule: :mod:`workbench.train`), score (:mod:`workbench.studies`), draw, or choose a
 device (:func:`workbench.config.resolve_device` does).
@@ -152,8 +153,23 @@ class RsampCache:
         return self.rsamp(cfg.fixes.rsamp_estimator, cfg.system, cfg.fixes.rsamp_normalise, progress)
 
     def prior_of(self, cfg: ExperimentConfig) -> torch.Tensor | None:
-        """The prior factor the model of ``cfg`` takes (None when it takes none: ``model.rsamp_input`` off)."""
+        """The per-scene input the model of ``cfg`` takes beside y, H and the codes, computed once per scene: the prior
+        factor (``model.rsamp_input``), the detector head's feature maps (:meth:`detector_features`), else None."""
+        if cfg.model.head == "detector":
+            return self.detector_features(cfg)
         return self.prior(cfg.fixes.rsamp_estimator, cfg.system, cfg.fixes.rsamp_normalise) if cfg.model.rsamp_input else None
+
+    def detector_features(self, cfg: ExperimentConfig) -> torch.Tensor:
+        """The detector head's feature maps of the batch's scenes (:func:`workbench.detector.detector_features` on
+        :func:`~workbench.detector.detection_grid` of ``cfg.model``), [n,F,P,T,Q] float32, from y, H and the codes
+        only, in chunks, kept (:meth:`derived`)."""
+        from .detector import detection_grid, detector_features
+
+        grid = detection_grid(cfg.system, cfg.model)
+        key = ("detector_features", self._system_key(cfg.system), cfg.model.detector_step_deg, cfg.model.detector_n_r)
+        b = self.batch
+        return self.derived(key, lambda: torch.cat([detector_features(cfg.system, grid, b.y[s:s + self.chunk], b.H[s:s + self.chunk],
+                                                                      b.codes[s:s + self.chunk]) for s in range(0, len(b), self.chunk)]))
 
     def to(self, device) -> RsampCache:
         """The cache of the batch on ``device`` (self when already there); the entries move along."""

@@ -134,6 +134,25 @@ class Grid:
         dev = idx.device
         return self.phi.to(dev)[idx[..., 0]], self.theta.to(dev)[idx[..., 1]], self.r.to(dev)[idx[..., 2]]
 
+    def fractional_index(self, phi: torch.Tensor, theta: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Continuous grid indices [..., 3] float64 (p, t, q) of points phi, theta [...] rad and r [...] m, for a grid
+        uniform in phi, theta and 1/r (as :meth:`uniform` builds it): p = (phi - phi_0) / step_phi, t likewise and
+        q = (1/r_0 - 1/r) / step_(1/r) (r increases with q). A grid point gives its own integer index; points between
+        grid points give fractions, points outside the grid indices below 0 or above n - 1. Inverse:
+        :meth:`from_fractional`."""
+        st = self.steps().tolist()
+        phi, theta, r = (torch.as_tensor(t).to(torch.float64) for t in (phi, theta, r))
+        return torch.stack(((phi - float(self.phi[0])) / st[0], (theta - float(self.theta[0])) / st[1],
+                            (1.0 / float(self.r[0]) - 1.0 / r) / st[2]), -1)
+
+    def from_fractional(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(phi, theta, r) [...] of continuous grid indices idx [..., 3] (:meth:`fractional_index`'s inverse), idx's
+        dtype (differentiable in idx): linear in phi, theta and 1/r."""
+        st = self.steps().tolist()
+        phi = float(self.phi[0]) + idx[..., 0] * st[0]
+        theta = float(self.theta[0]) + idx[..., 1] * st[1]
+        return phi, theta, 1.0 / (1.0 / float(self.r[0]) - idx[..., 2] * st[2])
+
     def memory_bytes(self, system: SystemConfig, dtype: torch.dtype = torch.complex64) -> dict[str, int]:
         """Bytes of the separable steering tables, of a full [P,T,Q,N] table, and of one real spectrum."""
         item = torch.empty((), dtype=dtype).element_size()

@@ -6,7 +6,8 @@ configuration) and R = sum_k p_k a_k a_k^H. Float64/complex128 inside; radians a
 
 Owns: :func:`snapshot_model` (negative log-likelihood, score, Slepian-Bangs Fisher matrix), :func:`crb` /
 :func:`crb_for`, and :func:`ml_localise` / :func:`ml_fit_for` (orthogonal matching pursuit on the snapshots, then
-Fisher scoring of every location, power and the noise variance; K by MDL). Must not: localise from a covariance
+Fisher scoring of every location, power and the noise variance; K by MDL), and :func:`ml_refine` (the same scoring from
+given locations: the learned detector's refinement). Must not: localise from a covariance
 matrix (MUSIC/MVDR are :mod:`workbench.localisation`), hold the matched filter (:mod:`workbench.matched_filter`),
 simulate scenes or loop over SNRs (studies do), draw.
 """
@@ -373,6 +374,43 @@ def ml_localise(
         Ks = None if K is None else K[s:s + chunk].to(y.device)
         parts.append(_ml_chunk(system, grid, y[s:s + chunk], H[s:s + chunk], codes[s:s + chunk], Ks, iters, penalty, n_levels))
     return parts[0] if len(parts) == 1 else _cat_fits(parts)
+
+
+def ml_refine(y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, system: SystemConfig, phi, theta, r, mask,
+              iters: int = 4) -> tuple[torch.Tensor, ...]:
+    """The snapshot likelihood refined from given source locations (a learned detector's): start powers from the
+    matched filter on the snapshots with the other sources' least-squares fit removed, the noise variance from the
+    residual energy, then at most ``iters`` damped Fisher-scoring steps (:func:`_scoring`, the ML fit's) of every
+    location, power and the noise variance, in the ML fit's normalised units. No count is chosen and no source added
+    or dropped: K[b] = mask[b].sum() as given (>= 1 each).
+
+    y [B,L,M], H [B,M,N], codes [B,L,N] complex; phi, theta [B,K] rad, r [B,K] m, mask [B,K] bool. Returns (phi,
+    theta, r [B,K] float64 rad / m, power [B,K] mW (0 where masked), noise_var [B] mW), no gradient."""
+    c128, f64 = torch.complex128, torch.float64
+    a_y = y.abs().square().mean((1, 2)).sqrt().to(f64)
+    a_h = H.abs().square().mean((1, 2)).sqrt().to(f64)
+    yn = y.to(c128) / a_y[:, None, None]
+    G = measurement_matrices(H.to(c128) / a_h[:, None, None], codes.to(c128)).to(torch.complex64)
+    B, K = phi.shape
+    mask = mask.to(y.device)
+    phi, theta = (torch.where(mask, t.to(f64), torch.zeros_like(t, dtype=f64)) for t in (phi, theta))
+    r = torch.where(mask, r.to(f64), torch.full_like(r, system.r_max_m, dtype=f64))
+    b = _atoms(system, G, phi, theta, r) * mask[:, None, :, None]  # [B,L,K,M]
+    gram = b.conj() @ b.mT + 1e-9 * torch.eye(K, dtype=b.dtype, device=b.device)  # ridge: masked atoms are zero
+    coef = torch.linalg.solve(gram, (b.conj() @ yn[..., None]))  # per-snapshot least squares, [B,L,K,1]
+    fit = (b.mT @ coef)[..., 0]
+    nb = b.abs().square().sum(-1).clamp_min(1e-30)  # [B,L,K]
+    others = fit[:, :, None, :] - coef * b  # the other sources' part of the fit, [B,L,K,M]
+    mf = (b.conj() * (yn[:, :, None, :] - others)).sum(-1).abs().square()
+    noise_var = residual_noise_variance(yn - fit, int(mask.sum(1).max()))
+    power = ((mf / nb - noise_var[:, None, None]) / nb).mean(1)
+    power = torch.where(mask, torch.maximum(power, 0.1 * (mf / nb.square()).mean(1)), torch.ones_like(power))
+    lo, hi = _fit_bounds(system, K, torch.ones(B, dtype=f64, device=y.device))
+    u = torch.minimum(torch.maximum(_pack(phi, theta, r, power, noise_var), lo), hi)
+    if iters > 0:
+        u, _ = _scoring(system, G, yn, u, mask, lo, hi, iters)
+    phi, theta, r, power, noise_var = _unpack(u, K)
+    return phi, theta, r, power * mask * (a_y / a_h).square()[:, None], noise_var * a_y.square()
 
 
 def ml_chunk(device) -> int:

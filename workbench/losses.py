@@ -9,6 +9,7 @@ Terms (all means over the batch, float32 scalars):
   each coordinate scaled to [-1, 1] by the field of view; the minimum over assignments of slots to sources.
 * ``gap``: the eigengap hinge relu(margin - (lambda_K - lambda_{K+1})) of R_blend + EPS_PSD I.
 * ``subspace``: energy of the true steering vectors in the noise subspace of R_blend (MUSIC denominator).
+* ``detect``: the detector head's heatmap loss (:func:`detection_loss`; zero for models without a heatmap).
 
 The eigen-terms take R_blend as :meth:`~workbench.covariance.Covariances.eigen_input` gives it: factored
 (F F^H + C_EPS I, F thin) where the pipeline allows it, so the ``exact`` hinge and the ``safe`` subspace term
@@ -33,13 +34,15 @@ from .covariance import Covariances, pipeline, predicted_covariance
 from .model import ModelOutput
 from .physics import SceneBatch, steering
 
-TERMS = ("nmse", "k_ce", "aux", "gap", "subspace")
+TERMS = ("nmse", "k_ce", "aux", "gap", "subspace", "detect")
+DETECT_SIGMA = 1.0  # width (grid cells) of the Gaussian around each true source's cell in the heatmap target
+DETECT_FOCAL = (2.0, 4.0)  # focal exponents: (1 - p)^alpha at the sources' cells, (1 - target)^beta elsewhere
 
 
 def term_weights(cfg: ExperimentConfig) -> dict[str, float]:
     """The weight of every term, by name."""
     w = cfg.loss
-    return {"nmse": w.nmse, "k_ce": w.k_ce, "aux": w.aux, "gap": cfg.fixes.lam_gap, "subspace": w.subspace}
+    return {"nmse": w.nmse, "k_ce": w.k_ce, "aux": w.aux, "gap": cfg.fixes.lam_gap, "subspace": w.subspace, "detect": w.detect}
 
 
 def covariances(out: ModelOutput, batch: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig) -> Covariances:
@@ -84,6 +87,36 @@ def aux_loss(angles: torch.Tensor, batch: SceneBatch, system: SystemConfig) -> t
     return (matched / batch.K.clamp_min(1)).mean()
 
 
+def detection_loss(det, batch: SceneBatch) -> torch.Tensor:
+    """The detector head's loss over the set of true sources, a scalar (:class:`workbench.detector.Detection` ``det``:
+    logits [B,P,T,Q], offsets [B,3,P,T,Q] on its grid). Every true source is assigned the grid cell nearest to it
+    (:meth:`workbench.grid.Grid.fractional_index`, rounded); the target heatmap is the maximum over sources of a
+    Gaussian of :data:`DETECT_SIGMA` cells around those cells. Focal loss (CenterNet's, :data:`DETECT_FOCAL`):
+    -(1-p)^2 log p at the sources' cells, -(1-target)^4 p^2 log(1-p) elsewhere; plus the L1 error of the predicted
+    sub-cell offset at each source's cell against the source's position in it (cells of phi, theta, 1/r). Both are
+    sums over sources and cells divided by the number of sources: invariant to the order of the true sources."""
+    grid = det.grid
+    shape = torch.tensor(grid.shape, device=det.logits.device, dtype=torch.float64)
+    mask = batch.mask
+    frac = grid.fractional_index(batch.phi.double(), batch.theta.double(), torch.where(mask, batch.r, 1.0).double())
+    frac = torch.minimum(frac.clamp_min(0.0), shape - 1)  # [B,K,3]
+    near = frac.round()
+    axes = [torch.arange(n, device=frac.device, dtype=torch.float64) for n in grid.shape]
+    d2 = sum((ax.view(*([1] * (2 + i)), -1, *([1] * (2 - i))) - near[:, :, i, None, None, None]) ** 2 for i, ax in enumerate(axes))
+    gauss = torch.where(mask[:, :, None, None, None], torch.exp(-d2 / (2 * DETECT_SIGMA**2)), torch.zeros_like(d2))
+    target = gauss.amax(1).float()  # [B,P,T,Q]
+    pos = target >= 1.0 - 1e-6
+    alpha, beta = DETECT_FOCAL
+    logp, log1mp = F.logsigmoid(det.logits), F.logsigmoid(-det.logits)
+    p = torch.sigmoid(det.logits)
+    focal = torch.where(pos, -((1 - p) ** alpha) * logp, -((1 - target) ** beta) * p**alpha * log1mp).sum()
+    b, k = mask.nonzero(as_tuple=True)
+    cell = near[b, k].long()
+    pred = det.offsets[b, :, cell[:, 0], cell[:, 1], cell[:, 2]]  # [n_sources,3]
+    offset = (pred - (frac[b, k] - near[b, k]).float()).abs().sum()
+    return (focal + offset) / mask.sum().clamp_min(1)
+
+
 def compute_losses(out: ModelOutput, batch: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig,
                    terms: tuple[str, ...] | None = None) -> tuple[dict[str, torch.Tensor], Covariances]:
     """All loss terms by name plus ``total`` (the weighted sum of the terms with non-zero weight).
@@ -108,6 +141,8 @@ def compute_losses(out: ModelOutput, batch: SceneBatch, R_samp: torch.Tensor, cf
         losses["subspace"] = spectral.subspace_energy(
             cov.eigen_input(), a_true, batch.mask, K, fixes.subspace_backend, fixes.lorentzian_eps
         ).mean()
+    if "detect" in terms:
+        losses["detect"] = detection_loss(out.detection, batch) if out.detection is not None else torch.zeros((), device=R_samp.device)
     total = sum(weights[name] * value for name, value in losses.items() if weights[name] != 0.0)
     losses["total"] = total if isinstance(total, torch.Tensor) else torch.zeros((), device=R_samp.device)
     return losses, cov

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,11 +48,16 @@ REFERENCE_MODEL = ModelConfig(width=512, layers=4, heads=8, ffn_mult=7)  # about
 @dataclass
 class ModelOutput:
     """A [B,N,K_max] complex64 factor (R_pred = A A^H); k_logits [B,K_max] (class j means K = j+1);
-    angles [B,K_max,3] float32: phi, theta in radians and r in metres, inside the system's field of view."""
+    angles [B,K_max,3] float32: phi, theta in radians and r in metres, inside the system's field of view.
+    The detector head (:mod:`workbench.detector`) also gives ``detection`` (its heatmap, a
+    :class:`workbench.detector.Detection`) and ``sources`` (K and every source's location and power, a
+    :class:`workbench.detector.Sources`); None for the other heads."""
 
     A: torch.Tensor
     k_logits: torch.Tensor
     angles: torch.Tensor
+    detection: Any = None
+    sources: Any = None
 
 
 @dataclass
@@ -255,10 +261,16 @@ class _Scale(nn.Module):
 
 
 def build_model(system: SystemConfig, cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> CovarianceNet:
-    """A seeded model on ``device`` (initialisation on the CPU so it is the same on every device)."""
+    """A seeded model on ``device`` (initialisation on the CPU so it is the same on every device): a
+    :class:`CovarianceNet`, or for ``cfg.head == "detector"`` its subclass :class:`workbench.detector.LocaliserNet`."""
+    cls = CovarianceNet
+    if cfg.head == "detector":
+        from .detector import LocaliserNet  # imports this module
+
+        cls = LocaliserNet
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CovarianceNet(system, cfg)
+        model = cls(system, cfg)
     return model.to(device)
 
 

@@ -278,12 +278,13 @@ class TrainingParams(NotebookParams):
 
 @dataclass
 class LocalisationParams(NotebookParams):
-    """05: localisation from R_true, the R_samp estimators, the physics baseline and every preset's trained network.
-    The networks are trained as in notebook 04 (same fields, same defaults) into ``models_dir``, or reused from it
-    when a complete run of exactly that config is there (:func:`workbench.experiments.train_entries`). With ``data``
-    the networks train on the dataset's scenes (never reused: a saved run records its config, not its scenes) into
-    ``out_dir/models`` unless ``models_dir`` names a folder; the localisation scenes are simulated with the dataset's
-    system (the SNR sweep needs scenes at each SNR)."""
+    """05: localisation from R_true, the R_samp estimators, the physics baseline, every preset's trained network and the
+    learned localiser (``localiser``: trained here with the same sizes as the networks, or loaded from ``localiser_run``,
+    a run folder of the ``localiser`` entry trained with a bigger budget). The networks are trained as in notebook 04
+    (same fields, same defaults) into ``models_dir``, or reused from it when a complete run of exactly that config is
+    there (:func:`workbench.experiments.train_entries`). With ``data`` the networks train on the dataset's scenes (never
+    reused: a saved run records its config, not its scenes) into ``out_dir/models`` unless ``models_dir`` names a
+    folder; the localisation scenes are simulated with the dataset's system (the SNR sweep needs scenes at each SNR)."""
 
     _section: ClassVar[str] = "05_localisation"
     ci: ClassVar[dict[str, Any]] = {"n_per_snr": 2, "snrs_db": "0,20", "estimators": "beamscan", "presets": "seed_fix2,recommended",
@@ -297,6 +298,8 @@ class LocalisationParams(NotebookParams):
     physics_baseline: bool = True
     use_true_k: bool = True
     presets: str = "seed_before,seed_fix1,seed_fix2,seed_fix3,recommended"
+    localiser: bool = True
+    localiser_run: str = ""
     blend: bool = False
     spectrum_of: str = ""
     scene: int = field(default=0, metadata=_rng(0, None))
@@ -316,6 +319,9 @@ class LocalisationParams(NotebookParams):
         self.estimator_names  # noqa: B018
         if self.scene >= self.n_per_snr:
             raise ConfigError(f"{self._section}.scene = {self.scene} must be < n_per_snr = {self.n_per_snr}")
+        if self.localiser_path is not None and not (self.localiser_path / "checkpoint.pt").is_file():
+            raise ConfigError(f"{self._section}.localiser_run = {self.localiser_run!r}: no checkpoint.pt there; give a run folder "
+                              "of the localiser entry (workbench compare --presets localiser --out DIR writes DIR/localiser) or ''")
         if self.spectrum_of and self.spectrum_of not in self.source_names:
             raise ConfigError(f"{self._section}.spectrum_of = {self.spectrum_of!r}: expected '' or one of the sources this run "
                               f"localises from: {', '.join(self.source_names)}")
@@ -335,7 +341,22 @@ class LocalisationParams(NotebookParams):
         names = ["R_true", *(f"R_samp[{e}]" for e in self.estimator_names), *(["physics[ML]"] if self.physics_baseline else [])]
         for p in self.preset_names:
             names += [f"{p}:R_pred", *([f"{p}:R_blend"] if self.blend else [])]
+        if self.localiser:
+            names += ["localiser:R_pred", *(["localiser:R_blend"] if self.blend else [])]
         return names
+
+    @property
+    def entry_names(self) -> list[str]:
+        """The entries trained (or reused) here: the presets, and the learned localiser (the ``localiser`` entry of
+        :data:`workbench.experiments.VARIANTS`) when ``localiser`` is on and no ``localiser_run`` is given."""
+        return [*self.preset_names, *(["localiser"] if self.localiser and not self.localiser_run else [])]
+
+    @property
+    def localiser_path(self) -> Path | None:
+        """``localiser_run`` as an absolute run folder (relative: under :func:`project_root`), or None for ""."""
+        if not self.localiser_run:
+            return None
+        return Path(self.localiser_run) if os.path.isabs(self.localiser_run) else project_root() / self.localiser_run
 
     @property
     def spectrum_source(self) -> str:

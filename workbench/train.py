@@ -70,10 +70,22 @@ def evaluate(model: CovarianceNet, data: SceneBatch, R_samp: torch.Tensor, cfg: 
              prior: torch.Tensor | None = None, fits: PhysicsFits | None = None) -> dict:
     """Validation: mean weighted loss, mean of every term, and the unweighted NMSE of R_pred. R_samp [n,N,N], its
     prior factor [n,N,K_max] (None: the model computes it) and the physics head's ML fits (None: those of each
-    slice's own cache) of the ``data`` scenes (:class:`workbench.forward.RsampCache`)."""
+    slice's own cache) of the ``data`` scenes (:class:`workbench.forward.RsampCache`). A model with a ``validation``
+    context (the detector head, :meth:`workbench.detector.LocaliserNet.validation`) is validated inside it: its val_nmse
+    is then of the unrefined R_pred."""
     model.eval()
     sums: dict[str, float] = {}
     nm = []
+    with getattr(model, "validation", contextlib.nullcontext)():  # the detector head: no likelihood refinement here
+        _evaluate_batches(model, data, R_samp, cfg, batch_size, prior, fits, sums, nm)
+    model.train()
+    n = len(data)
+    return {"val_loss": sums["total"] / n, "val_terms": {k: v / n for k, v in sums.items() if k != "total"},
+            "val_nmse": float(torch.cat(nm).mean())}
+
+
+def _evaluate_batches(model, data, R_samp, cfg, batch_size, prior, fits, sums: dict, nm: list) -> None:
+    """The batches of :func:`evaluate`: loss sums (weighted by scenes) into ``sums``, per-scene NMSE into ``nm``."""
     for s in range(0, len(data), batch_size):
         b = data[s:s + batch_size]
         _, cov, losses = forward(model, b, R_samp[s:s + batch_size], cfg, prior=None if prior is None else prior[s:s + batch_size],
@@ -81,10 +93,6 @@ def evaluate(model: CovarianceNet, data: SceneBatch, R_samp: torch.Tensor, cfg: 
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(b)
         nm.append(nmse(cov.R_pred, cov.R_ref))  # unweighted: no knob enters it
-    model.train()
-    n = len(data)
-    return {"val_loss": sums["total"] / n, "val_terms": {k: v / n for k, v in sums.items() if k != "total"},
-            "val_nmse": float(torch.cat(nm).mean())}
 
 
 RESUME_MAY_CHANGE = ("train.epochs", "train.device")  # fields a resume may change (applied and recorded); any other is refused

@@ -1,0 +1,238 @@
+"""The learned localiser (workbench/detector.py): shapes, units and ranges of what it returns; that no oracle field of a
+scene is read; the detection loss (invariant to the order of the true sources, lower at the truth, lowered by
+training); the likelihood refinement; the grid's fractional indices; config validation. Tiny budgets."""
+
+import math
+
+import pytest
+import torch
+
+from workbench.config import ConfigError, ModelConfig, SystemConfig
+from workbench.detector import PAD_SHARE, Detection, LocaliserNet, detection_grid
+from workbench.experiments import VARIANTS, entry_config
+from workbench.forward import forward, rsamp_cache
+from workbench.grid import Grid
+from workbench.likelihood import ml_refine
+from workbench.losses import compute_losses, detection_loss
+from workbench.model import build_model
+from workbench.physics import SceneBatch, simulate
+from workbench.train import fit
+
+TINY = {"system.N_H": 4, "system.N_V": 4, "system.M": 8, "system.L": 8, "system.K_max": 2, "model.width": 8,
+        "model.layers": 1, "model.detector_step_deg": 10.0, "model.detector_n_r": 3}
+
+
+def _cfg(**extra):
+    return entry_config("localiser", {**TINY, **extra})
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = _cfg()
+    batch = simulate(cfg.system, 6, seed=4)
+    model = build_model(cfg.system, cfg.model, seed=1).eval()
+    return cfg, batch, model
+
+
+def _run(model, batch, cfg, R_samp=None):
+    R_samp = rsamp_cache(batch).rsamp_of(cfg) if R_samp is None else R_samp
+    with torch.no_grad():
+        return forward(model, batch, R_samp, cfg)
+
+
+def test_outputs_have_documented_shapes_units_and_ranges(setup):
+    cfg, batch, model = setup
+    s = cfg.system
+    assert isinstance(model, LocaliserNet) and "localiser" in VARIANTS
+    out, cov, _ = _run(model, batch, cfg)
+    B, N, Kmax = len(batch), s.N, s.K_max
+    src = out.sources
+    assert out.A.shape == (B, N, Kmax) and out.A.dtype == torch.complex64
+    assert out.k_logits.shape == (B, Kmax) and out.angles.shape == (B, Kmax, 3)
+    assert out.detection.logits.shape == (B, *model.grid.shape) and out.detection.offsets.shape == (B, 3, *model.grid.shape)
+    assert out.detection.offsets.abs().max() <= 0.5
+    assert ((src.K >= 1) & (src.K <= Kmax)).all()
+    assert torch.equal(out.k_logits.argmax(1) + 1, src.K)  # the count's logits agree with the decoded count
+    assert torch.equal(src.mask, torch.arange(Kmax)[None, :] < src.K[:, None])  # real sources first
+    assert ((src.score >= 0) & (src.score <= 1)).all() and (src.score[:, :-1] >= src.score[:, 1:]).all()
+    pm, tm = math.radians(s.phi_max_deg), math.radians(s.theta_max_deg)
+    assert (src.phi.abs() <= pm + 1e-9).all() and (src.theta.abs() <= tm + 1e-9).all()
+    assert ((src.r >= s.r_min_m - 1e-9) & (src.r <= s.r_max_m + 1e-9)).all()
+    assert (src.power[src.mask] > 0).all() and (src.power[~src.mask] == 0).all()
+    assert torch.isfinite(src.noise_var).all() and (src.noise_var > 0).all()
+    # powers in mW on the scale of the true ones (the refinement fits them); R_pred sum_k p_k a_k a_k^H in mW
+    R = src.covariance(s)
+    assert R.shape == (B, N, N)
+    torch.testing.assert_close(R, R.mH)
+    torch.testing.assert_close(torch.diagonal(R, dim1=-2, dim2=-1).real.sum(-1), src.power.sum(1).float(), rtol=1e-4, atol=0)
+    ratio = src.power.sum(1) / batch.power.sum(1)
+    assert ((ratio > 1e-2) & (ratio < 1e2)).all()
+    # the pipeline's R_pred = A A^H is the same matrix trace-normalised to N (plus the next peaks at PAD_SHARE each)
+    torch.testing.assert_close(cov.R_pred, R * (N / src.power.sum(1).float())[:, None, None], rtol=1e-3, atol=1e-3)
+    pad = out.A.abs().square().sum(1)[~src.mask]  # the next peaks, at PAD_SHARE of the trace each
+    torch.testing.assert_close(pad, torch.full_like(pad, N * PAD_SHARE), rtol=1e-4, atol=0)
+
+
+def test_no_oracle_field_is_read(setup):
+    cfg, batch, model = setup
+    R_samp = rsamp_cache(batch).rsamp_of(cfg)
+    clean = _run(model, batch, cfg, R_samp).out
+    nan = float("nan")
+    poisoned = SceneBatch(y=batch.y.clone(), H=batch.H.clone(), codes=batch.codes.clone(),
+                          signal=torch.full_like(batch.signal, nan), R_true=torch.full_like(batch.R_true, nan),
+                          K=torch.full_like(batch.K, 99), phi=torch.full_like(batch.phi, nan), theta=torch.full_like(batch.theta, nan),
+                          r=torch.full_like(batch.r, nan), power=torch.full_like(batch.power, nan), mask=~batch.mask,
+                          snr_db=torch.full_like(batch.snr_db, nan), noise_var=torch.full_like(batch.noise_var, nan))
+    dirty = _run(model, poisoned, cfg, torch.full_like(R_samp, nan)).out
+    for name in ("A", "k_logits", "angles"):
+        assert torch.isfinite(getattr(dirty, name)).all()
+        assert torch.equal(getattr(dirty, name), getattr(clean, name)), name
+    for name in ("K", "phi", "theta", "r", "power", "mask", "score", "noise_var"):
+        assert torch.equal(getattr(dirty.sources, name), getattr(clean.sources, name)), name
+    assert torch.equal(dirty.detection.logits, clean.detection.logits)
+
+
+def _permuted(batch: SceneBatch, order: torch.Tensor) -> SceneBatch:
+    t = batch.tensors()
+    return SceneBatch(**{**t, **{k: t[k][:, order] for k in ("phi", "theta", "r", "power", "mask")}})
+
+
+def test_validation_scores_the_heatmap_without_refining(setup):
+    cfg, batch, model = setup
+    with torch.no_grad():
+        with model.validation():
+            val = model(batch.y, batch.H, batch.codes)
+        model.train()
+        try:
+            train = model(batch.y, batch.H, batch.codes)
+        finally:
+            model.eval()
+        inferred = model(batch.y, batch.H, batch.codes)
+    assert torch.equal(val.angles, train.angles) and not torch.equal(val.angles, inferred.angles)
+    assert not model._validating
+
+
+def test_detection_loss_is_invariant_to_the_order_of_the_true_sources(setup):
+    cfg, batch, model = setup
+    det = _run(model, batch, cfg).out.detection
+    base = detection_loss(det, batch)
+    for order in (torch.tensor([1, 0]),):
+        torch.testing.assert_close(detection_loss(det, _permuted(batch, order)), base, rtol=1e-6, atol=0)
+    # it depends on where the sources are: moving them changes it
+    moved = SceneBatch(**{**batch.tensors(), "phi": -batch.phi + 0.3 * batch.mask})
+    assert not torch.isclose(detection_loss(det, moved), base)
+
+
+def test_detection_loss_is_lowest_at_the_truth(setup):
+    cfg, batch, model = setup
+    grid = model.grid
+    frac = grid.fractional_index(batch.phi, batch.theta, torch.where(batch.mask, batch.r, 1.0))
+    shape = torch.tensor(grid.shape) - 1
+    near = torch.minimum(frac.clamp_min(0), shape).round().long()
+    logits = torch.full((len(batch), *grid.shape), -8.0)
+    offsets = torch.zeros(len(batch), 3, *grid.shape)
+    for b, k in zip(*batch.mask.nonzero(as_tuple=True)):
+        p, t, q = near[b, k].tolist()
+        logits[b, p, t, q] = 8.0
+        offsets[b, :, p, t, q] = (frac[b, k] - near[b, k]).float()
+    right = detection_loss(Detection(logits, offsets, grid), batch)
+    wrong = detection_loss(Detection(logits.flip(1), offsets, grid), batch)
+    assert right < 0.05 < wrong
+    assert detection_loss(Detection(logits, torch.zeros_like(offsets) + 0.4, grid), batch) > right
+
+
+def test_compute_losses_reports_detect_only_for_a_heatmap(setup):
+    cfg, batch, model = setup
+    R_samp = rsamp_cache(batch).rsamp_of(cfg)
+    model.train()
+    try:
+        losses, _ = compute_losses(model(batch.y, batch.H, batch.codes), batch, R_samp, cfg)
+    finally:
+        model.eval()
+    assert losses["detect"].requires_grad and torch.isclose(losses["total"], losses["detect"])  # the variant trains on it alone
+    plain = build_model(cfg.system, ModelConfig(width=8, heads=2, layers=1))
+    other, _ = compute_losses(plain(batch.y, batch.H, batch.codes), batch, R_samp, cfg)
+    assert float(other["detect"]) == 0.0
+
+
+def test_training_on_a_tiny_set_lowers_the_detection_loss():
+    cfg = _cfg(**{"train.n_train": 16, "train.n_val": 8, "train.epochs": 6, "train.batch_size": 8, "train.lr": 1e-2,
+                  "model.refine_iters": 0})
+    run = fit(cfg, progress=False)
+    h = run.history
+    assert all(r["skipped_nonfinite"] == 0 for r in h)
+    assert h[-1]["terms"]["detect"] < 0.7 * h[0]["terms"]["detect"], [r["terms"]["detect"] for r in h]
+
+
+def test_prune_drops_weak_and_duplicate_sources_and_keeps_the_count_consistent(setup):
+    cfg, batch, model = setup
+    B, K = 3, cfg.system.K_max + 1
+    model = build_model(cfg.system.replace(K_max=K), cfg.model).eval()
+    phi = torch.tensor([[0.1, 0.1 + 1e-3, -0.4]]).repeat(B, 1)  # slot 1 duplicates slot 0
+    theta, r = torch.zeros(B, K), torch.full((B, K), 2.0)
+    power = torch.tensor([[1e-4, 5e-5, 1e-12]]).repeat(B, 1).double()  # slot 2 far below the noise
+    keep = torch.ones(B, K, dtype=torch.bool)
+    score = torch.tensor([[0.9, 0.8, 0.7]]).repeat(B, 1)
+    gain = torch.ones(B, K)
+    H, codes = batch.H[:B], batch.codes[:B]
+    score2, alive, phi2, _, _, p2, k_logits = model.prune(H, codes, score, keep, phi, theta, r, power, torch.full((B,), 1e-9).double(),
+                                                          gain.cumsum(1))
+    assert alive.tolist() == [[True, False, False]] * B and torch.equal(phi2[:, 0], phi[:, 0])
+    assert torch.equal(k_logits.argmax(1) + 1, alive.sum(1)) and (p2[~alive] == 0).all()
+
+
+def test_refinement_moves_detections_towards_the_sources():
+    s = SystemConfig(N_H=6, N_V=6, K_max=2, snr_db_min=25, snr_db_max=25)
+    b = simulate(s, 8, seed=2)
+    start = (b.phi + 0.03 * b.mask, b.theta - 0.03 * b.mask, b.r)
+    err = lambda phi, theta: ((phi - b.phi).abs() + (theta - b.theta).abs())[b.mask].mean()  # noqa: E731
+    phi, theta, r, power, noise_var = ml_refine(b.y, b.H, b.codes, s, *start, b.mask, iters=8)
+    assert err(phi, theta) < 0.3 * err(*start[:2])
+    assert (power[~b.mask] == 0).all() and torch.isfinite(noise_var).all()
+    ratio = (noise_var / b.noise_var.double())
+    assert ((ratio > 0.3) & (ratio < 3)).all()
+
+
+def test_grid_fractional_index_round_trip():
+    s = SystemConfig(N_H=6, N_V=6)
+    grid = Grid.default(s, step_deg=5.0, n_r=4)
+    idx = torch.tensor([[0.0, 0.0, 0.0], [3.25, 2.5, 1.75], [float(n - 1) for n in grid.shape]], dtype=torch.float64)
+    back = grid.fractional_index(*grid.from_fractional(idx))
+    torch.testing.assert_close(back, idx)
+    phi, theta, r = grid.coords(torch.tensor([[1, 2, 3]]))
+    torch.testing.assert_close(grid.fractional_index(phi, theta, r), torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64))
+
+
+def test_detector_config_is_validated():
+    with pytest.raises(ConfigError, match="model.head.*'detector'"):
+        ModelConfig(head="detektor")
+    with pytest.raises(ConfigError, match="model.detector_threshold"):
+        ModelConfig(detector_threshold=1.5)
+    with pytest.raises(ConfigError, match="model.refine_iters"):
+        ModelConfig(refine_iters=-1)
+    with pytest.raises(ConfigError, match="model.detector_min_snr_db"):
+        ModelConfig(detector_min_snr_db=float("nan"))
+    assert detection_grid(SystemConfig(), ModelConfig(detector_step_deg=4.0, detector_n_r=6)).shape == (31, 16, 6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_localiser_on_cuda_matches_cpu(setup):
+    cfg, batch, model = setup
+    cuda = build_model(cfg.system, cfg.model, "cuda", seed=1).eval()
+    out_cpu = _run(model, batch, cfg).out
+    out_gpu = _run(cuda, batch.to("cuda"), cfg).out
+    assert out_gpu.A.device.type == "cuda"
+    assert torch.equal(out_gpu.sources.K.cpu(), out_cpu.sources.K)
+    torch.testing.assert_close(out_gpu.angles.cpu(), out_cpu.angles, rtol=1e-3, atol=1e-3)
+
+
+def test_compare_takes_the_localiser_as_an_entry(tmp_path):
+    from workbench.studies import compare as C
+
+    cfg = entry_config("localiser")
+    assert cfg.model.head == "detector" and C._entry_oracle(cfg.to_dict()) == "none"
+    res = C.compare(["localiser"], {**TINY, "train.n_train": 8, "train.n_val": 4, "train.epochs": 1, "train.batch_size": 4},
+                    snrs_db=[20.0], n_per_snr=2, baselines=("identity",), progress=False, n_boot=20)
+    row = next(r for r in res["table"] if r["row"] == "localiser: R_pred")
+    assert row["oracle"] == "none" and row["localisation"]["20"]["own_k"]["k_accuracy"]["value"] is not None

@@ -1,0 +1,112 @@
+"""The learned localiser (:mod:`workbench.detector`) against the maximum-likelihood fit it is meant to replace, on the
+same scenes and device: every source's location scored against its own Cramer-Rao bound, the count, the covariance
+NMSE and the seconds per scene (README, "The learned localiser"; notebook 05; benchmarks/bench_localiser.py).
+
+Both estimators are scored on their own sources, directly (no MUSIC in between): the localiser's decoded and refined
+detections (:class:`workbench.detector.Sources`) and the ML fit's MDL fit (:func:`workbench.likelihood.ml_fit_for`,
+K by MDL). Neither sees K, the noise variance or R_true. Scoring: :func:`workbench.metrics.score_sources` with the
+per-source CRB (:func:`workbench.likelihood.crb_for`), the detection gate of :data:`workbench.metrics.GATE_SIGMAS`
+floored at one step of the default search grid (as :func:`.localisation.localisation_vs_snr`), 95 % bootstrap
+intervals over scenes. NMSE: ||R_hat - R_true||_F^2 / ||R_true||_F^2 of the trace-normalised matrices (no fitted
+constant for either). Data in, rows out.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+
+from ..covariance import nmse, reference
+from ..forward import forward, rsamp_cache
+from ..grid import Grid
+from ..likelihood import crb_for, ml_localise
+from ..metrics import GATE_SIGMAS, mean_interval, score_sources, summarise
+from ..physics import SceneBatch
+from .localisation import _finite_summary, snr_batch, snr_scene_seed
+
+ESTIMATORS = ("localiser", "ML fit")
+
+
+@torch.no_grad()
+def run_localiser(run, batch: SceneBatch, batch_size: int = 64):
+    """The trained localiser ``run`` (a :class:`~workbench.checkpoints.TrainResult` of a ``model.head = "detector"``
+    config) on ``batch``, ``batch_size`` scenes per call through :func:`workbench.forward.forward` (evaluation mode:
+    refined; the feature maps computed inside the timed call, from y, H and the codes). Returns
+    (:class:`workbench.detector.Sources` of all scenes on the batch's device, seconds of the localiser's calls)."""
+    cfg, model = run.config, run.model
+    model.eval()
+    R_samp = rsamp_cache(batch).rsamp_of(cfg)  # the pipeline's, not read by the localiser: computed before the clock starts
+    parts, t0 = [], time.perf_counter()
+    for s in range(0, len(batch), batch_size):
+        b = batch[s:s + batch_size]
+        parts.append(forward(model, b, R_samp[s:s + batch_size], cfg, out_device=b.y.device).out.sources)
+    seconds = time.perf_counter() - t0
+    cat = {k: torch.cat([getattr(p, k) for p in parts]) for k in parts[0].__dataclass_fields__}
+    return type(parts[0])(**cat), seconds
+
+
+def localiser_vs_ml(run, snrs_db: Sequence[float], n_per_snr: int, seed: int = 0, split: str = "dev", device=None,
+                    batch_size: int = 64, n_boot: int = 1000, gate: float = GATE_SIGMAS) -> dict:
+    """The localiser ``run`` and the ML fit on ``n_per_snr`` scenes of ``split`` at each SNR (the scenes of
+    :func:`.localisation.localisation_vs_snr` with the same seed and split), on ``device`` (default: the run's).
+
+    Returns {"snr_db", "n_per_snr", "split", "seed", "gate", "device", "rows": [{"snr_db", "estimator" (one of
+    :data:`ESTIMATORS`), "oracle": "none", "stats": {statistic: {"value", "lo", "hi"}} (:data:`workbench.metrics.STATISTICS`),
+    "nmse": {"value", "lo", "hi"}, "seconds_per_scene"}]}."""
+    system = run.config.system
+    dev = next(run.model.parameters()).device if device is None else torch.device(device)
+    floor = Grid.default(system).steps().tolist()
+    rows = []
+    for i, snr in enumerate(snrs_db):
+        scene_seed = snr_scene_seed(seed, i, split)
+        batch = snr_batch(system, snr, n_per_snr, scene_seed, dev)
+        crb_k = crb_for(batch, system)
+        truth = (batch.phi, batch.theta, batch.r, batch.mask)
+        R_ref = reference(batch.R_true)
+        src, sec = run_localiser(run, batch, batch_size)
+        t0 = time.perf_counter()
+        ml = ml_localise(batch.y, batch.H, batch.codes, system)
+        ml_sec = time.perf_counter() - t0
+        for name, (phi, theta, r, mask, R_hat, seconds) in {
+            "localiser": (src.phi, src.theta, src.r, src.mask, src.covariance(system), sec),
+            "ML fit": (ml.loc.phi, ml.loc.theta, ml.loc.r, ml.loc.mask, ml.covariance(system), ml_sec),
+        }.items():
+            scores = score_sources(phi, theta, r, mask, *truth, crb_k, floor=floor, gate=gate)
+            rows.append({"snr_db": float(snr), "estimator": name, "oracle": "none",
+                         "stats": _finite_summary(summarise(scores, n_boot=n_boot, seed=scene_seed)),
+                         "nmse": mean_interval(nmse(reference(R_hat), R_ref), n_boot=n_boot, seed=scene_seed),
+                         "seconds_per_scene": seconds / len(batch)})
+    return {"snr_db": [float(s) for s in snrs_db], "n_per_snr": n_per_snr, "split": split, "seed": seed, "gate": gate,
+            "device": str(dev), "rows": rows}
+
+
+@torch.no_grad()
+def localiser_scene(run, batch: SceneBatch) -> dict:
+    """The localiser ``run`` and the ML fit on the one scene in ``batch`` (e.g. :func:`.localisation.snr_scene`), for a
+    figure: the matched-filter spectrum the network reads (its first feature map, dB relative to the maximum) and its
+    heatmap (probability), each the maximum over range on the detector's phi x theta grid, with the localiser's
+    sources, the ML fit's (K by MDL) and the true ones. Plain lists: {"snr_db", "K", "K_localiser", "K_ml", "phi_deg"
+    [P], "theta_deg" [T], "spectrum_db" [T][P], "heat" [T][P], "localiser", "ml", "true": [{"phi_deg", "theta_deg",
+    "r_m"}]}."""
+    if len(batch) != 1:
+        raise ValueError(f"batch: expected one scene, got {len(batch)}")
+    cfg, model = run.config, run.model
+    model.eval()
+    out = forward(model, batch, rsamp_cache(batch).rsamp_of(cfg), cfg, out_device=batch.y.device).out
+    det, src = out.detection, out.sources
+    ml = ml_localise(batch.y, batch.H, batch.codes, cfg.system)
+
+    def points(phi, theta, r, mask):
+        return [{"phi_deg": math.degrees(float(p)), "theta_deg": math.degrees(float(t)), "r_m": float(q)}
+                for p, t, q, m in zip(phi[0].tolist(), theta[0].tolist(), r[0].tolist(), mask[0].tolist()) if m]
+
+    spec = (10 * det.features[0, 0]).amax(-1)  # [P,T] dB
+    heat = torch.sigmoid(det.logits[0]).amax(-1)
+    return {"snr_db": float(batch.snr_db[0]), "K": int(batch.K[0]), "K_localiser": int(src.K[0]), "K_ml": int(ml.loc.K[0]),
+            "phi_deg": torch.rad2deg(det.grid.phi).tolist(), "theta_deg": torch.rad2deg(det.grid.theta).tolist(),
+            "spectrum_db": spec.T.tolist(), "heat": heat.T.tolist(),
+            "localiser": points(src.phi, src.theta, src.r, src.mask), "ml": points(ml.loc.phi, ml.loc.theta, ml.loc.r, ml.loc.mask),
+            "true": points(batch.phi, batch.theta, batch.r, batch.mask)}
