@@ -26,7 +26,7 @@ from workbench.experiments import budget_overrides, entry_config
 from workbench.likelihood import ml_localise
 from workbench.model import build_model
 from workbench.physics import simulate
-from workbench.studies.localiser import run_localiser
+from workbench.studies.localiser import run_localiser, with_entry_decoding
 
 
 def parse_args(argv=None):
@@ -57,9 +57,7 @@ def main(argv=None) -> None:
     if args.run:
         run = load_checkpoint(Path(args.run) / "checkpoint.pt", device=device)
         if not args.own_decoding:  # the entry's current decoding settings (they are not weights)
-            entry = entry_config("localiser").model
-            run.model.set_decoding(**{k: getattr(entry, k) for k in DECODING_FIELDS})
-            run.config = run.config.replace(model=run.model.cfg.to_dict())
+            with_entry_decoding(run)
         what = f"trained run {args.run}, decoding " + ", ".join(f"{k} {getattr(run.model.cfg, k)}" for k in DECODING_FIELDS)
     else:
         cfg = entry_config("localiser", budget_overrides("quick"))

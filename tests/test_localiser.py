@@ -236,3 +236,34 @@ def test_compare_takes_the_localiser_as_an_entry(tmp_path):
                     snrs_db=[20.0], n_per_snr=2, baselines=("identity",), progress=False, n_boot=20)
     row = next(r for r in res["table"] if r["row"] == "localiser: R_pred")
     assert row["oracle"] == "none" and row["localisation"]["20"]["own_k"]["k_accuracy"]["value"] is not None
+
+
+def test_the_localiser_command_trains_scores_and_writes_the_result_file(tmp_path, capsys):
+    """`workbench train --preset localiser` makes a run folder; `workbench localiser --run` scores it against the ML fit
+    on the test split and writes the result pair whose markdown is what the formatter makes of its numbers."""
+    import json
+
+    from workbench.cli import main
+    from workbench.figures.results import markdown
+
+    sets = [a for k, v in {**TINY, "train.n_train": 8, "train.n_val": 4, "train.epochs": 1, "train.batch_size": 4}.items()
+            for a in ("--set", k, json.dumps(v))]
+    run = tmp_path / "loc"
+    assert main(["train", "--preset", "localiser", *sets, "--out", str(run), "--no-progress", "--threads", "1"]) == 0
+    res = tmp_path / "res"
+    assert main(["localiser", "--run", str(run), "--snrs", "20", "--n-per-snr", "3", "--n-boot", "20", "--threads", "1",
+                 "--results", str(res)]) == 0
+    summary = json.loads(res.with_suffix(".json").read_text())
+    assert summary["kind"] == "localiser" and summary["split"] == "test" and summary["command"]
+    assert [(r["snr_db"], r["estimator"]) for r in summary["rows"]] == [(20.0, "localiser"), (20.0, "ML fit")]
+    assert all(r["oracle"] == "none" and r["seconds_per_scene"] > 0 for r in summary["rows"])
+    assert summary["training"]["n_train"] == 8 and summary["decoding"]["detector_rounds"] == entry_config("localiser").model.detector_rounds
+    md = res.with_suffix(".md").read_text()
+    assert md == markdown(summary) and "| 20 | localiser |" in md and "goal <= 0.5x" in md
+    # a run of another head is refused, naming --run
+    assert main(["train", "--preset", "recommended", *sets[:len(TINY) * 3], "--set", "train.n_train", "4", "--set", "train.n_val", "2",
+                 "--set", "train.epochs", "1", "--out", str(tmp_path / "rec"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["localiser", "--run", str(tmp_path / "rec"), "--n-per-snr", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--run" in err and "'detector'" in err

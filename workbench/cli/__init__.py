@@ -18,9 +18,9 @@ import re
 import sys
 
 from ..config import ConfigError
-from . import compare, data, diagnose, report, runs, seed_table, sweep, tables, train
+from . import compare, data, diagnose, localiser, report, runs, seed_table, sweep, tables, train
 
-COMMAND_MODULES = (data, seed_table, tables, diagnose, train, compare, sweep, report, runs)  # in the order of --help
+COMMAND_MODULES = (data, seed_table, tables, diagnose, train, compare, localiser, sweep, report, runs)  # in the order of --help
 
 # a value, not an option: a negative number or list of numbers ("-5", "-1e-3", "-10,0"), or -inf / -Infinity / -nan
 NEGATIVE_NUMBER = re.compile(r"^-((\d|\.\d)[\d.,eE+-]*|inf|infinity|nan)$", re.IGNORECASE)

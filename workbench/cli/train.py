@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoints import CHECKPOINT_FILE, HISTORY_FILE, RunFolder, check_out_folder
-from ..config import PRESETS, ConfigError, ExperimentConfig, parse_overrides, preset
+from ..config import ConfigError, ExperimentConfig, parse_overrides
+from ..experiments import ENTRIES, entry_config
 from ..figures import fmt
 from ..io import atomic_write_json
 from ..train import fit, torch_threads, verify
@@ -32,8 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            ("verify", f"the seed note's four checks after a short training ({budget}), PASS/FAIL")):
         p = sub.add_parser(name, help=helptext)
         resumed = "; with --resume: the run's own config" if name == "train" else ""
-        p.add_argument("--preset", choices=PRESETS, metavar="PRESET",
-                       help=f"base config, one of {', '.join(PRESETS)} (default {DEFAULT_PRESET}{resumed})")
+        p.add_argument("--preset", choices=ENTRIES, metavar="PRESET",
+                       help=f"base config, one of {', '.join(ENTRIES)} (a preset, or a variant of workbench compare such as "
+                            f"localiser; default {DEFAULT_PRESET}{resumed})")
         p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                        help="override a field, e.g. --set train.epochs 3 (value parsed as JSON when possible)")
         default_epochs = "the preset's" if name == "train" else VERIFY_BUDGET["train.epochs"]
@@ -66,7 +68,7 @@ def _cli_config(args: argparse.Namespace, base: ExperimentConfig | None = None) 
     """``--preset`` (or ``base``, or the default preset) with ``--set``/``--epochs``/``--n-train`` applied."""
     overrides = _cli_overrides(args)
     if args.preset is not None or base is None:
-        return preset(args.preset or DEFAULT_PRESET, **overrides)
+        return entry_config(args.preset or DEFAULT_PRESET, overrides)
     return base.replace(**overrides) if overrides else base
 
 

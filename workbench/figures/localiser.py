@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from . import WIDTH_IN, fmt, legend_outside
+from . import WIDTH_IN, fmt, legend_outside, markdown_table
 
 TABLE_STATS = (("miss_rate", "miss"), ("false_alarm_rate", "false alarm"), ("k_accuracy", "K acc."), ("nerr_phi", "nerr φ"),
                ("nerr_theta", "nerr θ"), ("nerr_r", "nerr r"))
@@ -24,6 +24,53 @@ def localiser_table(res: dict) -> list[dict]:
     matched sources) with 95 % intervals, the NMSE of the covariance and the seconds per scene."""
     return [{"SNR dB": fmt(r["snr_db"]), "estimator": r["estimator"], **{label: _ci(r["stats"][k]) for k, label in TABLE_STATS},
              "NMSE": _ci(r["nmse"]), "s / scene": fmt(r["seconds_per_scene"])} for r in res["rows"]]
+
+
+# the issue's goals for the learned localiser against the ML fit on the same scenes (README, "The learned localiser")
+GOALS = {"miss_rate": 0.5, "false_alarm_rate": 0.5}  # at most this share of the ML fit's rate
+GOAL_K_ACCURACY = 0.95
+GOAL_NERR = 1.3  # sqrt(mean err^2 / CRB_k) over matched sources, in phi and theta
+GOAL_SPEEDUP = 20.0  # the ML fit's seconds per scene over the localiser's
+
+
+def localiser_conclusion(res: dict) -> str:
+    """One sentence per SNR, computed from a :func:`workbench.studies.localiser.localiser_vs_ml` result: each goal
+    (:data:`GOALS`, :data:`GOAL_K_ACCURACY`, :data:`GOAL_NERR`, :data:`GOAL_SPEEDUP`) met or missed, with the measured
+    ratio or value against the ML fit on the same scenes."""
+    by = {(r["snr_db"], r["estimator"]): r for r in res["rows"]}
+    lines = []
+    for snr in res["snr_db"]:
+        loc, ml = by[snr, "localiser"], by[snr, "ML fit"]
+        parts = []
+        for key, label in (("miss_rate", "miss rate"), ("false_alarm_rate", "false-alarm rate")):
+            a, b = loc["stats"][key]["value"], ml["stats"][key]["value"]
+            ratio = a / b if b > 0 else float("inf") if a > 0 else 0.0
+            parts.append(f"{label} {fmt(a)} = {fmt(ratio)}x the ML fit's {fmt(b)} "
+                         f"({'met' if ratio <= GOALS[key] else 'missed'}: goal <= {fmt(GOALS[key])}x)")
+        k = loc["stats"]["k_accuracy"]["value"]
+        parts.append(f"K accuracy {fmt(k)} ({'met' if k >= GOAL_K_ACCURACY else 'missed'}: goal >= {fmt(GOAL_K_ACCURACY)}; "
+                     f"ML fit {fmt(ml['stats']['k_accuracy']['value'])})")
+        nerr = max(loc["stats"]["nerr_phi"]["value"], loc["stats"]["nerr_theta"]["value"])
+        parts.append(f"nerr over matched sources {fmt(nerr)} in the worse of φ, θ ({'met' if nerr <= GOAL_NERR else 'missed'}: "
+                     f"goal <= {fmt(GOAL_NERR)})")
+        nm_loc, nm_ml = loc["nmse"]["value"], ml["nmse"]["value"]
+        parts.append(f"NMSE {fmt(nm_loc)} against the ML fit's {fmt(nm_ml)} ({'below' if nm_loc < nm_ml else 'not below'})")
+        speed = ml["seconds_per_scene"] / loc["seconds_per_scene"]
+        parts.append(f"{fmt(speed)}x fewer seconds per scene ({'met' if speed >= GOAL_SPEEDUP else 'missed'}: goal >= {fmt(GOAL_SPEEDUP)}x)")
+        lines.append(f"- **{fmt(snr)} dB**: " + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
+def localiser_markdown(summary: dict) -> str:
+    """The result file of ``workbench localiser`` (kind ``localiser``) as markdown: what was trained and scored, the
+    table (:func:`localiser_table`) and the goals (:func:`localiser_conclusion`); ends in a newline."""
+    t, d = summary["training"], summary["decoding"]
+    head = (f"Trained on {t['n_train']} train-split scenes ({t['system']}), {t['epochs']} epochs, batch {t['batch_size']}, "
+            f"lr {fmt(t['lr'])}, width {t['width']}, {t['layers']} blocks ({fmt(t['train_seconds'])} s of training). "
+            f"Decoding: " + ", ".join(f"{k} {fmt(v)}" for k, v in sorted(d.items())) + ". "
+            f"Scored on {summary['n_per_snr']} {summary['split']}-split scenes per SNR (seed {summary['seed']}) on {summary['device']}; "
+            "neither estimator knows K, the noise variance or R_true.")
+    return f"{head}\n\n{markdown_table(localiser_table(summary))}\n\n{localiser_conclusion(summary)}\n"
 
 
 def localiser_scene_figure(view: dict) -> Figure:

@@ -4,13 +4,15 @@ Owns: turning a result summary (a dict with ``kind``) into the tables and conclu
 measure, write files (the command line does), or format numbers itself (:func:`workbench.figures.fmt` does).
 
 Kinds: ``compare`` (:func:`workbench.studies.compare.summary`), ``seed_table`` ({"rows": seed_table rows}),
-``estimators`` ({"rows": estimator_table rows}), ``mismatch`` ({"rows": studies.steering.mismatch_rows}).
+``estimators`` ({"rows": estimator_table rows}), ``mismatch`` ({"rows": studies.steering.mismatch_rows}), ``localiser``
+(:func:`workbench.studies.localiser.localiser_vs_ml` with "decoding" and "training").
 """
 
 from __future__ import annotations
 
 from . import MISSING, fmt
 from .compare import conclusion, format_table
+from .localiser import localiser_markdown
 from .seed_note import format_seed_table, seed_conclusion
 
 
@@ -51,4 +53,6 @@ def markdown(summary: dict) -> str:
         return f"{estimator_markdown(summary['rows'])}\n"
     if kind == "mismatch":
         return f"{mismatch_markdown(summary['rows'])}\n"
-    raise ValueError(f"result kind {kind!r}: expected compare, seed_table or estimators")
+    if kind == "localiser":
+        return localiser_markdown(summary)
+    raise ValueError(f"result kind {kind!r}: expected compare, seed_table, estimators, mismatch or localiser")

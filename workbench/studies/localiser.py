@@ -19,7 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ..checkpoints import TrainResult
 from ..covariance import nmse, reference
+from ..detector import DECODING_FIELDS
+from ..experiments import entry_config
 from ..forward import forward, rsamp_cache
 from ..grid import Grid
 from ..likelihood import crb_for, ml_localise
@@ -28,6 +31,28 @@ from ..physics import SceneBatch
 from .localisation import _finite_summary, snr_batch, snr_scene_seed
 
 ESTIMATORS = ("localiser", "ML fit")
+
+
+def with_entry_decoding(run: TrainResult) -> TrainResult:
+    """``run`` (a trained localiser) with the ``localiser`` entry's current decoding settings
+    (:data:`workbench.detector.DECODING_FIELDS`: threshold, minimum SNR, rounds, scoring steps; not weights), its config
+    following: a run trained before the settings were chosen on the dev split is scored as the entry decodes now."""
+    entry = entry_config("localiser").model
+    run.model.set_decoding(**{k: getattr(entry, k) for k in DECODING_FIELDS})
+    run.config = run.config.replace(model=run.model.cfg.to_dict())
+    return run
+
+
+def training_summary(run: TrainResult) -> dict:
+    """What a result file says of the trained run: {"n_train", "n_val", "epochs", "batch_size", "lr", "seed", "width",
+    "layers", "system" (N_H x N_V RIS, M, L, K range, SNR range), "train_seconds" (summed over its epochs),
+    "final_val_loss"}."""
+    c, s = run.config, run.config.system
+    last = run.history[-1] if run.history else {}
+    return {"n_train": c.train.n_train, "n_val": c.train.n_val, "epochs": len(run.history), "batch_size": c.train.batch_size,
+            "lr": c.train.lr, "seed": c.train.seed, "width": c.model.width, "layers": c.model.layers,
+            "system": f"{s.N_H}x{s.N_V} RIS, M {s.M}, L {s.L}, K {s.K_min}..{s.K_max}, SNR {s.snr_db_min:g}..{s.snr_db_max:g} dB",
+            "train_seconds": sum(h.get("seconds", 0.0) for h in run.history), "final_val_loss": last.get("val_loss")}
 
 
 @torch.no_grad()
