@@ -48,8 +48,8 @@ def test_every_subcommand_has_its_own_module_with_register():
     for module in COMMAND_MODULES:
         assert module.__name__.startswith("workbench.cli.") and callable(module.register)
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert list(sub.choices) == ["data", "seed-table", "estimator-table", "steering-mismatch", "diagnose", "train", "verify", "compare", "sweep",
-                                 "report", "runs"]
+    assert list(sub.choices) == ["data", "seed-table", "estimator-table", "steering-mismatch", "diagnose", "train", "verify", "compare",
+                                 "localiser", "sweep", "report", "runs"]
 
 
 def test_version_prints_workbench_and_torch_versions(capsys):

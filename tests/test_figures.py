@@ -153,6 +153,18 @@ def _fractions():
 
 PARAMS = ["fixes.subspace_backend", "loss.subspace", "train.lr"]
 
+def _localiser_view() -> dict:
+    """A :func:`workbench.studies.localiser.localiser_scene` result: a 31 x 21 (phi x theta) grid with two peaks."""
+    import numpy as np
+
+    phi, theta = np.linspace(-60, 60, 31), np.linspace(-40, 40, 21)
+    P, T = np.meshgrid(phi, theta)
+    heat = np.exp(-((P - 20) ** 2 + (T - 10) ** 2) / 50) + 0.6 * np.exp(-((P + 30) ** 2 + T ** 2) / 50)
+    pts = [{"phi_deg": 20.0, "theta_deg": 10.0, "r_m": 2.0}, {"phi_deg": -30.0, "theta_deg": 0.0, "r_m": 4.0}]
+    return {"snr_db": 20.0, "K": 2, "K_localiser": 2, "K_ml": 1, "phi_deg": phi.tolist(), "theta_deg": theta.tolist(),
+            "spectrum_db": (10 * np.log10(heat + 1e-3)).tolist(), "heat": heat.tolist(), "localiser": pts, "ml": pts[:1], "true": pts}
+
+
 INPUTS = {
     "pipeline.norms_figure": lambda: ((_norm_rows(),), {}),
     "pipeline.spectrum_figure": lambda: ((_spectra(), 0), {}),
@@ -167,6 +179,7 @@ INPUTS = {
     "localisation.normalised_error_figure": lambda: ((_loc_result(),), {}),
     "localisation.detection_figure": lambda: ((_loc_result(),), {}),
     "localisation.spectrum_plotly": lambda: ((_spectrum_view(),), {}),
+    "localiser.localiser_scene_figure": lambda: ((_localiser_view(),), {}),
     "sweeps.history_figure": lambda: ((_study(),), {}),
     "sweeps.history_plotly": lambda: ((_study(),), {}),
     "sweeps.importances_figure": lambda: ((_study(), PARAMS), {"note": "PED-ANOVA over 6 completed trials, 3 varying knob(s)"}),

@@ -90,6 +90,6 @@ def localiser_scene_figure(view: dict) -> Figure:
         ax.set(xlabel="φ (deg)", ylabel="θ (deg)")
     legend_outside(axes[1], handles=[Line2D([], [], ls="none", marker="x", color="k", label=f"true (K = {view['K']})"),
                                      Line2D([], [], ls="none", marker="o", mfc="none", mec="red", label=f"localiser (K = {view['K_localiser']})"),
-                                     Line2D([], [], ls="none", marker="+", color="c", label=f"ML fit (K = {view['K_ml']})")], fontsize=7)
+                                     Line2D([], [], ls="none", marker="+", color="c", label=f"ML fit (K = {view['K_ml']})")])
     fig.suptitle(f"One scene at {fmt(view['snr_db'])} dB", fontsize=10)
     return fig
