@@ -152,7 +152,7 @@ save_metrics(out, metrics);
 
 # %%
 if "localiser" in runs:
-    loc_res = loc_study.localiser_vs_ml(runs["localiser"], [snr], params.n_per_snr, seed=params.seed, n_boot=200)
+    loc_res = loc_study.localiser_vs_ml(runs["localiser"], [snr], params.n_per_snr, seed=params.seed, n_boot=200, true_k=False)
     metrics["localiser"] = loc_res
     display(Markdown(figures.markdown_table(fig_localiser.localiser_table(loc_res))))
     loc_view = loc_study.localiser_scene(runs["localiser"], scene)

@@ -116,6 +116,12 @@ def test_ml_counts_sources_and_its_covariance_matches_r_true():
     assert err.max() < 0.1 and err.median() < 0.01, err
     known = LK.ml_fit_for(batch, system, K=batch.K)
     assert torch.isnan(known.criterion).all() and (known.loc.mask.sum(1) == batch.K).all()
+    # the MDL fit's nested fit of a given count (here the one MDL chose) is that fit, and its covariance that fit's
+    phi, theta, r, p, mask = fit.sources_of(fit.loc.K, system)
+    assert torch.equal(mask, fit.loc.mask) and torch.equal(phi[mask], fit.loc.phi[mask]) and torch.equal(p[mask], fit.power[mask])
+    torch.testing.assert_close(fit.covariance(system, K=fit.loc.K), fit.covariance(system))
+    one = fit.sources_of(1, system)
+    assert (one[4].sum(1) == 1).all() and torch.equal(one[0][:, 0], fit.levels["phi"][:, 0, 0])
 
 
 def test_ml_bad_input_fails_clearly():

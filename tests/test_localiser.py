@@ -255,11 +255,18 @@ def test_the_localiser_command_trains_scores_and_writes_the_result_file(tmp_path
                  "--results", str(res)]) == 0
     summary = json.loads(res.with_suffix(".json").read_text())
     assert summary["kind"] == "localiser" and summary["split"] == "test" and summary["command"]
-    assert [(r["snr_db"], r["estimator"]) for r in summary["rows"]] == [(20.0, "localiser"), (20.0, "ML fit")]
-    assert all(r["oracle"] == "none" and r["seconds_per_scene"] > 0 for r in summary["rows"])
+    assert [(r["snr_db"], r["estimator"], r["oracle"]) for r in summary["rows"]] == [
+        (20.0, "localiser", "none"), (20.0, "ML fit", "none"), (20.0, "localiser", "true K"), (20.0, "ML fit", "true K")]
+    assert all(r["seconds_per_scene"] > 0 for r in summary["rows"])
+    from workbench.studies.localisation import snr_batch, snr_scene_seed
+
+    scored = snr_batch(entry_config("localiser", TINY).system, 20.0, 3, snr_scene_seed(0, 0, "test"))
+    for m in summary["miss_by_snr"]:  # every true source of the scored scenes falls in one array-SNR bin
+        assert sum(b["n"] for b in m["bins"]) == int(scored.K.sum()) and m["bins"][0]["lo"] is None and m["bins"][-1]["hi"] is None
     assert summary["training"]["n_train"] == 8 and summary["decoding"]["detector_rounds"] == entry_config("localiser").model.detector_rounds
     md = res.with_suffix(".md").read_text()
     assert md == markdown(summary) and "| 20 | localiser |" in md and "goal <= 0.5x" in md
+    assert "Given the true K" in md and "with the true K, nerr over every pair" in md and "array SNR" in md
     # a run of another head is refused, naming --run
     assert main(["train", "--preset", "recommended", *sets[:len(TINY) * 3], "--set", "train.n_train", "4", "--set", "train.n_val", "2",
                  "--set", "train.epochs", "1", "--out", str(tmp_path / "rec"), "--no-progress"]) == 0
@@ -267,3 +274,35 @@ def test_the_localiser_command_trains_scores_and_writes_the_result_file(tmp_path
     assert main(["localiser", "--run", str(tmp_path / "rec"), "--n-per-snr", "1"]) == 2
     err = capsys.readouterr().err
     assert "--run" in err and "'detector'" in err
+
+
+def test_a_given_count_is_kept_and_checked(setup):
+    """With the true K given (oracle, the peers' RMSE), the refined localiser returns exactly that many sources in every
+    scene (rounds add the residual's strongest peaks, the strongest K are kept), where counting for itself it does not;
+    a bad count is refused naming ``count``, and so is a count for a model that cannot take one."""
+    cfg, batch, model = setup
+    R_samp = rsamp_cache(batch).rsamp_of(cfg)
+    count = torch.tensor([1, 2, 2, 1, 2, 1])
+    with torch.no_grad():
+        own = forward(model, batch, R_samp, cfg).out.sources
+        given = forward(model, batch, R_samp, cfg, count=count).out.sources
+    assert torch.equal(given.K, count) and not torch.equal(own.K, count)
+    assert torch.equal(given.mask, torch.arange(cfg.system.K_max)[None, :] < count[:, None])
+    assert (given.power[given.mask] > 0).all() and (given.power[~given.mask] == 0).all()
+    with pytest.raises(ConfigError, match="count"):
+        forward(model, batch, R_samp, cfg, count=torch.full((len(batch),), cfg.system.K_max + 1))
+    rec = entry_config("recommended", {k: v for k, v in TINY.items() if not k.startswith("model.detector")})
+    with pytest.raises(ConfigError, match="count"):
+        forward(build_model(rec.system, rec.model), batch, rsamp_cache(batch).rsamp_of(rec), rec, count=count)
+
+
+def test_array_snr_adds_up_to_the_scene_snr():
+    """Summed over a scene's sources, the per-snapshot array SNR p_k mean_l ||G_l a_k||^2 / sigma^2 is M times the
+    scene's SNR per entry, as the simulator sets the noise (incoherent sources: their powers add)."""
+    from workbench.likelihood import array_snr
+
+    s = SystemConfig(N_H=4, N_V=4, M=6, L=10, K_max=3, snr_db_min=0.0, snr_db_max=20.0)
+    b = simulate(s, 64, seed=3)
+    snr = array_snr(s, b.H, b.codes, b.phi, b.theta, b.r, b.power, b.noise_var, b.mask)
+    assert snr.shape == b.mask.shape and (snr[~b.mask] == 0).all() and (snr[b.mask] > 0).all()
+    torch.testing.assert_close(snr.sum(1), s.M * 10 ** (b.snr_db.double() / 10), rtol=1e-4, atol=0)

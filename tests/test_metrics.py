@@ -86,3 +86,25 @@ def test_bad_input_is_refused():
         _score([0.1, -0.3], [0.0, 0.2], [2.0, 5.0], [True, True], crb=np.full((1, 2, 3), np.nan))
     with pytest.raises(ConfigError, match="n_boot"):
         M.summarise(_score([0.1, -0.3], [0.0, 0.2], [2.0, 5.0], [True, True]), n_boot=0)
+
+
+def test_detected_marks_the_true_slots_and_miss_rate_by_bins_them():
+    """``detected`` names which true source was found (slot 1 beyond the gate here); :func:`miss_rate_by` bins the true
+    sources by a per-source value: every source in one bin, the bins' misses adding up to the overall miss rate."""
+    off = 4 * math.sqrt(CRB[0, 1, 0])
+    sc = _score([0.1, -0.3 + off], [0.0, 0.2], [2.0, 5.0], [True, True])
+    assert sc.detected.tolist() == [[True, False]]
+    two = M.SourceScores.cat([sc, _score([0.1, -0.3], [0.0, 0.2], [2.0, 5.0], [True, True])])  # scene 2: both found
+    mask = np.ones((2, 2), dtype=bool)
+    snr_db = np.array([[3.0, 12.0], [3.0, 12.0]])
+    rows = M.miss_rate_by(two, mask, snr_db, [-math.inf, 10.0, math.inf], n_boot=50)
+    assert [(r["lo"], r["hi"], r["n"]) for r in rows] == [(None, 10.0, 2), (10.0, None, 2)]
+    assert rows[0]["miss"]["value"] == 0.0 and rows[1]["miss"]["value"] == 0.5
+    total = sum(r["miss"]["value"] * r["n"] for r in rows) / sum(r["n"] for r in rows)
+    assert total == pytest.approx(M.statistics(two)["miss_rate"])
+    assert rows[1]["miss"]["lo"] <= 0.5 <= rows[1]["miss"]["hi"]
+    assert math.isnan(M.miss_rate_by(two, mask, snr_db, [20.0, 30.0], n_boot=10)[0]["miss"]["value"])  # an empty bin
+    with pytest.raises(ConfigError, match="edges"):
+        M.miss_rate_by(two, mask, snr_db, [10.0, 5.0])
+    with pytest.raises(ConfigError, match="values"):
+        M.miss_rate_by(two, mask, snr_db[:1], [0.0, 5.0])

@@ -32,9 +32,15 @@ Design (README, section 5 "The learned localiser"):
    by the same network as a scene of their own, its new peaks added, all refined and pruned again
    (:meth:`LocaliserNet.next_round`): sources a strong one hid are found as the ML fit's matching pursuit finds them.
 
+6. **A given count** (``count`` of :meth:`LocaliserNet.forward`, oracle knowledge: the true K for the RMSE peers report
+   with K given): after the rounds above, more rounds add the residual's strongest peaks whatever their score until
+   each scene has that many sources, and the strongest that many (by array SNR) are kept
+   (:meth:`LocaliserNet.strongest`). Without refinement the strongest ``count`` heatmap peaks are taken.
+
 The exact spherical steering vector (:func:`workbench.physics.steering`) builds R_pred.
 
-Nothing of a scene but y, H and the codes is read: not K, not the noise variance, not R_true (tests/test_localiser.py).
+Nothing of a scene but y, H and the codes is read: not K (unless given as ``count``, labelled oracle), not the noise
+variance, not R_true (tests/test_localiser.py).
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig, SystemConfig
 from .grid import Grid
-from .likelihood import ml_refine
+from .likelihood import array_snr, ml_refine
 from .matched_filter import atom_norms, pick, project_out, scan
 from .model import CovarianceNet, ModelOutput
 from .physics import measurement_matrices, source_covariance, steering
@@ -202,11 +208,12 @@ class LocaliserNet(CovarianceNet):
         return Detection(logits=logits, offsets=offsets, grid=self.grid, features=feats)
 
     # -- 3. decoding ------------------------------------------------------------------------------
-    def decode(self, det: Detection) -> tuple[torch.Tensor, ...]:
+    def decode(self, det: Detection, count: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The K_max strongest local maxima of the heatmap: (score [B,K_max] descending probabilities, keep [B,K_max]
         bool (score above the threshold; slot 0 always), phi, theta, r [B,K_max] float32 (cell + offset, inside the field
         of view; differentiable in the offsets), k_logits [B,K_max] (log P(K = k) of independent peaks, relative to the
-        threshold: argmax + 1 = keep.sum(1)))."""
+        threshold: argmax + 1 = keep.sum(1))). count: [B] int64 given counts (oracle knowledge, e.g. the true K for the
+        peers' RMSE): keep the ``count[b]`` strongest peaks instead of thresholding (0 keeps none)."""
         prob = torch.sigmoid(det.logits)
         peak = nn.functional.max_pool3d(prob[:, None].detach(), 3, stride=1, padding=1)[:, 0] == prob.detach()
         k = min(self.K_max, prob[0].numel())
@@ -220,8 +227,11 @@ class LocaliserNet(CovarianceNet):
         pm, tm = math.radians(s.phi_max_deg), math.radians(s.theta_max_deg)
         phi, theta, r = phi.clamp(-pm, pm), theta.clamp(-tm, tm), r.clamp(s.r_min_m, s.r_max_m)
         thr = self.cfg.detector_threshold
-        keep = score > thr
-        keep[:, 0] = True
+        if count is None:
+            keep = score > thr
+            keep[:, 0] = True
+        else:
+            keep = torch.arange(self.K_max, device=score.device)[None, :] < count[:, None]
         sc = score.clamp(1e-6, 1 - 1e-6)
         gain = (sc.log() - math.log(thr)) - ((1 - sc).log() - math.log(1 - thr))  # log-odds of a peak vs the threshold
         k_logits = gain.cumsum(1)  # log P(K = k) up to a constant: the first k peaks sources, the rest not
@@ -229,25 +239,29 @@ class LocaliserNet(CovarianceNet):
 
     # -- 4. after the refinement ------------------------------------------------------------------
     @torch.no_grad()
-    def prune(self, H, codes, score, keep, phi, theta, r, power, noise_var, k_logits) -> tuple[torch.Tensor, ...]:
+    def prune(self, H, codes, score, keep, phi, theta, r, power, noise_var, k_logits, counted: bool = False) -> tuple[torch.Tensor, ...]:
         """Drop refined sources the snapshots do not support: a per-snapshot SNR p_k mean_l ||G_l a_k||^2 / sigma^2
         below ``model.detector_min_snr_db`` (default 0 dB: a source of SNR s raises the log-likelihood by about
         L (s - log(1 + s)), which pays the ML fit's MDL penalty of 4 log(L) / 2 for s >= ~1 at L = 16), and the
         weaker of two sources refined to within half a grid cell of each other (two peaks on one source); the strongest
         source always stays. The slots are reordered so the kept sources come first, in heatmap order, and the count's
         logits follow (a dropped peak's log-odds set to -30). H [B,M,N], codes [B,L,N]; the rest as :meth:`decode` and
-        :func:`~workbench.likelihood.ml_refine` return them. Returns (score, keep, phi, theta, r, power, k_logits)."""
-        c128 = torch.complex128
-        Hc, C = H.to(c128), codes.to(c128)
-        Qm = (Hc.mH @ Hc) * (C.mH @ C) / C.shape[1]  # mean_l ||G_l a||^2 = a^H Qm a
-        a = steering(self.system, phi.double(), theta.double(), r.double())
-        snr = power * torch.einsum("bkn,bnm,bkm->bk", a.conj(), Qm, a).real / noise_var[:, None]
-        alive = keep & (snr >= 10 ** (self.cfg.detector_min_snr_db / 10))
+        :func:`~workbench.likelihood.ml_refine` return them. counted: the count was given (:meth:`decode`'s ``count``):
+        only duplicates are dropped, not weak sources. Returns (score, keep, phi, theta, r, power, k_logits)."""
+        snr = array_snr(self.system, H, codes, phi, theta, r, power, noise_var)
+        alive = keep if counted else keep & (snr >= 10 ** (self.cfg.detector_min_snr_db / 10))
         f = self.grid.fractional_index(phi, theta, r)
         close = (f[:, :, None] - f[:, None, :]).abs().amax(-1) < 0.5  # [B,i,j]
         alive = alive & ~(close & (snr[:, None, :] > snr[:, :, None]) & alive[:, None, :]).any(-1)
         rows = torch.arange(len(snr), device=snr.device)
         alive[rows, torch.where(keep, snr, torch.full_like(snr, -math.inf)).argmax(1)] = True
+        return self._compact(alive, score, phi, theta, r, power, k_logits)
+
+    @staticmethod
+    def _compact(alive, score, phi, theta, r, power, k_logits) -> tuple[torch.Tensor, ...]:
+        """The slots reordered so the ``alive`` [B,K_max] ones come first (stable: their order kept), powers of the rest
+        zeroed and the count's logits following (a dropped slot's log-odds set to -30). Returns (score, keep, phi,
+        theta, r, power, k_logits)."""
         order = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)
         take = lambda t: t.gather(1, order)  # noqa: E731
         gain = torch.diff(k_logits, dim=1, prepend=torch.zeros_like(k_logits[:, :1]))
@@ -256,11 +270,20 @@ class LocaliserNet(CovarianceNet):
         return take(score), alive, take(phi), take(theta), take(r), take(power) * alive, k_logits
 
     @torch.no_grad()
-    def next_round(self, y, H, codes, amp, score, keep, phi, theta, r, k_logits, atoms=None) -> tuple[torch.Tensor, ...]:
+    def strongest(self, H, codes, count, score, keep, phi, theta, r, power, noise_var, k_logits) -> tuple[torch.Tensor, ...]:
+        """Of the kept sources, the ``count[b]`` [B] with the highest array SNR
+        (:func:`~workbench.likelihood.array_snr`); fewer where fewer are kept. Arguments and returns as :meth:`prune`."""
+        snr = torch.where(keep, array_snr(self.system, H, codes, phi, theta, r, power, noise_var), torch.full_like(power, -math.inf))
+        rank = snr.argsort(1, descending=True).argsort(1)
+        return self._compact(keep & (rank < count[:, None]), score, phi, theta, r, power, k_logits)
+
+    @torch.no_grad()
+    def next_round(self, y, H, codes, amp, score, keep, phi, theta, r, k_logits, atoms=None, count=None) -> tuple[torch.Tensor, ...]:
         """One more round of detection (``model.detector_rounds`` > 1; evaluation mode): the snapshots with the kept
         sources' least-squares fit removed (exact steering atoms, per snapshot) are read as a scene of their own
         (features, heatmap, decoding: sources the strong ones hid), the new peaks are appended after the kept sources
-        (up to K_max slots), and all are refined jointly and pruned again. Returns (score, keep, phi, theta, r, power,
+        (up to K_max slots), and all are refined jointly and pruned again. count: [B] given counts (:meth:`decode`): the
+        new peaks fill the kept sources up to it, whatever their score. Returns (score, keep, phi, theta, r, power,
         noise_var, k_logits) as :meth:`forward` uses them."""
         c128 = torch.complex128
         a = steering(self.system, phi.double(), theta.double(), r.double()) * keep[..., None]  # [B,K,N]
@@ -268,10 +291,11 @@ class LocaliserNet(CovarianceNet):
         yy = y.to(c128)
         gram = b.conj() @ b.mT + 1e-12 * b.abs().square().sum(-1).amax(-1)[..., None, None] * torch.eye(b.shape[2], dtype=c128, device=b.device)
         resid = yy - (b.mT @ torch.linalg.solve(gram, b.conj() @ yy[..., None]))[..., 0]
-        score2, keep2, phi2, theta2, r2, logits2 = self.decode(self.heatmap(self.features(resid, H, codes, atoms), amp))
+        need = None if count is None else (count - keep.sum(1)).clamp_min(0)
+        score2, keep2, phi2, theta2, r2, logits2 = self.decode(self.heatmap(self.features(resid, H, codes, atoms), amp), need)
         gain = lambda k: torch.diff(k, dim=1, prepend=torch.zeros_like(k[:, :1]))  # noqa: E731
         cat = lambda u, v: torch.cat([u, v], 1)  # noqa: E731
-        both = cat(keep, keep2 & (score2 > self.cfg.detector_threshold))
+        both = cat(keep, keep2 if count is not None else keep2 & (score2 > self.cfg.detector_threshold))
         order = torch.argsort((~both).to(torch.int8), dim=1, stable=True)[:, : self.K_max]
         take = lambda u, v: cat(u, v).gather(1, order)  # noqa: E731
         score, phi, theta, r = (take(u, v) for u, v in ((score, score2), (phi, phi2), (theta, theta2), (r, r2)))
@@ -279,27 +303,34 @@ class LocaliserNet(CovarianceNet):
         k_logits = take(gain(k_logits), gain(logits2)).cumsum(1)
         rphi, rtheta, rr, power, noise_var = ml_refine(y, H, codes, self.system, phi, theta, r, keep, self.cfg.refine_iters)
         phi, theta, r = (torch.where(keep, u.float(), v) for u, v in ((rphi, phi), (rtheta, theta), (rr, r)))
-        pruned = self.prune(H, codes, score, keep, phi, theta, r, power, noise_var, k_logits)
+        pruned = self.prune(H, codes, score, keep, phi, theta, r, power, noise_var, k_logits, counted=count is not None)
         return (*pruned[:6], noise_var, pruned[6])
 
     # -- the whole model --------------------------------------------------------------------------
     def forward(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, R_samp: torch.Tensor | None = None,
-                amp: bool = False, prior: torch.Tensor | None = None, fits=None) -> ModelOutput:
+                amp: bool = False, prior: torch.Tensor | None = None, fits=None, count: torch.Tensor | None = None) -> ModelOutput:
         """y [B,L,M], H [B,M,N], codes [B,L,N] complex64 -> :class:`ModelOutput` with A [B,N,K_max] (columns
         sqrt(N p_k / sum p) a_k: R_pred trace-normalised to N, for the covariance pipeline; the slots beyond the count
         hold the next peaks at :data:`PAD_SHARE` of the trace), k_logits, angles [B,K_max,3]
         (phi, theta rad, r m; padded slots hold the unkept peaks), ``detection`` (:class:`Detection`) and ``sources``
         (:class:`Sources`, powers in mW). prior: the feature maps of these scenes when already computed
         (:func:`detector_features`, from :meth:`workbench.forward.RsampCache.prior_of`; used as given); None: computed
-        now from y, H and the codes. R_samp and fits are accepted for the common call and ignored.
+        now from y, H and the codes. R_samp and fits are accepted for the common call and ignored. count: [B] int64
+        given counts in 1..K_max (oracle knowledge: the true K, for the RMSE peers report with K given), None: the
+        localiser counts (the default, and the only mode the tables call "no oracle").
         Evaluation mode refines the detections (``model.refine_iters``); training mode and :meth:`validation` do not
         (the locations stay differentiable in the offsets)."""
         infer = not self.training and not self._validating  # refine only at inference
         rounds = infer and self.cfg.refine_iters > 0 and self.cfg.detector_rounds > 1
         atoms = detector_atoms(self.system, self.grid, H, codes) if rounds else None
         det = self.heatmap(self.features(y, H, codes, atoms) if prior is None else prior, amp)
-        score, keep, phi, theta, r, k_logits = self.decode(det)
+        if count is not None:
+            count = count.to(device=y.device, dtype=torch.int64)
+            if count.shape != (len(y),) or bool(((count < 1) | (count > self.K_max)).any()):
+                raise ConfigError(f"count: expected [{len(y)}] integers in 1..K_max = {self.K_max}, got {tuple(count.shape)} "
+                                  f"with values {count.tolist()[:8]}")
         iters = self.cfg.refine_iters if infer else 0
+        score, keep, phi, theta, r, k_logits = self.decode(det, count if iters == 0 else None)
         with torch.no_grad():
             rphi, rtheta, rr, power, noise_var = ml_refine(y, H, codes, self.system, phi.detach(), theta.detach(), r.detach(), keep, iters)
         if iters > 0:
@@ -308,6 +339,16 @@ class LocaliserNet(CovarianceNet):
             for _ in range(self.cfg.detector_rounds - 1):
                 score, keep, phi, theta, r, power, noise_var, k_logits = self.next_round(
                     y, H, codes, amp, score, keep, phi, theta, r, k_logits, atoms)
+            if count is not None:  # the given count: rounds that add the residual's strongest peaks, then the strongest K
+                for _ in range(max(self.cfg.detector_rounds, 1)):
+                    if bool((keep.sum(1) >= count).all()):
+                        break
+                    if atoms is None:
+                        atoms = detector_atoms(self.system, self.grid, H, codes)
+                    score, keep, phi, theta, r, power, noise_var, k_logits = self.next_round(
+                        y, H, codes, amp, score, keep, phi, theta, r, k_logits, atoms, count)
+                score, keep, phi, theta, r, power, k_logits = self.strongest(H, codes, count, score, keep, phi, theta, r, power,
+                                                                             noise_var, k_logits)
         power = power.float()
         a = steering(self.system, phi, theta, r)  # [B,K_max,N] complex64, exact model
         share = power / power.sum(1, keepdim=True).clamp_min(1e-30)

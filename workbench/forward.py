@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .config import ExperimentConfig, FixConfig, SystemConfig, check_choice, resolve_device
+from .config import ConfigError, ExperimentConfig, FixConfig, SystemConfig, check_choice, resolve_device
 from .covariance import Covariances
 from .estimators import normalise_rsamp, rsamp_raw
 from .likelihood import SnapshotFit, ml_fit_for
@@ -327,7 +327,7 @@ def _move(x, device):
 
 def forward(model: CovarianceNet, batch: SceneBatch, R_samp: torch.Tensor, cfg: ExperimentConfig, *,
             prior: torch.Tensor | None = None, fits: PhysicsFits | None = None, terms: tuple[str, ...] | None = None,
-            losses: bool = False, amp: bool = False, out_device=None) -> Forward:
+            losses: bool = False, amp: bool = False, out_device=None, count: torch.Tensor | None = None) -> Forward:
     """Run ``model`` on ``batch`` and the covariance pipeline of ``cfg`` on its prediction.
 
     batch: B scenes; R_samp [B,N,N] complex64 (the pipeline's, e.g. :meth:`RsampCache.rsamp_of`); prior: the model's
@@ -335,9 +335,11 @@ def forward(model: CovarianceNet, batch: SceneBatch, R_samp: torch.Tensor, cfg: 
     needs one); fits: the physics head's ML fits of these B scenes (:meth:`RsampCache.fits_of`, indexed like R_samp;
     None with a physics-head model: those of ``batch``'s own cache, :meth:`RsampCache.physics_fits`, computed once per
     batch object and shared with the physics baseline's source on it; ignored by the other heads). All are moved to
-    the model's device first. ``losses`` (or a ``terms`` tuple): also the loss
-    terms (:func:`workbench.losses.compute_losses`, ``terms`` None = all). ``amp``: the encoder under autocast.
-    Autograd is whatever the caller has on (training keeps it; evaluation wraps the call in ``torch.no_grad``).
+    the model's device first. ``losses`` (or a ``terms`` tuple): also the loss terms
+    (:func:`workbench.losses.compute_losses`, ``terms`` None = all). ``amp``: the encoder under autocast. count: [B]
+    given source counts for a model that takes them (the learned localiser, ``model.head = "detector"``: oracle
+    knowledge such as ``batch.K``, for the RMSE peers report with K given; ConfigError for another head). Autograd is
+    whatever the caller has on (training keeps it; evaluation wraps the call in ``torch.no_grad``).
     Returns :class:`Forward` (out, cov, losses), on ``out_device`` (default: the model's device)."""
     dev = model_device(model)
     if getattr(getattr(model, "cfg", None), "head", None) != "physics":
@@ -346,6 +348,11 @@ def forward(model: CovarianceNet, batch: SceneBatch, R_samp: torch.Tensor, cfg: 
         fits = rsamp_cache(batch).physics_fits(model.system)
     b, Rs, pr = batch.to(dev), R_samp.to(dev), _move(prior, dev)
     extra = {} if fits is None else {"fits": _move(fits, dev)}
+    if count is not None:
+        head = getattr(getattr(model, "cfg", None), "head", None)
+        if head != "detector":
+            raise ConfigError(f"count: only the learned localiser (model.head = 'detector') takes a given count, not model.head = {head!r}")
+        extra["count"] = count.to(dev)
     out = model(b.y, b.H, b.codes, R_samp=Rs, amp=amp, prior=pr, **extra)
     if losses or terms is not None:
         values, cov = compute_losses(out, b, Rs, cfg, terms=terms)

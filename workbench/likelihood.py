@@ -6,10 +6,10 @@ configuration) and R = sum_k p_k a_k a_k^H. Float64/complex128 inside; radians a
 
 Owns: :func:`snapshot_model` (negative log-likelihood, score, Slepian-Bangs Fisher matrix), :func:`crb` /
 :func:`crb_for`, and :func:`ml_localise` / :func:`ml_fit_for` (orthogonal matching pursuit on the snapshots, then
-Fisher scoring of every location, power and the noise variance; K by MDL), and :func:`ml_refine` (the same scoring from
-given locations: the learned detector's refinement). Must not: localise from a covariance
-matrix (MUSIC/MVDR are :mod:`workbench.localisation`), hold the matched filter (:mod:`workbench.matched_filter`),
-simulate scenes or loop over SNRs (studies do), draw.
+Fisher scoring of every location, power and the noise variance; K by MDL), :func:`ml_refine` (the same scoring from
+given locations: the learned detector's refinement) and :func:`array_snr` (each source's per-snapshot SNR on the
+array). Must not: localise from a covariance matrix (MUSIC/MVDR are :mod:`workbench.localisation`), hold the matched
+filter (:mod:`workbench.matched_filter`), simulate scenes or loop over SNRs (studies do), draw.
 """
 
 from __future__ import annotations
@@ -198,6 +198,21 @@ ML_CHUNK = {"cpu": 64, "cuda": 512}
 ML_CHUNK_DEFAULT = 64
 
 
+def array_snr(system: SystemConfig, H, codes, phi, theta, r, power, noise_var, mask=None) -> torch.Tensor:
+    """Each source's per-snapshot array SNR p_k mean_l ||G_l a_k||^2 / sigma^2 [B,K] float64 (linear; G_l = H diag(c_l),
+    exact steering): the signal power a source alone puts on the M antennas per snapshot over the noise there.
+    H [B,M,N], codes [B,L,N] complex; phi, theta [B,K] rad, r [B,K] m, power [B,K] mW, noise_var [B] mW; mask [B,K]
+    bool (None: all real): 0 in padded slots. The detector prunes on it; the studies bin misses by it (with the true
+    powers and noise variance it is oracle knowledge, used for analysis only)."""
+    c128, f64 = torch.complex128, torch.float64
+    Hc, C = H.to(c128), codes.to(c128)
+    Qm = (Hc.mH @ Hc) * (C.mH @ C) / C.shape[1]  # mean_l ||G_l a||^2 = a^H Qm a
+    r = r.to(f64) if mask is None else torch.where(mask, r.to(f64), torch.full_like(r, system.r_max_m, dtype=f64))
+    a = steering(system, phi.to(f64), theta.to(f64), r)
+    snr = power.to(f64) * torch.einsum("bkn,bnm,bkm->bk", a.conj(), Qm, a).real / noise_var.to(f64)[:, None]
+    return snr if mask is None else snr * mask
+
+
 @dataclass
 class SnapshotFit:
     """Maximum-likelihood estimate from the snapshots (:func:`ml_localise`).
@@ -223,12 +238,19 @@ class SnapshotFit:
         one MDL fit also gives the fit of the true K)."""
         if K is None:
             return source_covariance(system, self.loc.phi, self.loc.theta, self.loc.r, self.power, self.loc.mask)
+        phi, theta, r, p, mask = self.sources_of(K, system)
+        return source_covariance(system, phi, theta, torch.where(mask, r, torch.ones_like(r)), p, mask)
+
+    def sources_of(self, K, system: SystemConfig) -> tuple[torch.Tensor, ...]:
+        """The nested fit with K[b] sources (an int or [B] ints in 1..Kl) from :attr:`levels`: (phi, theta [B,Kl] rad,
+        r [B,Kl] m, power [B,Kl] mW, mask [B,Kl] bool, the first K[b] slots real). With ``K = batch.K`` it is the fit
+        of the true count (oracle knowledge) at no extra cost."""
         B, k_top = self.nll.shape[0], self.levels["nll"].shape[1]
         K = check_K(K, B, system.N, k_min=1, k_max=k_top).to(self.nll.device)
         rows = torch.arange(B, device=K.device)
         phi, theta, r, p = (self.levels[n][rows, K - 1] for n in ("phi", "theta", "r", "power"))
         mask = torch.arange(k_top, device=K.device)[None, :] < K[:, None]
-        return source_covariance(system, phi, theta, torch.where(mask, r, torch.ones_like(r)), p, mask)
+        return phi, theta, r, p, mask
 
 
 def _atoms(system: SystemConfig, G: torch.Tensor, phi, theta, r) -> torch.Tensor:

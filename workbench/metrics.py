@@ -44,7 +44,8 @@ class SourceScores:
 
     n_true, n_pred: true and estimated sources; n_pair: Hungarian pairs (min of the two); n_hit: pairs inside the gate
     (detections); sq_err [B,3]: sum over pairs of the squared error (rad^2, rad^2, m^2); sq_norm [B,3]: sum over pairs
-    of err^2 / CRB_k; hit_sq_norm [B,3]: the same over detections; k_ok: the estimated count equals the true K."""
+    of err^2 / CRB_k; hit_sq_norm [B,3]: the same over detections; k_ok: the estimated count equals the true K;
+    detected [B,T] bool: true source slot t was detected (False in padded slots; :func:`miss_rate_by` bins it)."""
 
     n_true: np.ndarray
     n_pred: np.ndarray
@@ -54,6 +55,7 @@ class SourceScores:
     sq_norm: np.ndarray
     hit_sq_norm: np.ndarray
     k_ok: np.ndarray
+    detected: np.ndarray
 
     def __len__(self) -> int:
         return len(self.n_true)
@@ -84,6 +86,7 @@ def score_sources(est_phi, est_theta, est_r, est_mask, true_phi, true_theta, tru
         raise ConfigError(f"score_sources: {len(em)} estimated scenes, truth {tm.shape}, crb {var.shape}: expected [B,P], [B,T], [B,T,3]")
     out = {k: np.zeros(B) for k in ("n_true", "n_pred", "n_pair", "n_hit")}
     sq_err, sq_norm, hit_sq = np.zeros((B, 3)), np.zeros((B, 3)), np.zeros((B, 3))
+    detected = np.zeros(tm.shape, dtype=bool)
     for b in range(B):
         pm, tmask = em[b].astype(bool), tm[b].astype(bool)
         pred = np.stack([ep[b][pm], et[b][pm], er[b][pm]], -1).astype(np.float64)
@@ -100,11 +103,12 @@ def score_sources(est_phi, est_theta, est_r, est_mask, true_phi, true_theta, tru
             e2 = err2[rows, cols]
             hit = (np.sqrt(e2) <= gate * np.sqrt(v_eff[cols])).all(-1)
             out["n_pair"][b], out["n_hit"][b] = len(rows), hit.sum()
+            detected[b, np.flatnonzero(tmask)[cols[hit]]] = True
             sq_err[b] = e2.sum(0)
             sq_norm[b] = (e2 / v[cols]).sum(0)
             hit_sq[b] = (e2[hit] / v[cols][hit]).sum(0)
     k_ok = out["n_pred"] == out["n_true"]
-    return SourceScores(**out, sq_err=sq_err, sq_norm=sq_norm, hit_sq_norm=hit_sq, k_ok=k_ok)
+    return SourceScores(**out, sq_err=sq_err, sq_norm=sq_norm, hit_sq_norm=hit_sq, k_ok=k_ok, detected=detected)
 
 
 def _from_sums(n_true, n_pred, n_pair, n_hit, sq_err, sq_norm, hit_sq, k_ok, n_scenes) -> dict[str, np.ndarray]:
@@ -153,6 +157,32 @@ def summarise(s: SourceScores, n_boot: int = 1000, level: float = 0.95, seed: in
         lo, hi = (np.quantile(xs, [(1 - level) / 2, (1 + level) / 2]).tolist() if len(xs) else (math.nan, math.nan))
         out[k] = {"value": v, "lo": lo, "hi": hi}
     return out
+
+
+def miss_rate_by(s: SourceScores, true_mask, values, edges, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> list[dict]:
+    """The miss rate of the true sources binned by a per-source quantity: ``values`` [B,T] (e.g. each source's array
+    SNR in dB), ``true_mask`` [B,T] bool (the real slots, as scored), bins [edges[i], edges[i+1]) (use +-inf for open
+    ends). Returns one row per bin: {"lo", "hi" (None for an infinite edge), "n" (true sources in it), "miss": {"value", "lo", "hi"}} with a
+    percentile bootstrap interval over scenes (seeded; NaN for an empty bin)."""
+    m, x = _np(true_mask).astype(bool), _np(values).astype(np.float64)
+    if x.shape != m.shape or s.detected.shape != m.shape:
+        raise ConfigError(f"miss_rate_by: values {x.shape}, true_mask {m.shape} and the scores' detected {s.detected.shape} must agree")
+    edges = [float(e) for e in edges]
+    if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ConfigError(f"edges = {edges}: expected at least two increasing bin edges")
+    idx = np.random.default_rng(seed).integers(0, len(m), (n_boot, len(m))) if len(m) else np.zeros((n_boot, 0), dtype=int)
+    rows = []
+    for lo, hi in zip(edges, edges[1:]):
+        inside = m & (x >= lo) & (x < hi)
+        n_in, n_miss = inside.sum(1), (inside & ~s.detected).sum(1)  # per scene
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = n_miss.sum() / n_in.sum() if n_in.sum() else math.nan
+            draws = n_miss[idx].sum(1) / n_in[idx].sum(1)
+        draws = draws[np.isfinite(draws)]
+        ci = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]).tolist() if len(draws) else [math.nan, math.nan]
+        rows.append({"lo": lo if math.isfinite(lo) else None, "hi": hi if math.isfinite(hi) else None, "n": int(n_in.sum()),
+                     "miss": {"value": float(value), "lo": ci[0], "hi": ci[1]}})
+    return rows
 
 
 def mean_interval(values, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, float]:

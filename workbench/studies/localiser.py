@@ -4,7 +4,9 @@ NMSE and the seconds per scene (README, "The learned localiser"; notebook 05; be
 
 Both estimators are scored on their own sources, directly (no MUSIC in between): the localiser's decoded and refined
 detections (:class:`workbench.detector.Sources`) and the ML fit's MDL fit (:func:`workbench.likelihood.ml_fit_for`,
-K by MDL). Neither sees K, the noise variance or R_true. Scoring: :func:`workbench.metrics.score_sources` with the
+K by MDL). Neither sees K, the noise variance or R_true. A second pair of rows gives each the true K (oracle knowledge,
+labelled so): the RMSE peers report. Misses are also binned by each true source's array SNR (from the truth, for the
+analysis only). Scoring: :func:`workbench.metrics.score_sources` with the
 per-source CRB (:func:`workbench.likelihood.crb_for`), the detection gate of :data:`workbench.metrics.GATE_SIGMAS`
 floored at one step of the default search grid (as :func:`.localisation.localisation_vs_snr`), 95 % bootstrap
 intervals over scenes. NMSE: ||R_hat - R_true||_F^2 / ||R_true||_F^2 of the trace-normalised matrices (no fitted
@@ -25,12 +27,14 @@ from ..detector import DECODING_FIELDS
 from ..experiments import entry_config
 from ..forward import forward, rsamp_cache
 from ..grid import Grid
-from ..likelihood import crb_for, ml_localise
-from ..metrics import GATE_SIGMAS, mean_interval, score_sources, summarise
+from ..likelihood import array_snr, crb_for, ml_localise
+from ..metrics import GATE_SIGMAS, mean_interval, miss_rate_by, score_sources, summarise
 from ..physics import SceneBatch
 from .localisation import _finite_summary, snr_batch, snr_scene_seed
 
 ESTIMATORS = ("localiser", "ML fit")
+ORACLES = ("none", "true K")  # what a row knows beyond y, H and the codes
+SNR_BINS_DB = (-math.inf, 5.0, 10.0, 15.0, math.inf)  # per-source array SNR bins of the misses (dB per snapshot)
 
 
 def with_entry_decoding(run: TrainResult) -> TrainResult:
@@ -56,10 +60,11 @@ def training_summary(run: TrainResult) -> dict:
 
 
 @torch.no_grad()
-def run_localiser(run, batch: SceneBatch, batch_size: int = 64):
+def run_localiser(run, batch: SceneBatch, batch_size: int = 64, true_count: bool = False):
     """The trained localiser ``run`` (a :class:`~workbench.checkpoints.TrainResult` of a ``model.head = "detector"``
     config) on ``batch``, ``batch_size`` scenes per call through :func:`workbench.forward.forward` (evaluation mode:
-    refined; the feature maps computed inside the timed call, from y, H and the codes). Returns
+    refined; the feature maps computed inside the timed call, from y, H and the codes). true_count: given the true K
+    (``batch.K``, oracle knowledge: the peers' RMSE) instead of counting. Returns
     (:class:`workbench.detector.Sources` of all scenes on the batch's device, seconds of the localiser's calls)."""
     cfg, model = run.config, run.model
     model.eval()
@@ -67,45 +72,62 @@ def run_localiser(run, batch: SceneBatch, batch_size: int = 64):
     parts, t0 = [], time.perf_counter()
     for s in range(0, len(batch), batch_size):
         b = batch[s:s + batch_size]
-        parts.append(forward(model, b, R_samp[s:s + batch_size], cfg, out_device=b.y.device).out.sources)
+        count = b.K if true_count else None
+        parts.append(forward(model, b, R_samp[s:s + batch_size], cfg, out_device=b.y.device, count=count).out.sources)
     seconds = time.perf_counter() - t0
     cat = {k: torch.cat([getattr(p, k) for p in parts]) for k in parts[0].__dataclass_fields__}
     return type(parts[0])(**cat), seconds
 
 
 def localiser_vs_ml(run, snrs_db: Sequence[float], n_per_snr: int, seed: int = 0, split: str = "dev", device=None,
-                    batch_size: int = 64, n_boot: int = 1000, gate: float = GATE_SIGMAS) -> dict:
+                    batch_size: int = 64, n_boot: int = 1000, gate: float = GATE_SIGMAS, true_k: bool = True) -> dict:
     """The localiser ``run`` and the ML fit on ``n_per_snr`` scenes of ``split`` at each SNR (the scenes of
     :func:`.localisation.localisation_vs_snr` with the same seed and split), on ``device`` (default: the run's).
 
+    Each estimator counting for itself (oracle "none", the headline) and, with ``true_k``, given the true K (oracle "true K": the
+    RMSE peers report; the ML fit's nested fit of the true count from the same run, :meth:`~workbench.likelihood.SnapshotFit.sources_of`,
+    so its seconds are the same run's; the localiser keeps that many peaks, :meth:`workbench.detector.LocaliserNet.decode`).
+
     Returns {"snr_db", "n_per_snr", "split", "seed", "gate", "device", "rows": [{"snr_db", "estimator" (one of
-    :data:`ESTIMATORS`), "oracle": "none", "stats": {statistic: {"value", "lo", "hi"}} (:data:`workbench.metrics.STATISTICS`),
-    "nmse": {"value", "lo", "hi"}, "seconds_per_scene"}]}."""
+    :data:`ESTIMATORS`), "oracle" (one of :data:`ORACLES`), "stats": {statistic: {"value", "lo", "hi"}}
+    (:data:`workbench.metrics.STATISTICS`), "nmse": {"value", "lo", "hi"}, "seconds_per_scene"}], "miss_by_snr": [{"snr_db",
+    "estimator", "bins": :func:`workbench.metrics.miss_rate_by` rows}] (oracle "none"; each true source binned by its
+    per-snapshot array SNR in dB, :func:`workbench.likelihood.array_snr` with the true powers and noise variance, bins
+    :data:`SNR_BINS_DB`: analysis only, no estimator sees it)}."""
     system = run.config.system
     dev = next(run.model.parameters()).device if device is None else torch.device(device)
     floor = Grid.default(system).steps().tolist()
-    rows = []
+    rows, by_snr = [], []
     for i, snr in enumerate(snrs_db):
         scene_seed = snr_scene_seed(seed, i, split)
         batch = snr_batch(system, snr, n_per_snr, scene_seed, dev)
         crb_k = crb_for(batch, system)
         truth = (batch.phi, batch.theta, batch.r, batch.mask)
         R_ref = reference(batch.R_true)
+        snr_k = 10 * array_snr(system, batch.H, batch.codes, batch.phi, batch.theta, batch.r, batch.power, batch.noise_var,
+                               batch.mask).clamp_min(1e-30).log10()
         src, sec = run_localiser(run, batch, batch_size)
         t0 = time.perf_counter()
         ml = ml_localise(batch.y, batch.H, batch.codes, system)
         ml_sec = time.perf_counter() - t0
-        for name, (phi, theta, r, mask, R_hat, seconds) in {
-            "localiser": (src.phi, src.theta, src.r, src.mask, src.covariance(system), sec),
-            "ML fit": (ml.loc.phi, ml.loc.theta, ml.loc.r, ml.loc.mask, ml.covariance(system), ml_sec),
-        }.items():
+        estimates = {("localiser", "none"): (src.phi, src.theta, src.r, src.mask, src.covariance(system), sec),
+                     ("ML fit", "none"): (ml.loc.phi, ml.loc.theta, ml.loc.r, ml.loc.mask, ml.covariance(system), ml_sec)}
+        if true_k:
+            src_k, sec_k = run_localiser(run, batch, batch_size, true_count=True)
+            ml_k = ml.sources_of(batch.K, system)
+            estimates[("localiser", "true K")] = (src_k.phi, src_k.theta, src_k.r, src_k.mask, src_k.covariance(system), sec_k)
+            estimates[("ML fit", "true K")] = (*ml_k[:3], ml_k[4], ml.covariance(system, K=batch.K), ml_sec)
+        for (name, oracle), (phi, theta, r, mask, R_hat, seconds) in estimates.items():
             scores = score_sources(phi, theta, r, mask, *truth, crb_k, floor=floor, gate=gate)
-            rows.append({"snr_db": float(snr), "estimator": name, "oracle": "none",
+            rows.append({"snr_db": float(snr), "estimator": name, "oracle": oracle,
                          "stats": _finite_summary(summarise(scores, n_boot=n_boot, seed=scene_seed)),
                          "nmse": mean_interval(nmse(reference(R_hat), R_ref), n_boot=n_boot, seed=scene_seed),
                          "seconds_per_scene": seconds / len(batch)})
+            if oracle == "none":
+                by_snr.append({"snr_db": float(snr), "estimator": name,
+                               "bins": miss_rate_by(scores, batch.mask, snr_k, SNR_BINS_DB, n_boot=n_boot, seed=scene_seed)})
     return {"snr_db": [float(s) for s in snrs_db], "n_per_snr": n_per_snr, "split": split, "seed": seed, "gate": gate,
-            "device": str(dev), "rows": rows}
+            "device": str(dev), "rows": rows, "miss_by_snr": by_snr}
 
 
 @torch.no_grad()
