@@ -306,3 +306,32 @@ def test_array_snr_adds_up_to_the_scene_snr():
     snr = array_snr(s, b.H, b.codes, b.phi, b.theta, b.r, b.power, b.noise_var, b.mask)
     assert snr.shape == b.mask.shape and (snr[~b.mask] == 0).all() and (snr[b.mask] > 0).all()
     torch.testing.assert_close(snr.sum(1), s.M * 10 ** (b.snr_db.double() / 10), rtol=1e-4, atol=0)
+
+
+def test_the_mdl_count_keeps_the_sources_and_drops_a_spurious_detection():
+    """``model.detector_count = "mdl"`` (:meth:`LocaliserNet.mdl_count`): given the true sources plus one detection where
+    there is none, at 30 dB, the ML fit's criterion over nested refits keeps exactly the true ones (the count's logits
+    agree); with the threshold count the spurious one would stay (it is kept on input)."""
+    s = SystemConfig(N_H=6, N_V=6, M=16, L=32, K_min=1, K_max=3, snr_db_min=30.0, snr_db_max=30.0, r_min_m=1.0, r_max_m=4.0)
+    cfg = entry_config("localiser", {"system." + k: getattr(s, k) for k in ("N_H", "N_V", "M", "L", "K_min", "K_max", "snr_db_min",
+                                                                          "snr_db_max", "r_min_m", "r_max_m")}
+                       | {"model.detector_count": "mdl", "model.width": 8, "model.layers": 1})
+    model = build_model(cfg.system, cfg.model, seed=0).eval()
+    b = simulate(cfg.system, 40, seed=6)
+    far = ((b.phi - 0.9).abs() > 0.35) | ~b.mask  # every true source far from the spurious detection at phi = 0.9 rad
+    b = b[(far.all(1) & (b.K <= 2)).nonzero().flatten()[:8]]
+    B, K = len(b), b.K
+    slot = torch.arange(3)[None, :]
+    spurious = slot == K[:, None]
+    phi = torch.where(spurious, torch.full_like(b.phi, 0.9), b.phi)
+    theta = torch.where(spurious, torch.full_like(b.theta, -0.3), b.theta)
+    r = torch.where(spurious, torch.full_like(b.r, 2.5), torch.where(b.mask, b.r, torch.ones_like(b.r)))
+    keep = slot <= K[:, None]
+    with torch.no_grad():
+        score, alive, phi2, theta2, r2, power, noise_var, k_logits = model.mdl_count(
+            b.y, b.H, b.codes, torch.ones(B, 3), keep, phi, theta, r, torch.zeros(B, 3))
+    assert torch.equal(alive.sum(1), K) and torch.equal(k_logits.argmax(1) + 1, K)
+    assert (phi2[alive] - 0.9).abs().min() > 0.2  # the spurious detection is the one dropped
+    assert (power[alive] > 0).all() and (power[~alive] == 0).all() and torch.isfinite(noise_var).all()
+    with pytest.raises(ConfigError, match="refine_iters"):
+        _cfg(**{"model.detector_count": "mdl", "model.refine_iters": 0})

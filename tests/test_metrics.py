@@ -108,3 +108,18 @@ def test_detected_marks_the_true_slots_and_miss_rate_by_bins_them():
         M.miss_rate_by(two, mask, snr_db, [10.0, 5.0])
     with pytest.raises(ConfigError, match="values"):
         M.miss_rate_by(two, mask, snr_db[:1], [0.0, 5.0])
+
+
+def test_a_detection_is_never_traded_for_two_pairs_outside_the_gate():
+    """One estimate on source 0, another 10 sigma beyond it, source 1 10 sigma the other way: the least-error pairs
+    cross (100 + 100 sigma^2 against 0 + 400), both outside the gate; the detections are matched gate first, so source
+    0 is found (a miss and a false alarm, not two of each), while the errors over pairs stay those of the least-error
+    assignment (what peers report as RMSE)."""
+    crb = np.full((1, 2, 3), 1e-4)
+    sd = 1e-2
+    true = (np.array([[0.0, 10 * sd]]), np.zeros((1, 2)), np.full((1, 2), 2.0), np.ones((1, 2), dtype=bool))
+    sc = M.score_sources(np.array([[0.0, -10 * sd]]), np.zeros((1, 2)), np.full((1, 2), 2.0), np.ones((1, 2), dtype=bool), *true, crb)
+    s = M.statistics(sc)
+    assert sc.n_hit[0] == 1 and sc.detected.tolist() == [[True, False]]
+    assert s["miss_rate"] == 0.5 and s["false_alarm_rate"] == 0.5 and s["nerr_hit_phi"] == 0.0
+    assert s["nerr_phi"] == pytest.approx(math.sqrt((100 + 100) / 2))  # the crossed, least-error pairs

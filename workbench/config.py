@@ -25,6 +25,7 @@ SAMPLE_ESTIMATORS = ("seed", "ls_scatter", "covariance_matching", "beamscan", "b
 GAP_BACKENDS = ("eigh", "svd", "svd_flipped", "eigvalsh", "finite_diff", "exact")
 SUBSPACE_BACKENDS = ("eigh", "detach", "lorentzian", "safe")
 DEVICES = ("auto", "cpu", "cuda")
+DETECTOR_COUNTS = ("threshold", "mdl")  # model.detector_count: how the learned localiser counts (workbench/detector.py)
 MODEL_HEADS = ("factor", "physics", "detector")  # model.head: workbench/model.py (factor, physics), workbench/detector.py
 STEERING_MODELS = ("exact", "fresnel", "separable")  # physics.steering: the spherical wave and its two approximations
 MIN_CHANNEL_GAIN = 1e-16  # smallest BS-RIS path gain: beamscan fails from ~1e-19 on (|H|^4 below float32's range)
@@ -322,8 +323,13 @@ class ModelConfig(ConfigBase):
     refine_iters: int = field(default=4, metadata=_num(0, 100))
     detector_min_snr_db: float = field(default=0.0, metadata=_num(-30.0, 60.0))  # refined sources below this SNR are dropped
     detector_rounds: int = field(default=1, metadata=_num(1, 8))  # detection rounds, each on what the previous ones left
+    # the count: "threshold" keeps what the rules above keep; "mdl" then chooses, among those ordered by SNR, the number
+    # minimising the ML fit's MDL criterion over nested refits (needs refine_iters >= 1)
+    detector_count: str = field(default="threshold", metadata=_choice(*DETECTOR_COUNTS))
 
     def _check_relations(self) -> None:
+        if self.detector_count == "mdl" and self.refine_iters < 1:
+            raise ConfigError("model.detector_count = 'mdl' needs model.refine_iters >= 1 (the criterion compares refined fits)")
         if self.width % self.heads:
             raise ConfigError(f"model.width = {self.width} must be divisible by model.heads = {self.heads}")
 

@@ -32,7 +32,10 @@ Design (README, section 5 "The learned localiser"):
    by the same network as a scene of their own, its new peaks added, all refined and pruned again
    (:meth:`LocaliserNet.next_round`): sources a strong one hid are found as the ML fit's matching pursuit finds them.
 
-6. **A given count** (``count`` of :meth:`LocaliserNet.forward`, oracle knowledge: the true K for the RMSE peers report
+6. **The count** (``model.detector_count``): "threshold" keeps what 3.-5. keep; "mdl" orders those by array SNR, refits
+   the first k jointly for every k and keeps the k minimising the ML fit's MDL criterion
+   (:meth:`LocaliserNet.mdl_count`: the heatmap proposes, the likelihood ratio counts).
+7. **A given count** (``count`` of :meth:`LocaliserNet.forward`, oracle knowledge: the true K for the RMSE peers report
    with K given): after the rounds above, more rounds add the residual's strongest peaks whatever their score until
    each scene has that many sources, and the strongest that many (by array SNR) are kept
    (:meth:`LocaliserNet.strongest`). Without refinement the strongest ``count`` heatmap peaks are taken.
@@ -54,12 +57,13 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig, SystemConfig
 from .grid import Grid
-from .likelihood import array_snr, ml_refine
+from .likelihood import array_snr, mdl_criterion, mdl_penalty, ml_refine
 from .matched_filter import atom_norms, pick, project_out, scan
 from .model import CovarianceNet, ModelOutput
 from .physics import measurement_matrices, source_covariance, steering
 
-DECODING_FIELDS = ("detector_threshold", "detector_min_snr_db", "detector_rounds", "refine_iters")  # model fields outside the weights
+# model fields outside the weights: a trained model's decoding (LocaliserNet.set_decoding)
+DECODING_FIELDS = ("detector_threshold", "detector_min_snr_db", "detector_rounds", "refine_iters", "detector_count")
 N_FEATURES = 2  # feature maps per cell: the matched filter, and the same after one matching-pursuit step
 HEAT_PRIOR = 0.01  # the heatmap's initial probability per cell (the bias of its last layer)
 # the share of the trace the factor A gives each slot that is not a source (the next peaks): R_pred keeps rank K_max, so
@@ -270,6 +274,35 @@ class LocaliserNet(CovarianceNet):
         return take(score), alive, take(phi), take(theta), take(r), take(power) * alive, k_logits
 
     @torch.no_grad()
+    def mdl_count(self, y, H, codes, score, keep, phi, theta, r, k_logits) -> tuple[torch.Tensor, ...]:
+        """``model.detector_count = "mdl"``: the kept sources ordered by array SNR (:func:`~workbench.likelihood.array_snr`
+        at their refined powers), the first k refitted jointly for every k = 1..kept (``model.refine_iters`` scoring steps
+        each, :func:`~workbench.likelihood.ml_refine`), and the k minimising the ML fit's criterion
+        (:func:`~workbench.likelihood.mdl_criterion`) kept with its fit. The count's logits are minus the criterion
+        (relative to its minimum; -30 beyond the kept). Arguments as :meth:`prune` takes them, without power and noise
+        variance (refitted); returns (score, keep, phi, theta, r, power, noise_var, k_logits)."""
+        B, Kmax = keep.shape
+        _, _, _, power, noise_var = ml_refine(y, H, codes, self.system, phi, theta, r, keep, 0)
+        snr = torch.where(keep, array_snr(self.system, H, codes, phi, theta, r, power, noise_var), torch.full_like(power, -math.inf))
+        order = torch.sort(snr, dim=1, descending=True, stable=True).indices
+        score, keep, phi, theta, r, k_logits = (t.gather(1, order) for t in (score, keep, phi, theta, r, k_logits))
+        n = keep.sum(1)
+        slots = torch.arange(Kmax, device=keep.device)
+        fits, crit = [], torch.full((B, Kmax), math.inf, dtype=torch.float64, device=keep.device)
+        for k in range(1, int(n.max()) + 1):
+            mask = slots[None, :] < torch.clamp(n, max=k)[:, None]
+            *f, nll = ml_refine(y, H, codes, self.system, phi, theta, r, mask, self.cfg.refine_iters, with_nll=True)
+            fits.append(f)
+            crit[:, k - 1] = torch.where(n >= k, mdl_criterion(nll, mask.sum(1).double(), mdl_penalty(self.system)), math.inf)
+        best = crit.argmin(1)  # k - 1 per scene
+        pick = lambda j: torch.stack([f[j] for f in fits], 1)[torch.arange(B, device=best.device), best]  # noqa: E731
+        keep = slots[None, :] <= best[:, None]
+        phi, theta, r = (torch.where(keep, pick(j).to(t.dtype), t) for j, t in enumerate((phi, theta, r)))
+        power, noise_var = pick(3) * keep, pick(4)
+        k_logits = torch.where(torch.isfinite(crit), (crit.amin(1, keepdim=True) - crit).to(k_logits.dtype), torch.full_like(k_logits, -30.0))
+        return score, keep, phi, theta, r, power, noise_var, k_logits
+
+    @torch.no_grad()
     def strongest(self, H, codes, count, score, keep, phi, theta, r, power, noise_var, k_logits) -> tuple[torch.Tensor, ...]:
         """Of the kept sources, the ``count[b]`` [B] with the highest array SNR
         (:func:`~workbench.likelihood.array_snr`); fewer where fewer are kept. Arguments and returns as :meth:`prune`."""
@@ -339,6 +372,8 @@ class LocaliserNet(CovarianceNet):
             for _ in range(self.cfg.detector_rounds - 1):
                 score, keep, phi, theta, r, power, noise_var, k_logits = self.next_round(
                     y, H, codes, amp, score, keep, phi, theta, r, k_logits, atoms)
+            if count is None and self.cfg.detector_count == "mdl":
+                score, keep, phi, theta, r, power, noise_var, k_logits = self.mdl_count(y, H, codes, score, keep, phi, theta, r, k_logits)
             if count is not None:  # the given count: rounds that add the residual's strongest peaks, then the strongest K
                 for _ in range(max(self.cfg.detector_rounds, 1)):
                     if bool((keep.sum(1) >= count).all()):

@@ -389,7 +389,7 @@ def ml_localise(
         K = check_K(K, B, system.N, k_min=1, k_max=system.K_max)
     grid = Grid.default(system, **ML_GRID) if grid is None else grid
     grid.validate(system)
-    penalty = 0.5 * math.log(system.L) if penalty is None else float(penalty)
+    penalty = mdl_penalty(system) if penalty is None else float(penalty)
     n_levels = system.K_max if K is None else int(K.max())
     parts = []
     for s in range(0, B, chunk):
@@ -398,8 +398,20 @@ def ml_localise(
     return parts[0] if len(parts) == 1 else _cat_fits(parts)
 
 
+def mdl_penalty(system: SystemConfig) -> float:
+    """The MDL penalty per real parameter, log(L) / 2 (Rissanen's 1/2 log n with n = L independent snapshots)."""
+    return 0.5 * math.log(system.L)
+
+
+def mdl_criterion(nll: torch.Tensor, k: torch.Tensor, penalty: float) -> torch.Tensor:
+    """MDL(k) = nll + penalty (4k + 1): a fit of k sources has 4 real parameters each (phi, theta, r, power) and the
+    noise variance. nll and k broadcast (k sources, any shape); the count is the argmin over k. One formula for the ML
+    fit (:func:`ml_localise`) and the learned localiser's count (:meth:`workbench.detector.LocaliserNet.mdl_count`)."""
+    return nll + penalty * (4 * k + 1)
+
+
 def ml_refine(y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, system: SystemConfig, phi, theta, r, mask,
-              iters: int = 4) -> tuple[torch.Tensor, ...]:
+              iters: int = 4, with_nll: bool = False) -> tuple[torch.Tensor, ...]:
     """The snapshot likelihood refined from given source locations (a learned detector's): start powers from the
     matched filter on the snapshots with the other sources' least-squares fit removed, the noise variance from the
     residual energy, then at most ``iters`` damped Fisher-scoring steps (:func:`_scoring`, the ML fit's) of every
@@ -407,7 +419,9 @@ def ml_refine(y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, system: Sys
     or dropped: K[b] = mask[b].sum() as given (>= 1 each).
 
     y [B,L,M], H [B,M,N], codes [B,L,N] complex; phi, theta [B,K] rad, r [B,K] m, mask [B,K] bool. Returns (phi,
-    theta, r [B,K] float64 rad / m, power [B,K] mW (0 where masked), noise_var [B] mW), no gradient."""
+    theta, r [B,K] float64 rad / m, power [B,K] mW (0 where masked), noise_var [B] mW), no gradient; ``with_nll`` (and
+    iters >= 1): also the negative log-likelihood of the result [B] float64 in the fit's normalised units (comparable
+    between fits of the same scene, e.g. of different counts: :func:`mdl_criterion`)."""
     c128, f64 = torch.complex128, torch.float64
     a_y = y.abs().square().mean((1, 2)).sqrt().to(f64)
     a_h = H.abs().square().mean((1, 2)).sqrt().to(f64)
@@ -429,10 +443,14 @@ def ml_refine(y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, system: Sys
     power = torch.where(mask, torch.maximum(power, 0.1 * (mf / nb.square()).mean(1)), torch.ones_like(power))
     lo, hi = _fit_bounds(system, K, torch.ones(B, dtype=f64, device=y.device))
     u = torch.minimum(torch.maximum(_pack(phi, theta, r, power, noise_var), lo), hi)
+    if with_nll and iters < 1:
+        raise ConfigError(f"iters = {iters}: the likelihood of the refined fit needs at least one scoring step")
+    nll = None
     if iters > 0:
-        u, _ = _scoring(system, G, yn, u, mask, lo, hi, iters)
+        u, nll = _scoring(system, G, yn, u, mask, lo, hi, iters)
     phi, theta, r, power, noise_var = _unpack(u, K)
-    return phi, theta, r, power * mask * (a_y / a_h).square()[:, None], noise_var * a_y.square()
+    out = (phi, theta, r, power * mask * (a_y / a_h).square()[:, None], noise_var * a_y.square())
+    return (*out, nll) if with_nll else out
 
 
 def ml_chunk(device) -> int:
@@ -503,7 +521,7 @@ def _choose_fit(system, grid, fits, picks, K, penalty: float, a_y, a_h) -> Snaps
     nll = levels["nll"]
     k_top = nll.shape[1]
     ks = torch.arange(1, k_top + 1, dtype=torch.float64, device=nll.device)
-    crit = nll + penalty * (4 * ks + 1)
+    crit = mdl_criterion(nll, ks, penalty)
     crit_out = crit if K is None else torch.full_like(crit, math.nan)
     K = crit.argmin(1) + 1 if K is None else K
     pick = lambda t: t[torch.arange(len(K), device=K.device), K - 1]  # noqa: E731  (the fit of K sources)
