@@ -31,7 +31,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                   "loss.detect": 1.0, "loss.nmse": 0.0, "loss.k_ce": 0.0, "loss.aux": 0.0, "loss.subspace": 0.0,
                                   "fixes.lam_gap": 0.0, "model.width": 32, "model.layers": 4,
                                   # decoding, chosen on the dev split (README, "The learned localiser")
-                                  "model.detector_threshold": 0.25, "model.detector_min_snr_db": 10.0, "model.detector_rounds": 3}),
+                                  "model.detector_threshold": 0.25, "model.detector_min_snr_db": 6.0, "model.detector_rounds": 3,
+                                  "model.detector_count": "mdl"}),
 }
 ENTRIES = (*PRESETS, *VARIANTS)
 DEFAULT_ENTRIES = PRESETS
