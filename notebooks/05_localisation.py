@@ -35,11 +35,10 @@
 # the K largest local maxima then takes a sidelobe as the K-th source (10-100° errors on exact R_true). MUSIC here
 # finds one source per scan and projects it out before the next (RAP-MUSIC), which resolves them.
 #
-# **Time.** About 20 s with the defaults on a quiet 2-core CPU when notebook 04 has run with the same sizes (its
-# networks are reused), about 35 s when the networks are trained here first, before the learned localiser was added;
-# `localiser` (trained here on the same 128 scenes, then run on every SNR's scenes and compared with a second ML fit at
-# the highest SNR) adds an estimated 15-20 s, not yet re-measured on a quiet machine; `localiser = False` leaves it
-# out. `n_per_snr`, `N_side` and the number of presets are the big knobs.
+# **Time.** About 41 s with the defaults on a quiet 2-core CPU (measured 2026-12-05 through `workbench report --only
+# 05`), the networks trained here first; `localiser` (trained here on the same 128 scenes, then run on the highest
+# SNR's scenes beside a second ML fit) is about 6 s of it, and `localiser = False` leaves it out. The MUSIC refinements
+# of every source take most of the rest. `n_per_snr`, `N_side` and the number of presets are the big knobs.
 
 # %% tags=["parameters"]
 method: str = "music"  # music | mvdr

@@ -463,3 +463,22 @@ def test_snr_scene_is_the_scene_localisation_vs_snr_used():
     view = scene_spectrum(system, snr_scene(system, 20.0, 3, 5, 2, snr_index=1), "R_true", lambda b: sizes.append(len(b)) or b.R_true,
                           step_deg=4.0, n_r=8, scene=2)
     assert sizes == [1] and view["scene"] == 2 and view["snr_db"] == 20.0
+
+
+def test_the_batched_hessian_equals_the_row_by_row_one():
+    """``_hessian_rows`` (one batched double backward; the refinements' Newton steps use it) gives the Hessian of each
+    scene's objective, as torch's per-scene ``hessian`` does, on the MUSIC objective through the exact steering."""
+    from workbench.config import SystemConfig
+    from workbench.localisation import _hessian_rows, _objective
+
+    s = SystemConfig(N_H=4, N_V=4)
+    gen = torch.Generator().manual_seed(0)
+    F = torch.linalg.qr(torch.randn(3, s.N, 2, dtype=torch.complex128, generator=gen))[0]
+    scale = torch.tensor([0.05, 0.05, 0.1], dtype=torch.float64)
+    u = torch.tensor([[[3.0, 1.0, 5.0]], [[-4.0, 2.0, 3.0]], [[1.0, -3.0, 8.0]]], dtype=torch.float64)
+    uu = u.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(_objective(F, s, uu, scale, "music").sum(), uu, create_graph=True)
+    H = _hessian_rows(g, uu)
+    for b in range(3):
+        ref = torch.autograd.functional.hessian(lambda v, Fb=F[b:b + 1]: _objective(Fb, s, v, scale, "music").sum(), u[b:b + 1])
+        torch.testing.assert_close(H[b, 0], ref.reshape(3, 3), rtol=1e-10, atol=1e-12)

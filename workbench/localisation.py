@@ -163,6 +163,15 @@ def _quadratic_at(F: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(torch.einsum("bnj,bkn->bkj", F.conj(), a)).square().sum((-1, -2))
 
 
+def _hessian_rows(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """d g_i / d u_j [..., P, P] (detached) of a gradient g [..., P] built with ``create_graph`` from u [..., P], each
+    batch row depending on its own u only: one batched double backward (``is_grads_batched``) instead of P passes."""
+    P = g.shape[-1]
+    eye = torch.eye(P, dtype=g.dtype, device=g.device).reshape(P, *([1] * (g.dim() - 1)), P).expand(P, *g.shape)
+    (H,) = torch.autograd.grad(g, u, grad_outputs=eye, is_grads_batched=True)
+    return H.movedim(0, -2).detach()
+
+
 def refine_peaks(
     F: torch.Tensor, system: SystemConfig, grid: Grid, phi, theta, r, valid, method: str, iters: int = 10,
     Q: torch.Tensor | None = None,
@@ -191,7 +200,7 @@ def refine_peaks(
         uu = u.detach().requires_grad_(True)
         f = _objective(F, system, uu, scale, method, Q)
         (g,) = torch.autograd.grad(f.sum(), uu, create_graph=True)
-        Hs = torch.stack([torch.autograd.grad(g[..., i].sum(), uu, retain_graph=True)[0] for i in range(3)], -2).detach()
+        Hs = _hessian_rows(g, uu)
         g, f = g.detach(), f.detach()
         damp = mu * Hs.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-30)
         step = -torch.linalg.solve(Hs + damp[..., None, None] * eye, g[..., None])[..., 0]
@@ -318,7 +327,7 @@ def joint_subspace_refine(E: torch.Tensor, system: SystemConfig, grid: Grid, val
         uu = u.detach().requires_grad_(True)
         f = f_of(uu)
         (g,) = torch.autograd.grad(f.sum(), uu, create_graph=True)
-        Hs = torch.stack([torch.autograd.grad(g[:, i].sum(), uu, retain_graph=True)[0] for i in range(P)], -2).detach()
+        Hs = _hessian_rows(g, uu)
         g, f = (g * free).detach(), f.detach()
         Hs = torch.where(free[:, :, None] & free[:, None, :], Hs, eye.expand(B, P, P))
         damp = mu * Hs.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-30)
