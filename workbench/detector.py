@@ -276,14 +276,15 @@ class LocaliserNet(CovarianceNet):
     @torch.no_grad()
     def mdl_count(self, y, H, codes, score, keep, phi, theta, r, k_logits) -> tuple[torch.Tensor, ...]:
         """``model.detector_count = "mdl"``: the kept sources ordered by array SNR (:func:`~workbench.likelihood.array_snr`
-        at their refined powers), the first k refitted jointly for every k = 1..kept (``model.refine_iters`` scoring steps
-        each, :func:`~workbench.likelihood.ml_refine`), and the k minimising the ML fit's criterion
-        (:func:`~workbench.likelihood.mdl_criterion`) kept with its fit. The count's logits are minus the criterion
-        (relative to its minimum; -30 beyond the kept). Arguments as :meth:`prune` takes them, without power and noise
-        variance (refitted); returns (score, keep, phi, theta, r, power, noise_var, k_logits)."""
+        at the start powers :func:`~workbench.likelihood.ml_refine` gives the whole kept set, before any scoring step),
+        the first k refitted jointly for every k = 1..kept (``model.refine_iters`` scoring steps each), and the k
+        minimising the ML fit's criterion (:func:`~workbench.likelihood.mdl_criterion`) kept with its fit. The count's
+        logits are minus the criterion (relative to its minimum; -30 beyond the kept). Arguments as :meth:`prune` takes
+        them, without power and noise variance (refitted); returns (score, keep, phi, theta, r, power, noise_var,
+        k_logits)."""
         B, Kmax = keep.shape
         _, _, _, power, noise_var = ml_refine(y, H, codes, self.system, phi, theta, r, keep, 0)
-        snr = torch.where(keep, array_snr(self.system, H, codes, phi, theta, r, power, noise_var), torch.full_like(power, -math.inf))
+        snr = array_snr(self.system, H, codes, phi, theta, r, power, noise_var, mask=keep)  # 0 in unkept slots: last
         order = torch.sort(snr, dim=1, descending=True, stable=True).indices
         score, keep, phi, theta, r, k_logits = (t.gather(1, order) for t in (score, keep, phi, theta, r, k_logits))
         n = keep.sum(1)
@@ -306,7 +307,7 @@ class LocaliserNet(CovarianceNet):
     def strongest(self, H, codes, count, score, keep, phi, theta, r, power, noise_var, k_logits) -> tuple[torch.Tensor, ...]:
         """Of the kept sources, the ``count[b]`` [B] with the highest array SNR
         (:func:`~workbench.likelihood.array_snr`); fewer where fewer are kept. Arguments and returns as :meth:`prune`."""
-        snr = torch.where(keep, array_snr(self.system, H, codes, phi, theta, r, power, noise_var), torch.full_like(power, -math.inf))
+        snr = array_snr(self.system, H, codes, phi, theta, r, power, noise_var, mask=keep)  # 0 in unkept slots: last
         rank = snr.argsort(1, descending=True).argsort(1)
         return self._compact(keep & (rank < count[:, None]), score, phi, theta, r, power, k_logits)
 
@@ -375,7 +376,7 @@ class LocaliserNet(CovarianceNet):
             if count is None and self.cfg.detector_count == "mdl":
                 score, keep, phi, theta, r, power, noise_var, k_logits = self.mdl_count(y, H, codes, score, keep, phi, theta, r, k_logits)
             if count is not None:  # the given count: rounds that add the residual's strongest peaks, then the strongest K
-                for _ in range(max(self.cfg.detector_rounds, 1)):
+                for _ in range(self.cfg.detector_rounds):
                     if bool((keep.sum(1) >= count).all()):
                         break
                     if atoms is None:

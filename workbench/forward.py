@@ -342,14 +342,14 @@ def forward(model: CovarianceNet, batch: SceneBatch, R_samp: torch.Tensor, cfg: 
     whatever the caller has on (training keeps it; evaluation wraps the call in ``torch.no_grad``).
     Returns :class:`Forward` (out, cov, losses), on ``out_device`` (default: the model's device)."""
     dev = model_device(model)
-    if getattr(getattr(model, "cfg", None), "head", None) != "physics":
+    head = getattr(getattr(model, "cfg", None), "head", None)
+    if head != "physics":
         fits = None  # only a physics-head model takes fits
     elif fits is None:
         fits = rsamp_cache(batch).physics_fits(model.system)
     b, Rs, pr = batch.to(dev), R_samp.to(dev), _move(prior, dev)
     extra = {} if fits is None else {"fits": _move(fits, dev)}
     if count is not None:
-        head = getattr(getattr(model, "cfg", None), "head", None)
         if head != "detector":
             raise ConfigError(f"count: only the learned localiser (model.head = 'detector') takes a given count, not model.head = {head!r}")
         extra["count"] = count.to(dev)

@@ -422,6 +422,8 @@ def ml_refine(y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, system: Sys
     theta, r [B,K] float64 rad / m, power [B,K] mW (0 where masked), noise_var [B] mW), no gradient; ``with_nll`` (and
     iters >= 1): also the negative log-likelihood of the result [B] float64 in the fit's normalised units (comparable
     between fits of the same scene, e.g. of different counts: :func:`mdl_criterion`)."""
+    if with_nll and iters < 1:
+        raise ConfigError(f"iters = {iters}: the likelihood of the refined fit needs at least one scoring step")
     c128, f64 = torch.complex128, torch.float64
     a_y = y.abs().square().mean((1, 2)).sqrt().to(f64)
     a_h = H.abs().square().mean((1, 2)).sqrt().to(f64)
@@ -443,8 +445,6 @@ def ml_refine(y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, system: Sys
     power = torch.where(mask, torch.maximum(power, 0.1 * (mf / nb.square()).mean(1)), torch.ones_like(power))
     lo, hi = _fit_bounds(system, K, torch.ones(B, dtype=f64, device=y.device))
     u = torch.minimum(torch.maximum(_pack(phi, theta, r, power, noise_var), lo), hi)
-    if with_nll and iters < 1:
-        raise ConfigError(f"iters = {iters}: the likelihood of the refined fit needs at least one scoring step")
     nll = None
     if iters > 0:
         u, nll = _scoring(system, G, yn, u, mask, lo, hi, iters)
