@@ -326,10 +326,16 @@ class ModelConfig(ConfigBase):
     # the count: "threshold" keeps what the rules above keep; "mdl" then chooses, among those ordered by SNR, the number
     # minimising the ML fit's MDL criterion over nested refits (needs refine_iters >= 1)
     detector_count: str = field(default="threshold", metadata=_choice(*DETECTOR_COUNTS))
+    # RELAX cycles after the count (needs refine_iters >= 1): each source in turn replaced by the network's strongest
+    # peak on the snapshots with the others' fit removed, kept where the likelihood rises
+    detector_relax: int = field(default=0, metadata=_num(0, 8))
 
     def _check_relations(self) -> None:
         if self.detector_count == "mdl" and self.refine_iters < 1:
             raise ConfigError("model.detector_count = 'mdl' needs model.refine_iters >= 1 (the criterion compares refined fits)")
+        if self.detector_relax > 0 and self.refine_iters < 1:
+            raise ConfigError(f"model.detector_relax = {self.detector_relax} needs model.refine_iters >= 1 "
+                              "(a move is kept by its refined likelihood)")
         if self.width % self.heads:
             raise ConfigError(f"model.width = {self.width} must be divisible by model.heads = {self.heads}")
 

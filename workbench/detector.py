@@ -35,7 +35,12 @@ Design (README, section 5 "The learned localiser"):
 6. **The count** (``model.detector_count``): "threshold" keeps what 3.-5. keep; "mdl" orders those by array SNR, refits
    the first k jointly for every k and keeps the k minimising the ML fit's MDL criterion
    (:meth:`LocaliserNet.mdl_count`: the heatmap proposes, the likelihood ratio counts).
-7. **A given count** (``count`` of :meth:`LocaliserNet.forward`, oracle knowledge: the true K for the RMSE peers report
+7. **RELAX** (``model.detector_relax`` cycles, default 0; the entry's 1): after the rounds, before the count (or after
+   a given count's rounds), each kept source in turn is replaced by the network's strongest peak and, in a second try,
+   by the matched filter's maximum, both read on the snapshots with the other sources' fit removed; all refitted, a
+   move kept where the likelihood rises (:meth:`LocaliserNet.relax`: the ML fit's RELAX cycle,
+   :func:`workbench.likelihood.ml_localise`'s ``relax_cycles``, with the network proposing too).
+8. **A given count** (``count`` of :meth:`LocaliserNet.forward`, oracle knowledge: the true K for the RMSE peers report
    with K given): after the rounds above, more rounds add the residual's strongest peaks whatever their score until
    each scene has that many sources, and the strongest that many (by array SNR) are kept
    (:meth:`LocaliserNet.strongest`). Without refinement the strongest ``count`` heatmap peaks are taken.
@@ -57,13 +62,13 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig, SystemConfig
 from .grid import Grid
-from .likelihood import array_snr, mdl_criterion, mdl_penalty, ml_refine
+from .likelihood import RELAX_TOL, array_snr, mdl_criterion, mdl_penalty, ml_refine
 from .matched_filter import atom_norms, pick, project_out, scan
 from .model import CovarianceNet, ModelOutput
 from .physics import measurement_matrices, source_covariance, steering
 
 # model fields outside the weights: a trained model's decoding (LocaliserNet.set_decoding)
-DECODING_FIELDS = ("detector_threshold", "detector_min_snr_db", "detector_rounds", "refine_iters", "detector_count")
+DECODING_FIELDS = ("detector_threshold", "detector_min_snr_db", "detector_rounds", "refine_iters", "detector_count", "detector_relax")
 N_FEATURES = 2  # feature maps per cell: the matched filter, and the same after one matching-pursuit step
 HEAT_PRIOR = 0.01  # the heatmap's initial probability per cell (the bias of its last layer)
 # the share of the trace the factor A gives each slot that is not a source (the next peaks): R_pred keeps rank K_max, so
@@ -312,6 +317,56 @@ class LocaliserNet(CovarianceNet):
         return self._compact(keep & (rank < count[:, None]), score, phi, theta, r, power, k_logits)
 
     @torch.no_grad()
+    def residual(self, y, H, codes, phi, theta, r, keep) -> torch.Tensor:
+        """The snapshots y [B,L,M] with the ``keep`` [B,K] sources' least-squares fit removed, per snapshot (exact
+        steering atoms G_l a_k; ridge-regularised so unkept, zero atoms are harmless): [B,L,M] complex128."""
+        c128 = torch.complex128
+        a = steering(self.system, phi.double(), theta.double(), r.double()) * keep[..., None]  # [B,K,N]
+        b = (H.to(c128)[:, None] @ (codes.to(c128)[:, :, None, :] * a[:, None]).mT).mT  # atoms G_l a_k, [B,L,K,M]
+        yy = y.to(c128)
+        ridge = (1e-12 * b.abs().square().sum(-1).amax(-1)).clamp_min(torch.finfo(torch.float64).tiny)  # no source kept: y itself
+        gram = b.conj() @ b.mT + ridge[..., None, None] * torch.eye(b.shape[2], dtype=c128, device=b.device)
+        return yy - (b.mT @ torch.linalg.solve(gram, b.conj() @ yy[..., None]))[..., 0]
+
+    @torch.no_grad()
+    def relax(self, y, H, codes, amp, atoms, keep, phi, theta, r) -> tuple[torch.Tensor, ...]:
+        """``model.detector_relax`` RELAX cycles over the kept sources (module docstring, 7.): slot j of every scene
+        that has one, in turn, replaced by the strongest heatmap peak of the snapshots with the other kept sources' fit
+        removed (:meth:`residual`, then features, heatmap, decoding as a scene of its own), and in a second try by
+        those snapshots' matched-filter maximum; each try refitted (``model.refine_iters`` steps of
+        :func:`~workbench.likelihood.ml_refine`) and kept where the negative log-likelihood drops by more than
+        :data:`~workbench.likelihood.RELAX_TOL`. The set's size does not change. keep [B,K_max] (the kept sources
+        first), phi, theta, r [B,K_max]; atoms: :func:`detector_atoms` of H and the codes
+        (None: computed per call). Returns (phi, theta, r, power, noise_var, nll [B]: the negative log-likelihood of the
+        result, scene units) refitted."""
+        iters = self.cfg.refine_iters
+        *fit, nll = ml_refine(y, H, codes, self.system, phi, theta, r, keep, iters, with_nll=True)
+        phi, theta, r = (torch.where(keep, u.float(), v) for u, v in zip(fit[:3], (phi, theta, r)))
+        power, noise_var = fit[3], fit[4]
+        one = torch.ones(len(y), dtype=torch.int64, device=y.device)
+        for _ in range(self.cfg.detector_relax):
+            for j in range(int(keep.sum(1).max())):
+                has = keep[:, j] & (keep.sum(1) > 1)  # a lone source's residual is y itself: nothing to re-read
+                if not bool(has.any()):
+                    continue
+                others = keep.clone()
+                others[:, j] = False
+                resid = self.residual(y, H, codes, phi, theta, r, others)
+                feats = self.features(resid, H, codes, atoms)
+                _, _, p2, t2, r2, _ = self.decode(self.heatmap(feats, amp), one)
+                # the network's strongest peak, and the matched filter's maximum (the features' first map: the ML fit's pick)
+                cands = [(p2[:, 0], t2[:, 0], r2[:, 0]), self.grid.coords(self.grid.unravel(feats[:, 0].flatten(1).argmax(1)))]
+                slot = has[:, None] & (torch.arange(keep.shape[1], device=keep.device) == j)  # [B,K_max]
+                for cp, ct, cr in cands:
+                    tried = [torch.where(slot, v[:, None].to(u.dtype), u) for u, v in ((phi, cp), (theta, ct), (r, cr))]
+                    *f, nll_try = ml_refine(y, H, codes, self.system, *tried, keep, iters, with_nll=True)
+                    better = has & (nll_try < nll - RELAX_TOL)
+                    phi, theta, r = (torch.where(better[:, None] & keep, u.float(), v) for u, v in zip(f[:3], (phi, theta, r)))
+                    power = torch.where(better[:, None], f[3], power)
+                    noise_var, nll = torch.where(better, f[4], noise_var), torch.where(better, nll_try, nll)
+        return phi, theta, r, power * keep, noise_var, nll
+
+    @torch.no_grad()
     def next_round(self, y, H, codes, amp, score, keep, phi, theta, r, k_logits, atoms=None, count=None) -> tuple[torch.Tensor, ...]:
         """One more round of detection (``model.detector_rounds`` > 1; evaluation mode): the snapshots with the kept
         sources' least-squares fit removed (exact steering atoms, per snapshot) are read as a scene of their own
@@ -319,12 +374,7 @@ class LocaliserNet(CovarianceNet):
         (up to K_max slots), and all are refined jointly and pruned again. count: [B] given counts (:meth:`decode`): the
         new peaks fill the kept sources up to it, whatever their score. Returns (score, keep, phi, theta, r, power,
         noise_var, k_logits) as :meth:`forward` uses them."""
-        c128 = torch.complex128
-        a = steering(self.system, phi.double(), theta.double(), r.double()) * keep[..., None]  # [B,K,N]
-        b = (H.to(c128)[:, None] @ (codes.to(c128)[:, :, None, :] * a[:, None]).mT).mT  # atoms G_l a_k, [B,L,K,M]
-        yy = y.to(c128)
-        gram = b.conj() @ b.mT + 1e-12 * b.abs().square().sum(-1).amax(-1)[..., None, None] * torch.eye(b.shape[2], dtype=c128, device=b.device)
-        resid = yy - (b.mT @ torch.linalg.solve(gram, b.conj() @ yy[..., None]))[..., 0]
+        resid = self.residual(y, H, codes, phi, theta, r, keep)
         need = None if count is None else (count - keep.sum(1)).clamp_min(0)
         score2, keep2, phi2, theta2, r2, logits2 = self.decode(self.heatmap(self.features(resid, H, codes, atoms), amp), need)
         gain = lambda k: torch.diff(k, dim=1, prepend=torch.zeros_like(k[:, :1]))  # noqa: E731
@@ -373,6 +423,9 @@ class LocaliserNet(CovarianceNet):
             for _ in range(self.cfg.detector_rounds - 1):
                 score, keep, phi, theta, r, power, noise_var, k_logits = self.next_round(
                     y, H, codes, amp, score, keep, phi, theta, r, k_logits, atoms)
+            if count is None and self.cfg.detector_relax > 0:  # before the count: the nested refits start from the moved set
+                atoms = detector_atoms(self.system, self.grid, H, codes) if atoms is None else atoms
+                phi, theta, r, power, noise_var, _ = self.relax(y, H, codes, amp, atoms, keep, phi, theta, r)
             if count is None and self.cfg.detector_count == "mdl":
                 score, keep, phi, theta, r, power, noise_var, k_logits = self.mdl_count(y, H, codes, score, keep, phi, theta, r, k_logits)
             if count is not None:  # the given count: rounds that add the residual's strongest peaks, then the strongest K
@@ -385,6 +438,9 @@ class LocaliserNet(CovarianceNet):
                         y, H, codes, amp, score, keep, phi, theta, r, k_logits, atoms, count)
                 score, keep, phi, theta, r, power, k_logits = self.strongest(H, codes, count, score, keep, phi, theta, r, power,
                                                                              noise_var, k_logits)
+                if self.cfg.detector_relax > 0:  # the given count's set
+                    atoms = detector_atoms(self.system, self.grid, H, codes) if atoms is None else atoms
+                    phi, theta, r, power, noise_var, _ = self.relax(y, H, codes, amp, atoms, keep, phi, theta, r)
         power = power.float()
         a = steering(self.system, phi, theta, r)  # [B,K_max,N] complex64, exact model
         share = power / power.sum(1, keepdim=True).clamp_min(1e-30)
