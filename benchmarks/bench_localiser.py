@@ -7,8 +7,8 @@ the same scenes and device in one run, each at its best batch size (scenes per c
 checkpoint.pt is loaded onto --device, with the entry's current decoding settings unless --own-decoding). Without one
 an untrained localiser of the ``localiser`` entry on the quick budget's system is timed: its heatmap finds fewer
 sources, so its refinement is cheaper than a trained one's, which the output says. The ML fit:
-:func:`workbench.likelihood.ml_localise` with K by MDL (its ``chunk`` is the batch size). Both see only y, H and the
-codes. Best of --repeats per batch size, after one warm-up call.
+:func:`workbench.likelihood.ml_localise` with K by MDL (its ``chunk`` is the batch size), plain and with the study's
+RELAX cycles (the strongest baseline). All see only y, H and the codes. Best of --repeats per batch size, after one warm-up call.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from workbench.experiments import budget_overrides, entry_config
 from workbench.likelihood import ml_localise
 from workbench.model import build_model
 from workbench.physics import simulate
-from workbench.studies.localiser import run_localiser, with_entry_decoding
+from workbench.studies.localiser import RELAX_CYCLES, run_localiser, with_entry_decoding
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default=None, help="a trained localiser's run folder (default: an untrained localiser)")
     ap.add_argument("--own-decoding", action="store_true", help="keep the run's own decoding settings (default: the localiser "
-                    "entry's current detector_threshold, detector_min_snr_db, detector_rounds, refine_iters)")
+                    "entry's current decoding: workbench.detector.DECODING_FIELDS)")
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto (CUDA when present)")
     ap.add_argument("--snr", type=float, default=20.0, help="SNR of the timed scenes, dB (default 20)")
     ap.add_argument("--scenes", type=int, default=128, help="scenes timed (default 128)")
@@ -68,7 +68,9 @@ def main(argv=None) -> None:
     n = len(batch)
     rows = []
     for name, call in (("learned localiser", lambda bs: run_localiser(run, batch, bs)),
-                       ("ML fit (MDL)", lambda bs: ml_localise(batch.y, batch.H, batch.codes, system, chunk=bs))):
+                       ("ML fit (MDL)", lambda bs: ml_localise(batch.y, batch.H, batch.codes, system, chunk=bs)),
+                       ("ML fit + RELAX (MDL)", lambda bs: ml_localise(batch.y, batch.H, batch.codes, system, chunk=bs,
+                                                                        relax_cycles=RELAX_CYCLES))):
         per = {bs: best_time(lambda bs=bs, call=call: call(bs), args.repeats, warmup=True) / n for bs in args.batches if bs <= n}
         best = min(per, key=per.get)
         rows.append((name, best, per[best], per))

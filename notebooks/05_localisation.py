@@ -142,11 +142,13 @@ save_metrics(out, metrics);
 # ## The learned localiser against the ML fit
 # The learned localiser (`workbench/detector.py`) reads y, H and the codes only: a heatmap of source presence over a
 # coarse grid, its peaks above a threshold, a few Fisher-scoring steps of the snapshot likelihood from there, more
-# rounds on what the kept sources leave, and the count by the ML fit's MDL criterion over nested refits of the
-# detections. Here both it and the ML fit (K by MDL) are scored on their own sources, directly (no MUSIC), on the same
-# scenes (those of the highest SNR above): miss and false-alarm rates, count accuracy, per-source error over sqrt(CRB)
-# over the detections, covariance NMSE and seconds per scene on this machine. With the defaults it is trained on 128
-# scenes for 3 epochs, far too little to show what it can do; give `localiser_run` a run folder trained with a bigger budget (README, "The learned
+# rounds on what the kept sources leave, one RELAX cycle (each source in turn re-proposed from the snapshots with the
+# others removed, kept where the likelihood rises), and the count by the ML fit's MDL criterion over nested refits of
+# the detections. Here it and two ML fits (K by MDL; plain, and with one RELAX cycle, the strongest baseline at about
+# 3x the time) are scored on their own sources, directly (no MUSIC), on the same scenes (those of the highest SNR
+# above): miss and false-alarm rates, count accuracy, per-source error over sqrt(CRB) over the detections, covariance
+# NMSE and seconds per scene on this machine. With the defaults it is trained on 128 scenes for 3 epochs, far too
+# little to show what it can do; give `localiser_run` a run folder trained with a bigger budget (README, "The learned
 # localiser"). Below: one scene's matched-filter spectrum and heatmap with its detections (red), the ML fit's (cyan)
 # and the truth (white).
 

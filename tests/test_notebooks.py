@@ -214,7 +214,7 @@ def test_05_localisation(runs_root):
     assert all(m["models"][n]["reused"] for n in p.preset_names), m["models"]  # notebook 04's runs (the localiser is trained here)
     if p.localiser:  # the learned localiser beside the ML fit, on the same scenes, and its detections on one scene
         rows = m["localiser"]["rows"]
-        assert {r["estimator"] for r in rows} == {"localiser", "ML fit"} and {r["snr_db"] for r in rows} == {max(p.snr_values)}
+        assert {r["estimator"] for r in rows} == {"localiser", "ML fit", "ML fit + RELAX"} and {r["snr_db"] for r in rows} == {max(p.snr_values)}
         assert _png(out / "localiser_scene.png") and len(m["localiser_scene"]["true"]) == m["localiser_scene"]["K"]
     assert set(res["k_source"].values()) == {"own", "mdl"} and res["k_source"]["physics[ML]"] == "own"
     # the exact, noise-free covariance with the true K: MUSIC finds every source (to refinement accuracy)

@@ -31,11 +31,20 @@ def localiser_table(res: dict) -> list[dict]:
 
 
 def true_k_table(res: dict) -> list[dict]:
-    """Rows of the estimators given the true K (oracle "true K"; none when the result has no such rows): the error over
-    every Hungarian pair, as peers report RMSE with K given, normalised per source (nerr, sqrt(mean err^2 / CRB_k)) and
-    in degrees, and the miss rate under the gate, with 95 % intervals."""
+    """Rows of the estimators given the true K (oracle "true K"), then of the likelihood scored from the true locations
+    (oracle "true locations"; none when the result has no such rows): the error over every Hungarian pair, as peers
+    report RMSE with K given, normalised per source (nerr, sqrt(mean err^2 / CRB_k)) and in degrees, and the miss rate
+    under the gate, with 95 % intervals."""
     return [{"SNR dB": fmt(r["snr_db"]), "estimator": r["estimator"], **{label: _ci(r["stats"][k]) for k, label in TRUE_K_STATS}}
-            for r in res["rows"] if r.get("oracle") == "true K"]
+            for r in res["rows"] if r.get("oracle") in ("true K", "true locations")]
+
+
+def search_table(res: dict) -> list[dict]:
+    """Rows of each ML fit's misses given the true K split by cause (``search`` of the result; none when absent): the
+    scenes with a miss, and among them the search failures (the fit from the true locations is more likely)."""
+    return [{"SNR dB": fmt(m["snr_db"]), "estimator": m["estimator"], "scenes": m["scenes"], "with a miss": m["scenes_with_miss"],
+             "of which search failures": m["search_failures"], "search failures, all scenes": m["search_failures_all"]}
+            for m in res.get("search", [])]
 
 
 def _bin_label(b: dict) -> str:
@@ -50,7 +59,9 @@ def miss_by_snr_table(res: dict) -> list[dict]:
              **{_bin_label(b): f"{_ci(b['miss'])} ({b['n']})" for b in m["bins"]}} for m in res.get("miss_by_snr", [])]
 
 
-# the issue's goals for the learned localiser against the ML fit on the same scenes (README, "The learned localiser")
+# the issue's goals for the learned localiser against the ML fit on the same scenes (README, "The learned localiser"): the
+# strongest ML row (with RELAX, where the result has one) for detection, accuracy and NMSE; the fastest (plain) for speed
+STRONGEST_ML = ("ML fit + RELAX", "ML fit")  # the first the result has is the reference for detection and accuracy
 GOALS = {"miss_rate": 0.5, "false_alarm_rate": 0.5}  # at most this share of the ML fit's rate
 GOAL_K_ACCURACY = 0.95
 GOAL_NERR = 1.3  # sqrt(mean err^2 / CRB_k) over the detections (matched inside the gate), in phi and theta
@@ -61,35 +72,38 @@ GOAL_SPEEDUP = 20.0  # the ML fit's seconds per scene over the localiser's
 def localiser_conclusion(res: dict) -> str:
     """One sentence per SNR, computed from a :func:`workbench.studies.localiser.localiser_vs_ml` result: each goal
     (:data:`GOALS`, :data:`GOAL_K_ACCURACY`, :data:`GOAL_NERR`, :data:`GOAL_SPEEDUP`) met or missed, with the measured
-    ratio or value against the ML fit on the same scenes."""
+    ratio or value against the ML fit on the same scenes: the strongest of :data:`STRONGEST_ML` the result has for
+    detection, count, accuracy and NMSE, the plain ML fit (the fastest) for speed."""
     by = {(r["snr_db"], r["estimator"], r.get("oracle", "none")): r for r in res["rows"]}
     lines = []
     for snr in res["snr_db"]:
-        loc, ml = by[snr, "localiser", "none"], by[snr, "ML fit", "none"]
+        name = next(n for n in STRONGEST_ML if (snr, n, "none") in by)
+        loc, ml, fast = by[snr, "localiser", "none"], by[snr, name, "none"], by[snr, "ML fit", "none"]
         parts = []
         for key, label in (("miss_rate", "miss rate"), ("false_alarm_rate", "false-alarm rate")):
             a, b = loc["stats"][key]["value"], ml["stats"][key]["value"]
             ratio = a / b if b > 0 else float("inf") if a > 0 else 0.0
-            parts.append(f"{label} {fmt(a)} = {fmt(ratio)}x the ML fit's {fmt(b)} "
+            parts.append(f"{label} {fmt(a)} = {fmt(ratio)}x the {name}'s {fmt(b)} "
                          f"({'met' if ratio <= GOALS[key] else 'missed'}: goal <= {fmt(GOALS[key])}x)")
         k = loc["stats"]["k_accuracy"]["value"]
         parts.append(f"K accuracy {fmt(k)} ({'met' if k >= GOAL_K_ACCURACY else 'missed'}: goal >= {fmt(GOAL_K_ACCURACY)}; "
-                     f"ML fit {fmt(ml['stats']['k_accuracy']['value'])})")
+                     f"{name} {fmt(ml['stats']['k_accuracy']['value'])})")
         nerr = max(loc["stats"]["nerr_hit_phi"]["value"], loc["stats"]["nerr_hit_theta"]["value"])
         nerr_ml = max(ml["stats"]["nerr_hit_phi"]["value"], ml["stats"]["nerr_hit_theta"]["value"])
         parts.append(f"nerr over the detections {fmt(nerr)} in the worse of φ, θ ({'met' if nerr <= GOAL_NERR else 'missed'}: "
-                     f"goal <= {fmt(GOAL_NERR)}; ML fit {fmt(nerr_ml)})")
+                     f"goal <= {fmt(GOAL_NERR)}; {name} {fmt(nerr_ml)})")
         if (snr, "localiser", "true K") in by:
             tk = by[snr, "localiser", "true K"]["stats"]
-            tk_ml = by[snr, "ML fit", "true K"]["stats"]
+            tk_ml = by[snr, name, "true K"]["stats"]
             v = max(tk["nerr_phi"]["value"], tk["nerr_theta"]["value"])
             parts.append(f"with the true K, nerr over every pair {fmt(v)} in the worse of φ, θ "
                          f"({'met' if v <= GOAL_TRUE_K_NERR else 'missed'}: goal <= {fmt(GOAL_TRUE_K_NERR)}; "
-                         f"ML fit {fmt(max(tk_ml['nerr_phi']['value'], tk_ml['nerr_theta']['value']))})")
+                         f"{name} {fmt(max(tk_ml['nerr_phi']['value'], tk_ml['nerr_theta']['value']))})")
         nm_loc, nm_ml = loc["nmse"]["value"], ml["nmse"]["value"]
-        parts.append(f"NMSE {fmt(nm_loc)} against the ML fit's {fmt(nm_ml)} ({'below' if nm_loc < nm_ml else 'not below'})")
-        speed = ml["seconds_per_scene"] / loc["seconds_per_scene"]
-        parts.append(f"{fmt(speed)}x fewer seconds per scene ({'met' if speed >= GOAL_SPEEDUP else 'missed'}: goal >= {fmt(GOAL_SPEEDUP)}x)")
+        parts.append(f"NMSE {fmt(nm_loc)} against the {name}'s {fmt(nm_ml)} ({'below' if nm_loc < nm_ml else 'not below'})")
+        speed = fast["seconds_per_scene"] / loc["seconds_per_scene"]
+        parts.append(f"{fmt(speed)}x fewer seconds per scene than the ML fit ({'met' if speed >= GOAL_SPEEDUP else 'missed'}: "
+                     f"goal >= {fmt(GOAL_SPEEDUP)}x)")
         lines.append(f"- **{fmt(snr)} dB**: " + "; ".join(parts) + ".")
     return "\n".join(lines)
 
@@ -102,11 +116,16 @@ def localiser_markdown(summary: dict) -> str:
             f"lr {fmt(t['lr'])}, width {t['width']}, {t['layers']} blocks ({fmt(t['train_seconds'])} s of training). "
             f"Decoding: " + ", ".join(f"{k} {fmt(v)}" for k, v in sorted(d.items())) + ". "
             f"Scored on {summary['n_per_snr']} {summary['split']}-split scenes per SNR (seed {summary['seed']}) on {summary['device']}; "
-            "neither estimator knows K, the noise variance or R_true.")
+            "no headline row knows K, the noise variance or R_true.")
     parts = [head, markdown_table(localiser_table(summary))]
     if true_k_table(summary):
-        parts += ["Given the true K (oracle knowledge; the ML fit's nested fit of that count from the same run):",
+        parts += ["Given the true K (oracle knowledge; each ML fit's nested fit of that count from the same run), and the "
+                  "likelihood scored from the true locations (oracle: what a perfect search reaches):",
                   markdown_table(true_k_table(summary))]
+    if search_table(summary):
+        parts += ["Each ML fit's scenes with a miss given the true K, and among them the search failures (the likelihood "
+                  f"scored from the true locations is higher by more than {fmt(summary['search_margin'])} nat: a better search, "
+                  "not a better model, would find those sources):", markdown_table(search_table(summary))]
     if miss_by_snr_table(summary):
         parts += ["Miss rate by each true source's per-snapshot array SNR (p_k mean_l ||G_l a_k||² / σ², from the true powers "
                   "and noise variance: for the analysis only), each estimator counting for itself:",

@@ -2,10 +2,12 @@
 same scenes and device: every source's location scored against its own Cramer-Rao bound, the count, the covariance
 NMSE and the seconds per scene (README, "The learned localiser"; notebook 05; benchmarks/bench_localiser.py).
 
-Both estimators are scored on their own sources, directly (no MUSIC in between): the localiser's decoded and refined
-detections (:class:`workbench.detector.Sources`) and the ML fit's MDL fit (:func:`workbench.likelihood.ml_fit_for`,
-K by MDL). Neither sees K, the noise variance or R_true. A second pair of rows gives each the true K (oracle knowledge,
-labelled so): the RMSE peers report. Misses are also binned by each true source's array SNR (from the truth, for the
+Every estimator is scored on its own sources, directly (no MUSIC in between): the localiser's decoded and refined
+detections (:class:`workbench.detector.Sources`) and the ML fits' MDL fits (:func:`workbench.likelihood.ml_localise`,
+K by MDL; plain, and with a RELAX cycle: the strongest baseline). None sees K, the noise variance or R_true. A second
+set of rows gives each the true K (oracle knowledge, labelled so): the RMSE peers report; beside them the likelihood
+scored from the true locations (oracle, labelled so) shows what a perfect search would reach, and how many of each ML
+fit's misses are search failures. Misses are also binned by each true source's array SNR (from the truth, for the
 analysis only). Scoring: :func:`workbench.metrics.score_sources` with the
 per-source CRB (:func:`workbench.likelihood.crb_for`), the detection gate of :data:`workbench.metrics.GATE_SIGMAS`
 floored at one step of the default search grid (as :func:`.localisation.localisation_vs_snr`), 95 % bootstrap
@@ -27,13 +29,16 @@ from ..detector import DECODING_FIELDS
 from ..experiments import entry_config
 from ..forward import forward, rsamp_cache
 from ..grid import Grid
-from ..likelihood import array_snr, crb_for, ml_localise
+from ..likelihood import array_snr, crb_for, ml_localise, ml_refine
 from ..metrics import GATE_SIGMAS, mean_interval, miss_rate_by, score_sources, summarise
-from ..physics import SceneBatch
+from ..physics import SceneBatch, source_covariance
 from .localisation import _finite_summary, snr_batch, snr_scene_seed
 
-ESTIMATORS = ("localiser", "ML fit")
-ORACLES = ("none", "true K")  # what a row knows beyond y, H and the codes
+ESTIMATORS = ("localiser", "ML fit", "ML fit + RELAX", "ML fit from the truth")
+ORACLES = ("none", "true K", "true locations")  # what a row knows beyond y, H and the codes
+RELAX_CYCLES = 1  # the stronger baseline's RELAX cycles (ml_localise's relax_cycles; a second one gained nothing on dev)
+TRUTH_ITERS = 25  # scoring steps of the fit started at the true locations (ml_localise's iters)
+SEARCH_MARGIN = 1.0  # nats: a fit of the true K is a search failure where the fit from the truth is this much more likely
 SNR_BINS_DB = (-math.inf, 5.0, 10.0, 15.0, math.inf)  # per-source array SNR bins of the misses (dB per snapshot)
 
 
@@ -84,20 +89,26 @@ def localiser_vs_ml(run, snrs_db: Sequence[float], n_per_snr: int, seed: int = 0
     """The localiser ``run`` and the ML fit on ``n_per_snr`` scenes of ``split`` at each SNR (the scenes of
     :func:`.localisation.localisation_vs_snr` with the same seed and split), on ``device`` (default: the run's).
 
-    Each estimator counting for itself (oracle "none", the headline) and, with ``true_k``, given the true K (oracle "true K": the
-    RMSE peers report; the ML fit's nested fit of the true count from the same run, :meth:`~workbench.likelihood.SnapshotFit.sources_of`,
-    so its seconds are the same run's; the localiser keeps that many peaks, :meth:`workbench.detector.LocaliserNet.decode`).
+    Two ML fits: the plain one and the stronger one with :data:`RELAX_CYCLES` RELAX cycles (``relax_cycles`` of
+    :func:`workbench.likelihood.ml_localise`, about 3x its time). Each estimator counting for itself (oracle "none",
+    the headline) and, with ``true_k``, given the true K (oracle "true K": the RMSE peers report; each ML fit's nested
+    fit of the true count from the same run, :meth:`~workbench.likelihood.SnapshotFit.sources_of`, so its seconds are
+    the same run's; the localiser keeps that many peaks, :meth:`workbench.detector.LocaliserNet.decode`), and the
+    likelihood scored from the true locations ("ML fit from the truth", oracle "true locations": what a perfect
+    search would find; :data:`TRUTH_ITERS` steps of :func:`workbench.likelihood.ml_refine`), against which each ML
+    fit's misses are split into search failures and not (:func:`search_failures`).
 
     Returns {"snr_db", "n_per_snr", "split", "seed", "gate", "device", "rows": [{"snr_db", "estimator" (one of
     :data:`ESTIMATORS`), "oracle" (one of :data:`ORACLES`), "stats": {statistic: {"value", "lo", "hi"}}
     (:data:`workbench.metrics.STATISTICS`), "nmse": {"value", "lo", "hi"}, "seconds_per_scene"}], "miss_by_snr": [{"snr_db",
     "estimator", "bins": :func:`workbench.metrics.miss_rate_by` rows}] (oracle "none"; each true source binned by its
     per-snapshot array SNR in dB, :func:`workbench.likelihood.array_snr` with the true powers and noise variance, bins
-    :data:`SNR_BINS_DB`: analysis only, no estimator sees it)}."""
+    :data:`SNR_BINS_DB`: analysis only, no estimator sees it), "search": [{"snr_db", "estimator" (each ML fit),
+    :func:`search_failures`' fields}] (with ``true_k``), "search_margin" (:data:`SEARCH_MARGIN`)}."""
     system = run.config.system
     dev = next(run.model.parameters()).device if device is None else torch.device(device)
     floor = Grid.default(system).steps().tolist()
-    rows, by_snr = [], []
+    rows, by_snr, search = [], [], []
     for i, snr in enumerate(snrs_db):
         scene_seed = snr_scene_seed(seed, i, split)
         batch = snr_batch(system, snr, n_per_snr, scene_seed, dev)
@@ -107,18 +118,26 @@ def localiser_vs_ml(run, snrs_db: Sequence[float], n_per_snr: int, seed: int = 0
         snr_k = 10 * array_snr(system, batch.H, batch.codes, batch.phi, batch.theta, batch.r, batch.power, batch.noise_var,
                                batch.mask).clamp_min(1e-30).log10()
         src, sec = run_localiser(run, batch, batch_size)
-        t0 = time.perf_counter()
-        ml = ml_localise(batch.y, batch.H, batch.codes, system)
-        ml_sec = time.perf_counter() - t0
-        estimates = {("localiser", "none"): (src.phi, src.theta, src.r, src.mask, src.covariance(system), sec),
-                     ("ML fit", "none"): (ml.loc.phi, ml.loc.theta, ml.loc.r, ml.loc.mask, ml.covariance(system), ml_sec)}
+        estimates = {("localiser", "none"): (src.phi, src.theta, src.r, src.mask, src.covariance(system), sec)}
+        fits = {}
+        for name, cycles in (("ML fit", 0), ("ML fit + RELAX", RELAX_CYCLES)):
+            t0 = time.perf_counter()
+            ml = fits[name] = ml_localise(batch.y, batch.H, batch.codes, system, relax_cycles=cycles)
+            ml_sec = time.perf_counter() - t0
+            estimates[(name, "none")] = (ml.loc.phi, ml.loc.theta, ml.loc.r, ml.loc.mask, ml.covariance(system), ml_sec)
+            if true_k:
+                ml_k = ml.sources_of(batch.K, system)
+                estimates[(name, "true K")] = (*ml_k[:3], ml_k[4], ml.covariance(system, K=batch.K), ml_sec)
         if true_k:
             src_k, sec_k = run_localiser(run, batch, batch_size, true_count=True)
-            ml_k = ml.sources_of(batch.K, system)
             estimates[("localiser", "true K")] = (src_k.phi, src_k.theta, src_k.r, src_k.mask, src_k.covariance(system), sec_k)
-            estimates[("ML fit", "true K")] = (*ml_k[:3], ml_k[4], ml.covariance(system, K=batch.K), ml_sec)
+            t0 = time.perf_counter()
+            *at_truth, nll_truth = ml_refine(batch.y, batch.H, batch.codes, system, *truth, iters=TRUTH_ITERS, with_nll=True)
+            estimates[("ML fit from the truth", "true locations")] = (
+                *at_truth[:3], batch.mask, source_covariance(system, *at_truth[:3], at_truth[3], batch.mask), time.perf_counter() - t0)
+        scored = {}
         for (name, oracle), (phi, theta, r, mask, R_hat, seconds) in estimates.items():
-            scores = score_sources(phi, theta, r, mask, *truth, crb_k, floor=floor, gate=gate)
+            scores = scored[name, oracle] = score_sources(phi, theta, r, mask, *truth, crb_k, floor=floor, gate=gate)
             rows.append({"snr_db": float(snr), "estimator": name, "oracle": oracle,
                          "stats": _finite_summary(summarise(scores, n_boot=n_boot, seed=scene_seed)),
                          "nmse": mean_interval(nmse(reference(R_hat), R_ref), n_boot=n_boot, seed=scene_seed),
@@ -126,8 +145,28 @@ def localiser_vs_ml(run, snrs_db: Sequence[float], n_per_snr: int, seed: int = 0
             if oracle == "none":
                 by_snr.append({"snr_db": float(snr), "estimator": name,
                                "bins": miss_rate_by(scores, batch.mask, snr_k, SNR_BINS_DB, n_boot=n_boot, seed=scene_seed)})
+        if true_k:
+            for name, fit in fits.items():
+                search.append({"snr_db": float(snr), "estimator": name,
+                               **search_failures(fit.levels["nll"], batch.K, nll_truth, scored[name, "true K"])})
     return {"snr_db": [float(s) for s in snrs_db], "n_per_snr": n_per_snr, "split": split, "seed": seed, "gate": gate,
-            "device": str(dev), "rows": rows, "miss_by_snr": by_snr}
+            "device": str(dev), "rows": rows, "miss_by_snr": by_snr, "search": search,
+            "search_margin": SEARCH_MARGIN}
+
+
+def search_failures(levels_nll: torch.Tensor, K: torch.Tensor, nll_truth: torch.Tensor, scores) -> dict:
+    """How many of an ML fit's misses, given the true K, are failures of its search rather than of the likelihood:
+    scenes where the fit started at the true locations (oracle) ends more likely, by more than :data:`SEARCH_MARGIN`
+    nats, than the fit's own K-source fit. levels_nll [B,Kl] (:attr:`~workbench.likelihood.SnapshotFit.levels`'s
+    "nll", scene units), K [B] the true counts, nll_truth [B] (:func:`workbench.likelihood.ml_refine` with_nll, the
+    same units), scores: :class:`workbench.metrics.SourceScores` of the fit's true-K sources. Returns {"scenes",
+    "scenes_with_miss", "search_failures" (among the scenes with a miss), "search_failures_all" (among all scenes)}."""
+    rows = torch.arange(len(K), device=levels_nll.device)
+    fit_nll = levels_nll[rows, K.to(levels_nll.device) - 1]
+    failed = ((fit_nll - nll_truth.to(fit_nll.device)) > SEARCH_MARGIN).cpu().numpy()
+    missed = scores.n_hit < scores.n_true
+    return {"scenes": len(K), "scenes_with_miss": int(missed.sum()), "search_failures": int((failed & missed).sum()),
+            "search_failures_all": int(failed.sum())}
 
 
 @torch.no_grad()
