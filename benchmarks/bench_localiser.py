@@ -7,7 +7,7 @@ the same scenes and device in one run, each at its best batch size (scenes per c
 checkpoint.pt is loaded onto --device, with the entry's current decoding settings unless --own-decoding). Without one
 an untrained localiser of the ``localiser`` entry on the quick budget's system is timed: its heatmap finds fewer
 sources, so its refinement is cheaper than a trained one's, which the output says. The ML fit:
-:func:`workbench.likelihood.ml_localise` with K by MDL (its ``chunk`` is the batch size), plain and with the study's
+:func:`workbench.ml_fit.ml_localise` with K by MDL (its ``chunk`` is the batch size), plain and with the study's
 RELAX cycles (the strongest baseline). All see only y, H and the codes. Best of --repeats per batch size, after one warm-up call.
 """
 
@@ -23,7 +23,7 @@ from workbench.checkpoints import TrainResult, load_checkpoint
 from workbench.config import DEVICES, resolve_device
 from workbench.detector import DECODING_FIELDS
 from workbench.experiments import budget_overrides, entry_config
-from workbench.likelihood import ml_localise
+from workbench.ml_fit import ml_localise
 from workbench.model import build_model
 from workbench.physics import simulate
 from workbench.studies.localiser import RELAX_CYCLES, run_localiser, with_entry_decoding

@@ -14,7 +14,7 @@ import torch
 from workbench import spectral
 from workbench.config import SystemConfig, preset
 from workbench.forward import TrainingData, forward, rsamp_cache
-from workbench.likelihood import ml_localise
+from workbench.ml_fit import ml_localise
 from workbench.model import build_model
 from workbench.physics import simulate
 from workbench.train import fit

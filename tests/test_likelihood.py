@@ -1,4 +1,5 @@
-"""Checks of the physics baseline (likelihood.ml_localise): maximum likelihood straight from the snapshots.
+"""Checks of the snapshot model (likelihood.py) and the physics baseline (ml_fit.ml_localise): maximum likelihood
+straight from the snapshots.
 
 The score and the negative log-likelihood of the stochastic snapshot model against a direct computation
 with autograd; efficiency on single-source scenes (RMSE within 1.5 sqrt(CRB), better than MUSIC on the
@@ -16,6 +17,7 @@ import torch
 from workbench import likelihood as LK
 from workbench import localisation as E
 from workbench import metrics as M
+from workbench import ml_fit as MF
 from workbench.config import ConfigError, SystemConfig
 from workbench.covariance import hermitise, nmse, reference
 from workbench.estimators import sample_covariance
@@ -47,6 +49,10 @@ def test_score_and_nll_match_autograd_of_the_direct_likelihood():
     nll = _direct_nll(SMALL, G, y, *x, b.mask)
     out = LK.snapshot_model(SMALL, G, *(t.detach() for t in x), b.mask, y=y)
     assert torch.allclose(out["nll"], nll.detach(), rtol=1e-12, atol=0)
+    # the likelihood alone (the fit's step test), padded slots' r and power ignored
+    junk = [torch.where(b.mask, t.detach(), torch.full_like(t.detach(), v)) for t, v in ((x[2], -5.0), (x[3], 1e6))]
+    alone = LK.snapshot_nll(SMALL, G, x[0].detach(), x[1].detach(), *junk, x[4].detach(), b.mask, y)
+    assert torch.allclose(alone, nll.detach(), rtol=1e-12, atol=0)
     grads = torch.autograd.grad(-nll.sum(), x)
     K = b.phi.shape[1]
     auto = torch.cat([torch.stack(grads[:3], -1).reshape(3, 3 * K), grads[3], grads[4][:, None]], -1)
@@ -62,7 +68,7 @@ def single_source():
     """64 single-source default scenes at 20 dB, the ML fit with K = 1, and sqrt(CRB) (unknown powers and noise)."""
     system = SystemConfig(K_min=1, K_max=1, snr_db_min=20.0, snr_db_max=20.0)
     batch = simulate(system, 64, seed=100)
-    fit = LK.ml_fit_for(batch, system, K=1)
+    fit = MF.ml_fit_for(batch, system, K=1)
     return system, batch, fit
 
 
@@ -107,14 +113,14 @@ def test_ml_counts_sources_and_its_covariance_matches_r_true():
     resolved = (gram - torch.diag_embed(torch.diagonal(gram, dim1=-2, dim2=-1))).amax((1, 2)) < 0.25
     batch = batch[resolved.nonzero().flatten()]
     assert len(batch) >= 12
-    fit = LK.ml_fit_for(batch, system)  # K estimated
+    fit = MF.ml_fit_for(batch, system)  # K estimated
     assert (fit.loc.K == batch.K).all(), (fit.loc.K, batch.K)
     assert torch.isfinite(fit.criterion).all() and (fit.criterion.argmin(1) + 1 == fit.loc.K).all()
     m = M.match_metrics(fit.loc, batch.phi, batch.theta, batch.r, batch.mask)
     assert m["rmse_phi_deg"] < 1.0 and m["rmse_theta_deg"] < 1.0, m
     err = nmse(reference(fit.covariance(system)), reference(batch.R_true))
     assert err.max() < 0.1 and err.median() < 0.01, err
-    known = LK.ml_fit_for(batch, system, K=batch.K)
+    known = MF.ml_fit_for(batch, system, K=batch.K)
     assert torch.isnan(known.criterion).all() and (known.loc.mask.sum(1) == batch.K).all()
     # the MDL fit's nested fit of a given count (here the one MDL chose) is that fit, and its covariance that fit's
     phi, theta, r, p, mask = fit.sources_of(fit.loc.K, system)
@@ -132,8 +138,8 @@ def test_relax_only_raises_the_likelihood_and_finds_sources_the_greedy_search_mi
     reports is in the same units: refined from the fit's own sources it is the fit's."""
     system = SystemConfig(N_H=8, N_V=8, snr_db_min=20.0, snr_db_max=20.0)
     batch = simulate(system, 24, seed=3)[torch.tensor([21, 3])]  # a scene's fit does not depend on the others
-    plain = LK.ml_fit_for(batch, system, K=batch.K)
-    relaxed = LK.ml_fit_for(batch, system, K=batch.K, relax_cycles=1)
+    plain = MF.ml_fit_for(batch, system, K=batch.K)
+    relaxed = MF.ml_fit_for(batch, system, K=batch.K, relax_cycles=1)
     gain = plain.levels["nll"] - relaxed.levels["nll"]  # [B, levels]
     assert (gain >= 0).all(), gain.min()
     moved = gain.gather(1, (batch.K - 1)[:, None])[:, 0] > 1.0
@@ -142,20 +148,20 @@ def test_relax_only_raises_the_likelihood_and_finds_sources_the_greedy_search_mi
     truth = (batch.phi, batch.theta, batch.r, batch.mask)
     hits = [M.score_sources(f.loc.phi, f.loc.theta, f.loc.r, f.loc.mask, *truth, crb).n_hit[moved.numpy()].sum() for f in (plain, relaxed)]
     assert hits[1] > hits[0], hits
-    *_, nll = LK.ml_refine(batch.y, batch.H, batch.codes, system, relaxed.loc.phi, relaxed.loc.theta, relaxed.loc.r,
+    *_, nll = MF.ml_refine(batch.y, batch.H, batch.codes, system, relaxed.loc.phi, relaxed.loc.theta, relaxed.loc.r,
                            relaxed.loc.mask, iters=25, with_nll=True)
     torch.testing.assert_close(nll, relaxed.nll, atol=0.5, rtol=0.0)
     for bad in (-1, True, 1.5):
         with pytest.raises(ConfigError, match="relax_cycles"):
-            LK.ml_fit_for(batch[:1], system, relax_cycles=bad)
+            MF.ml_fit_for(batch[:1], system, relax_cycles=bad)
 
 
 def test_ml_bad_input_fails_clearly():
     b = simulate(SMALL, 2, seed=0)
     with pytest.raises(ConfigError, match="K: value 4 in scene 0 is out of range: allowed 1..3"):
-        LK.ml_fit_for(b, SMALL, K=4)
+        MF.ml_fit_for(b, SMALL, K=4)
     with pytest.raises(ConfigError, match="K"):
-        LK.ml_fit_for(b, SMALL, K=0)
+        MF.ml_fit_for(b, SMALL, K=0)
 
 
 # ---------------------------------------------------------------------------------------------

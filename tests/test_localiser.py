@@ -12,8 +12,8 @@ from workbench.detector import PAD_SHARE, Detection, LocaliserNet, detection_gri
 from workbench.experiments import VARIANTS, entry_config
 from workbench.forward import forward, rsamp_cache
 from workbench.grid import Grid
-from workbench.likelihood import ml_refine
 from workbench.losses import compute_losses, detection_loss
+from workbench.ml_fit import ml_refine
 from workbench.model import build_model
 from workbench.physics import SceneBatch, simulate
 from workbench.train import fit

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from workbench import likelihood as LK
+from workbench import ml_fit as MF
 from workbench import model as model_module
 from workbench.config import ConfigError, ModelConfig, preset
 from workbench.covariance import nmse, trace_normalise
@@ -39,7 +39,7 @@ def test_physics_head_starts_as_the_physics_baseline(setup):
     cfg, batch, Rs, model = setup
     s = cfg.system
     out = model(batch.y, batch.H, batch.codes, R_samp=Rs)
-    fit = LK.ml_fit_for(batch, s)  # K by MDL, as the head's initial K logits
+    fit = MF.ml_fit_for(batch, s)  # K by MDL, as the head's initial K logits
     assert (out.k_logits.argmax(1) + 1 == fit.loc.K).all()
     R_pred = out.A @ out.A.mH
     assert nmse(R_pred, trace_normalise(fit.covariance(s))).max() < 1e-6
@@ -84,7 +84,7 @@ def _old_memo_fits(model, memo: dict, y, H, codes) -> dict:
     if missing:
         idx = torch.tensor(missing)
         with torch.no_grad():
-            f = LK.ml_localise(y[idx], H[idx], codes[idx], model.system)
+            f = MF.ml_localise(y[idx], H[idx], codes[idx], model.system)
         for j, b in enumerate(missing):
             memo[keys[b]] = {**{k: v[j].cpu() for k, v in f.levels.items()}, "criterion": f.criterion[j].cpu()}
     return {k: torch.stack([memo[key][k] for key in keys]) for k in memo[keys[0]]}
@@ -114,7 +114,7 @@ def test_physics_head_output_is_unchanged_against_the_old_memo_path(setup):
         cache_fits = rsamp_cache(batch).physics_fits(cfg.system)
         idx = torch.tensor([4, 1, 3])
         sliced = model(batch.y[idx], batch.H[idx], batch.codes[idx], R_samp=Rs[idx], fits=cache_fits[idx])
-        chunked = PhysicsFits.of(LK.ml_localise(batch.y, batch.H, batch.codes, cfg.system, chunk=4))
+        chunked = PhysicsFits.of(MF.ml_localise(batch.y, batch.H, batch.codes, cfg.system, chunk=4))
     for got in (via_cache, bare):
         for name in ("A", "k_logits", "angles"):
             torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-5, atol=1e-6)
@@ -132,8 +132,8 @@ def test_physics_fits_are_computed_once_per_scene_across_two_epochs(setup, monke
     cfg = cfg.replace(**{"train.n_train": 6, "train.n_val": 3, "train.epochs": 2, "train.batch_size": 2, "train.device": "cpu",
                          "model.layers": 1})
     calls, bare = [], []
-    real = LK.ml_localise
-    monkeypatch.setattr(LK, "ml_localise", lambda y, *a, **k: calls.append(len(y)) or real(y, *a, **k))
+    real = MF.ml_localise
+    monkeypatch.setattr(MF, "ml_localise", lambda y, *a, **k: calls.append(len(y)) or real(y, *a, **k))
     monkeypatch.setattr(model_module, "ml_localise", lambda y, *a, **k: bare.append(len(y)) or real(y, *a, **k))
     data = TrainingData.simulate(cfg)
     result = fit(cfg, data, progress=False)
@@ -150,8 +150,8 @@ def test_physics_source_and_physics_head_share_one_fit(setup, monkeypatch):
     cfg, batch, _, model = setup
     b = batch[:3]  # a batch object of its own: an empty cache
     calls = []
-    real = LK.ml_localise
-    monkeypatch.setattr(LK, "ml_localise", lambda y, *a, **k: calls.append(len(y)) or real(y, *a, **k))
+    real = MF.ml_localise
+    monkeypatch.setattr(MF, "ml_localise", lambda y, *a, **k: calls.append(len(y)) or real(y, *a, **k))
     monkeypatch.setattr(model_module, "ml_localise", lambda *a, **k: pytest.fail("the model fitted on its own"))
 
     class Run:
@@ -173,13 +173,13 @@ def test_no_per_scene_memo_remains():
 
 
 def test_ml_chunk_follows_the_device():
-    assert LK.ML_CHUNK["cpu"] == 64 and LK.ML_CHUNK["cuda"] >= 256
-    assert LK.ml_chunk("cpu") == 64 and LK.ml_chunk(torch.device("cuda", 1)) == LK.ML_CHUNK["cuda"]
-    assert LK.ml_chunk("meta") == LK.ML_CHUNK_DEFAULT
+    assert MF.ML_CHUNK["cpu"] == 64 and MF.ML_CHUNK["cuda"] >= 256
+    assert MF.ml_chunk("cpu") == 64 and MF.ml_chunk(torch.device("cuda", 1)) == MF.ML_CHUNK["cuda"]
+    assert MF.ml_chunk("meta") == MF.ML_CHUNK_DEFAULT
     b = simulate(preset("recommended", **SMALL).system, 1, seed=0)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ConfigError, match="chunk"):
-            LK.ml_localise(b.y, b.H, b.codes, preset("recommended", **SMALL).system, chunk=bad)
+            MF.ml_localise(b.y, b.H, b.codes, preset("recommended", **SMALL).system, chunk=bad)
 
 
 def test_default_head_is_unchanged():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench import config, estimators, likelihood, matched_filter, spectral
+from workbench import config, estimators, likelihood, matched_filter, ml_fit, spectral
 from workbench import covariance as cov
 from workbench.checks import check_registry
 from workbench.config import ConfigError, ExperimentConfig, SystemConfig
@@ -165,10 +165,10 @@ def test_subspace_backend_declarations(name):
 # ------------------------------------------------------------------------------------------ one matched filter
 def test_the_matched_filter_is_one_implementation():
     """The formulas live in matched_filter.py; the estimators and the ML fit use those very functions."""
-    for module in (likelihood, estimators):
+    for module in (ml_fit, estimators):
         for name in ("atom_norms", "scan", "pick", "project_out", "residual_noise_variance"):
             assert getattr(module, name, getattr(matched_filter, name)) is getattr(matched_filter, name), (module.__name__, name)
-    assert not hasattr(likelihood, "matched_filter_scan") and not hasattr(likelihood, "_residual")
+    assert not any(hasattr(m, n) for m in (likelihood, ml_fit) for n in ("matched_filter_scan", "_residual"))
     for gone in ("sample_covariance", "beamscan_covariance", "ridge_solutions", "rsamp_for", "apply_fix1", "load"):
         assert not hasattr(cov, gone), gone
 
@@ -183,7 +183,7 @@ def test_beamscan_and_the_ml_fit_pick_the_same_point_on_a_noise_free_single_sour
     G = measurement_matrices(b.H, b.codes)
     y = (G @ x.mT[..., None])[..., 0]  # [3,L,M], no noise
     R = beamscan_covariance(y, G, None, system, n_sources=1, grid=grid)
-    fit = likelihood.ml_localise(y, b.H, b.codes, system, K=1, grid=grid, iters=1)
+    fit = ml_fit.ml_localise(y, b.H, b.codes, system, K=1, grid=grid, iters=1)
     ml_idx = torch.stack([(grid.phi[:, None] - fit.loc.grid_phi[None, :, 0]).abs().argmin(0),
                           (grid.theta[:, None] - fit.loc.grid_theta[None, :, 0]).abs().argmin(0),
                           (grid.r[:, None] - fit.loc.grid_r[None, :, 0]).abs().argmin(0)], -1)

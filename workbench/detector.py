@@ -5,7 +5,7 @@ Owns: :class:`LocaliserNet` (features, the heatmap network, decoding the heatmap
 refinement call, pruning, further rounds), :func:`detection_grid`, :func:`detector_features` /
 :func:`detector_atoms`, and what it returns beside :class:`~workbench.model.ModelOutput`'s fields
 (:class:`Detection`, :class:`Sources`). Must not: define loss terms (the heatmap loss is
-:func:`workbench.losses.detection_loss`), fit the likelihood itself (:func:`workbench.likelihood.ml_refine` does),
+:func:`workbench.losses.detection_loss`), fit the likelihood itself (:func:`workbench.ml_fit.ml_refine` does),
 move data between devices (:func:`workbench.forward.forward` does), train, score or draw.
 
 Design (README, section 5 "The learned localiser"):
@@ -25,7 +25,7 @@ Design (README, section 5 "The learned localiser"):
    source when its probability exceeds ``model.detector_threshold`` (the strongest one always is: K >= 1). The count
    has logits log P(K = k) of independent peaks (``k_logits``, argmax = the count).
 4. **Refinement** (evaluation mode, ``model.refine_iters`` > 0): that many Fisher-scoring steps of the snapshot
-   likelihood from the detections (:func:`workbench.likelihood.ml_refine`), which also estimates the powers and the
+   likelihood from the detections (:func:`workbench.ml_fit.ml_refine`), which also estimates the powers and the
    noise variance; then sources below ``model.detector_min_snr_db`` and duplicates are dropped
    (:meth:`LocaliserNet.prune`).
 5. **More rounds** (``model.detector_rounds`` > 1): the snapshots with the kept sources' fit removed are read again
@@ -39,7 +39,7 @@ Design (README, section 5 "The learned localiser"):
    a given count's rounds), each kept source in turn is replaced by the network's strongest peak and, in a second try,
    by the matched filter's maximum, both read on the snapshots with the other sources' fit removed; all refitted, a
    move kept where the likelihood rises (:meth:`LocaliserNet.relax`: the ML fit's RELAX cycle,
-   :func:`workbench.likelihood.ml_localise`'s ``relax_cycles``, with the network proposing too).
+   :func:`workbench.ml_fit.ml_localise`'s ``relax_cycles``, with the network proposing too).
 8. **A given count** (``count`` of :meth:`LocaliserNet.forward`, oracle knowledge: the true K for the RMSE peers report
    with K given): after the rounds above, more rounds add the residual's strongest peaks whatever their score until
    each scene has that many sources, and the strongest that many (by array SNR) are kept
@@ -62,8 +62,9 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig, SystemConfig
 from .grid import Grid
-from .likelihood import RELAX_TOL, array_snr, mdl_criterion, mdl_penalty, ml_refine
+from .likelihood import array_snr
 from .matched_filter import atom_norms, pick, project_out, scan
+from .ml_fit import RELAX_TOL, mdl_criterion, mdl_penalty, ml_refine
 from .model import CovarianceNet, ModelOutput
 from .physics import measurement_matrices, source_covariance, steering
 
@@ -255,7 +256,7 @@ class LocaliserNet(CovarianceNet):
         weaker of two sources refined to within half a grid cell of each other (two peaks on one source); the strongest
         source always stays. The slots are reordered so the kept sources come first, in heatmap order, and the count's
         logits follow (a dropped peak's log-odds set to -30). H [B,M,N], codes [B,L,N]; the rest as :meth:`decode` and
-        :func:`~workbench.likelihood.ml_refine` return them. counted: the count was given (:meth:`decode`'s ``count``):
+        :func:`~workbench.ml_fit.ml_refine` return them. counted: the count was given (:meth:`decode`'s ``count``):
         only duplicates are dropped, not weak sources. Returns (score, keep, phi, theta, r, power, k_logits)."""
         snr = array_snr(self.system, H, codes, phi, theta, r, power, noise_var)
         alive = keep if counted else keep & (snr >= 10 ** (self.cfg.detector_min_snr_db / 10))
@@ -281,9 +282,9 @@ class LocaliserNet(CovarianceNet):
     @torch.no_grad()
     def mdl_count(self, y, H, codes, score, keep, phi, theta, r, k_logits) -> tuple[torch.Tensor, ...]:
         """``model.detector_count = "mdl"``: the kept sources ordered by array SNR (:func:`~workbench.likelihood.array_snr`
-        at the start powers :func:`~workbench.likelihood.ml_refine` gives the whole kept set, before any scoring step),
+        at the start powers :func:`~workbench.ml_fit.ml_refine` gives the whole kept set, before any scoring step),
         the first k refitted jointly for every k = 1..kept (``model.refine_iters`` scoring steps each), and the k
-        minimising the ML fit's criterion (:func:`~workbench.likelihood.mdl_criterion`) kept with its fit. The count's
+        minimising the ML fit's criterion (:func:`~workbench.ml_fit.mdl_criterion`) kept with its fit. The count's
         logits are minus the criterion (relative to its minimum; -30 beyond the kept). Arguments as :meth:`prune` takes
         them, without power and noise variance (refitted); returns (score, keep, phi, theta, r, power, noise_var,
         k_logits)."""
@@ -334,8 +335,8 @@ class LocaliserNet(CovarianceNet):
         that has one, in turn, replaced by the strongest heatmap peak of the snapshots with the other kept sources' fit
         removed (:meth:`residual`, then features, heatmap, decoding as a scene of its own), and in a second try by
         those snapshots' matched-filter maximum; each try refitted (``model.refine_iters`` steps of
-        :func:`~workbench.likelihood.ml_refine`) and kept where the negative log-likelihood drops by more than
-        :data:`~workbench.likelihood.RELAX_TOL`. The set's size does not change. keep [B,K_max] (the kept sources
+        :func:`~workbench.ml_fit.ml_refine`) and kept where the negative log-likelihood drops by more than
+        :data:`~workbench.ml_fit.RELAX_TOL`. The set's size does not change. keep [B,K_max] (the kept sources
         first), phi, theta, r [B,K_max]; atoms: :func:`detector_atoms` of H and the codes
         (None: computed per call). Returns (phi, theta, r, power, noise_var, nll [B]: the negative log-likelihood of the
         result, scene units) refitted."""

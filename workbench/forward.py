@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from .config import ConfigError, ExperimentConfig, FixConfig, SystemConfig, check_choice, resolve_device
 from .covariance import Covariances
 from .estimators import normalise_rsamp, rsamp_raw
-from .likelihood import SnapshotFit, ml_fit_for
 from .losses import compute_losses, covariances
+from .ml_fit import SnapshotFit, ml_fit_for
 from .model import CovarianceNet, ModelOutput, PhysicsFits
 from .physics import SceneBatch, scene_seed, simulate
 
@@ -58,12 +58,12 @@ class RsampCache:
       :func:`workbench.estimators.normalise_rsamp`), [n,N,N] complex64, trace N when normalised;
     * ``prior(estimator, system, normalise)``: the model's prior factor of that R_samp
       (:meth:`workbench.model.CovarianceNet.prior_factor` with k = K_max), [n,N,K_max] complex64;
-    * ``ml_fit(system)``: the maximum-likelihood fit of the scenes, K by MDL (:func:`workbench.likelihood.ml_fit_for`),
+    * ``ml_fit(system)``: the maximum-likelihood fit of the scenes, K by MDL (:func:`workbench.ml_fit.ml_fit_for`),
       and ``physics_fits(system)``, the physics head's view of it (:class:`workbench.model.PhysicsFits`).
 
     The key of an entry is (estimator, Fix 1, system); the scenes are the batch's. ``counts`` says how many chunks
     each kind ("raw", "prior") and how many batched ML fits ("ml_fit") were computed (tests read it). ``chunk``:
-    scenes per R_samp/prior call (the ML fit chunks by device: :data:`workbench.likelihood.ML_CHUNK`)."""
+    scenes per R_samp/prior call (the ML fit chunks by device: :data:`workbench.ml_fit.ML_CHUNK`)."""
 
     def __init__(self, batch: SceneBatch, chunk: int = RSAMP_CHUNK):
         self.batch, self.chunk = batch, chunk
@@ -129,7 +129,7 @@ class RsampCache:
         return self._store[key]
 
     def ml_fit(self, system: SystemConfig) -> SnapshotFit:
-        """The maximum-likelihood fit of the batch's scenes with K by MDL (:func:`workbench.likelihood.ml_fit_for`), on
+        """The maximum-likelihood fit of the batch's scenes with K by MDL (:func:`workbench.ml_fit.ml_fit_for`), on
         the batch's device, computed once per batch and system under the :meth:`derived` key ("ml_fit", system JSON):
         the physics baseline's localisation source (:class:`workbench.studies.localisation.PhysicsSource`) and the
         physics head (:meth:`physics_fits`) of the same batch share this one fit."""

@@ -5,8 +5,8 @@ vectors come only from :func:`workbench.physics.steering`. Radians and metres in
 metrics' names (``*_deg``).
 
 Owns: spectra over a :class:`~workbench.grid.Grid`, peak picking (RAP-MUSIC by default) and refinement,
-source counting from eigenvalues. Must not: score estimates against the truth (:mod:`workbench.metrics`), model the snapshots (the likelihood,
-the Cramer-Rao bound and the maximum-likelihood baseline are :mod:`workbench.likelihood`), simulate scenes or
+source counting from eigenvalues. Must not: score estimates against the truth (:mod:`workbench.metrics`), model the snapshots (the likelihood
+and the Cramer-Rao bound are :mod:`workbench.likelihood`, the maximum-likelihood baseline :mod:`workbench.ml_fit`), simulate scenes or
 loop over SNRs (the studies in :mod:`workbench.studies.localisation` do), draw figures.
 
 A spectrum over the grid is a sum of |f_j^H a(g)|^2 over the columns f_j of an N x J matrix F (MUSIC: the

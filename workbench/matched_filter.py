@@ -1,6 +1,6 @@
 """The matched filter on the snapshots over a steering grid, shared by the beamscan R_samp estimator
 (:func:`workbench.estimators.beamscan_covariance`) and the start values of the maximum-likelihood fit
-(:func:`workbench.likelihood.ml_localise`).
+(:func:`workbench.ml_fit.ml_localise`).
 
 With G_l [M,N] the l-th measurement matrix (G_l = H diag(c_l)) and a_g the steering vector of grid point g, the
 atom of g in snapshot l is u_lg = G_l a_g [M]. A scene's snapshots y [L,M] are scanned by the normalised
@@ -10,7 +10,7 @@ from the energy left (:func:`residual_noise_variance`).
 
 Owns: :func:`atom_norms`, :func:`scan`, :func:`pick`, :func:`project_out`, :func:`residual_noise_variance`.
 Must not: fit powers or covariances (:mod:`workbench.estimators`), run the likelihood fit
-(:mod:`workbench.likelihood`), or build steering tables (:class:`workbench.grid.Grid` does).
+(:mod:`workbench.ml_fit`), or build steering tables (:class:`workbench.grid.Grid` does).
 
 Shapes: B scenes, L snapshots, M measurements per snapshot, N RIS elements, a grid of P x T x Q = size points
 (phi x theta x r, flattened in that order). The grid contractions run in complex64.

@@ -13,7 +13,7 @@ and g [B,K_max] a per-scene gain of each column (softplus, initialised to 1), so
 physics-based estimate and learns how far to trust each of its components.
 
 With ``head = "physics"`` the factor is built from source parameters instead of regressed entry by entry:
-the maximum-likelihood fits of the physics baseline (:func:`workbench.likelihood.ml_localise`, no gradient;
+the maximum-likelihood fits of the physics baseline (:func:`workbench.ml_fit.ml_localise`, no gradient;
 :class:`PhysicsFits`, computed once per batch of scenes by :meth:`workbench.forward.RsampCache.physics_fits` and passed
 in as ``fits``, as the prior factor is) give k = 1..K_max sources with (phi, theta, r, p) each; the network's K logits start
 from the fits' MDL scores, and for the chosen fit it learns a gain per source and a small location correction,
@@ -37,7 +37,7 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig, SystemConfig
 from .covariance import low_rank_factor
-from .likelihood import SnapshotFit, ml_localise
+from .ml_fit import SnapshotFit, ml_localise
 from .physics import element_positions, steering
 
 PHYSICS_CORRECTION = (math.radians(1.0), math.radians(1.0), 0.05)  # largest learned change of phi, theta (rad), 1/r (1/m)
@@ -63,7 +63,7 @@ class ModelOutput:
 @dataclass
 class PhysicsFits:
     """The nested maximum-likelihood fits the physics head starts from, of B scenes (:attr:`SnapshotFit.levels` of an
-    MDL fit, :func:`workbench.likelihood.ml_localise` with K = None): phi, theta [B,K_max,K_max] rad, r [B,K_max,K_max] m,
+    MDL fit, :func:`workbench.ml_fit.ml_localise` with K = None): phi, theta [B,K_max,K_max] rad, r [B,K_max,K_max] m,
     power [B,K_max,K_max] mW (row k-1: the k-source fit, slot j; zero beyond slot k-1), noise_var [B,K_max] mW and
     criterion [B,K_max] (MDL of k = 1..K_max sources), float64. Indexing (``fits[idx]``) selects scenes, as a tensor's
     first dimension does, so a training step takes its scenes' fits by index."""
@@ -77,7 +77,7 @@ class PhysicsFits:
 
     @classmethod
     def of(cls, fit: SnapshotFit) -> PhysicsFits:
-        """The fits of an MDL :class:`~workbench.likelihood.SnapshotFit` (views of its tensors, no copy)."""
+        """The fits of an MDL :class:`~workbench.ml_fit.SnapshotFit` (views of its tensors, no copy)."""
         return cls(**{n: fit.levels[n] for n in ("phi", "theta", "r", "power", "noise_var")}, criterion=fit.criterion)
 
     def __getitem__(self, idx) -> PhysicsFits:
@@ -209,7 +209,7 @@ class CovarianceNet(nn.Module):
     # -- the physics head -----------------------------------------------------------------------
     def physics_fits(self, y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor) -> PhysicsFits:
         """The :class:`PhysicsFits` of the B scenes (y [B,L,M], H [B,M,N], codes [B,L,N]), on y's device, fitted now
-        (:func:`~workbench.likelihood.ml_localise`, no gradient, chunked by device). Nothing is kept: a caller that
+        (:func:`~workbench.ml_fit.ml_localise`, no gradient, chunked by device). Nothing is kept: a caller that
         shows the same scenes again (training, validation) passes the batch's cached fits as ``fits`` instead
         (:meth:`workbench.forward.RsampCache.physics_fits`)."""
         with torch.no_grad():

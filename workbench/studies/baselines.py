@@ -14,7 +14,7 @@ beamscan_affine   the same                                              a and c 
 beamscan_est_     the beamscan R_samp with the noise variance estimated  a and c           none
 affine            from the snapshots (``beamscan_est``)
 physics_affine    sum_k p_k a_k a_k^H of the ML fit from the            a and c           none (K estimated by MDL);
-                  snapshots (:func:`workbench.likelihood.ml_localise`),                  the true K with physics_K="true"
+                  snapshots (:func:`workbench.ml_fit.ml_localise`),                  the true K with physics_K="true"
                   trace-normalised
 ================  ====================================================  ================  ===============================
 
@@ -37,8 +37,8 @@ from ..config import ConfigError, ExperimentConfig, SystemConfig
 from ..covariance import nmse, reference, trace, trace_normalise
 from ..estimators import oracle_knowledge
 from ..forward import forward, rsamp_cache
-from ..likelihood import ml_fit_for
 from ..metrics import mean_interval
+from ..ml_fit import ml_fit_for
 from ..physics import SceneBatch
 
 BASELINES = ("identity", "beamscan_scaled", "beamscan_affine", "beamscan_est_affine", "physics_affine")

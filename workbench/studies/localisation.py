@@ -9,7 +9,7 @@ baseline's MDL count); the others are counted by MDL/AIC on R's eigenvalues. The
 
 * ``R_true``: the exact, noise-free source covariance (a reference: no estimator sees it);
 * ``R_samp[<estimator>]``: an R_samp estimator (:func:`workbench.estimators.sample_covariance`);
-* ``physics[ML]``: the maximum-likelihood fit straight from the snapshots (:func:`workbench.likelihood.ml_localise`),
+* ``physics[ML]``: the maximum-likelihood fit straight from the snapshots (:func:`workbench.ml_fit.ml_localise`),
   its covariance sum_k p_k a_k a_k^H at the true K or the MDL count;
 * ``<run>:R_pred`` / ``<run>:R_blend``: a trained network's prediction and the pipeline's blend (:func:`model_sources`).
 
@@ -61,7 +61,7 @@ def rsamp_source(system: SystemConfig, estimator: str) -> Source:
 
 
 class PhysicsSource:
-    """The maximum-likelihood fit straight from the snapshots (:func:`workbench.likelihood.ml_fit_for`) as a localisation
+    """The maximum-likelihood fit straight from the snapshots (:func:`workbench.ml_fit.ml_fit_for`) as a localisation
     source: called on a batch, (its covariance sum_k p_k a_k a_k^H, its MDL count). ``k`` "true": the covariance of
     the nested fit with the true K (oracle knowledge of K, for the legacy true-K columns); "mdl": of the MDL fit.
     :meth:`given_k` gives either explicitly. One fit per batch (kept on the batch's cache) serves every K. The

@@ -3,7 +3,7 @@ same scenes and device: every source's location scored against its own Cramer-Ra
 NMSE and the seconds per scene (README, "The learned localiser"; notebook 05; benchmarks/bench_localiser.py).
 
 Every estimator is scored on its own sources, directly (no MUSIC in between): the localiser's decoded and refined
-detections (:class:`workbench.detector.Sources`) and the ML fits' MDL fits (:func:`workbench.likelihood.ml_localise`,
+detections (:class:`workbench.detector.Sources`) and the ML fits' MDL fits (:func:`workbench.ml_fit.ml_localise`,
 K by MDL; plain, and with a RELAX cycle: the strongest baseline). None sees K, the noise variance or R_true. A second
 set of rows gives each the true K (oracle knowledge, labelled so): the RMSE peers report; beside them the likelihood
 scored from the true locations (oracle, labelled so) shows what a perfect search would reach, and how many of each ML
@@ -29,8 +29,9 @@ from ..detector import DECODING_FIELDS
 from ..experiments import entry_config
 from ..forward import forward, rsamp_cache
 from ..grid import Grid
-from ..likelihood import array_snr, crb_for, ml_localise, ml_refine
+from ..likelihood import array_snr, crb_for
 from ..metrics import GATE_SIGMAS, mean_interval, miss_rate_by, score_sources, summarise
+from ..ml_fit import ml_localise, ml_refine
 from ..physics import SceneBatch, source_covariance
 from .localisation import _finite_summary, snr_batch, snr_scene_seed
 
@@ -90,12 +91,12 @@ def localiser_vs_ml(run, snrs_db: Sequence[float], n_per_snr: int, seed: int = 0
     :func:`.localisation.localisation_vs_snr` with the same seed and split), on ``device`` (default: the run's).
 
     Two ML fits: the plain one and the stronger one with :data:`RELAX_CYCLES` RELAX cycles (``relax_cycles`` of
-    :func:`workbench.likelihood.ml_localise`, about 3x its time). Each estimator counting for itself (oracle "none",
+    :func:`workbench.ml_fit.ml_localise`, about 3x its time). Each estimator counting for itself (oracle "none",
     the headline) and, with ``true_k``, given the true K (oracle "true K": the RMSE peers report; each ML fit's nested
-    fit of the true count from the same run, :meth:`~workbench.likelihood.SnapshotFit.sources_of`, so its seconds are
+    fit of the true count from the same run, :meth:`~workbench.ml_fit.SnapshotFit.sources_of`, so its seconds are
     the same run's; the localiser keeps that many peaks, :meth:`workbench.detector.LocaliserNet.decode`), and the
     likelihood scored from the true locations ("ML fit from the truth", oracle "true locations": what a perfect
-    search would find; :data:`TRUTH_ITERS` steps of :func:`workbench.likelihood.ml_refine`), against which each ML
+    search would find; :data:`TRUTH_ITERS` steps of :func:`workbench.ml_fit.ml_refine`), against which each ML
     fit's misses are split into search failures and not (:func:`search_failures`).
 
     Returns {"snr_db", "n_per_snr", "split", "seed", "gate", "device", "rows": [{"snr_db", "estimator" (one of
@@ -157,8 +158,8 @@ def localiser_vs_ml(run, snrs_db: Sequence[float], n_per_snr: int, seed: int = 0
 def search_failures(levels_nll: torch.Tensor, K: torch.Tensor, nll_truth: torch.Tensor, scores) -> dict:
     """How many of an ML fit's misses, given the true K, are failures of its search rather than of the likelihood:
     scenes where the fit started at the true locations (oracle) ends more likely, by more than :data:`SEARCH_MARGIN`
-    nats, than the fit's own K-source fit. levels_nll [B,Kl] (:attr:`~workbench.likelihood.SnapshotFit.levels`'s
-    "nll", scene units), K [B] the true counts, nll_truth [B] (:func:`workbench.likelihood.ml_refine` with_nll, the
+    nats, than the fit's own K-source fit. levels_nll [B,Kl] (:attr:`~workbench.ml_fit.SnapshotFit.levels`'s
+    "nll", scene units), K [B] the true counts, nll_truth [B] (:func:`workbench.ml_fit.ml_refine` with_nll, the
     same units), scores: :class:`workbench.metrics.SourceScores` of the fit's true-K sources. Returns {"scenes",
     "scenes_with_miss", "search_failures" (among the scenes with a miss), "search_failures_all" (among all scenes)}."""
     rows = torch.arange(len(K), device=levels_nll.device)
