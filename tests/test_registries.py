@@ -210,6 +210,16 @@ def test_matched_filter_pieces_against_their_formulas():
     rest = matched_filter.project_out(b.y, atoms)
     assert (atoms.conj() @ rest[..., None]).abs().max() < 1e-4 * b.y.abs().max() * atoms.abs().max()  # orthogonal
     assert torch.equal(matched_filter.project_out(b.y, atoms[:, :, :0]), b.y)
+    # in float64 it is the least-squares residual (lstsq's, to rounding), zero atoms take no part, and a second call
+    # after other allocations gives the same bits (lstsq on CPU did not)
+    y64, a64 = b.y.to(torch.complex128), atoms.to(torch.complex128)
+    exact = y64 - (a64.mT @ torch.linalg.lstsq(a64.mT, y64[..., None]).solution)[..., 0]
+    rest64 = matched_filter.project_out(y64, a64)
+    torch.testing.assert_close(rest64, exact, rtol=0, atol=1e-10 * y64.abs().max().item())
+    padded = torch.cat([a64, torch.zeros_like(a64[:, :, :2])], 2)
+    torch.testing.assert_close(matched_filter.project_out(y64, padded), rest64, rtol=0, atol=1e-12 * y64.abs().max().item())
+    _ = [torch.randn(n, dtype=torch.complex128) for n in (7, 333, 4099)]
+    assert torch.equal(matched_filter.project_out(y64.clone(), a64.clone()), rest64)
     nv = matched_filter.residual_noise_variance(rest, 3)
     assert torch.allclose(nv, rest.abs().square().sum((1, 2)) / (system.L * (system.M - 3)))
     assert torch.allclose(matched_filter.residual_noise_variance(rest, system.M + 2), rest.abs().square().sum((1, 2)) / system.L)

@@ -320,14 +320,12 @@ class LocaliserNet(CovarianceNet):
     @torch.no_grad()
     def residual(self, y, H, codes, phi, theta, r, keep) -> torch.Tensor:
         """The snapshots y [B,L,M] with the ``keep`` [B,K] sources' least-squares fit removed, per snapshot (exact
-        steering atoms G_l a_k; ridge-regularised so unkept, zero atoms are harmless): [B,L,M] complex128."""
+        steering atoms G_l a_k, :func:`~workbench.matched_filter.project_out`; unkept atoms are zero and take no part):
+        [B,L,M] complex128."""
         c128 = torch.complex128
         a = steering(self.system, phi.double(), theta.double(), r.double()) * keep[..., None]  # [B,K,N]
         b = (H.to(c128)[:, None] @ (codes.to(c128)[:, :, None, :] * a[:, None]).mT).mT  # atoms G_l a_k, [B,L,K,M]
-        yy = y.to(c128)
-        ridge = (1e-12 * b.abs().square().sum(-1).amax(-1)).clamp_min(torch.finfo(torch.float64).tiny)  # no source kept: y itself
-        gram = b.conj() @ b.mT + ridge[..., None, None] * torch.eye(b.shape[2], dtype=c128, device=b.device)
-        return yy - (b.mT @ torch.linalg.solve(gram, b.conj() @ yy[..., None]))[..., 0]
+        return project_out(y.to(c128), b)
 
     @torch.no_grad()
     def relax(self, y, H, codes, amp, atoms, keep, phi, theta, r) -> tuple[torch.Tensor, ...]:

@@ -60,11 +60,20 @@ def pick(grid: Grid, power: torch.Tensor) -> torch.Tensor:
 
 def project_out(y: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     """The snapshots y [B,L,M] with their least-squares fit on the atoms U [B,L,K,M] removed, per snapshot:
-    y_l - U_l^T c_l with c_l = argmin ||y_l - U_l^T c||. [B,L,M], y's dtype (U is cast to it). K = 0: y itself."""
+    y_l - U_l^T c_l with c_l = argmin ||y_l - U_l^T c||. [B,L,M], y's dtype (U is cast to it). K = 0: y itself.
+
+    By the normal equations (U^H U + eps I) c = U^H y, eps = 10 machine epsilons of the largest atom energy (floored
+    at the smallest normal number: all-zero atoms, e.g. padded slots, give c = 0): ``torch.linalg.lstsq`` on CPU (MKL)
+    was measured to differ from run to run at 1e-12 relative, which made the ML fit and the localiser not bitwise
+    reproducible; a K x K solve is."""
     if U.shape[2] == 0:
         return y
     Ut = U.mT.to(y.dtype)  # [B,L,M,K]
-    coef = torch.linalg.lstsq(Ut, y[..., None]).solution
+    gram = Ut.mH @ Ut  # [B,L,K,K]
+    real = gram.real.dtype
+    eps = (10 * torch.finfo(real).eps * gram.diagonal(dim1=-2, dim2=-1).real.amax(-1)).clamp_min(torch.finfo(real).tiny)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    coef = torch.linalg.solve(gram + eps[..., None, None] * eye, Ut.mH @ y[..., None])
     return y - (Ut @ coef)[..., 0]
 
 
