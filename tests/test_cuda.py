@@ -103,12 +103,13 @@ def test_batched_complex_eigh_on_the_device():
     torch.testing.assert_close(R @ V, V * ev[..., None, :].to(V.dtype), atol=1e-4 * scale, rtol=0)
 
 
-def test_ml_localise_on_two_scenes():
+@pytest.mark.parametrize("relax_cycles", [0, 1])
+def test_ml_localise_on_two_scenes(relax_cycles):
     system = SystemConfig(N_H=4, N_V=4, K_max=2, snr_db_min=20.0, snr_db_max=20.0)
     b = simulate(system, 2, seed=3)
-    cpu = ml_localise(b.y, b.H, b.codes, system, K=b.K)
+    cpu = ml_localise(b.y, b.H, b.codes, system, K=b.K, relax_cycles=relax_cycles)
     g = b.to(CUDA)
-    gpu = ml_localise(g.y, g.H, g.codes, system, K=g.K)
+    gpu = ml_localise(g.y, g.H, g.codes, system, K=g.K, relax_cycles=relax_cycles)
     assert gpu.loc.phi.device.type == "cuda"
     for name in ("phi", "theta"):
         _close(getattr(gpu.loc, name), getattr(cpu.loc, name), rtol=1e-3, atol_rel=1e-3)
