@@ -336,9 +336,10 @@ class LocaliserNet(CovarianceNet):
         :func:`~workbench.ml_fit.ml_refine`) and kept where the negative log-likelihood drops by more than
         :data:`~workbench.ml_fit.RELAX_TOL`. The set's size does not change. keep [B,K_max] (the kept sources
         first), phi, theta, r [B,K_max]; atoms: :func:`detector_atoms` of H and the codes
-        (None: computed per call). Returns (phi, theta, r, power, noise_var, nll [B]: the negative log-likelihood of the
+        (None: computed here, once). Returns (phi, theta, r, power, noise_var, nll [B]: the negative log-likelihood of the
         result, scene units) refitted."""
         iters = self.cfg.refine_iters
+        atoms = detector_atoms(self.system, self.grid, H, codes) if atoms is None else atoms
         *fit, nll = ml_refine(y, H, codes, self.system, phi, theta, r, keep, iters, with_nll=True)
         phi, theta, r = (torch.where(keep, u.float(), v) for u, v in zip(fit[:3], (phi, theta, r)))
         power, noise_var = fit[3], fit[4]
@@ -423,7 +424,6 @@ class LocaliserNet(CovarianceNet):
                 score, keep, phi, theta, r, power, noise_var, k_logits = self.next_round(
                     y, H, codes, amp, score, keep, phi, theta, r, k_logits, atoms)
             if count is None and self.cfg.detector_relax > 0:  # before the count: the nested refits start from the moved set
-                atoms = detector_atoms(self.system, self.grid, H, codes) if atoms is None else atoms
                 phi, theta, r, power, noise_var, _ = self.relax(y, H, codes, amp, atoms, keep, phi, theta, r)
             if count is None and self.cfg.detector_count == "mdl":
                 score, keep, phi, theta, r, power, noise_var, k_logits = self.mdl_count(y, H, codes, score, keep, phi, theta, r, k_logits)
@@ -438,7 +438,6 @@ class LocaliserNet(CovarianceNet):
                 score, keep, phi, theta, r, power, k_logits = self.strongest(H, codes, count, score, keep, phi, theta, r, power,
                                                                              noise_var, k_logits)
                 if self.cfg.detector_relax > 0:  # the given count's set
-                    atoms = detector_atoms(self.system, self.grid, H, codes) if atoms is None else atoms
                     phi, theta, r, power, noise_var, _ = self.relax(y, H, codes, amp, atoms, keep, phi, theta, r)
         power = power.float()
         a = steering(self.system, phi, theta, r)  # [B,K_max,N] complex64, exact model

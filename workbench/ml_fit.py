@@ -91,6 +91,22 @@ def _unpack(u: torch.Tensor, K: int) -> tuple[torch.Tensor, ...]:
     return loc[..., 0], loc[..., 1], 1.0 / loc[..., 2], u[:, 3 * K: 4 * K].exp(), u[:, -1].exp()
 
 
+def _add_source(u: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """u [B,4K+1] (:func:`_pack`) with one source appended: new [B,5], :func:`_pack` of that source alone (its noise
+    variance is not used: u's is kept). Returns [B,4K+5]."""
+    K = (u.shape[1] - 1) // 4
+    return torch.cat((u[:, : 3 * K], new[:, :3], u[:, 3 * K: -1], new[:, 3:4], u[:, -1:]), -1)
+
+
+def _drop_source(u: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """u [B,4K+1] (:func:`_pack`) without source j[b] [B] int64 of each scene, the others in their order and the noise
+    variance kept: [B,4K-3]."""
+    B, K = u.shape[0], (u.shape[1] - 1) // 4
+    keep = torch.stack([torch.cat((torch.arange(i), torch.arange(i + 1, K))) for i in range(K)]).to(u.device)[j]  # [B,K-1]
+    loc = u[:, : 3 * K].reshape(B, K, 3).gather(1, keep[..., None].expand(-1, -1, 3)).reshape(B, 3 * (K - 1))
+    return torch.cat((loc, u[:, 3 * K: 4 * K].gather(1, keep), u[:, -1:]), -1)
+
+
 def _fit_bounds(system: SystemConfig, K: int, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Box constraints lo, hi [B,4K+1] on the working coordinates: the field of view, and log powers and log
     noise variance within 1e-8 .. 1e4 of ``ref`` [B] (1 in the fit's normalised units)."""
@@ -311,7 +327,7 @@ def _ml_chunk(system, grid, y, H, codes, K, iters: int, penalty: float, n_levels
         idx, phi, theta, r, p, s2 = _start_source(system, grid, G, yn, norm2, u, mask)
         picks.append(idx)
         new = _pack(phi[:, None], theta[:, None], r[:, None], p[:, None], s2)
-        u = new if u is None else torch.cat((u[:, : 3 * (k - 1)], new[:, :3], u[:, 3 * (k - 1): -1], new[:, 3:4], u[:, -1:]), -1)
+        u = new if u is None else _add_source(u, new)
         lo, hi = _fit_bounds(system, k, ones)
         u, nll = _scoring(system, G, yn, torch.minimum(torch.maximum(u, lo), hi), mask, lo, hi, iters)
         fits.append((u, nll, mask))
@@ -331,11 +347,8 @@ def _prune_pass(system, G, y, fits: list, iters: int) -> list:
     for k in range(len(fits) - 1, 0, -1):
         u_big, mask = fits[k][0], fits[k - 1][2]
         weakest = u_big[:, 3 * (k + 1): 4 * (k + 1)].argmin(-1)  # log powers of the k+1 sources
-        keep = torch.stack([torch.cat((torch.arange(j), torch.arange(j + 1, k + 1))) for j in range(k + 1)]).to(y.device)[weakest]  # [B,k]
-        loc = u_big[:, : 3 * (k + 1)].reshape(B, k + 1, 3).gather(1, keep[..., None].expand(-1, -1, 3)).reshape(B, 3 * k)
-        logp = u_big[:, 3 * (k + 1): 4 * (k + 1)].gather(1, keep)
         lo, hi = _fit_bounds(system, k, ones)
-        u, nll = _scoring(system, G, y, torch.cat((loc, logp, u_big[:, -1:]), -1), mask, lo, hi, iters)
+        u, nll = _scoring(system, G, y, _drop_source(u_big, weakest), mask, lo, hi, iters)
         better = nll < fits[k - 1][1]
         fits[k - 1] = (torch.where(better[:, None], u, fits[k - 1][0]), torch.where(better, nll, fits[k - 1][1]), mask)
     return fits
@@ -356,12 +369,9 @@ def _relax_pass(system, grid, G, y, norm2, fits: list, iters: int) -> list:
         u, nll, mask = fits[k - 1]
         lo, hi = _fit_bounds(system, k, ones)
         for j in range(k):
-            keep = [i for i in range(k) if i != j]
-            loc = u[:, : 3 * k].reshape(B, k, 3)[:, keep].reshape(B, 3 * (k - 1))
-            logp = u[:, 3 * k: 4 * k][:, keep]
-            _, phi, theta, r, p, s2 = _start_source(system, grid, G, y, norm2, torch.cat((loc, logp, u[:, -1:]), -1), mask[:, : k - 1])
-            new = _pack(phi[:, None], theta[:, None], r[:, None], p[:, None], s2)
-            u_try = torch.cat((loc, new[:, :3], logp, new[:, 3:4], u[:, -1:]), -1)
+            others = _drop_source(u, torch.full((B,), j, dtype=torch.int64, device=y.device))
+            _, phi, theta, r, p, s2 = _start_source(system, grid, G, y, norm2, others, mask[:, : k - 1])
+            u_try = _add_source(others, _pack(phi[:, None], theta[:, None], r[:, None], p[:, None], s2))
             u_try, nll_try = _scoring(system, G, y, torch.minimum(torch.maximum(u_try, lo), hi), mask, lo, hi, iters)
             better = nll_try < nll - RELAX_TOL
             u, nll = torch.where(better[:, None], u_try, u), torch.where(better, nll_try, nll)
