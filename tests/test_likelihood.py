@@ -63,6 +63,78 @@ def test_score_and_nll_match_autograd_of_the_direct_likelihood():
     assert (out["score"][~real] == 0).all()
 
 
+def test_whitened_gain_is_the_likelihood_gain_of_one_more_source():
+    """Given a fit of each scene's first source, :func:`whiten` gives coordinates with ||y_w||^2 = sum_l y^H C_l^-1 y,
+    and :func:`gain_scan` at a grid point is the drop of the explicitly formed negative log-likelihood when one source
+    of the returned power is added there (with the grid's own steering vector: its tables are the separable
+    approximation of the exact steering); at a scene's second true source
+    the gain is positive and near its largest."""
+    from workbench.grid import Grid
+    from workbench.matched_filter import gain_scan
+
+    system = SMALL.replace(snr_db_min=25.0, snr_db_max=25.0, K_min=2, K_max=2)
+    b = simulate(system, 3, seed=4)
+    G = measurement_matrices(b.H.to(torch.complex128), b.codes.to(torch.complex128))
+    y = b.y.to(torch.complex128)
+    one = torch.tensor([[True, False]]).expand(3, 2)
+    fit = (b.phi.double(), b.theta.double(), b.r.double(), b.power.double() * one, b.noise_var.double())
+    atoms = LK.atoms(system, G, *fit[:3]) * one[:, None, :, None]
+    Gw, yw = LK.whiten(G, y, atoms, fit[3], fit[4])
+    Cinv, _ = LK._snapshot_inverse(atoms, fit[3], fit[4])
+    quad = (y.conj()[..., None, :] @ Cinv @ y[..., None])[..., 0, 0].real.sum(-1)
+    torch.testing.assert_close(yw.abs().square().sum((1, 2)), quad, rtol=1e-10, atol=0)
+    grid = Grid.default(system, step_deg=6.0, n_r=4)
+    gain, power = gain_scan(system, grid, Gw, yw)
+    C0 = torch.linalg.inv(Cinv)
+
+    def nll(C):
+        return (torch.linalg.slogdet(C)[1] + (y.conj()[..., None, :] @ torch.linalg.solve(C, y[..., None]))[..., 0, 0].real).sum(-1)
+
+    for flat in (gain.argmax(-1), torch.tensor([0, 7, 100])):
+        new = G @ grid.vectors(system, grid.unravel(flat), torch.complex128)[:, None, :, None]  # the grid's own atom, [B,L,M,1]
+        C1 = C0 + power.gather(1, flat[:, None])[:, 0].double()[:, None, None, None] * (new @ new.mH)
+        torch.testing.assert_close(gain.gather(1, flat[:, None])[:, 0].double(), nll(C0) - nll(C1), rtol=1e-4, atol=1e-3)
+    at_second = grid.fractional_index(b.phi[:, 1].double(), b.theta[:, 1].double(), b.r[:, 1].double()).round().long()
+    g2 = gain.reshape(3, *grid.shape)[torch.arange(3), at_second[:, 0], at_second[:, 1], at_second[:, 2]]
+    assert (g2 > 0).all() and (g2 > 0.5 * gain.amax(-1)).all(), (g2, gain.amax(-1))
+
+
+def test_the_search_scores_new_sources_by_the_likelihood_not_on_a_projected_residual():
+    """The BS-RIS channel is Rician (10 dB: nearly rank one), so the sources' atoms G_l a_k are nearly collinear in
+    each snapshot. Projecting a strong source's atom out of the snapshots then removes much of a weak one too: in 32
+    two-source scenes at 20 dB whose weaker source is at least 10 dB below the stronger, the matched filter on that
+    residual peaks more than two grid steps from the weak source in 9 (at least 6 asserted). The ML fit's pick
+    (:func:`ml_fit.likeliest_source`: the likelihood gain given the strong source's fit) lands within two steps in
+    all of them; the fit of two sources, which starts from its own first pick, finds both within the gate in 30."""
+    from workbench.grid import Grid
+    from workbench.matched_filter import atom_norms, pick, project_out, scan
+
+    system = SystemConfig(N_H=8, N_V=8, K_min=2, K_max=2, snr_db_min=20.0, snr_db_max=20.0)
+    b = simulate(system, 200, seed=6)
+    b = b[(b.power.amax(1) > 10 * b.power.amin(1)).nonzero().flatten()[:32]]
+    assert len(b) == 32
+    strong, weak = b.power.argmax(1, keepdim=True), b.power.argmin(1, keepdim=True)
+    G = measurement_matrices(b.H.to(torch.complex128), b.codes.to(torch.complex128))
+    y = b.y.to(torch.complex128)
+    grid = Grid.default(system, **MF.ML_GRID)
+    take = lambda t, j: t.double().gather(1, j)  # noqa: E731
+    at_strong = [take(t, strong) for t in (b.phi, b.theta, b.r)]
+
+    def steps_from_weak(phi, theta):
+        st = grid.steps()
+        return torch.maximum((phi - take(b.phi, weak)[:, 0]).abs() / st[0], (theta - take(b.theta, weak)[:, 0]).abs() / st[1])
+
+    resid = project_out(y, LK.atoms(system, G, *at_strong))
+    projected = grid.coords(pick(grid, scan(system, grid, G, resid, atom_norms(system, grid, G))))
+    _, phi, theta, _, _ = MF.likeliest_source(system, grid, G, y, *at_strong, take(b.power, strong), b.noise_var.double(),
+                                              torch.ones(len(b), 1, dtype=torch.bool))
+    assert (steps_from_weak(*projected[:2]) > 2).sum() >= 6, steps_from_weak(*projected[:2])
+    assert (steps_from_weak(phi, theta) <= 2).all(), steps_from_weak(phi, theta)
+    fit = MF.ml_fit_for(b, system, K=b.K)
+    hits = M.score_sources(fit.loc.phi, fit.loc.theta, fit.loc.r, fit.loc.mask, b.phi, b.theta, b.r, b.mask, LK.crb_for(b, system))
+    assert (hits.n_hit == 2).sum() >= 30, hits.n_hit
+
+
 @pytest.fixture(scope="module")
 def single_source():
     """64 single-source default scenes at 20 dB, the ML fit with K = 1, and sqrt(CRB) (unknown powers and noise)."""
@@ -132,17 +204,17 @@ def test_ml_counts_sources_and_its_covariance_matches_r_true():
 
 def test_relax_only_raises_the_likelihood_and_finds_sources_the_greedy_search_missed():
     """RELAX cycles (relax_cycles=1) keep a move only where it raises the likelihood: every nested fit of every scene is
-    at least as likely as without, some much more (at 20 dB, 8 x 8 RIS, K up to 5, the greedy search leaves a second
-    estimate on a strong source in a few scenes: scene 21 of these 24 is one, its fifth source found by RELAX; scene 3
-    misses a source either way); in those scenes more true sources are inside the gate. The likelihood ml_refine
-    reports is in the same units: refined from the fit's own sources it is the fit's."""
+    at least as likely as without, some more (at 20 dB, 8 x 8 RIS, K up to 5, the greedy search's likelihood picks
+    rarely leave a move to RELAX: of these 96 scenes, scene 9 is one, its fifth source found by RELAX; scene 1 misses a
+    source either way); in those scenes more true sources are inside the gate. The likelihood ml_refine reports is in
+    the same units: refined from the fit's own sources it is the fit's."""
     system = SystemConfig(N_H=8, N_V=8, snr_db_min=20.0, snr_db_max=20.0)
-    batch = simulate(system, 24, seed=3)[torch.tensor([21, 3])]  # a scene's fit does not depend on the others
+    batch = simulate(system, 96, seed=3)[torch.tensor([9, 1])]  # a scene's fit does not depend on the others
     plain = MF.ml_fit_for(batch, system, K=batch.K)
     relaxed = MF.ml_fit_for(batch, system, K=batch.K, relax_cycles=1)
     gain = plain.levels["nll"] - relaxed.levels["nll"]  # [B, levels]
     assert (gain >= 0).all(), gain.min()
-    moved = gain.gather(1, (batch.K - 1)[:, None])[:, 0] > 1.0
+    moved = gain.gather(1, (batch.K - 1)[:, None])[:, 0] > MF.RELAX_TOL
     assert moved.any()
     crb = LK.crb_for(batch, system)
     truth = (batch.phi, batch.theta, batch.r, batch.mask)

@@ -62,14 +62,16 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig, SystemConfig
 from .grid import Grid
-from .likelihood import array_snr
+from .likelihood import array_snr, whiten
+from .likelihood import atoms as likelihood_atoms
 from .matched_filter import atom_norms, pick, project_out, scan
-from .ml_fit import RELAX_TOL, mdl_criterion, mdl_penalty, ml_refine
+from .ml_fit import RELAX_TOL, likeliest_source, mdl_criterion, mdl_penalty, ml_refine
 from .model import CovarianceNet, ModelOutput
 from .physics import measurement_matrices, source_covariance, steering
 
 # model fields outside the weights: a trained model's decoding (LocaliserNet.set_decoding)
-DECODING_FIELDS = ("detector_threshold", "detector_min_snr_db", "detector_rounds", "refine_iters", "detector_count", "detector_relax")
+DECODING_FIELDS = ("detector_threshold", "detector_min_snr_db", "detector_rounds", "refine_iters", "detector_count", "detector_relax",
+                   "detector_reread")
 N_FEATURES = 2  # feature maps per cell: the matched filter, and the same after one matching-pursuit step
 HEAT_PRIOR = 0.01  # the heatmap's initial probability per cell (the bias of its last layer)
 # the share of the trace the factor A gives each slot that is not a source (the next peaks): R_pred keeps rank K_max, so
@@ -328,6 +330,22 @@ class LocaliserNet(CovarianceNet):
         return project_out(y.to(c128), b)
 
     @torch.no_grad()
+    def reread(self, y, H, codes, atoms, phi, theta, r, keep, power, noise_var) -> torch.Tensor:
+        """The feature maps of the snapshots given the ``keep`` [B,K] sources' fit (phi, theta, r, power [B,K] in mW,
+        noise_var [B]), as ``model.detector_reread`` says (module docstring, 5.): "project", of :meth:`residual`; "whiten",
+        of the snapshots and measurement matrices in the coordinates where the fit's covariance is white
+        (:func:`~workbench.likelihood.whiten`; the atom norms recomputed there). atoms: :func:`detector_atoms` of H and
+        the codes. Returns [B,N_FEATURES,P,T,Q] as :meth:`features`."""
+        if self.cfg.detector_reread == "project":
+            return self.features(self.residual(y, H, codes, phi, theta, r, keep), H, codes, atoms)
+        G = atoms[0]  # H normalised by its RMS: the powers scale by its mean square
+        h2 = H.abs().square().mean((1, 2)).clamp_min(1e-30).to(torch.float64)[:, None]
+        b = likelihood_atoms(self.system, G, phi.double(), theta.double(), torch.where(keep, r, 1.0).double()) * keep[:, None, :, None]
+        Gw, yw = whiten(G, y, b, power.double() * h2 * keep, noise_var.double())
+        Gw = Gw.to(torch.complex64)
+        return self.features(yw, H, codes, (Gw, atom_norms(self.system, self.grid, Gw)))
+
+    @torch.no_grad()
     def relax(self, y, H, codes, amp, atoms, keep, phi, theta, r) -> tuple[torch.Tensor, ...]:
         """``model.detector_relax`` RELAX cycles over the kept sources (module docstring, 7.): slot j of every scene
         that has one, in turn, replaced by the strongest heatmap peak of the snapshots with the other kept sources' fit
@@ -351,11 +369,12 @@ class LocaliserNet(CovarianceNet):
                     continue
                 others = keep.clone()
                 others[:, j] = False
-                resid = self.residual(y, H, codes, phi, theta, r, others)
-                feats = self.features(resid, H, codes, atoms)
+                feats = self.reread(y, H, codes, atoms, phi, theta, r, others, power, noise_var)
                 _, _, p2, t2, r2, _ = self.decode(self.heatmap(feats, amp), one)
-                # the network's strongest peak, and the matched filter's maximum (the features' first map: the ML fit's pick)
-                cands = [(p2[:, 0], t2[:, 0], r2[:, 0]), self.grid.coords(self.grid.unravel(feats[:, 0].flatten(1).argmax(1)))]
+                # the network's strongest peak, and the ML fit's pick given the others (H's RMS scales the powers to G's units)
+                h2 = H.abs().square().mean((1, 2)).clamp_min(1e-30).to(power.dtype)[:, None]
+                cands = [(p2[:, 0], t2[:, 0], r2[:, 0]),
+                         likeliest_source(self.system, self.grid, atoms[0], y, phi, theta, r, power * h2, noise_var, others)[1:4]]
                 slot = has[:, None] & (torch.arange(keep.shape[1], device=keep.device) == j)  # [B,K_max]
                 for cp, ct, cr in cands:
                     tried = [torch.where(slot, v[:, None].to(u.dtype), u) for u, v in ((phi, cp), (theta, ct), (r, cr))]
@@ -367,16 +386,17 @@ class LocaliserNet(CovarianceNet):
         return phi, theta, r, power * keep, noise_var, nll
 
     @torch.no_grad()
-    def next_round(self, y, H, codes, amp, score, keep, phi, theta, r, k_logits, atoms=None, count=None) -> tuple[torch.Tensor, ...]:
+    def next_round(self, y, H, codes, amp, score, keep, phi, theta, r, power, noise_var, k_logits, atoms,
+                   count=None) -> tuple[torch.Tensor, ...]:
         """One more round of detection (``model.detector_rounds`` > 1; evaluation mode): the snapshots with the kept
         sources' least-squares fit removed (exact steering atoms, per snapshot) are read as a scene of their own
         (features, heatmap, decoding: sources the strong ones hid), the new peaks are appended after the kept sources
         (up to K_max slots), and all are refined jointly and pruned again. count: [B] given counts (:meth:`decode`): the
         new peaks fill the kept sources up to it, whatever their score. Returns (score, keep, phi, theta, r, power,
         noise_var, k_logits) as :meth:`forward` uses them."""
-        resid = self.residual(y, H, codes, phi, theta, r, keep)
         need = None if count is None else (count - keep.sum(1)).clamp_min(0)
-        score2, keep2, phi2, theta2, r2, logits2 = self.decode(self.heatmap(self.features(resid, H, codes, atoms), amp), need)
+        feats = self.reread(y, H, codes, atoms, phi, theta, r, keep, power, noise_var)
+        score2, keep2, phi2, theta2, r2, logits2 = self.decode(self.heatmap(feats, amp), need)
         gain = lambda k: torch.diff(k, dim=1, prepend=torch.zeros_like(k[:, :1]))  # noqa: E731
         cat = lambda u, v: torch.cat([u, v], 1)  # noqa: E731
         both = cat(keep, keep2 if count is not None else keep2 & (score2 > self.cfg.detector_threshold))
@@ -422,7 +442,7 @@ class LocaliserNet(CovarianceNet):
             score, keep, phi, theta, r, power, k_logits = self.prune(H, codes, score, keep, phi, theta, r, power, noise_var, k_logits)
             for _ in range(self.cfg.detector_rounds - 1):
                 score, keep, phi, theta, r, power, noise_var, k_logits = self.next_round(
-                    y, H, codes, amp, score, keep, phi, theta, r, k_logits, atoms)
+                    y, H, codes, amp, score, keep, phi, theta, r, power, noise_var, k_logits, atoms)
             if count is None and self.cfg.detector_relax > 0:  # before the count: the nested refits start from the moved set
                 phi, theta, r, power, noise_var, _ = self.relax(y, H, codes, amp, atoms, keep, phi, theta, r)
             if count is None and self.cfg.detector_count == "mdl":
@@ -434,7 +454,7 @@ class LocaliserNet(CovarianceNet):
                     if atoms is None:
                         atoms = detector_atoms(self.system, self.grid, H, codes)
                     score, keep, phi, theta, r, power, noise_var, k_logits = self.next_round(
-                        y, H, codes, amp, score, keep, phi, theta, r, k_logits, atoms, count)
+                        y, H, codes, amp, score, keep, phi, theta, r, power, noise_var, k_logits, atoms, count)
                 score, keep, phi, theta, r, power, k_logits = self.strongest(H, codes, count, score, keep, phi, theta, r, power,
                                                                              noise_var, k_logits)
                 if self.cfg.detector_relax > 0:  # the given count's set

@@ -5,7 +5,8 @@ y_l ~ CN(0, C_l), C_l = G_l R G_l^H + sigma^2 I_M with G_l = H diag(c_l) (the BS
 configuration) and R = sum_k p_k a_k a_k^H. Float64/complex128 inside; radians and metres; powers in mW.
 
 Owns: :func:`snapshot_model` (negative log-likelihood, score, Slepian-Bangs Fisher matrix), :func:`snapshot_nll` (the
-likelihood alone), :func:`atoms` (b_lk = G_l a_k), :func:`crb` / :func:`crb_for` and :func:`array_snr` (each source's
+likelihood alone), :func:`atoms` (b_lk = G_l a_k), :func:`whiten` (the coordinates
+where a fitted model's covariance is white), :func:`crb` / :func:`crb_for` and :func:`array_snr` (each source's
 per-snapshot SNR on the array). Must not: fit sources (the maximum-likelihood fit is :mod:`workbench.ml_fit`), localise
 from a covariance matrix (MUSIC/MVDR are :mod:`workbench.localisation`), hold the matched filter
 (:mod:`workbench.matched_filter`), simulate scenes or loop over SNRs (studies do), draw.
@@ -49,14 +50,20 @@ def _apply(G: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return (G.reshape(B, L * M, N) @ V.to(G.dtype).mT).reshape(B, L, M, -1).transpose(-1, -2).to(torch.complex128)
 
 
-def _snapshot_inverse(b: torch.Tensor, power: torch.Tensor, noise_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """C_l^-1 [B,L,M,M] and log det C_l [B,L] of C_l = sum_k p_k b_lk b_lk^H + sigma^2 I, by Cholesky:
-    b [B,L,K,M], power [B,K], noise_var [B]. (The explicit inverse: batched ``cholesky_solve`` of these
-    16 x 16 systems was measured 14x slower on CPU than ``cholesky_inverse`` and a product.)"""
+def _snapshot_cholesky(b: torch.Tensor, power: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor [B,L,M,M] of C_l = sum_k p_k b_lk b_lk^H + sigma^2 I: b [B,L,K,M], power [B,K],
+    noise_var [B]."""
     M = b.shape[-1]
     eye = torch.eye(M, dtype=b.dtype, device=b.device)
     C = torch.einsum("bk,blkm,blkn->blmn", power.to(b.dtype), b, b.conj()) + noise_var.to(b.dtype)[:, None, None, None] * eye
-    chol = torch.linalg.cholesky(C)
+    return torch.linalg.cholesky(C)
+
+
+def _snapshot_inverse(b: torch.Tensor, power: torch.Tensor, noise_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """C_l^-1 [B,L,M,M] and log det C_l [B,L] of C_l (:func:`_snapshot_cholesky`). (The explicit inverse: batched
+    ``cholesky_solve`` of these 16 x 16 systems was measured 14x slower on CPU than ``cholesky_inverse`` and a
+    product.)"""
+    chol = _snapshot_cholesky(b, power, noise_var)
     return torch.cholesky_inverse(chol), 2 * torch.diagonal(chol, dim1=-2, dim2=-1).real.log().sum(-1)
 
 
@@ -198,6 +205,18 @@ def array_snr(system: SystemConfig, H, codes, phi, theta, r, power, noise_var, m
 def atoms(system: SystemConfig, G: torch.Tensor, phi, theta, r) -> torch.Tensor:
     """b_lk = G_l a(phi_k, theta_k, r_k), [B,L,K,M] complex128."""
     return _apply(G, steering(system, phi, theta, r))
+
+
+def whiten(G: torch.Tensor, y: torch.Tensor, b: torch.Tensor, power: torch.Tensor, noise_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The measurement matrices and snapshots in the coordinates where the fitted model's covariance is white:
+    (T_l G_l, T_l y_l) with T_l = chol(C_l)^-1, so T_l C_l T_l^H = I (C_l of the sources b [B,L,K,M] with powers
+    [B,K] and the noise variance [B], as in the likelihood). G [B,L,M,N], y [B,L,M] -> ([B,L,M,N], [B,L,M]),
+    complex128. The likelihood of one more source b_l in these coordinates involves only ||T_l b_l||^2 and
+    |(T_l b_l)^H T_l y_l|^2 (:func:`workbench.matched_filter.gain_scan`)."""
+    chol = _snapshot_cholesky(b, power, noise_var)
+    Gw = torch.linalg.solve_triangular(chol, G.to(chol.dtype), upper=False)
+    yw = torch.linalg.solve_triangular(chol, y[..., None].to(chol.dtype), upper=False)[..., 0]
+    return Gw, yw
 
 
 def snapshot_nll(system: SystemConfig, G: torch.Tensor, phi, theta, r, power, noise_var, mask, y: torch.Tensor) -> torch.Tensor:

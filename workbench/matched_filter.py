@@ -6,9 +6,10 @@ With G_l [M,N] the l-th measurement matrix (G_l = H diag(c_l)) and a_g the steer
 atom of g in snapshot l is u_lg = G_l a_g [M]. A scene's snapshots y [L,M] are scanned by the normalised
 matched-filter power sum_l |u_lg^H y_l|^2 / ||u_lg||^2 (:func:`scan`), its maximum picked (:func:`pick`), the
 picked atoms' least-squares fit removed from the snapshots (:func:`project_out`), and the noise variance estimated
-from the energy left (:func:`residual_noise_variance`).
+from the energy left (:func:`residual_noise_variance`). In the coordinates where a fitted model's covariance is white,
+the same contractions give the log-likelihood gain of one more source at every grid point (:func:`gain_scan`).
 
-Owns: :func:`atom_norms`, :func:`scan`, :func:`pick`, :func:`project_out`, :func:`residual_noise_variance`.
+Owns: :func:`atom_norms`, :func:`scan`, :func:`gain_scan`, :func:`pick`, :func:`project_out`, :func:`residual_noise_variance`.
 Must not: fit powers or covariances (:mod:`workbench.estimators`), run the likelihood fit
 (:mod:`workbench.ml_fit`), or build steering tables (:class:`workbench.grid.Grid` does).
 
@@ -47,9 +48,42 @@ def scan(system: SystemConfig, grid: Grid, G: torch.Tensor, resid: torch.Tensor,
     (Cauchy-Schwarz), so the true source is the maximum; normalising the sum over snapshots by the summed norm
     instead has no such bound (measured: wrong picks at 20 dB). G_l^H r_l is formed in G's dtype, the grid
     contraction (:meth:`~workbench.grid.Grid.response`) in complex64."""
+    return (_snapshot_power(system, grid, G, resid) / norm2).sum(1)
+
+
+def _snapshot_power(system: SystemConfig, grid: Grid, G: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    """|(G_l a_g)^H r_l|^2 per snapshot and grid point: [B,L,P*T*Q] float32 (G_l^H r_l in G's dtype, the grid
+    contraction in complex64)."""
     back = (G.mH @ resid[..., None].to(G.dtype))[..., 0].to(torch.complex64)  # G_l^H r_l, [B,L,N]
-    power = torch.view_as_real(grid.response(system, back.conj())).square().sum(-1).reshape(norm2.shape)
-    return (power / norm2).sum(1)
+    return torch.view_as_real(grid.response(system, back.conj())).square().sum(-1).reshape(*back.shape[:2], -1)
+
+
+GAIN_POWERS = tuple(2.0 ** j for j in range(-4, 5))  # multiples of the score step's power tried per grid point
+
+
+def gain_scan(system: SystemConfig, grid: Grid, G: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-likelihood gain of one more source at every grid point, and its power: G [B,L,M,N], y [B,L,M] in the
+    coordinates where the current fit's covariance is white (:func:`workbench.likelihood.whiten`) -> (gain
+    [B,P*T*Q] nats, power [B,P*T*Q] in the units of y^2 / G^2), float32.
+
+    With w_lg = ||G_l a_g||^2 and q_lg = |(G_l a_g)^H y_l|^2 (whitened), a source of power p at g changes the negative
+    log-likelihood by sum_l [log(1 + p w_lg) - p q_lg / (1 + p w_lg)] (determinant lemma and Sherman-Morrison); the gain
+    is minus its minimum over p > 0, searched over :data:`GAIN_POWERS` times the score step p0 = sum_l (q - w) /
+    sum_l w^2 (the maximiser when all w_lg are equal). Unlike :func:`scan` on a
+    :func:`project_out` residual, this scores a new source under the stochastic model the fit uses: projecting a
+    strong source's atom out of every snapshot also removes most of a weak source wherever the two atoms are nearly
+    collinear, as they are when H is close to rank one (a Rician LoS channel); whitening removes only what the fitted
+    powers explain."""
+    w = atom_norms(system, grid, G)
+    q = _snapshot_power(system, grid, G, y)
+    p0 = ((q - w).sum(1) / w.square().sum(1)).clamp_min(torch.finfo(w.dtype).tiny)
+    gain, power = torch.full_like(p0, -torch.inf), p0.clone()
+    for f in GAIN_POWERS:
+        x = (p0 * f)[:, None] * w
+        g = ((p0 * f)[:, None] * q / (1 + x) - torch.log1p(x)).sum(1)
+        better = g > gain
+        gain, power = torch.where(better, g, gain), torch.where(better, p0 * f, power)
+    return gain, power
 
 
 def pick(grid: Grid, power: torch.Tensor) -> torch.Tensor:
