@@ -63,14 +63,15 @@ def test_score_and_nll_match_autograd_of_the_direct_likelihood():
     assert (out["score"][~real] == 0).all()
 
 
-def test_whitened_gain_is_the_likelihood_gain_of_one_more_source():
-    """Given a fit of each scene's first source, :func:`whiten` gives coordinates with ||y_w||^2 = sum_l y^H C_l^-1 y,
-    and :func:`gain_scan` at a grid point is the drop of the explicitly formed negative log-likelihood when one source
-    of the returned power is added there (with the grid's own steering vector: its tables are the separable
-    approximation of the exact steering); at a scene's second true source
-    the gain is positive and near its largest."""
+def test_the_gain_of_one_more_source_is_the_likelihood_gain_of_adding_it():
+    """Given a fit of each scene's first source: :func:`inverse_factor` gives C_l^-1 = (I - E E^H) / sigma^2 and
+    r_l = sigma^2 C_l^-1 y_l, and :func:`whiten` coordinates with ||y_w||^2 = sum_l y^H C_l^-1 y (both against the
+    explicit inverse); :func:`gain_scan` at a grid point is the drop of the explicitly formed negative log-likelihood
+    when one source of the returned power is added there (with the grid's own steering vector: its tables are the
+    separable approximation of the exact steering); at a scene's second true source the gain is positive and near
+    its largest."""
     from workbench.grid import Grid
-    from workbench.matched_filter import gain_scan
+    from workbench.matched_filter import atom_norms, gain_scan
 
     system = SMALL.replace(snr_db_min=25.0, snr_db_max=25.0, K_min=2, K_max=2)
     b = simulate(system, 3, seed=4)
@@ -79,12 +80,16 @@ def test_whitened_gain_is_the_likelihood_gain_of_one_more_source():
     one = torch.tensor([[True, False]]).expand(3, 2)
     fit = (b.phi.double(), b.theta.double(), b.r.double(), b.power.double() * one, b.noise_var.double())
     atoms = LK.atoms(system, G, *fit[:3]) * one[:, None, :, None]
-    Gw, yw = LK.whiten(G, y, atoms, fit[3], fit[4])
     Cinv, _ = LK._snapshot_inverse(atoms, fit[3], fit[4])
+    E, rest = LK.inverse_factor(atoms, fit[3], fit[4], y)
+    eye = torch.eye(system.M, dtype=E.dtype)
+    torch.testing.assert_close((eye - E @ E.mH) / fit[4][:, None, None, None], Cinv, rtol=1e-9, atol=0)
+    torch.testing.assert_close(rest, fit[4][:, None, None] * (Cinv @ y[..., None])[..., 0], rtol=1e-9, atol=0)
+    _, yw = LK.whiten(G, y, atoms, fit[3], fit[4])
     quad = (y.conj()[..., None, :] @ Cinv @ y[..., None])[..., 0, 0].real.sum(-1)
     torch.testing.assert_close(yw.abs().square().sum((1, 2)), quad, rtol=1e-10, atol=0)
     grid = Grid.default(system, step_deg=6.0, n_r=4)
-    gain, power = gain_scan(system, grid, Gw, yw)
+    gain, power = gain_scan(system, grid, G, atom_norms(system, grid, G), E, rest, fit[4])
     C0 = torch.linalg.inv(Cinv)
 
     def nll(C):
@@ -125,9 +130,10 @@ def test_the_search_scores_new_sources_by_the_likelihood_not_on_a_projected_resi
         return torch.maximum((phi - take(b.phi, weak)[:, 0]).abs() / st[0], (theta - take(b.theta, weak)[:, 0]).abs() / st[1])
 
     resid = project_out(y, LK.atoms(system, G, *at_strong))
-    projected = grid.coords(pick(grid, scan(system, grid, G, resid, atom_norms(system, grid, G))))
-    _, phi, theta, _, _ = MF.likeliest_source(system, grid, G, y, *at_strong, take(b.power, strong), b.noise_var.double(),
+    norm2 = atom_norms(system, grid, G)
+    _, phi, theta, _, _ = MF.likeliest_source(system, grid, G, norm2, y, *at_strong, take(b.power, strong), b.noise_var.double(),
                                               torch.ones(len(b), 1, dtype=torch.bool))
+    projected = grid.coords(pick(grid, scan(system, grid, G, resid, norm2)))
     assert (steps_from_weak(*projected[:2]) > 2).sum() >= 6, steps_from_weak(*projected[:2])
     assert (steps_from_weak(phi, theta) <= 2).all(), steps_from_weak(phi, theta)
     fit = MF.ml_fit_for(b, system, K=b.K)

@@ -374,7 +374,7 @@ class LocaliserNet(CovarianceNet):
                 # the network's strongest peak, and the ML fit's pick given the others (H's RMS scales the powers to G's units)
                 h2 = H.abs().square().mean((1, 2)).clamp_min(1e-30).to(power.dtype)[:, None]
                 cands = [(p2[:, 0], t2[:, 0], r2[:, 0]),
-                         likeliest_source(self.system, self.grid, atoms[0], y, phi, theta, r, power * h2, noise_var, others)[1:4]]
+                         likeliest_source(self.system, self.grid, *atoms, y, phi, theta, r, power * h2, noise_var, others)[1:4]]
                 slot = has[:, None] & (torch.arange(keep.shape[1], device=keep.device) == j)  # [B,K_max]
                 for cp, ct, cr in cands:
                     tried = [torch.where(slot, v[:, None].to(u.dtype), u) for u, v in ((phi, cp), (theta, ct), (r, cr))]

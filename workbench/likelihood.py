@@ -5,11 +5,11 @@ y_l ~ CN(0, C_l), C_l = G_l R G_l^H + sigma^2 I_M with G_l = H diag(c_l) (the BS
 configuration) and R = sum_k p_k a_k a_k^H. Float64/complex128 inside; radians and metres; powers in mW.
 
 Owns: :func:`snapshot_model` (negative log-likelihood, score, Slepian-Bangs Fisher matrix), :func:`snapshot_nll` (the
-likelihood alone), :func:`atoms` (b_lk = G_l a_k), :func:`whiten` (the coordinates
-where a fitted model's covariance is white), :func:`crb` / :func:`crb_for` and :func:`array_snr` (each source's
-per-snapshot SNR on the array). Must not: fit sources (the maximum-likelihood fit is :mod:`workbench.ml_fit`), localise
-from a covariance matrix (MUSIC/MVDR are :mod:`workbench.localisation`), hold the matched filter
-(:mod:`workbench.matched_filter`), simulate scenes or loop over SNRs (studies do), draw.
+likelihood alone), :func:`atoms` (b_lk = G_l a_k), :func:`whiten` (the coordinates where a fitted model's covariance
+is white) and :func:`inverse_factor` (its inverse in low-rank form), :func:`crb` / :func:`crb_for` and
+:func:`array_snr` (each source's per-snapshot SNR on the array). Must not: fit sources (the maximum-likelihood fit is
+:mod:`workbench.ml_fit`), localise from a covariance matrix (MUSIC/MVDR are :mod:`workbench.localisation`), hold the
+matched filter (:mod:`workbench.matched_filter`), simulate scenes or loop over SNRs (studies do), draw.
 """
 from __future__ import annotations
 
@@ -211,12 +211,31 @@ def whiten(G: torch.Tensor, y: torch.Tensor, b: torch.Tensor, power: torch.Tenso
     """The measurement matrices and snapshots in the coordinates where the fitted model's covariance is white:
     (T_l G_l, T_l y_l) with T_l = chol(C_l)^-1, so T_l C_l T_l^H = I (C_l of the sources b [B,L,K,M] with powers
     [B,K] and the noise variance [B], as in the likelihood). G [B,L,M,N], y [B,L,M] -> ([B,L,M,N], [B,L,M]),
-    complex128. The likelihood of one more source b_l in these coordinates involves only ||T_l b_l||^2 and
-    |(T_l b_l)^H T_l y_l|^2 (:func:`workbench.matched_filter.gain_scan`)."""
+    complex128 (the learned localiser's whitened re-reading; :func:`inverse_factor` gives what one more source needs
+    without transforming G)."""
     chol = _snapshot_cholesky(b, power, noise_var)
     Gw = torch.linalg.solve_triangular(chol, G.to(chol.dtype), upper=False)
     yw = torch.linalg.solve_triangular(chol, y[..., None].to(chol.dtype), upper=False)[..., 0]
     return Gw, yw
+
+
+def inverse_factor(b: torch.Tensor, power: torch.Tensor, noise_var: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fitted model's inverse covariance in low-rank form, C_l^-1 = (I - E_l E_l^H) / sigma^2, and what it leaves of
+    the snapshots, r_l = (I - E_l E_l^H) y_l = sigma^2 C_l^-1 y_l. b [B,L,K,M] the fitted sources' atoms, power [B,K]
+    (0: no part), noise_var [B], y [B,L,M] -> (E [B,L,M,K], r [B,L,M]), complex128.
+
+    With U_l = [sqrt(p_k) b_lk]_k (M x K) and R_l R_l^H = sigma^2 I + U_l^H U_l (Cholesky, K x K), E_l = U_l R_l^-H
+    (Woodbury). I - E E^H keeps sigma^2 / (sigma^2 + lambda) of each fitted direction of energy lambda: the stochastic
+    counterpart of projecting the atoms out (:func:`workbench.matched_filter.project_out`), which it becomes as
+    sigma^2 -> 0. One more source u_l then changes the likelihood through u^H C^-1 u = (||u||^2 - ||E^H u||^2) / sigma^2
+    and u^H C^-1 y = u^H r / sigma^2 alone (:func:`workbench.matched_filter.gain_scan`)."""
+    U = b.mT.to(torch.complex128) * power.clamp_min(0).sqrt().to(torch.complex128)[:, None, None, :]  # [B,L,M,K]
+    K = U.shape[-1]
+    eye = torch.eye(K, dtype=U.dtype, device=U.device)
+    R = torch.linalg.cholesky(U.mH @ U + noise_var.to(U.dtype)[:, None, None, None] * eye)
+    E = torch.linalg.solve_triangular(R, U.mH, upper=False).mH  # U R^-H
+    y = y.to(U.dtype)
+    return E, y - (E @ (E.mH @ y[..., None]))[..., 0]
 
 
 def snapshot_nll(system: SystemConfig, G: torch.Tensor, phi, theta, r, power, noise_var, mask, y: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,12 @@
 (:func:`workbench.estimators.beamscan_covariance`) and the start values of the maximum-likelihood fit
 (:func:`workbench.ml_fit.ml_localise`).
 
-With G_l [M,N] the l-th measurement matrix (G_l = H diag(c_l)) and a_g the steering vector of grid point g, the
-atom of g in snapshot l is u_lg = G_l a_g [M]. A scene's snapshots y [L,M] are scanned by the normalised
-matched-filter power sum_l |u_lg^H y_l|^2 / ||u_lg||^2 (:func:`scan`), its maximum picked (:func:`pick`), the
-picked atoms' least-squares fit removed from the snapshots (:func:`project_out`), and the noise variance estimated
-from the energy left (:func:`residual_noise_variance`). In the coordinates where a fitted model's covariance is white,
-the same contractions give the log-likelihood gain of one more source at every grid point (:func:`gain_scan`).
+With G_l [M,N] the l-th measurement matrix (G_l = H diag(c_l)) and a_g the steering vector of grid point g, the atom
+of g in snapshot l is u_lg = G_l a_g [M]. A scene's snapshots y [L,M] are scanned by the normalised matched-filter
+power sum_l |u_lg^H y_l|^2 / ||u_lg||^2 (:func:`scan`), its maximum picked (:func:`pick`), the picked atoms' least-
+squares fit removed from the snapshots (:func:`project_out`), and the noise variance estimated from the energy left
+(:func:`residual_noise_variance`). Given a fitted model's inverse covariance, the same contractions give the log-
+likelihood gain of one more source at every grid point (:func:`gain_scan`).
 
 Owns: :func:`atom_norms`, :func:`scan`, :func:`gain_scan`, :func:`pick`, :func:`project_out`, :func:`residual_noise_variance`.
 Must not: fit powers or covariances (:mod:`workbench.estimators`), run the likelihood fit
@@ -58,24 +58,29 @@ def _snapshot_power(system: SystemConfig, grid: Grid, G: torch.Tensor, resid: to
     return torch.view_as_real(grid.response(system, back.conj())).square().sum(-1).reshape(*back.shape[:2], -1)
 
 
-GAIN_POWERS = tuple(2.0 ** j for j in range(-4, 5))  # multiples of the score step's power tried per grid point
+GAIN_POWERS = tuple(2.0 ** j for j in range(-2, 3))  # multiples of the score step's power tried per grid point
 
 
-def gain_scan(system: SystemConfig, grid: Grid, G: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The log-likelihood gain of one more source at every grid point, and its power: G [B,L,M,N], y [B,L,M] in the
-    coordinates where the current fit's covariance is white (:func:`workbench.likelihood.whiten`) -> (gain
-    [B,P*T*Q] nats, power [B,P*T*Q] in the units of y^2 / G^2), float32.
+def gain_scan(system: SystemConfig, grid: Grid, G: torch.Tensor, norm2: torch.Tensor, E: torch.Tensor, r: torch.Tensor,
+              noise_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-likelihood gain of one more source at every grid point, and its power, given a fitted model: G
+    [B,L,M,N], norm2 [B,L,P*T*Q] = ||G_l a_g||^2 (:func:`atom_norms`), the model's inverse covariance in low-rank form E
+    [B,L,M,K] and what it leaves of the snapshots r [B,L,M] (:func:`workbench.likelihood.inverse_factor`), noise_var
+    [B] -> (gain [B,P*T*Q] nats, power [B,P*T*Q] in the units of y^2 / G^2), float32.
 
-    With w_lg = ||G_l a_g||^2 and q_lg = |(G_l a_g)^H y_l|^2 (whitened), a source of power p at g changes the negative
-    log-likelihood by sum_l [log(1 + p w_lg) - p q_lg / (1 + p w_lg)] (determinant lemma and Sherman-Morrison); the gain
-    is minus its minimum over p > 0, searched over :data:`GAIN_POWERS` times the score step p0 = sum_l (q - w) /
-    sum_l w^2 (the maximiser when all w_lg are equal). Unlike :func:`scan` on a
-    :func:`project_out` residual, this scores a new source under the stochastic model the fit uses: projecting a
-    strong source's atom out of every snapshot also removes most of a weak source wherever the two atoms are nearly
-    collinear, as they are when H is close to rank one (a Rician LoS channel); whitening removes only what the fitted
-    powers explain."""
-    w = atom_norms(system, grid, G)
-    q = _snapshot_power(system, grid, G, y)
+    With u_lg = G_l a_g, w_lg = u^H C_l^-1 u = (||u||^2 - ||E_l^H u||^2) / sigma^2 and q_lg = |u^H C_l^-1 y_l|^2 =
+    |u^H r_l|^2 / sigma^4 (K + 1 grid contractions per snapshot, against M for the atom norms of whitened matrices), a
+    source of power p at g changes the negative log-likelihood by sum_l [log(1 + p w_lg) - p q_lg / (1 + p w_lg)]
+    (determinant lemma and Sherman-Morrison); the gain is minus its minimum over p > 0, searched over
+    :data:`GAIN_POWERS` times the score step p0 = sum_l (q - w) / sum_l w^2 (the maximiser when all w_lg are equal).
+    Unlike :func:`scan` on a :func:`project_out` residual, this scores a new source under the stochastic model the fit
+    uses: projecting a strong source's atom out of every snapshot also removes most of a weak source wherever the two
+    atoms are nearly collinear, as they are when H is close to rank one (a Rician LoS channel); the model's inverse
+    removes only what the fitted powers explain."""
+    s2 = noise_var.to(torch.float64)[:, None, None]
+    explained = sum(_snapshot_power(system, grid, G, E[..., k]) for k in range(E.shape[-1])) if E.shape[-1] else 0.0
+    w = ((norm2 - explained) / s2.float()).clamp_min(torch.finfo(norm2.dtype).tiny)
+    q = _snapshot_power(system, grid, G, r / s2.sqrt()) / s2.float()
     p0 = ((q - w).sum(1) / w.square().sum(1)).clamp_min(torch.finfo(w.dtype).tiny)
     gain, power = torch.full_like(p0, -torch.inf), p0.clone()
     for f in GAIN_POWERS:

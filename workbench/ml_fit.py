@@ -26,7 +26,7 @@ import torch
 from .checks import check_K
 from .config import ConfigError, SystemConfig
 from .grid import Grid
-from .likelihood import atoms, snapshot_model, snapshot_nll, whiten
+from .likelihood import atoms, inverse_factor, snapshot_model, snapshot_nll
 from .localisation import Localisation
 from .matched_filter import atom_norms, gain_scan, pick, project_out, residual_noise_variance, scan
 from .physics import SceneBatch, measurement_matrices, source_covariance
@@ -171,14 +171,16 @@ def _scoring_step(system: SystemConfig, G, y, u, mask, lo, hi, mu, limit, tol: f
             torch.where(ok, mu * 0.3, mu * 10.0).clamp(1e-9, 1e9), done)
 
 
-def likeliest_source(system: SystemConfig, grid: Grid, G, y, phi, theta, r, power, noise_var, mask) -> tuple[torch.Tensor, ...]:
+def likeliest_source(system: SystemConfig, grid: Grid, G, norm2, y, phi, theta, r, power, noise_var, mask) -> tuple[torch.Tensor, ...]:
     """The grid point where one more source raises the likelihood of a fit most, and that source's power: G [B,L,M,N],
-    y [B,L,M]; the fit's phi, theta, r, power [B,K] (rad, m; sources where mask [B,K] is False take no part) and
-    noise_var [B], in the units of y and G. The fit's covariance whitened (:func:`~workbench.likelihood.whiten`),
+    norm2 [B,L,P*T*Q] its atom norms on ``grid`` (:func:`atom_norms`), y [B,L,M]; the fit's phi, theta, r, power [B,K]
+    (rad, m; sources where mask [B,K] is False take no part) and noise_var [B], in the units of y and G. The fit's
+    inverse covariance in low-rank form (:func:`~workbench.likelihood.inverse_factor`), then
     :func:`~workbench.matched_filter.gain_scan`'s maximum. Returns (idx [B,3] into ``grid``, phi, theta, r [B] its
     coordinates, power [B] float64)."""
     b = atoms(system, G, phi, theta, torch.where(mask, r, 1.0)) * mask[:, None, :, None]
-    gain, p_new = gain_scan(system, grid, *whiten(G, y, b, power * mask, noise_var))
+    E, rest = inverse_factor(b, power * mask, noise_var, y)
+    gain, p_new = gain_scan(system, grid, G, norm2, E, rest, noise_var)
     flat = gain.argmax(-1)
     idx = grid.unravel(flat)
     return (idx, *grid.coords(idx), p_new.gather(1, flat[:, None])[:, 0].to(torch.float64))
@@ -199,7 +201,7 @@ def _start_source(system, grid, G, y, norm2, u: torch.Tensor | None, mask) -> tu
     if u is not None:
         K = (u.shape[1] - 1) // 4
         phi, theta, r, p, s2 = _unpack(u, K)
-        return (*likeliest_source(system, grid, G, y, phi, theta, r, p, s2, mask[:, :K]), s2)
+        return (*likeliest_source(system, grid, G, norm2, y, phi, theta, r, p, s2, mask[:, :K]), s2)
     idx = pick(grid, scan(system, grid, G, y, norm2))
     phi, theta, r = grid.coords(idx)
     b = atoms(system, G, phi[:, None], theta[:, None], r[:, None])[:, :, 0]  # [B,L,M]
