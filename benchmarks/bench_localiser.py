@@ -1,7 +1,8 @@
 """Seconds per scene of the learned localiser (workbench/detector.py) and of the maximum-likelihood fit it replaces, on
 the same scenes and device in one run, each at its best batch size (scenes per call). Prints a markdown table.
 
-    .venv/bin/python benchmarks/bench_localiser.py [--run DIR] [--device cpu|cuda|auto] [--snr 20] [--quick] [--threads 2]
+    .venv/bin/python benchmarks/bench_localiser.py [--run DIR] [--decoding FIELD VALUE] [--device cpu|cuda|auto] [--snr 20]
+                                                   [--quick] [--threads 2]
 
 --run: a trained localiser's run folder (``workbench compare --presets localiser`` writes ``<out>/localiser/``; its
 checkpoint.pt is loaded onto --device, with the entry's current decoding settings unless --own-decoding). Without one
@@ -20,7 +21,7 @@ import torch
 from timing import best_time  # noqa: E402
 
 from workbench.checkpoints import TrainResult, load_checkpoint
-from workbench.config import DEVICES, resolve_device
+from workbench.config import DEVICES, parse_value, resolve_device
 from workbench.detector import DECODING_FIELDS
 from workbench.experiments import budget_overrides, entry_config
 from workbench.ml_fit import ml_localise
@@ -34,6 +35,9 @@ def parse_args(argv=None):
     ap.add_argument("--run", default=None, help="a trained localiser's run folder (default: an untrained localiser)")
     ap.add_argument("--own-decoding", action="store_true", help="keep the run's own decoding settings (default: the localiser "
                     "entry's current decoding: workbench.detector.DECODING_FIELDS)")
+    ap.add_argument("--decoding", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"),
+                    help="a decoding setting on top of the above, e.g. --decoding detector_relax 0 (repeatable; one of "
+                    "workbench.detector.DECODING_FIELDS)")
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto (CUDA when present)")
     ap.add_argument("--snr", type=float, default=20.0, help="SNR of the timed scenes, dB (default 20)")
     ap.add_argument("--scenes", type=int, default=128, help="scenes timed (default 128)")
@@ -63,6 +67,9 @@ def main(argv=None) -> None:
         cfg = entry_config("localiser", budget_overrides("quick"))
         run = TrainResult(history=[], provenance=[], model=build_model(cfg.system, cfg.model, device), config=cfg)
         what = "UNTRAINED localiser (fewer detections, cheaper refinement than a trained one)"
+    if args.decoding:
+        run.model.set_decoding(**{k: parse_value(v) for k, v in args.decoding})
+        what += "; set: " + ", ".join(f"{k} {v}" for k, v in args.decoding)
     system = run.config.system
     batch = simulate(system.replace(snr_db_min=args.snr, snr_db_max=args.snr), args.scenes, seed=0, device=device)
     n = len(batch)

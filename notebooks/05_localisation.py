@@ -35,11 +35,12 @@
 # the K largest local maxima then takes a sidelobe as the K-th source (10-100° errors on exact R_true). MUSIC here
 # finds one source per scan and projects it out before the next (RAP-MUSIC), which resolves them.
 #
-# **Time.** About 57 s with the defaults on a quiet 2-core CPU (measured 2026-12-06 through `workbench report --only
-# 05`; 49 s in the same session before the RELAX cycles), the networks trained here first; `localiser` (trained here
-# on the same 128 scenes, localised at every SNR, then run on the highest SNR's scenes beside two more ML fits) is
-# about 12 s of it, and `localiser = False` leaves it out. The MUSIC refinements of every source take most of the
-# rest. `n_per_snr`, `N_side` and the number of presets are the big knobs.
+# **Time.** About 58 s with the defaults on a quiet 2-core CPU (57.0 and 58.6 s through `workbench report --only 05`,
+# 53.3 s within `make report`, 2026-12-06, after the ML fit's likelihood picks; 49-57 s before them), the networks
+# trained here first; `localiser` (trained here on the same 128 scenes, localised at every SNR, then run on the
+# highest SNR's scenes beside two more ML fits) is about 12 s of it, and `localiser = False` leaves it out. The MUSIC
+# refinements of every source take most of the rest. `n_per_snr`, `N_side` and the number of presets are the big
+# knobs.
 
 # %% tags=["parameters"]
 method: str = "music"  # music | mvdr
