@@ -28,18 +28,22 @@ Design (README, section 5 "The learned localiser"):
    likelihood from the detections (:func:`workbench.ml_fit.ml_refine`), which also estimates the powers and the
    noise variance; then sources below ``model.detector_min_snr_db`` and duplicates are dropped
    (:meth:`LocaliserNet.prune`).
-5. **More rounds** (``model.detector_rounds`` > 1): the snapshots with the kept sources' fit removed are read again
-   by the same network as a scene of their own, its new peaks added, all refined and pruned again
-   (:meth:`LocaliserNet.next_round`): sources a strong one hid are found as the ML fit's matching pursuit finds them.
+5. **More rounds** (``model.detector_rounds`` > 1): the snapshots given the kept sources' fit are read again by the same
+   network as a scene of their own, its new peaks added, all refined and pruned again (:meth:`LocaliserNet.next_round`):
+   sources a strong one hid show there. ``model.detector_reread`` says how they are read (:meth:`LocaliserNet.reread`):
+   "project" removes the kept sources' least-squares fit from every snapshot; "whiten" reads the snapshots and
+   measurement matrices in the coordinates where the kept sources' fitted covariance is white (measured on the dev
+   split: neither better at both SNRs with a network trained on whole scenes; README, section 5).
 
 6. **The count** (``model.detector_count``): "threshold" keeps what 3.-5. keep; "mdl" orders those by array SNR, refits
    the first k jointly for every k and keeps the k minimising the ML fit's MDL criterion
    (:meth:`LocaliserNet.mdl_count`: the heatmap proposes, the likelihood ratio counts).
 7. **RELAX** (``model.detector_relax`` cycles, default 0; the entry's 1): after the rounds, before the count (or after
-   a given count's rounds), each kept source in turn is replaced by the network's strongest peak and, in a second try,
-   by the matched filter's maximum, both read on the snapshots with the other sources' fit removed; all refitted, a
-   move kept where the likelihood rises (:meth:`LocaliserNet.relax`: the ML fit's RELAX cycle,
-   :func:`workbench.ml_fit.ml_localise`'s ``relax_cycles``, with the network proposing too).
+   a given count's rounds), each kept source in turn is replaced by the network's strongest peak on the snapshots read
+   again given the other sources' fit and, in a second try, by the ML fit's likelihood pick given them
+   (:func:`workbench.ml_fit.likeliest_source`); all refitted, a move kept where the likelihood rises
+   (:meth:`LocaliserNet.relax`: the ML fit's RELAX cycle, :func:`workbench.ml_fit.ml_localise`'s ``relax_cycles``, with
+   the network proposing too).
 8. **A given count** (``count`` of :meth:`LocaliserNet.forward`, oracle knowledge: the true K for the RMSE peers report
    with K given): after the rounds above, more rounds add the residual's strongest peaks whatever their score until
    each scene has that many sources, and the strongest that many (by array SNR) are kept
@@ -348,9 +352,9 @@ class LocaliserNet(CovarianceNet):
     @torch.no_grad()
     def relax(self, y, H, codes, amp, atoms, keep, phi, theta, r) -> tuple[torch.Tensor, ...]:
         """``model.detector_relax`` RELAX cycles over the kept sources (module docstring, 7.): slot j of every scene
-        that has one, in turn, replaced by the strongest heatmap peak of the snapshots with the other kept sources' fit
-        removed (:meth:`residual`, then features, heatmap, decoding as a scene of its own), and in a second try by
-        those snapshots' matched-filter maximum; each try refitted (``model.refine_iters`` steps of
+        that has one, in turn, replaced by the strongest heatmap peak of the snapshots read again given the other kept
+        sources' fit (:meth:`reread`, then heatmap and decoding as a scene of its own), and in a second try by the ML
+        fit's likelihood pick given them (:func:`~workbench.ml_fit.likeliest_source`); each try refitted (``model.refine_iters`` steps of
         :func:`~workbench.ml_fit.ml_refine`) and kept where the negative log-likelihood drops by more than
         :data:`~workbench.ml_fit.RELAX_TOL`. The set's size does not change. keep [B,K_max] (the kept sources
         first), phi, theta, r [B,K_max]; atoms: :func:`detector_atoms` of H and the codes
@@ -388,9 +392,9 @@ class LocaliserNet(CovarianceNet):
     @torch.no_grad()
     def next_round(self, y, H, codes, amp, score, keep, phi, theta, r, power, noise_var, k_logits, atoms,
                    count=None) -> tuple[torch.Tensor, ...]:
-        """One more round of detection (``model.detector_rounds`` > 1; evaluation mode): the snapshots with the kept
-        sources' least-squares fit removed (exact steering atoms, per snapshot) are read as a scene of their own
-        (features, heatmap, decoding: sources the strong ones hid), the new peaks are appended after the kept sources
+        """One more round of detection (``model.detector_rounds`` > 1; evaluation mode): the snapshots given the kept
+        sources' fit (power [B,K_max] mW, noise_var [B]; :meth:`reread`) are read as a scene of their own (features,
+        heatmap, decoding: sources the strong ones hid), the new peaks are appended after the kept sources
         (up to K_max slots), and all are refined jointly and pruned again. count: [B] given counts (:meth:`decode`): the
         new peaks fill the kept sources up to it, whatever their score. Returns (score, keep, phi, theta, r, power,
         noise_var, k_logits) as :meth:`forward` uses them."""
