@@ -232,7 +232,7 @@ def ml_localise(
     Every k = 1..K_max (K given: 1..max(K) + 1) is fitted, nested, each from the previous; then each k-source
     fit is also restarted from the (k+1)-source fit without its weakest source (:func:`_prune_pass`). K given:
     ``relax_cycles`` > 0: that many cycles of :func:`_relax_pass` after the pruning pass (each source of every fit
-    re-picked given the others: the search fails a little less often, at about 3.5x the time per cycle; README,
+    re-picked given the others: the search fails a little less often, at about 3x the time per cycle; README,
     section 5). Each scene keeps its K-source fit (the true K is oracle knowledge). K = None: the one minimising
     MDL(k) = nll(k) + ``penalty`` (4k + 1), penalty default log(L) / 2 (Rissanen's 1/2 log n per real
     parameter with n = L independent snapshots) is kept (``criterion``).
