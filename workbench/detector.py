@@ -90,6 +90,12 @@ def detection_grid(system: SystemConfig, cfg: ModelConfig) -> Grid:
     return Grid.default(system, step_deg=cfg.detector_step_deg, n_r=cfg.detector_n_r)
 
 
+def _h_mean_square(H: torch.Tensor) -> torch.Tensor:
+    """The mean square of each scene's H [B,M,N], [B,1] float64: a power in mW times it is in the units of
+    :func:`detector_atoms`' G (H normalised by its RMS)."""
+    return H.abs().square().mean((1, 2)).clamp_min(1e-30).to(torch.float64)[:, None]
+
+
 @torch.no_grad()
 def detector_atoms(system: SystemConfig, grid: Grid, H: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What the features need of a scene's channel and codes alone (not of y), so several rounds share it: G [B,L,M,N]
@@ -342,10 +348,9 @@ class LocaliserNet(CovarianceNet):
         the codes. Returns [B,N_FEATURES,P,T,Q] as :meth:`features`."""
         if self.cfg.detector_reread == "project":
             return self.features(self.residual(y, H, codes, phi, theta, r, keep), H, codes, atoms)
-        G = atoms[0]  # H normalised by its RMS: the powers scale by its mean square
-        h2 = H.abs().square().mean((1, 2)).clamp_min(1e-30).to(torch.float64)[:, None]
+        G = atoms[0]
         b = likelihood_atoms(self.system, G, phi.double(), theta.double(), torch.where(keep, r, 1.0).double()) * keep[:, None, :, None]
-        Gw, yw = whiten(G, y, b, power.double() * h2 * keep, noise_var.double())
+        Gw, yw = whiten(G, y, b, power.double() * _h_mean_square(H) * keep, noise_var.double())
         Gw = Gw.to(torch.complex64)
         return self.features(yw, H, codes, (Gw, atom_norms(self.system, self.grid, Gw)))
 
@@ -375,10 +380,10 @@ class LocaliserNet(CovarianceNet):
                 others[:, j] = False
                 feats = self.reread(y, H, codes, atoms, phi, theta, r, others, power, noise_var)
                 _, _, p2, t2, r2, _ = self.decode(self.heatmap(feats, amp), one)
-                # the network's strongest peak, and the ML fit's pick given the others (H's RMS scales the powers to G's units)
-                h2 = H.abs().square().mean((1, 2)).clamp_min(1e-30).to(power.dtype)[:, None]
+                # the network's strongest peak, and the ML fit's pick given the others
                 cands = [(p2[:, 0], t2[:, 0], r2[:, 0]),
-                         likeliest_source(self.system, self.grid, *atoms, y, phi, theta, r, power * h2, noise_var, others)[1:4]]
+                         likeliest_source(self.system, self.grid, *atoms, y, phi, theta, r, power * _h_mean_square(H), noise_var,
+                                          others)[1:4]]
                 slot = has[:, None] & (torch.arange(keep.shape[1], device=keep.device) == j)  # [B,K_max]
                 for cp, ct, cr in cands:
                     tried = [torch.where(slot, v[:, None].to(u.dtype), u) for u, v in ((phi, cp), (theta, ct), (r, cr))]
