@@ -408,23 +408,19 @@ def test_the_mdl_count_keeps_the_sources_and_drops_a_spurious_detection():
         _cfg(**{"model.detector_count": "mdl", "model.refine_iters": 0})
 
 
-def test_the_benchmark_times_a_decoding_it_is_given(capsys):
+def test_the_benchmark_times_a_decoding_it_is_given(capsys, monkeypatch):
     """benchmarks/bench_localiser.py --decoding FIELD VALUE sets a decoding field (here the faster decoding without
     RELAX) and says so; a field that is not a decoding one is refused by name."""
     import importlib.util
-    import sys
     from pathlib import Path
 
     bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
-    sys.path.insert(0, str(bench_dir))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_localiser", bench_dir / "bench_localiser.py")
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-        bench.main(["--scenes", "8", "--batches", "8", "--repeats", "1", "--device", "cpu", "--threads", "1", "--decoding", "detector_relax", "0"])
-        out = capsys.readouterr().out
-        assert "set: detector_relax 0" in out and "| learned localiser |" in out and "| ML fit + RELAX (MDL) |" in out
-        with pytest.raises(ConfigError, match="width"):
-            bench.main(["--quick", "--device", "cpu", "--decoding", "width", "8"])
-    finally:
-        sys.path.remove(str(bench_dir))
+    monkeypatch.syspath_prepend(str(bench_dir))  # its `timing` helper
+    spec = importlib.util.spec_from_file_location("bench_localiser", bench_dir / "bench_localiser.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--scenes", "8", "--batches", "8", "--repeats", "1", "--device", "cpu", "--threads", "1", "--decoding", "detector_relax", "0"])
+    out = capsys.readouterr().out
+    assert "set: detector_relax 0" in out and "| learned localiser |" in out and "| ML fit + RELAX (MDL) |" in out
+    with pytest.raises(ConfigError, match="width"):
+        bench.main(["--quick", "--device", "cpu", "--decoding", "width", "8"])

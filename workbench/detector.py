@@ -371,6 +371,7 @@ class LocaliserNet(CovarianceNet):
         phi, theta, r = (torch.where(keep, u.float(), v) for u, v in zip(fit[:3], (phi, theta, r)))
         power, noise_var = fit[3], fit[4]
         one = torch.ones(len(y), dtype=torch.int64, device=y.device)
+        to_g = _h_mean_square(H)  # mW -> the units of the detector atoms' G
         for _ in range(self.cfg.detector_relax):
             for j in range(int(keep.sum(1).max())):
                 has = keep[:, j] & (keep.sum(1) > 1)  # a lone source's residual is y itself: nothing to re-read
@@ -382,8 +383,7 @@ class LocaliserNet(CovarianceNet):
                 _, _, p2, t2, r2, _ = self.decode(self.heatmap(feats, amp), one)
                 # the network's strongest peak, and the ML fit's pick given the others
                 cands = [(p2[:, 0], t2[:, 0], r2[:, 0]),
-                         likeliest_source(self.system, self.grid, *atoms, y, phi, theta, r, power * _h_mean_square(H), noise_var,
-                                          others)[1:4]]
+                         likeliest_source(self.system, self.grid, *atoms, y, phi, theta, r, power * to_g, noise_var, others)[1:4]]
                 slot = has[:, None] & (torch.arange(keep.shape[1], device=keep.device) == j)  # [B,K_max]
                 for cp, ct, cr in cands:
                     tried = [torch.where(slot, v[:, None].to(u.dtype), u) for u, v in ((phi, cp), (theta, ct), (r, cr))]
