@@ -78,7 +78,8 @@ def gain_scan(system: SystemConfig, grid: Grid, G: torch.Tensor, norm2: torch.Te
     atoms are nearly collinear, as they are when H is close to rank one (a Rician LoS channel); the model's inverse
     removes only what the fitted powers explain."""
     s2 = noise_var.to(torch.float64)[:, None, None]
-    explained = sum(_snapshot_power(system, grid, G, E[..., k]) for k in range(E.shape[-1])) if E.shape[-1] else 0.0
+    # sum_k |e_lk^H G_l a_g|^2: the atom norms of the K rows of E_l^H G_l
+    explained = atom_norms(system, grid, E.mH @ G.to(E.dtype)) if E.shape[-1] else 0.0
     w = ((norm2 - explained) / s2.float()).clamp_min(torch.finfo(norm2.dtype).tiny)
     q = _snapshot_power(system, grid, G, r / s2.sqrt()) / s2.float()
     p0 = ((q - w).sum(1) / w.square().sum(1)).clamp_min(torch.finfo(w.dtype).tiny)
