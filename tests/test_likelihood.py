@@ -353,3 +353,21 @@ def test_the_bound_depends_on_the_steering_model_off_broadside():
         out[model] = float(torch.linalg.inv(F[keep][:, keep])[1, 1].sqrt())
     assert out["separable"] < out["exact"] / 2 and out["separable"] < out["fresnel"] / 2, out
     assert 0.5 < out["fresnel"] / out["exact"] < 2.0, out
+
+
+def test_the_mdl_penalty_pays_for_the_likeliest_spurious_source_on_the_grid():
+    """One-source scenes at 20 dB (8 x 8 RIS, L = 16) fitted with up to two sources: the second is spurious, placed
+    where it raises the likelihood most over the grid, so its nll drop is a maximum over many locations, not chi2_4 / 2
+    (median 1.68 nats) as for one fixed location. Rissanen's 1/2 log(L) per real parameter (4 log(L) / 2 = 5.5 nats a
+    source) would count it in several scenes; the default penalty (:data:`ml_fit.MDL_SCALE` times that) in almost none,
+    and MDL keeps the count of the fit whose criterion is lowest."""
+    system = SystemConfig(N_H=8, N_V=8, K_min=1, K_max=2, snr_db_min=20.0, snr_db_max=20.0)
+    batch = simulate(system.replace(K_max=1), 128, seed=11)
+    fit = MF.ml_fit_for(batch, system)
+    drop = fit.levels["nll"][:, 0] - fit.levels["nll"][:, 1]  # the spurious source's gain in nats, [B]
+    assert drop.median() > 2.0, drop.median()  # the look-elsewhere effect: chi2_4 / 2 would give 1.68
+    rissanen = 0.5 * math.log(system.L)
+    over_rissanen = (drop > 4 * rissanen).float().mean().item()
+    over = (fit.loc.K > 1).float().mean().item()
+    assert torch.equal(fit.loc.K > 1, drop > 4 * MF.mdl_penalty(system))  # MDL between two nested fits
+    assert over <= 0.03 and over_rissanen >= 0.05 and over_rissanen > 2 * over, (over, over_rissanen)

@@ -264,7 +264,7 @@ class LocaliserNet(CovarianceNet):
     def prune(self, H, codes, score, keep, phi, theta, r, power, noise_var, k_logits, counted: bool = False) -> tuple[torch.Tensor, ...]:
         """Drop refined sources the snapshots do not support: a per-snapshot SNR p_k mean_l ||G_l a_k||^2 / sigma^2
         below ``model.detector_min_snr_db`` (default 0 dB: a source of SNR s raises the log-likelihood by about
-        L (s - log(1 + s)), which pays the ML fit's MDL penalty of 4 log(L) / 2 for s >= ~1 at L = 16), and the
+        L (s - log(1 + s)), which pays the ML fit's MDL penalty of 4 x 1.5 log(L) / 2 for s >= ~1.4 at L = 16), and the
         weaker of two sources refined to within half a grid cell of each other (two peaks on one source); the strongest
         source always stays. The slots are reordered so the kept sources come first, in heatmap order, and the count's
         logits follow (a dropped peak's log-odds set to -30). H [B,M,N], codes [B,L,N]; the rest as :meth:`decode` and
