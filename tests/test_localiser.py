@@ -12,7 +12,9 @@ from workbench.detector import PAD_SHARE, Detection, LocaliserNet, detection_gri
 from workbench.experiments import VARIANTS, entry_config
 from workbench.forward import forward, rsamp_cache
 from workbench.grid import Grid
+from workbench.likelihood import crb_for
 from workbench.losses import compute_losses, detection_loss
+from workbench.metrics import score_sources
 from workbench.ml_fit import ml_refine
 from workbench.model import build_model
 from workbench.physics import SceneBatch, simulate
@@ -73,10 +75,10 @@ def test_outputs_have_documented_shapes_units_and_ranges(setup):
     torch.testing.assert_close(pad, torch.full_like(pad, N * PAD_SHARE), rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("reread", ["project", "whiten"])
-def test_no_oracle_field_is_read(setup, reread):
+@pytest.mark.parametrize("reread,picks", [("project", "network"), ("whiten", "network"), ("project", "network+likelihood")])
+def test_no_oracle_field_is_read(setup, reread, picks):
     cfg, batch, model = setup
-    model.set_decoding(detector_reread=reread)
+    model.set_decoding(detector_reread=reread, detector_round_picks=picks)
     R_samp = rsamp_cache(batch).rsamp_of(cfg)
     clean = _run(model, batch, cfg, R_samp).out
     nan = float("nan")
@@ -92,7 +94,7 @@ def test_no_oracle_field_is_read(setup, reread):
     for name in ("K", "phi", "theta", "r", "power", "mask", "score", "noise_var"):
         assert torch.equal(getattr(dirty.sources, name), getattr(clean.sources, name)), name
     assert torch.equal(dirty.detection.logits, clean.detection.logits)
-    model.set_decoding(detector_reread=cfg.model.detector_reread)
+    model.set_decoding(detector_reread=cfg.model.detector_reread, detector_round_picks=cfg.model.detector_round_picks)
 
 
 def test_the_rounds_reread_the_snapshots_given_the_kept_sources_fit():
@@ -424,3 +426,44 @@ def test_the_benchmark_times_a_decoding_it_is_given(capsys, monkeypatch):
     assert "set: detector_relax 0" in out and "| learned localiser |" in out and "| ML fit + RELAX (MDL) |" in out
     with pytest.raises(ConfigError, match="width"):
         bench.main(["--quick", "--device", "cpu", "--decoding", "width", "8"])
+
+
+def _peak_at(model, b, k, monkeypatch):
+    """The model's heatmap replaced by one that peaks at true source k's cell of every scene, whatever it reads."""
+    grid = model.grid
+    cell = grid.fractional_index(b.phi[:, k], b.theta[:, k], b.r[:, k]).round().long()
+    cell = torch.minimum(cell.clamp_min(0), torch.tensor(grid.shape) - 1)
+    logits = torch.full((len(b), *grid.shape), -10.0)
+    logits[torch.arange(len(b)), cell[:, 0], cell[:, 1], cell[:, 2]] = 10.0
+    monkeypatch.setattr(model, "heatmap", lambda feats, amp=False: Detection(logits, torch.zeros(len(b), 3, *grid.shape), grid, feats))
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_round_likelihood_picks_find_what_the_network_misses_and_pay_for_themselves(K, monkeypatch):
+    """model.detector_round_picks: with a network that only ever sees source 0, the later rounds of "network" find
+    nothing new, so two-source scenes keep one source; "network+likelihood" also proposes the ML fit's likelihood pick
+    given the kept fit and finds source 1 in every scene. In one-source scenes that pick is spurious and is proposed only
+    where its likelihood gain would pay MDL's price of one source: it adds no source to any scene (no SNR floor, a
+    threshold count: nothing else would drop it)."""
+    cfg = _cfg(**{"system.K_min": K, "system.snr_db_min": 30.0, "system.snr_db_max": 30.0, "model.detector_rounds": 2,
+                  "model.detector_count": "threshold", "model.detector_relax": 0, "model.detector_min_snr_db": -30.0,
+                  "model.refine_iters": 10})
+    b = simulate(cfg.system.replace(K_max=K), 6, seed=7)  # K sources in every scene
+    hits, counts = {}, {}
+    for picks in ("network", "network+likelihood"):
+        model = build_model(cfg.system, cfg.model, seed=1).eval()
+        model.set_decoding(detector_round_picks=picks)
+        _peak_at(model, b, 0, monkeypatch)
+        with torch.no_grad():
+            src = model(b.y, b.H, b.codes).sources
+        if K == 1:
+            counts[picks] = src.K
+        else:
+            hits[picks] = score_sources(src.phi, src.theta, src.r, src.mask, b.phi, b.theta, b.r, b.mask,
+                                        crb_for(b, cfg.system)).n_hit
+    if K == 1:  # the network's own duplicate peak may refine into a spurious source; the likelihood adds none
+        assert torch.equal(counts["network+likelihood"], counts["network"]), counts
+    else:
+        assert (hits["network"] <= 1).all() and (hits["network+likelihood"] == 2).all(), hits
+    with pytest.raises(ConfigError, match="detector_round_picks"):
+        _cfg(**{"model.detector_round_picks": "likelihood"})

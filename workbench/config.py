@@ -27,6 +27,7 @@ SUBSPACE_BACKENDS = ("eigh", "detach", "lorentzian", "safe")
 DEVICES = ("auto", "cpu", "cuda")
 DETECTOR_COUNTS = ("threshold", "mdl")  # model.detector_count: how the learned localiser counts (workbench/detector.py)
 DETECTOR_REREADS = ("project", "whiten")  # model.detector_reread: how its later rounds see what the kept sources left
+DETECTOR_ROUND_PICKS = ("network", "network+likelihood")  # model.detector_round_picks: who proposes in its later rounds
 MODEL_HEADS = ("factor", "physics", "detector")  # model.head: workbench/model.py (factor, physics), workbench/detector.py
 STEERING_MODELS = ("exact", "fresnel", "separable")  # physics.steering: the spherical wave and its two approximations
 MIN_CHANNEL_GAIN = 1e-16  # smallest BS-RIS path gain: beamscan fails from ~1e-19 on (|H|^4 below float32's range)
@@ -327,12 +328,16 @@ class ModelConfig(ConfigBase):
     # the count: "threshold" keeps what the rules above keep; "mdl" then chooses, among those ordered by SNR, the number
     # minimising the ML fit's MDL criterion over nested refits (needs refine_iters >= 1)
     detector_count: str = field(default="threshold", metadata=_choice(*DETECTOR_COUNTS))
-    # RELAX cycles after the count (needs refine_iters >= 1): each source in turn replaced by the network's strongest
-    # peak on the snapshots with the others' fit removed, kept where the likelihood rises
+    # RELAX cycles before the count (needs refine_iters >= 1): each source in turn replaced by the network's strongest
+    # peak on the snapshots with the others' fit removed, or by the ML fit's likelihood pick given the others, kept where
+    # the likelihood rises
     detector_relax: int = field(default=0, metadata=_num(0, 8))
     # how the later rounds and RELAX re-read the snapshots given the kept sources' fit: "project" their atoms out of every
     # snapshot; "whiten" by the fit's covariance (what one more source adds to the likelihood; workbench/detector.py, 5.)
     detector_reread: str = field(default="project", metadata=_choice(*DETECTOR_REREADS))
+    # who proposes new sources in the later rounds: "network", its peaks on the re-read snapshots; "network+likelihood",
+    # also the ML fit's likelihood pick given the kept sources' fit (workbench/detector.py, 5.)
+    detector_round_picks: str = field(default="network", metadata=_choice(*DETECTOR_ROUND_PICKS))
 
     def _check_relations(self) -> None:
         if self.detector_count == "mdl" and self.refine_iters < 1:

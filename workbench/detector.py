@@ -34,6 +34,9 @@ Design (README, section 5 "The learned localiser"):
    "project" removes the kept sources' least-squares fit from every snapshot; "whiten" reads the snapshots and
    measurement matrices in the coordinates where the kept sources' fitted covariance is white (measured on the dev
    split: neither better at both SNRs with a network trained on whole scenes; README, section 5).
+   ``model.detector_round_picks`` = "network+likelihood" also proposes, in every such round, the ML fit's likelihood
+   pick given the kept sources' fit (:func:`workbench.ml_fit.likeliest_source`), which sees weak sources that the
+   re-read maps hide beside strong ones (the channel is nearly rank one).
 
 6. **The count** (``model.detector_count``): "threshold" keeps what 3.-5. keep; "mdl" orders those by array SNR, refits
    the first k jointly for every k and keeps the k minimising the ML fit's MDL criterion
@@ -75,7 +78,7 @@ from .physics import measurement_matrices, source_covariance, steering
 
 # model fields outside the weights: a trained model's decoding (LocaliserNet.set_decoding)
 DECODING_FIELDS = ("detector_threshold", "detector_min_snr_db", "detector_rounds", "refine_iters", "detector_count", "detector_relax",
-                   "detector_reread")
+                   "detector_reread", "detector_round_picks")
 N_FEATURES = 2  # feature maps per cell: the matched filter, and the same after one matching-pursuit step
 HEAT_PRIOR = 0.01  # the heatmap's initial probability per cell (the bias of its last layer)
 # the share of the trace the factor A gives each slot that is not a source (the next peaks): R_pred keeps rank K_max, so
@@ -400,12 +403,24 @@ class LocaliserNet(CovarianceNet):
         """One more round of detection (``model.detector_rounds`` > 1; evaluation mode): the snapshots given the kept
         sources' fit (power [B,K_max] mW, noise_var [B]; :meth:`reread`) are read as a scene of their own (features,
         heatmap, decoding: sources the strong ones hid), the new peaks are appended after the kept sources
-        (up to K_max slots), and all are refined jointly and pruned again. count: [B] given counts (:meth:`decode`): the
+        (up to K_max slots; with ``model.detector_round_picks`` = "network+likelihood" and no given count, the ML fit's
+        likelihood pick given the kept fit first, where its gain before refinement would pay one source's MDL price),
+        and all are refined jointly and pruned again. count: [B] given counts (:meth:`decode`): the
         new peaks fill the kept sources up to it, whatever their score. Returns (score, keep, phi, theta, r, power,
         noise_var, k_logits) as :meth:`forward` uses them."""
         need = None if count is None else (count - keep.sum(1)).clamp_min(0)
         feats = self.reread(y, H, codes, atoms, phi, theta, r, keep, power, noise_var)
         score2, keep2, phi2, theta2, r2, logits2 = self.decode(self.heatmap(feats, amp), need)
+        if count is None and self.cfg.detector_round_picks == "network+likelihood":
+            # the likelihood pick given the kept fit, first among the new candidates, scored at the threshold (log-odds 0)
+            _, lp, lt, lr, _, gain = likeliest_source(self.system, self.grid, *atoms, y, phi, theta, r, power * _h_mean_square(H),
+                                                      noise_var, keep, with_gain=True)
+            pays = gain > 4 * mdl_penalty(self.system)  # it would pay MDL's price of one source before any refinement
+            first = lambda u, v: torch.cat([v[:, None].to(u.dtype), u[:, :-1]], 1)  # noqa: E731
+            phi2, theta2, r2 = first(phi2, lp), first(theta2, lt), first(r2, lr)
+            score2 = first(score2, torch.full_like(score2[:, 0], self.cfg.detector_threshold + 1e-6))
+            keep2 = first(keep2, pays)
+            logits2 = torch.cat([torch.zeros_like(logits2[:, :1]), logits2[:, :-1]], 1)
         gain = lambda k: torch.diff(k, dim=1, prepend=torch.zeros_like(k[:, :1]))  # noqa: E731
         cat = lambda u, v: torch.cat([u, v], 1)  # noqa: E731
         both = cat(keep, keep2 if count is not None else keep2 & (score2 > self.cfg.detector_threshold))

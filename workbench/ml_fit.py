@@ -171,19 +171,22 @@ def _scoring_step(system: SystemConfig, G, y, u, mask, lo, hi, mu, limit, tol: f
             torch.where(ok, mu * 0.3, mu * 10.0).clamp(1e-9, 1e9), done)
 
 
-def likeliest_source(system: SystemConfig, grid: Grid, G, norm2, y, phi, theta, r, power, noise_var, mask) -> tuple[torch.Tensor, ...]:
+def likeliest_source(system: SystemConfig, grid: Grid, G, norm2, y, phi, theta, r, power, noise_var, mask,
+                     with_gain: bool = False) -> tuple[torch.Tensor, ...]:
     """The grid point where one more source raises the likelihood of a fit most, and that source's power: G [B,L,M,N],
     norm2 [B,L,P*T*Q] its atom norms on ``grid`` (:func:`atom_norms`), y [B,L,M]; the fit's phi, theta, r, power [B,K]
     (rad, m; sources where mask [B,K] is False take no part) and noise_var [B], in the units of y and G. The fit's
     inverse covariance in low-rank form (:func:`~workbench.likelihood.inverse_factor`), then
     :func:`~workbench.matched_filter.gain_scan`'s maximum. Returns (idx [B,3] into ``grid``, phi, theta, r [B] its
-    coordinates, power [B] float64)."""
+    coordinates, power [B] float64), and with ``with_gain`` the log-likelihood gain [B] (nats, float32) at that point and
+    power, before any refinement."""
     b = atoms(system, G, phi, theta, torch.where(mask, r, 1.0)) * mask[:, None, :, None]
     E, rest = inverse_factor(b, power * mask, noise_var, y)
     gain, p_new = gain_scan(system, grid, G, norm2, E, rest, noise_var)
     flat = gain.argmax(-1)
     idx = grid.unravel(flat)
-    return (idx, *grid.coords(idx), p_new.gather(1, flat[:, None])[:, 0].to(torch.float64))
+    out = (idx, *grid.coords(idx), p_new.gather(1, flat[:, None])[:, 0].to(torch.float64))
+    return (*out, gain.gather(1, flat[:, None])[:, 0]) if with_gain else out
 
 
 def _start_source(system, grid, G, y, norm2, u: torch.Tensor | None, mask) -> tuple[torch.Tensor, ...]:
