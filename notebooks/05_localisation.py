@@ -35,12 +35,14 @@
 # the K largest local maxima then takes a sidelobe as the K-th source (10-100° errors on exact R_true). MUSIC here
 # finds one source per scan and projects it out before the next (RAP-MUSIC), which resolves them.
 #
-# **Time.** About 58 s with the defaults on a quiet 2-core CPU (57.0 and 58.6 s through `workbench report --only 05`,
-# 53.3 s within `make report`, 2026-12-06, after the ML fit's likelihood picks; 49-57 s before them), the networks
-# trained here first; `localiser` (trained here on the same 128 scenes, localised at every SNR, then run on the
-# highest SNR's scenes beside two more ML fits) is about 12 s of it, and `localiser = False` leaves it out. The MUSIC
-# refinements of every source take most of the rest. `n_per_snr`, `N_side` and the number of presets are the big
-# knobs.
+# **Time.** About 45 s with the defaults on a quiet 2-core CPU (44.9 and 46.2 s through `workbench report --only 05`,
+# the networks trained here first; 38.1 s within `make report`, which reuses notebook 04's networks; 2026-12-06). It
+# was 60.8 s alone with five presets and the MUSIC refinement's Hessian by autograd: the default presets are now the
+# three that tell the story (before any fix, after all of the seed's fixes, the workbench's recommendation; seed_fix1
+# and seed_fix2 add about 6 s each), and the refinement's derivatives are in closed form. `localiser` (trained here on
+# the same 128 scenes, localised at every SNR, then run on the highest SNR's scenes beside two more ML fits) is about
+# 12 s of it, and `localiser = False` leaves it out. The MUSIC refinements of every source take most of the rest.
+# `n_per_snr`, `N_side` and the number of presets are the big knobs.
 
 # %% tags=["parameters"]
 method: str = "music"  # music | mvdr
@@ -49,7 +51,7 @@ n_per_snr: int = 8  # scenes per SNR
 estimators: str = "seed,beamscan"  # R_samp estimators: seed | ls_scatter | covariance_matching | beamscan | beamscan_est
 physics_baseline: bool = True  # localise from the maximum-likelihood fit on the snapshots (physics[ML])
 use_true_k: bool = True  # localise with the true K (oracle); else each source's own count
-presets: str = "seed_before,seed_fix1,seed_fix2,seed_fix3,recommended"  # trained networks to localise from
+presets: str = "seed_before,seed_fix3,recommended"  # trained networks to localise from (also seed_fix1, seed_fix2: ~6 s each)
 localiser: bool = True  # also the learned localiser (the `localiser` entry: heatmap + likelihood refinement)
 localiser_run: str = ""  # its run folder, trained with a bigger budget ("": train it here with the sizes below)
 blend: bool = False  # also localise from each network's R_blend (doubles the networks' cost)

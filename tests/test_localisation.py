@@ -482,3 +482,32 @@ def test_the_batched_hessian_equals_the_row_by_row_one():
     for b in range(3):
         ref = torch.autograd.functional.hessian(lambda v, Fb=F[b:b + 1]: _objective(Fb, s, v, scale, "music").sum(), u[b:b + 1])
         torch.testing.assert_close(H[b, 0], ref.reshape(3, 3), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("model", STEERING_MODELS)
+def test_the_refinement_objective_derivatives_are_autograds(model):
+    """refine_peaks' gradient and Hessian in closed form (:func:`localisation._objective_derivatives`) equal autograd's
+    double backward through the objective, for MUSIC, RAP-MUSIC (with found vectors Q, including a slot on a found
+    vector, where the correlation is 0 with zero derivatives) and MVDR, under every steering model."""
+    system = SystemConfig(N_H=6, N_V=5, steering_model=model)
+    scale = Grid.default(system).steps()
+    g = torch.Generator().manual_seed(2)
+    B, Kp, N = 3, 2, system.N
+    F = torch.linalg.qr(torch.randn(B, N, 3, dtype=torch.complex128, generator=g))[0]
+    x = torch.stack([torch.rand(B, Kp, generator=g) - 0.5, torch.rand(B, Kp, generator=g) - 0.5,
+                     torch.rand(B, Kp, generator=g) * 0.5 + 0.2], -1).double()
+    found = steering(system, x[:, 0, 0], x[:, 0, 1], 1.0 / x[:, 0, 2])[..., None]  # slot 0 sits on a found vector
+    Q = torch.cat([found, torch.linalg.qr(torch.randn(B, N, 1, dtype=torch.complex128, generator=g))[0] * 0.3], -1)
+    u = x / scale
+    for method, QQ in (("music", None), ("music", Q), ("mvdr", None)):
+        uu = u.clone().requires_grad_(True)
+        f = E._objective(F, system, uu, scale, method, QQ)
+        (grad,) = torch.autograd.grad(f.sum(), uu, create_graph=True)
+        hess = E._hessian_rows(grad, uu)
+        f2, g2, h2 = E._objective_derivatives(F, system, u, scale, method, QQ)
+        torch.testing.assert_close(f2, f.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(g2, grad.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(h2, hess, rtol=1e-10, atol=1e-12)
+        if QQ is not None:
+            assert (f2[:, 0] == 1.0).all() and (g2[:, 0] == 0).all() and (h2[:, 0] == 0).all()
+            assert (g2[:, 1] != 0).any()

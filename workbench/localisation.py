@@ -25,7 +25,7 @@ import torch.nn.functional as nnf
 from .checks import check_covariance, check_K
 from .config import STEERING_MODELS, ConfigError, SystemConfig, check_choice
 from .grid import Grid
-from .physics import steering
+from .physics import steering, steering_derivatives
 
 METHODS = ("music", "mvdr")
 COUNT_METHODS = ("mdl", "aic")
@@ -163,6 +163,48 @@ def _quadratic_at(F: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(torch.einsum("bnj,bkn->bkj", F.conj(), a)).square().sum((-1, -2))
 
 
+def _quadratic_derivatives(F: torch.Tensor, a, da, d2a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q = sum_j |f_j^H a|^2 and its gradient and Hessian from a vector's derivatives: F [B,N,J], a [B,Kp,N],
+    da [B,Kp,P,N], d2a [B,Kp,P,P,N] -> q [B,Kp], dq [B,Kp,P], d2q [B,Kp,P,P] real (dq_i = 2 Re v^H v_i,
+    d2q_ij = 2 Re (v_j^H v_i + v^H v_ij) with v = F^H a)."""
+    Fc = F.conj()
+    v = torch.einsum("bnj,bkn->bkj", Fc, a)
+    vi = torch.einsum("bnj,bkpn->bkpj", Fc, da)
+    vij = torch.einsum("bnj,bkpqn->bkpqj", Fc, d2a)
+    q = torch.view_as_real(v).square().sum((-1, -2))
+    dq = 2 * (v.conj()[:, :, None] * vi).real.sum(-1)
+    d2q = 2 * ((vi.conj()[:, :, None] * vi[:, :, :, None]).real.sum(-1) + (v.conj()[:, :, None, None] * vij).real.sum(-1))
+    return q, dq, d2q
+
+
+def _objective_derivatives(F: torch.Tensor, system: SystemConfig, u: torch.Tensor, scale: torch.Tensor, method: str,
+                           Q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_objective` at u [B,Kp,3] with its gradient [B,Kp,3] and Hessian [B,Kp,3,3] in u, in closed form
+    (:func:`~workbench.physics.steering_derivatives`; what autograd's double backward gives, without its cost). With
+    ``Q`` the RAP-MUSIC ratio q / (1 - t) by the quotient rule, zero with zero derivatives where
+    :func:`_rap_correlation` gives 0 or clamps, as autograd would."""
+    x = u * scale
+    a, da, d2a = steering_derivatives(system, x[..., 0], x[..., 1], x[..., 2])
+    da = da * scale[:, None].to(da.dtype)  # d/du = scale d/dx
+    d2a = d2a * (scale[:, None] * scale[None, :])[..., None].to(d2a.dtype)
+    q, dq, d2q = _quadratic_derivatives(F, a, da, d2a)
+    if Q is not None:
+        t, dt, d2t = _quadratic_derivatives(Q, a, da, d2a)
+        res = 1.0 - t
+        ok = res > RAP_MIN_RESIDUAL
+        res = torch.where(ok, res, torch.ones_like(res))
+        rho = q / res
+        # d(q / res) with d res = -dt: (dq + rho dt) / res, and its derivative again
+        drho = (dq + rho[..., None] * dt) / res[..., None]
+        d2rho = (d2q + drho[..., :, None] * dt[..., None, :] + drho[..., None, :] * dt[..., :, None]
+                 + rho[..., None, None] * d2t) / res[..., None, None]
+        inside = ok & (rho >= 0.0) & (rho <= 1.0)  # where the clamp passes the gradient
+        q = torch.where(ok, rho, torch.zeros_like(rho)).clamp(0.0, 1.0)
+        dq = torch.where(inside[..., None], drho, torch.zeros_like(drho))
+        d2q = torch.where(inside[..., None, None], d2rho, torch.zeros_like(d2rho))
+    return (1.0 - q, -dq, -d2q) if method == "music" else (q, dq, d2q)
+
+
 def _hessian_rows(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """d g_i / d u_j [..., P, P] (detached) of a gradient g [..., P] built with ``create_graph`` from u [..., P], each
     batch row depending on its own u only: one batched double backward (``is_grads_batched``) instead of P passes."""
@@ -180,12 +222,13 @@ def refine_peaks(
 
     F [B,N,J] from the spectrum's eigen-decomposition; phi, theta, r [B,Kp] start points (grid peaks);
     ``Q`` [B,N,J'] the orthonormalised steering vectors found before (RAP-MUSIC's objective, see :func:`_objective`).
-    Works in (phi, theta, 1/r) scaled by the grid steps, float64, with the gradient and Hessian by
-    autograd through ``steering``; a step is at most one grid cell, is kept only when it lowers the
-    denominator, and stays inside the field of view. At most ``iters`` steps, fewer once every slot's step
-    changes the denominator by less than 1e-9 relative (converged) or its damping is at the cap. Two sources
-    in one grid peak leave a long curved valley in the denominator: 10 steps were measured too few there
-    (0.4-1.6 deg errors on 2 of 12 such pairs), 30 enough. Returns refined (phi, theta, r) [B,Kp] float64."""
+    Works in (phi, theta, 1/r) scaled by the grid steps, float64, with the gradient and Hessian in closed form
+    (:func:`_objective_derivatives`: autograd's double backward here took 22 of notebook 05's 47 s under a profiler); a
+    step is at most one grid cell, is kept only when it lowers the denominator, and stays inside the field of view.
+    At most ``iters`` steps, fewer once every slot's step changes the denominator by less than 1e-9 relative
+    (converged) or its damping is at the cap. Two sources in one grid peak leave a long curved valley in the
+    denominator: 10 steps were measured too few there (0.4-1.6 deg errors on 2 of 12 such pairs), 30 enough.
+    Returns refined (phi, theta, r) [B,Kp] float64."""
     dev = F.device
     F = F.to(torch.complex128)
     scale = grid.steps().to(dev)
@@ -197,11 +240,7 @@ def refine_peaks(
     eye = torch.eye(3, dtype=torch.float64, device=dev)
     mu = torch.full(u.shape[:-1], 1e-3, dtype=torch.float64, device=dev)
     for _ in range(iters):
-        uu = u.detach().requires_grad_(True)
-        f = _objective(F, system, uu, scale, method, Q)
-        (g,) = torch.autograd.grad(f.sum(), uu, create_graph=True)
-        Hs = _hessian_rows(g, uu)
-        g, f = g.detach(), f.detach()
+        f, g, Hs = _objective_derivatives(F, system, u, scale, method, Q)
         damp = mu * Hs.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-30)
         step = -torch.linalg.solve(Hs + damp[..., None, None] * eye, g[..., None])[..., 0]
         step = torch.nan_to_num(step) / step.norm(dim=-1, keepdim=True).clamp_min(1.0)

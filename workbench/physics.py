@@ -1,6 +1,7 @@
 """The simulated RIS measurement model: geometry, the one steering function, codebook, channel, ``simulate``.
 
-Owns: element positions, :func:`steering` (the spherical wave and its two approximations), the RIS codebook, the
+Owns: element positions, :func:`steering` (the spherical wave and its two approximations) and its closed-form
+derivatives (:func:`steering_derivatives`), the RIS codebook, the
 BS-RIS channel, the snapshots of a scene and :func:`scene_seed`. Must not: estimate, localise or train.
 
 Geometry: an N_H x N_V uniform planar RIS in the x-z plane, centred at the origin, element spacing d.
@@ -64,19 +65,69 @@ def steering(system: SystemConfig, phi: torch.Tensor, theta: torch.Tensor, r: to
     r = torch.as_tensor(r, dtype=phi.dtype, device=phi.device)
     x, z = element_positions(system, dtype=phi.dtype, device=phi.device)
     phi, theta, r = (t[..., None] for t in torch.broadcast_tensors(phi, theta, r))
-    along = torch.sin(theta)
-    pu = x * torch.sin(phi) * torch.cos(theta) + z * along  # p.u
-    pp = x * x + z * z  # |p|^2
-    inv_r = 1.0 / r
+    pu = x * torch.sin(phi) * torch.cos(theta) + z * torch.sin(theta)  # p.u
+    phase = _phase(model, pu, x * x + z * z, 1.0 / r)
+    return torch.polar(torch.full_like(phase, 1.0 / math.sqrt(system.N)), system.k0 * phase)
+
+
+def _phase(model: str, pu: torch.Tensor, pp: torch.Tensor, inv_r: torch.Tensor) -> torch.Tensor:
+    """The steering phase over k0 (metres) from p.u, |p|^2 and 1/r (broadcast), by steering model (module docstring)."""
     if model == "exact":
         # k0 (r - |r u - p|) = k0 (2 p.u - |p|^2 / r) / (1 + sqrt(1 - 2 p.u / r + |p|^2 / r^2)): no cancellation at large r,
         # and the planar k0 p.u at r = inf
-        phase = (2 * pu - pp * inv_r) / (1 + torch.sqrt(1 - 2 * pu * inv_r + pp * inv_r * inv_r))
+        return (2 * pu - pp * inv_r) / (1 + torch.sqrt(1 - 2 * pu * inv_r + pp * inv_r * inv_r))
+    if model == "fresnel":
+        return pu - (pp - pu * pu) * (0.5 * inv_r)
+    return pu - pp * (0.5 * inv_r)
+
+
+def steering_derivatives(system: SystemConfig, phi: torch.Tensor, theta: torch.Tensor, inv_r: torch.Tensor,
+                         model: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`steering` and its first and second derivatives in (phi, theta, 1/r), in closed form.
+
+    phi, theta [...] radians, inv_r [...] 1/metres (0: planar), broadcastable, float64 (float32 gives complex64).
+    Returns a [..., N], da [..., 3, N] and d2a [..., 3, 3, N] (symmetric in its two derivative axes). With a_n =
+    exp(j k0 psi_n) / sqrt(N): da_i = j k0 psi_i a and d2a_ij = (j k0 psi_ij - k0^2 psi_i psi_j) a, where the phase's
+    derivatives follow from p.u = x sin(phi) cos(theta) + z sin(theta). For the exact model, s = sqrt(1 - 2 w p.u +
+    w^2 |p|^2) = 1 - w psi (w = 1/r) gives psi_phi = (p.u)_phi / s, psi_theta = (p.u)_theta / s and psi_w =
+    (psi^2 - |p|^2) / (2 s), none singular at w = 0; each second derivative is d_j of (psi_i 2 s) = R_i over 2 s.
+    Used where autograd's double backward costs more than the arithmetic (:func:`workbench.localisation.refine_peaks`;
+    tests/test_physics.py checks it against autograd for every model)."""
+    model = system.steering_model if model is None else model
+    check_choice("steering model", model, STEERING_MODELS)
+    theta = torch.as_tensor(theta, dtype=phi.dtype, device=phi.device)
+    inv_r = torch.as_tensor(inv_r, dtype=phi.dtype, device=phi.device)
+    x, z = element_positions(system, dtype=phi.dtype, device=phi.device)
+    phi, theta, w = (t[..., None] for t in torch.broadcast_tensors(phi, theta, inv_r))
+    sp, cp, st, ct = torch.sin(phi), torch.cos(phi), torch.sin(theta), torch.cos(theta)
+    pu = x * sp * ct + z * st
+    pp = x * x + z * z
+    zero = torch.zeros_like(pu)
+    d_pu = (x * cp * ct, z * ct - x * sp * st)  # d(p.u) / d(phi, theta); it does not depend on w
+    dd_pu = ((-x * sp * ct, -x * cp * st), (-x * cp * st, -x * sp * ct - z * st))
+    psi = _phase(model, pu, pp, w)
+    if model == "exact":
+        s = 1 - w * psi
+        d1 = [d_pu[0] / s, d_pu[1] / s, (psi * psi - pp) / (2 * s)]
+        ds = [-w * d1[0], -w * d1[1], -psi - w * d1[2]]  # ds / d(phi, theta, w)
+        dR = [[2 * dd_pu[0][0], 2 * dd_pu[0][1], zero], [2 * dd_pu[1][0], 2 * dd_pu[1][1], zero],
+              [2 * psi * d1[0], 2 * psi * d1[1], 2 * psi * d1[2]]]  # d_j R_i, R = (2 pu_phi, 2 pu_theta, psi^2 - pp)
+        d2 = [[(dR[i][j] - 2 * d1[i] * ds[j]) / (2 * s) for j in range(3)] for i in range(3)]
     elif model == "fresnel":
-        phase = pu - (pp - pu * pu) * (0.5 * inv_r)
+        g = 1 + pu * w
+        d1 = [d_pu[0] * g, d_pu[1] * g, -(pp - pu * pu) / 2]
+        d2 = [[dd_pu[i][j] * g + d_pu[i] * d_pu[j] * w for j in range(2)] + [d_pu[i] * pu] for i in range(2)]
+        d2.append([d_pu[0] * pu, d_pu[1] * pu, zero])
     else:
-        phase = pu - pp * (0.5 * inv_r)
-    return torch.polar(torch.full_like(phase, 1.0 / math.sqrt(system.N)), system.k0 * phase)
+        d1 = [d_pu[0], d_pu[1], -pp / 2 + zero]
+        d2 = [[dd_pu[0][0], dd_pu[0][1], zero], [dd_pu[1][0], dd_pu[1][1], zero], [zero, zero, zero]]
+    a = torch.polar(torch.full_like(psi, 1.0 / math.sqrt(system.N)), system.k0 * psi)
+    d1 = torch.stack(d1, -2)  # [..., 3, N]
+    d2 = torch.stack([torch.stack(row, -2) for row in d2], -3)  # [..., 3, 3, N]
+    k0 = system.k0
+    da = (1j * k0) * d1 * a[..., None, :]
+    d2a = (1j * k0 * d2 - k0 * k0 * d1[..., :, None, :] * d1[..., None, :, :]) * a[..., None, None, :]
+    return a, da, d2a
 
 
 def scene_seed(seed: int, *stream: int) -> int:
