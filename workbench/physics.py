@@ -82,17 +82,19 @@ def _phase(model: str, pu: torch.Tensor, pp: torch.Tensor, inv_r: torch.Tensor) 
 
 
 def steering_derivatives(system: SystemConfig, phi: torch.Tensor, theta: torch.Tensor, inv_r: torch.Tensor,
-                         model: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         model: str | None = None, second: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`steering` and its first and second derivatives in (phi, theta, 1/r), in closed form.
 
     phi, theta [...] radians, inv_r [...] 1/metres (0: planar), broadcastable, float64 (float32 gives complex64).
-    Returns a [..., N], da [..., 3, N] and d2a [..., 3, 3, N] (symmetric in its two derivative axes). With a_n =
+    Returns a [..., N], da [..., 3, N] and d2a [..., 3, 3, N] (symmetric in its two derivative axes; None unless
+    ``second``). With a_n =
     exp(j k0 psi_n) / sqrt(N): da_i = j k0 psi_i a and d2a_ij = (j k0 psi_ij - k0^2 psi_i psi_j) a, where the phase's
     derivatives follow from p.u = x sin(phi) cos(theta) + z sin(theta). For the exact model, s = sqrt(1 - 2 w p.u +
     w^2 |p|^2) = 1 - w psi (w = 1/r) gives psi_phi = (p.u)_phi / s, psi_theta = (p.u)_theta / s and psi_w =
     (psi^2 - |p|^2) / (2 s), none singular at w = 0; each second derivative is d_j of (psi_i 2 s) = R_i over 2 s.
-    Used where autograd's double backward costs more than the arithmetic (:func:`workbench.localisation.refine_peaks`;
-    tests/test_physics.py checks it against autograd for every model)."""
+    The one place steering derivatives are formed (:func:`workbench.localisation.refine_peaks`, the likelihood's score
+    and Fisher information in :mod:`workbench.likelihood`); tests/test_physics.py checks it against autograd through
+    :func:`steering` for every model."""
     model = system.steering_model if model is None else model
     check_choice("steering model", model, STEERING_MODELS)
     theta = torch.as_tensor(theta, dtype=phi.dtype, device=phi.device)
@@ -106,6 +108,8 @@ def steering_derivatives(system: SystemConfig, phi: torch.Tensor, theta: torch.T
     d_pu = (x * cp * ct, z * ct - x * sp * st)  # d(p.u) / d(phi, theta); it does not depend on w
     dd_pu = ((-x * sp * ct, -x * cp * st), (-x * cp * st, -x * sp * ct - z * st))
     psi = _phase(model, pu, pp, w)
+    a = torch.polar(torch.full_like(psi, 1.0 / math.sqrt(system.N)), system.k0 * psi)
+    k0 = system.k0
     if model == "exact":
         s = 1 - w * psi
         d1 = [d_pu[0] / s, d_pu[1] / s, (psi * psi - pp) / (2 * s)]
@@ -121,11 +125,11 @@ def steering_derivatives(system: SystemConfig, phi: torch.Tensor, theta: torch.T
     else:
         d1 = [d_pu[0], d_pu[1], -pp / 2 + zero]
         d2 = [[dd_pu[0][0], dd_pu[0][1], zero], [dd_pu[1][0], dd_pu[1][1], zero], [zero, zero, zero]]
-    a = torch.polar(torch.full_like(psi, 1.0 / math.sqrt(system.N)), system.k0 * psi)
     d1 = torch.stack(d1, -2)  # [..., 3, N]
-    d2 = torch.stack([torch.stack(row, -2) for row in d2], -3)  # [..., 3, 3, N]
-    k0 = system.k0
     da = (1j * k0) * d1 * a[..., None, :]
+    if not second:
+        return a, da, None
+    d2 = torch.stack([torch.stack(row, -2) for row in d2], -3)  # [..., 3, 3, N]
     d2a = (1j * k0 * d2 - k0 * k0 * d1[..., :, None, :] * d1[..., None, :, :]) * a[..., None, None, :]
     return a, da, d2a
 
