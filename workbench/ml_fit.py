@@ -239,8 +239,9 @@ def ml_localise(
     section 5). Each scene keeps its K-source fit (the true K is oracle knowledge). K = None: the one minimising
     MDL(k) = nll(k) + ``penalty`` (4k + 1), penalty default :func:`mdl_penalty` (1.5x Rissanen's 1/2 log n per real
     parameter with n = L independent snapshots: :data:`MDL_SCALE`) is kept (``criterion``).
-    Scenes are fitted ``chunk`` at a time (None: :data:`ML_CHUNK` of y's device type); each scene's fit does not
-    depend on the chunk it is in.
+    Scenes are fitted ``chunk`` at a time (None: :data:`ML_CHUNK` of y's device type); a scene's fit depends on the
+    chunk it is in only through float32 rounding in the grid contractions (32 dev scenes fitted in chunks of 32 and of
+    5: the same counts, phi within 6e-8 rad, the likelihood within 1.4e-4 nats).
     Returns a :class:`SnapshotFit`; its :meth:`~SnapshotFit.covariance` is sum_k p_k a_k a_k^H in mW.
     """
     B = y.shape[0]
