@@ -35,14 +35,14 @@
 # the K largest local maxima then takes a sidelobe as the K-th source (10-100° errors on exact R_true). MUSIC here
 # finds one source per scan and projects it out before the next (RAP-MUSIC), which resolves them.
 #
-# **Time.** About 45 s with the defaults on a quiet 2-core CPU (44.9 and 46.2 s through `workbench report --only 05`,
-# the networks trained here first; 38.1 s within `make report`, which reuses notebook 04's networks; 2026-12-06). It
-# was 60.8 s alone with five presets and the MUSIC refinement's Hessian by autograd: the default presets are now the
+# **Time.** About 40 s with the defaults on a quiet 2-core CPU (39.0 s through `workbench report --only 05`, the
+# networks trained here first; 27.0 s within `make report`, which reuses notebook 04's networks; 2026-12-06). It
+# was 60.8 s alone with five presets and the MUSIC refinements' Hessians by autograd: the default presets are now the
 # three that tell the story (before any fix, after all of the seed's fixes, the workbench's recommendation; seed_fix1
-# and seed_fix2 add about 6 s each), and the refinement's derivatives are in closed form. `localiser` (trained here on
-# the same 128 scenes, localised at every SNR, then run on the highest SNR's scenes beside two more ML fits) is about
-# 12 s of it, and `localiser = False` leaves it out. The MUSIC refinements of every source take most of the rest.
-# `n_per_snr`, `N_side` and the number of presets are the big knobs.
+# and seed_fix2 add a few seconds each), and both refinements take their derivatives in closed form. `localiser`
+# (trained here on the same 128 scenes, localised at every SNR, then run on the highest SNR's scenes beside two more
+# ML fits) is about 12 s of it, and `localiser = False` leaves it out. `n_per_snr`, `N_side` and the number of
+# presets are the big knobs.
 
 # %% tags=["parameters"]
 method: str = "music"  # music | mvdr

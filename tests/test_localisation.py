@@ -465,25 +465,6 @@ def test_snr_scene_is_the_scene_localisation_vs_snr_used():
     assert sizes == [1] and view["scene"] == 2 and view["snr_db"] == 20.0
 
 
-def test_the_batched_hessian_equals_the_row_by_row_one():
-    """``_hessian_rows`` (one batched double backward; the refinements' Newton steps use it) gives the Hessian of each
-    scene's objective, as torch's per-scene ``hessian`` does, on the MUSIC objective through the exact steering."""
-    from workbench.config import SystemConfig
-    from workbench.localisation import _hessian_rows, _objective
-
-    s = SystemConfig(N_H=4, N_V=4)
-    gen = torch.Generator().manual_seed(0)
-    F = torch.linalg.qr(torch.randn(3, s.N, 2, dtype=torch.complex128, generator=gen))[0]
-    scale = torch.tensor([0.05, 0.05, 0.1], dtype=torch.float64)
-    u = torch.tensor([[[3.0, 1.0, 5.0]], [[-4.0, 2.0, 3.0]], [[1.0, -3.0, 8.0]]], dtype=torch.float64)
-    uu = u.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(_objective(F, s, uu, scale, "music").sum(), uu, create_graph=True)
-    H = _hessian_rows(g, uu)
-    for b in range(3):
-        ref = torch.autograd.functional.hessian(lambda v, Fb=F[b:b + 1]: _objective(Fb, s, v, scale, "music").sum(), u[b:b + 1])
-        torch.testing.assert_close(H[b, 0], ref.reshape(3, 3), rtol=1e-10, atol=1e-12)
-
-
 @pytest.mark.parametrize("model", STEERING_MODELS)
 def test_the_refinement_objective_derivatives_are_autograds(model):
     """refine_peaks' gradient and Hessian in closed form (:func:`localisation._objective_derivatives`) equal autograd's
@@ -502,8 +483,9 @@ def test_the_refinement_objective_derivatives_are_autograds(model):
     for method, QQ in (("music", None), ("music", Q), ("mvdr", None)):
         uu = u.clone().requires_grad_(True)
         f = E._objective(F, system, uu, scale, method, QQ)
-        (grad,) = torch.autograd.grad(f.sum(), uu, create_graph=True)
-        hess = E._hessian_rows(grad, uu)
+        (grad,) = torch.autograd.grad(f.sum(), uu)
+        full = torch.autograd.functional.hessian(lambda v: E._objective(F, system, v, scale, method, QQ).sum(), u)  # noqa: B023
+        hess = torch.stack([torch.stack([full[b, k, :, b, k, :] for k in range(Kp)]) for b in range(B)])  # each slot's own
         f2, g2, h2 = E._objective_derivatives(F, system, u, scale, method, QQ)
         torch.testing.assert_close(f2, f.detach(), rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(g2, grad.detach(), rtol=1e-10, atol=1e-12)
@@ -511,3 +493,28 @@ def test_the_refinement_objective_derivatives_are_autograds(model):
         if QQ is not None:
             assert (f2[:, 0] == 1.0).all() and (g2[:, 0] == 0).all() and (h2[:, 0] == 0).all()
             assert (g2[:, 1] != 0).any()
+
+
+def test_the_joint_refinement_derivatives_are_autograds():
+    """joint_subspace_refine's gradient and Hessian of ||P_A^perp E||_F^2 in closed form (variable projection,
+    :func:`localisation._subspace_derivatives`) equal autograd's, with three, two and one valid slots, under every
+    steering model; up to the Gram matrix's 1e-12 ridge."""
+    g = torch.Generator().manual_seed(4)
+    for model in STEERING_MODELS:
+        system = SystemConfig(N_H=6, N_V=5, steering_model=model)
+        scale = Grid.default(system).steps()
+        B, kp = 3, 3
+        Es = torch.linalg.qr(torch.randn(B, system.N, 3, dtype=torch.complex128, generator=g))[0]
+        x = torch.stack([torch.rand(B, kp, generator=g) - 0.5, torch.rand(B, kp, generator=g) - 0.5,
+                         torch.rand(B, kp, generator=g) * 0.5 + 0.2], -1).double()
+        valid = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
+        u = x / scale
+        f_of = lambda v: E._subspace_residual(Es, system, v, scale, valid).sum()  # noqa: E731, B023
+        uu = u.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(f_of(uu), uu)
+        full = torch.autograd.functional.hessian(f_of, u)  # [B,kp,3,B,kp,3]
+        hess = torch.stack([full[b, :, :, b].reshape(3 * kp, 3 * kp) for b in range(B)])
+        f2, g2, h2 = E._subspace_derivatives(Es, system, u, scale, valid)
+        torch.testing.assert_close(f2.sum(), f_of(u), rtol=1e-12, atol=0)
+        torch.testing.assert_close(g2, grad.reshape(B, 3 * kp), rtol=1e-8, atol=1e-11)
+        torch.testing.assert_close(h2, hess, rtol=1e-8, atol=1e-11)

@@ -205,15 +205,6 @@ def _objective_derivatives(F: torch.Tensor, system: SystemConfig, u: torch.Tenso
     return (1.0 - q, -dq, -d2q) if method == "music" else (q, dq, d2q)
 
 
-def _hessian_rows(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """d g_i / d u_j [..., P, P] (detached) of a gradient g [..., P] built with ``create_graph`` from u [..., P], each
-    batch row depending on its own u only: one batched double backward (``is_grads_batched``) instead of P passes."""
-    P = g.shape[-1]
-    eye = torch.eye(P, dtype=g.dtype, device=g.device).reshape(P, *([1] * (g.dim() - 1)), P).expand(P, *g.shape)
-    (H,) = torch.autograd.grad(g, u, grad_outputs=eye, is_grads_batched=True)
-    return H.movedim(0, -2).detach()
-
-
 def refine_peaks(
     F: torch.Tensor, system: SystemConfig, grid: Grid, phi, theta, r, valid, method: str, iters: int = 10,
     Q: torch.Tensor | None = None,
@@ -328,15 +319,58 @@ def sequential_music(
     return idx, value, valid, phi, theta, r
 
 
-def _subspace_residual(E: torch.Tensor, system: SystemConfig, u: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """||P_A^perp E||_F^2 [B] for the steering vectors A [B,N,kp] at scaled points u [B,kp,3] (invalid slots left out)."""
-    x = u * scale
-    A = steering(system, x[..., 0], x[..., 1], 1.0 / x[..., 2]).mT * valid[:, None, :]  # [B,N,kp]
+def _subspace_fit(E: torch.Tensor, A: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """E's least-squares fit on the columns of A [B,N,kp] (invalid columns zero): the Gram matrix used [B,kp,kp], the
+    coefficients C [B,kp,J] and the residual R = E - A C = P_A^perp E [B,N,J]."""
     gram = A.mH @ A + torch.diag_embed((~valid).to(A.dtype))
     # two slots on one point make the Gram matrix singular: a relative ridge keeps the residual defined (and large)
     gram = gram + 1e-12 * gram.diagonal(dim1=-2, dim2=-1).real.amax(-1)[:, None, None] * torch.eye(gram.shape[-1], dtype=A.dtype, device=A.device)
     coef = torch.linalg.solve(gram, A.mH @ E)
-    return torch.view_as_real(E - A @ coef).square().sum((-3, -2, -1))
+    return gram, coef, E - A @ coef
+
+
+def _subspace_residual(E: torch.Tensor, system: SystemConfig, u: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """||P_A^perp E||_F^2 [B] for the steering vectors A [B,N,kp] at scaled points u [B,kp,3] (invalid slots left out)."""
+    x = u * scale
+    A = steering(system, x[..., 0], x[..., 1], 1.0 / x[..., 2]).mT * valid[:, None, :]  # [B,N,kp]
+    return torch.view_as_real(_subspace_fit(E, A, valid)[2]).square().sum((-3, -2, -1))
+
+
+def _subspace_derivatives(E: torch.Tensor, system: SystemConfig, u: torch.Tensor, scale: torch.Tensor,
+                          valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_subspace_residual` f = ||R||^2, R = P_A^perp E, with its gradient [B,P] and Hessian [B,P,P] in u [B,kp,3]
+    flattened (P = 3 kp, parameter p = 3 k + i moves column k of A), in closed form (variable projection, Golub and
+    Pereyra). With d_p = dA/du_p's column (column k(p)), c_p = C's row k(p) and s_p = R^H d_p (both [J]), G the Gram
+    matrix and x . y = sum_j x_j y_j: df/du_p = -2 Re c_p . s_p (A^H R = 0); d2f/du_p du_q = -2 Re [T1 + T2 + T3] with
+    T1 = -(w_q^H d_p)(c_q^H c_p) - (v_q^H d_p)(s_q . c_p) from dR_q = -w_q c_q^T - v_q (d_q^H R) (w_q = P_A^perp d_q,
+    v_q = A G^-1 e_k(q)), T2 = c_p . (R^H d2_pq) (one column's second derivative, so k(p) = k(q) only) and
+    T3 = (G^-1)_k(p)k(q) s_q^H s_p - (G^-1 A^H d_q)_k(p) c_q . s_p from dC_q. Equal to autograd's double backward up to
+    the Gram matrix's 1e-12 ridge (tests/test_localisation.py)."""
+    B, kp, _ = u.shape
+    x = u * scale
+    a, da, d2a = steering_derivatives(system, x[..., 0], x[..., 1], x[..., 2])
+    live = valid.to(a.dtype)
+    A = a.mT * live[:, None, :]
+    D = (da * scale[:, None].to(da.dtype) * live[..., None, None]).reshape(B, 3 * kp, -1)  # [B,P,N]
+    d2 = d2a * (scale[:, None] * scale[None, :])[..., None].to(d2a.dtype) * live[..., None, None, None]
+    gram, C, R = _subspace_fit(E, A, valid)
+    Ginv = torch.linalg.inv(gram)
+    col = torch.arange(kp, device=u.device).repeat_interleave(3)  # k(p)
+    Cp = C[:, col]  # [B,P,J]
+    S = torch.einsum("bpn,bnj->bpj", D.conj(), R).conj()  # s_p = R^H d_p
+    f = torch.view_as_real(R).square().sum((-3, -2, -1))
+    g = -2 * (Cp * S).real.sum(-1)
+    GAd = torch.einsum("bkl,bpl->bpk", Ginv, torch.einsum("bnk,bpn->bpk", A.conj(), D))  # (G^-1 A^H d_p)_k
+    W = D - torch.einsum("bnk,bpk->bpn", A, GAd)
+    V = (A @ Ginv).mT[:, col]  # [B,P,N]
+    inner = lambda X, Y: torch.einsum("bqn,bpn->bpq", X.conj(), Y)  # noqa: E731  [b,p,q] = X_q^H Y_p
+    T1 = -(inner(W, D) * inner(Cp, Cp) + inner(V, D) * inner(S.conj(), Cp))
+    s2 = torch.einsum("bkimn,bnj->bkimj", d2.conj(), R).conj()  # R^H d2 per column k: [B,kp,3,3,J]
+    T2 = torch.einsum("bkij,bkimj,kl->bkilm", C.unsqueeze(2).expand(-1, -1, 3, -1), s2, torch.eye(kp, dtype=s2.dtype, device=u.device))
+    T2 = T2.reshape(B, 3 * kp, 3 * kp)
+    T3 = Ginv[:, col][:, :, col] * inner(S, S) - GAd[:, :, col].mT * inner(Cp.conj(), S)
+    H = -2 * (T1 + T2 + T3).real
+    return f, g, H
 
 
 def joint_subspace_refine(E: torch.Tensor, system: SystemConfig, grid: Grid, valid: torch.Tensor, phi, theta, r,
@@ -346,8 +380,8 @@ def joint_subspace_refine(E: torch.Tensor, system: SystemConfig, grid: Grid, val
     noise-free covariance). One source at a time, RAP-MUSIC can leave two close sources off their joint optimum, and
     the separable grid can start a refinement in the wrong basin (measured on noise-free R_true under the exact model:
     a pair 2.6 deg apart at 3.2 and 4.2 m, one source 4.2 deg off; exact after this step). The joint problem has 3K
-    coordinates (phi, theta, 1/r scaled by the grid steps), with the gradient and Hessian by autograd through
-    :func:`~workbench.physics.steering`. A step is kept only where it lowers
+    coordinates (phi, theta, 1/r scaled by the grid steps), with the gradient and Hessian in closed form
+    (:func:`_subspace_derivatives`). A step is kept only where it lowers
     the residual and stays in the field of view. Returns (phi, theta, r) [B,kp] float64."""
     dev = E.device
     E = E.to(torch.complex128)
@@ -363,11 +397,8 @@ def joint_subspace_refine(E: torch.Tensor, system: SystemConfig, grid: Grid, val
     mu = torch.full((B,), 1e-3, dtype=torch.float64, device=dev)
     f_of = lambda v: _subspace_residual(E, system, v.reshape(B, kp, 3), scale, valid)  # noqa: E731
     for _ in range(iters):
-        uu = u.detach().requires_grad_(True)
-        f = f_of(uu)
-        (g,) = torch.autograd.grad(f.sum(), uu, create_graph=True)
-        Hs = _hessian_rows(g, uu)
-        g, f = (g * free).detach(), f.detach()
+        f, g, Hs = _subspace_derivatives(E, system, u.reshape(B, kp, 3), scale, valid)
+        g = g * free
         Hs = torch.where(free[:, :, None] & free[:, None, :], Hs, eye.expand(B, P, P))
         damp = mu * Hs.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-30)
         step = -torch.linalg.solve(Hs + damp[:, None, None] * eye, g[..., None])[..., 0]
