@@ -35,8 +35,8 @@
 # the K largest local maxima then takes a sidelobe as the K-th source (10-100° errors on exact R_true). MUSIC here
 # finds one source per scan and projects it out before the next (RAP-MUSIC), which resolves them.
 #
-# **Time.** About 40 s with the defaults on a quiet 2-core CPU (39.0 s through `workbench report --only 05`, the
-# networks trained here first; 27.0 s within `make report`, which reuses notebook 04's networks; 2026-12-06). It
+# **Time.** 33-39 s with the defaults on a quiet 2-core CPU (33.0 and 39.0 s through `workbench report --only 05`,
+# the networks trained here first; 27.0 s within `make report`, which reuses notebook 04's networks; 2026-12-06). It
 # was 60.8 s alone with five presets and the MUSIC refinements' Hessians by autograd: the default presets are now the
 # three that tell the story (before any fix, after all of the seed's fixes, the workbench's recommendation; seed_fix1
 # and seed_fix2 add a few seconds each), and both refinements take their derivatives in closed form. `localiser`
