@@ -281,10 +281,11 @@ class LocalisationParams(NotebookParams):
     """05: localisation from R_true, the R_samp estimators, the physics baseline, every preset's trained network and the
     learned localiser (``localiser``: trained here with the same sizes as the networks, or loaded from ``localiser_run``,
     a run folder of the ``localiser`` entry trained with a bigger budget). The networks are trained as in notebook 04
-    (same fields, same defaults) into ``models_dir``, or reused from it when a complete run of exactly that config is
-    there (:func:`workbench.experiments.train_entries`). With ``data`` the networks train on the dataset's scenes (never
-    reused: a saved run records its config, not its scenes) into ``out_dir/models`` unless ``models_dir`` names a
-    folder; the localisation scenes are simulated with the dataset's system (the SNR sweep needs scenes at each SNR)."""
+    (same fields and defaults, but three of its five presets by default) into ``models_dir``, or reused from it when a
+    complete run of exactly that config is there (:func:`workbench.experiments.train_entries`). With ``data`` the
+    networks train on the dataset's scenes (never reused: a saved run records its config, not its scenes) into
+    ``out_dir/models`` unless ``models_dir`` names a folder; the localisation scenes are simulated with the dataset's
+    system (the SNR sweep needs scenes at each SNR)."""
 
     _section: ClassVar[str] = "05_localisation"
     ci: ClassVar[dict[str, Any]] = {"n_per_snr": 2, "snrs_db": "0,20", "estimators": "beamscan", "presets": "seed_fix2,recommended",
@@ -297,7 +298,7 @@ class LocalisationParams(NotebookParams):
     estimators: str = "seed,beamscan"
     physics_baseline: bool = True
     use_true_k: bool = True
-    presets: str = "seed_before,seed_fix1,seed_fix2,seed_fix3,recommended"
+    presets: str = "seed_before,seed_fix3,recommended"  # three of 04's five: before any fix, all seed fixes, the recommendation
     localiser: bool = True
     localiser_run: str = ""
     blend: bool = False
