@@ -1,5 +1,6 @@
 """The same numbers on CUDA as on the CPU: simulate, one forward pass through the pipeline, the eigen-terms (values and
-gradients), the ML fit, a short training, and ``workbench compare --budget tiny`` end to end on the device.
+gradients), the ML fit, MUSIC and MVDR localisation with their closed-form refinements, a short training, and
+``workbench compare --budget tiny`` end to end on the device.
 
 Marked ``cuda`` (``make test-gpu`` runs ``pytest -m cuda``); skipped where no CUDA device is present. Tolerances
 are float32/complex64 ones: the two devices round differently, the formulas are the same."""
@@ -14,6 +15,7 @@ import torch
 from workbench import spectral
 from workbench.config import SystemConfig, preset
 from workbench.forward import TrainingData, forward, rsamp_cache
+from workbench.localisation import localise
 from workbench.ml_fit import ml_localise
 from workbench.model import build_model
 from workbench.physics import simulate
@@ -114,6 +116,21 @@ def test_ml_localise_on_two_scenes(relax_cycles):
     for name in ("phi", "theta"):
         _close(getattr(gpu.loc, name), getattr(cpu.loc, name), rtol=1e-3, atol_rel=1e-3)
     _close(gpu.loc.r, cpu.loc.r, rtol=1e-2, atol_rel=1e-2)
+
+
+@pytest.mark.parametrize("method", ["music", "mvdr"])
+def test_localise_with_its_refinements_on_the_device(method):
+    """The spectrum, RAP-MUSIC's scans and both sub-grid refinements (closed-form gradients and Hessians) on CUDA give the
+    CPU's sources on exact covariances."""
+    system = SystemConfig(N_H=6, N_V=6, K_max=3)
+    b = simulate(system, 3, seed=2)
+    R = b.R_true.to(torch.complex128)
+    cpu = localise(R, system, method=method, K=b.K)
+    gpu = localise(R.to(CUDA), system, method=method, K=b.K.to(CUDA))
+    assert gpu.phi.device.type == "cuda" and torch.equal(gpu.mask.cpu(), cpu.mask)
+    for name in ("phi", "theta"):
+        _close(getattr(gpu, name)[cpu.mask], getattr(cpu, name)[cpu.mask], rtol=1e-4, atol_rel=1e-4)
+    _close(gpu.r[cpu.mask], cpu.r[cpu.mask], rtol=1e-3, atol_rel=1e-3)
 
 
 def test_a_short_training_has_the_cpu_history():
