@@ -443,8 +443,8 @@ def test_round_likelihood_picks_find_what_the_network_misses_and_pay_for_themsel
     """model.detector_round_picks: with a network that only ever sees source 0, the later rounds of "network" find
     nothing new, so two-source scenes keep one source; "network+likelihood" also proposes the ML fit's likelihood pick
     given the kept fit and finds source 1 in every scene. In one-source scenes that pick is spurious and is proposed only
-    where its likelihood gain would pay MDL's price of one source: it adds no source to any scene (no SNR floor, a
-    threshold count: nothing else would drop it)."""
+    where its unrefined likelihood gain exceeds ``ROUND_PICK_GATE`` times MDL's price of one source: it adds no source
+    to any scene (no SNR floor, a threshold count: nothing else would drop it)."""
     cfg = _cfg(**{"system.K_min": K, "system.snr_db_min": 30.0, "system.snr_db_max": 30.0, "model.detector_rounds": 2,
                   "model.detector_count": "threshold", "model.detector_relax": 0, "model.detector_min_snr_db": -30.0,
                   "model.refine_iters": 10})

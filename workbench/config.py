@@ -335,8 +335,8 @@ class ModelConfig(ConfigBase):
     # how the later rounds and RELAX re-read the snapshots given the kept sources' fit: "project" their atoms out of every
     # snapshot; "whiten" by the fit's covariance (what one more source adds to the likelihood; workbench/detector.py, 5.)
     detector_reread: str = field(default="project", metadata=_choice(*DETECTOR_REREADS))
-    # who proposes new sources in the later rounds: "network", its peaks on the re-read snapshots; "network+likelihood",
-    # also the ML fit's likelihood pick given the kept sources' fit (workbench/detector.py, 5.)
+    # who proposes new sources in the later rounds: "network", its peaks on the re-read snapshots; "network+likelihood"
+    # (the localiser entry's), also the ML fit's likelihood pick given the kept sources' fit (workbench/detector.py, 5.)
     detector_round_picks: str = field(default="network", metadata=_choice(*DETECTOR_ROUND_PICKS))
 
     def _check_relations(self) -> None:

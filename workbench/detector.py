@@ -34,9 +34,10 @@ Design (README, section 5 "The learned localiser"):
    "project" removes the kept sources' least-squares fit from every snapshot; "whiten" reads the snapshots and
    measurement matrices in the coordinates where the kept sources' fitted covariance is white (measured on the dev
    split: neither better at both SNRs with a network trained on whole scenes; README, section 5).
-   ``model.detector_round_picks`` = "network+likelihood" also proposes, in every such round, the ML fit's likelihood
-   pick given the kept sources' fit (:func:`workbench.ml_fit.likeliest_source`), which sees weak sources that the
-   re-read maps hide beside strong ones (the channel is nearly rank one).
+   ``model.detector_round_picks`` = "network+likelihood" (the entry's) also proposes, in every such round, the ML fit's
+   likelihood pick given the kept sources' fit (:func:`workbench.ml_fit.likeliest_source`), which sees weak sources
+   that the re-read maps hide beside strong ones (the channel is nearly rank one), where its unrefined gain exceeds
+   :data:`ROUND_PICK_GATE` times one source's MDL price.
 
 6. **The count** (``model.detector_count``): "threshold" keeps what 3.-5. keep; "mdl" orders those by array SNR, refits
    the first k jointly for every k and keeps the k minimising the ML fit's MDL criterion
@@ -85,6 +86,9 @@ HEAT_PRIOR = 0.01  # the heatmap's initial probability per cell (the bias of its
 # MUSIC asked for more sources than the localiser counted takes its next peaks instead of a flat noise subspace (where
 # the joint subspace refinement never converges); Sources.covariance leaves them out
 PAD_SHARE = 1e-4
+# a round's likelihood pick is proposed only where its gain before refinement exceeds this many times one source's MDL
+# price (4 x the per-parameter penalty): chosen on the dev split among 0 (no gate), 1, 2 and 3 (README, section 5)
+ROUND_PICK_GATE = 2.0
 
 
 
@@ -403,8 +407,9 @@ class LocaliserNet(CovarianceNet):
         """One more round of detection (``model.detector_rounds`` > 1; evaluation mode): the snapshots given the kept
         sources' fit (power [B,K_max] mW, noise_var [B]; :meth:`reread`) are read as a scene of their own (features,
         heatmap, decoding: sources the strong ones hid), the new peaks are appended after the kept sources
-        (up to K_max slots; with ``model.detector_round_picks`` = "network+likelihood" and no given count, the ML fit's
-        likelihood pick given the kept fit first, where its gain before refinement would pay one source's MDL price),
+        (up to K_max slots; with ``model.detector_round_picks`` = "network+likelihood", in the ordinary rounds, not in
+        those that fill a given count, the ML fit's likelihood pick given the kept fit first, where its gain before
+        refinement exceeds :data:`ROUND_PICK_GATE` times one source's MDL price),
         and all are refined jointly and pruned again. count: [B] given counts (:meth:`decode`): the
         new peaks fill the kept sources up to it, whatever their score. Returns (score, keep, phi, theta, r, power,
         noise_var, k_logits) as :meth:`forward` uses them."""
@@ -415,7 +420,7 @@ class LocaliserNet(CovarianceNet):
             # the likelihood pick given the kept fit, first among the new candidates, scored at the threshold (log-odds 0)
             _, lp, lt, lr, _, gain = likeliest_source(self.system, self.grid, *atoms, y, phi, theta, r, power * _h_mean_square(H),
                                                       noise_var, keep, with_gain=True)
-            pays = gain > 4 * mdl_penalty(self.system)  # it would pay MDL's price of one source before any refinement
+            pays = gain > ROUND_PICK_GATE * 4 * mdl_penalty(self.system)  # it would pay for itself, with a margin, unrefined
             first = lambda u, v: torch.cat([v[:, None].to(u.dtype), u[:, :-1]], 1)  # noqa: E731
             phi2, theta2, r2 = first(phi2, lp), first(theta2, lt), first(r2, lr)
             score2 = first(score2, torch.full_like(score2[:, 0], self.cfg.detector_threshold + 1e-6))

@@ -32,7 +32,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                   "fixes.lam_gap": 0.0, "model.width": 32, "model.layers": 4,
                                   # decoding, chosen on the dev split (README, "The learned localiser")
                                   "model.detector_threshold": 0.25, "model.detector_min_snr_db": 6.0, "model.detector_rounds": 3,
-                                  "model.detector_count": "mdl", "model.detector_relax": 1}),
+                                  "model.detector_count": "mdl", "model.detector_relax": 1,
+                                  "model.detector_round_picks": "network+likelihood"}),
 }
 ENTRIES = (*PRESETS, *VARIANTS)
 DEFAULT_ENTRIES = PRESETS
