@@ -265,9 +265,10 @@ def ml_localise(
 
 
 # The MDL penalty's multiple of Rissanen's log(L) / 2 per real parameter. A spurious source is placed at the grid's
-# likeliest point, not at a fixed one, so the likelihood it adds is a maximum over the grid: on one-source scenes at
-# 20 dB its median was measured at 2.6-3.5 nats against chi2_4 / 2's 1.7, above Rissanen's 4 log(L) / 2 = 5.5 nats in
-# 5-11 % of the scenes, above 1.5x that in 0-2 % (dev split; README, section 5, and tests/test_likelihood.py).
+# likeliest point, not at a fixed one, so the likelihood it adds is a maximum over the grid: on scenes at 20 dB with
+# one or two sources fitted with one more, its median was measured at 2.6-3.5 nats against chi2_4 / 2's 1.7, above
+# Rissanen's 4 log(L) / 2 = 5.5 nats in 5-11 % of the scenes, above 1.5x that in 0-2 %; 1.5x had the lowest miss plus
+# false-alarm rate on the dev split (README, section 5; tests/test_likelihood.py).
 MDL_SCALE = 1.5
 
 
