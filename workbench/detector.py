@@ -356,7 +356,7 @@ class LocaliserNet(CovarianceNet):
         if self.cfg.detector_reread == "project":
             return self.features(self.residual(y, H, codes, phi, theta, r, keep), H, codes, atoms)
         G = atoms[0]
-        b = likelihood_atoms(self.system, G, phi.double(), theta.double(), torch.where(keep, r, 1.0).double()) * keep[:, None, :, None]
+        b = likelihood_atoms(self.system, G, phi.double(), theta.double(), r.double(), keep)
         Gw, yw = whiten(G, y, b, power.double() * _h_mean_square(H) * keep, noise_var.double())
         Gw = Gw.to(torch.complex64)
         return self.features(yw, H, codes, (Gw, atom_norms(self.system, self.grid, Gw)))

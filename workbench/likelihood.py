@@ -197,9 +197,12 @@ def array_snr(system: SystemConfig, H, codes, phi, theta, r, power, noise_var, m
     return snr if mask is None else snr * mask
 
 
-def atoms(system: SystemConfig, G: torch.Tensor, phi, theta, r) -> torch.Tensor:
-    """b_lk = G_l a(phi_k, theta_k, r_k), [B,L,K,M] complex128."""
-    return _apply(G, steering(system, phi, theta, r))
+def atoms(system: SystemConfig, G: torch.Tensor, phi, theta, r, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """b_lk = G_l a(phi_k, theta_k, r_k), [B,L,K,M] complex128. With ``mask`` [B,K]: the atoms of unmasked slots are
+    zero (their r, which may be a placeholder, is not used)."""
+    if mask is None:
+        return _apply(G, steering(system, phi, theta, r))
+    return _apply(G, steering(system, phi, theta, torch.where(mask, r, torch.ones_like(r)))) * mask[:, None, :, None]
 
 
 def whiten(G: torch.Tensor, y: torch.Tensor, b: torch.Tensor, power: torch.Tensor, noise_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,5 +240,5 @@ def snapshot_nll(system: SystemConfig, G: torch.Tensor, phi, theta, r, power, no
     """The negative log-likelihood alone (no score, no Fisher matrix: the cheap test of a proposed step), [B]: G
     [B,L,M,N], phi, theta, r, power [B,K] (r ignored and power zeroed where ``mask`` [B,K] is False), noise_var [B], y
     [B,L,M]; as :func:`snapshot_model`'s "nll"."""
-    b = atoms(system, G, phi, theta, torch.where(mask, r, 1.0)) * mask[:, None, :, None]
+    b = atoms(system, G, phi, theta, r, mask)
     return _nll(*_snapshot_inverse(b, power * mask, noise_var), y)

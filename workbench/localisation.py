@@ -190,16 +190,16 @@ def _objective_derivatives(F: torch.Tensor, system: SystemConfig, u: torch.Tenso
     q, dq, d2q = _quadratic_derivatives(F, a, da, d2a)
     if Q is not None:
         t, dt, d2t = _quadratic_derivatives(Q, a, da, d2a)
-        res = 1.0 - t
-        ok = res > RAP_MIN_RESIDUAL
-        res = torch.where(ok, res, torch.ones_like(res))
+        residual = 1.0 - t
+        ok = residual > RAP_MIN_RESIDUAL
+        res = torch.where(ok, residual, torch.ones_like(residual))
         rho = q / res
         # d(q / res) with d res = -dt: (dq + rho dt) / res, and its derivative again
         drho = (dq + rho[..., None] * dt) / res[..., None]
         d2rho = (d2q + drho[..., :, None] * dt[..., None, :] + drho[..., None, :] * dt[..., :, None]
                  + rho[..., None, None] * d2t) / res[..., None, None]
         inside = ok & (rho >= 0.0) & (rho <= 1.0)  # where the clamp passes the gradient
-        q = torch.where(ok, rho, torch.zeros_like(rho)).clamp(0.0, 1.0)
+        q = _rap_correlation(q, residual)
         dq = torch.where(inside[..., None], drho, torch.zeros_like(drho))
         d2q = torch.where(inside[..., None, None], d2rho, torch.zeros_like(d2rho))
     return (1.0 - q, -dq, -d2q) if method == "music" else (q, dq, d2q)

@@ -180,7 +180,7 @@ def likeliest_source(system: SystemConfig, grid: Grid, G, norm2, y, phi, theta, 
     :func:`~workbench.matched_filter.gain_scan`'s maximum. Returns (idx [B,3] into ``grid``, phi, theta, r [B] its
     coordinates, power [B] float64), and with ``with_gain`` the log-likelihood gain [B] (nats, float32) at that point and
     power, before any refinement."""
-    b = atoms(system, G, phi, theta, torch.where(mask, r, 1.0)) * mask[:, None, :, None]
+    b = atoms(system, G, phi, theta, r, mask)
     E, rest = inverse_factor(b, power * mask, noise_var, y)
     gain, p_new = gain_scan(system, grid, G, norm2, E, rest, noise_var)
     flat = gain.argmax(-1)
