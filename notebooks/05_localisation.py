@@ -153,14 +153,18 @@ save_metrics(out, metrics);
 # above): miss and false-alarm rates, count accuracy, per-source error over sqrt(CRB) over the detections, covariance
 # NMSE and seconds per scene on this machine. With the defaults it is trained on 128 scenes for 3 epochs, far too
 # little to show what it can do; give `localiser_run` a run folder trained with a bigger budget (README, "The learned
-# localiser"). Below: one scene's matched-filter spectrum and heatmap with its detections (red), the ML fit's (cyan)
-# and the truth (white).
+# localiser"). The frontier: each ML fit's miss rate against its false-alarm rate as its MDL penalty moves, beside
+# the same count on fits started at the true sources (oracle: a perfect search), and the localiser's own point; the
+# shaded corner is the issue's detection goal (half the strongest fit's rates). Below: one scene's matched-filter
+# spectrum and heatmap with its detections (red), the ML fit's (cyan) and the truth (white).
 
 # %%
 if "localiser" in runs:
     loc_res = loc_study.localiser_vs_ml(runs["localiser"], [snr], params.n_per_snr, seed=params.seed, n_boot=200, true_k=False)
     metrics["localiser"] = loc_res
     display(Markdown(figures.markdown_table(fig_localiser.localiser_table(loc_res))))
+    display(Image(figures.save_figure(fig_localiser.frontier_figure(loc_res), out / "localiser_frontier.png")))
+    display(Markdown(fig_localiser.frontier_conclusion(loc_res)))
     loc_view = loc_study.localiser_scene(runs["localiser"], scene)
     metrics["localiser_scene"] = {k: loc_view[k] for k in ("snr_db", "K", "K_localiser", "K_ml", "localiser", "ml", "true")}
     display(Image(figures.save_figure(fig_localiser.localiser_scene_figure(loc_view), out / "localiser_scene.png")))

@@ -118,6 +118,21 @@ def test_ml_localise_on_two_scenes(relax_cycles):
     _close(gpu.loc.r, cpu.loc.r, rtol=1e-2, atol_rel=1e-2)
 
 
+def test_the_perfect_search_and_its_frontier_on_the_device():
+    """ml_localise(start=the true sources) (the count's frontier's oracle) on CUDA: the CPU's nested likelihoods and, at
+    every penalty, its counts."""
+    system = SystemConfig(N_H=4, N_V=4, K_max=3, snr_db_min=20.0, snr_db_max=20.0)
+    b = simulate(system, 3, seed=4)
+    start = (b.phi, b.theta, b.r, b.power, b.mask)
+    cpu = ml_localise(b.y, b.H, b.codes, system, start=start)
+    g = b.to(CUDA)
+    gpu = ml_localise(g.y, g.H, g.codes, system, start=(g.phi, g.theta, g.r, g.power, g.mask))
+    assert gpu.levels["nll"].device.type == "cuda"
+    _close(gpu.levels["nll"], cpu.levels["nll"], rtol=1e-5, atol_rel=1e-5)
+    for x in (0.5, 1.0, 2.0):
+        assert torch.equal(gpu.count_at(x).cpu(), cpu.count_at(x))
+
+
 @pytest.mark.parametrize("method", ["music", "mvdr"])
 def test_localise_with_its_refinements_on_the_device(method):
     """The spectrum, RAP-MUSIC's scans and both sub-grid refinements (closed-form gradients and Hessians) on CUDA give the

@@ -234,6 +234,41 @@ def test_relax_only_raises_the_likelihood_and_finds_sources_the_greedy_search_mi
             MF.ml_fit_for(batch[:1], system, relax_cycles=bad)
 
 
+def test_a_fit_started_at_the_true_sources_is_a_perfect_search_counted_by_the_likelihood():
+    """ml_localise(start=...) starts its k-source fit at the first k given sources: every level up to the true K is
+    at least as likely as those refined alone (the pruning pass may find a likelier one), the true-K level finds more
+    true sources inside the gate and is at least as likely as the searched fit's (here: scenes where the greedy search
+    misses sources); later levels search as usual. count_at moves the MDL count among the same nested fits: at the fit's own penalty it
+    is the fit's count, and it never rises as the penalty grows."""
+    system = SystemConfig(N_H=8, N_V=8, snr_db_min=20.0, snr_db_max=20.0)
+    batch = simulate(system, 96, seed=3)[torch.tensor([9, 1, 0, 2])]
+    truth = (batch.phi, batch.theta, batch.r, batch.power, batch.mask)
+    started = MF.ml_fit_for(batch, system, start=truth)
+    searched = MF.ml_fit_for(batch, system)
+    rows = torch.arange(len(batch))
+    nll_k = started.levels["nll"][rows, batch.K - 1]
+    *_, nll_truth = MF.ml_refine(batch.y, batch.H, batch.codes, system, *truth[:3], batch.mask, iters=25, with_nll=True)
+    assert (nll_k <= nll_truth + 0.05).all(), (nll_k, nll_truth)
+    assert (nll_k <= searched.levels["nll"][rows, batch.K - 1] + 0.05).all()
+    for k in range(1, int(batch.K.max()) + 1):  # every level is at least as likely as its given sources refined alone
+        has = batch.K >= k
+        first = batch.mask & (torch.arange(batch.mask.shape[1])[None, :] < k)
+        *_, nll_first = MF.ml_refine(batch.y, batch.H, batch.codes, system, *truth[:3], first, iters=25, with_nll=True)
+        assert (started.levels["nll"][has, k - 1] <= nll_first[has] + 0.05).all(), k
+    crb = LK.crb_for(batch, system)
+    hits = [M.score_sources(*f.sources_of(batch.K, system)[:3], f.sources_of(batch.K, system)[4], *truth[:3], batch.mask, crb).n_hit
+            for f in (searched, started)]
+    assert (hits[1] >= hits[0]).all() and hits[1].sum() > hits[0].sum(), hits
+    own = MF.mdl_penalty(system)
+    assert torch.equal(started.count_at(own), started.loc.K) and torch.equal(searched.count_at(own), searched.loc.K)
+    counts = torch.stack([started.count_at(own * x) for x in (0.0, 0.5, 1.0, 2.0, 1e6)])
+    assert (counts.diff(dim=0) <= 0).all() and (counts[-1] == 1).all() and (counts[0] > 1).any()
+    with pytest.raises(ConfigError, match="start"):
+        MF.ml_fit_for(batch, system, start=truth[:4])
+    with pytest.raises(ConfigError, match="start"):
+        MF.ml_fit_for(batch, system, start=(*truth[:4], batch.mask.flip(1)))
+
+
 def test_ml_bad_input_fails_clearly():
     b = simulate(SMALL, 2, seed=0)
     with pytest.raises(ConfigError, match="K: value 4 in scene 0 is out of range: allowed 1..3"):

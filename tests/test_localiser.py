@@ -313,6 +313,18 @@ def test_the_localiser_command_trains_scores_and_writes_the_result_file(tmp_path
     assert md == markdown(summary) and "| 20 | localiser |" in md and "goal <= 0.5x" in md
     assert "Given the true K" in md and "with the true K, nerr over every pair" in md and "array SNR" in md
     assert "x the ML fit + RELAX's" in md and "| 20 | ML fit from the truth |" in md and "search failures" in md
+    # the count's frontier: each fit at every penalty scale; at the fits' own scale it is the fit's own count (the rows')
+    from workbench.studies.localiser import FRONTIER_SCALES
+
+    front = summary["frontier"]
+    assert [(f["estimator"], f["scale"]) for f in front] == [
+        (n, x) for n in ("ML fit", "ML fit + RELAX", "ML fit from the truth") for x in FRONTIER_SCALES]
+    rows = {(r["estimator"], r["oracle"]): r["stats"] for r in summary["rows"]}
+    for f in front:
+        assert f["oracle"] == ("true locations" if f["estimator"] == "ML fit from the truth" else "none")
+        if f["entry"] and f["oracle"] == "none":
+            assert all(f[k] == rows[f["estimator"], "none"][k] for k in ("miss_rate", "false_alarm_rate", "k_accuracy"))
+    assert sum(f["entry"] for f in front) == 3 and "The count's frontier" in md and "perfect search" in md
     # a run of another head is refused, naming --run
     assert main(["train", "--preset", "recommended", *sets[:len(TINY) * 3], "--set", "train.n_train", "4", "--set", "train.n_val", "2",
                  "--set", "train.epochs", "1", "--out", str(tmp_path / "rec"), "--no-progress"]) == 0
@@ -467,3 +479,46 @@ def test_round_likelihood_picks_find_what_the_network_misses_and_pay_for_themsel
         assert (hits["network"] <= 1).all() and (hits["network+likelihood"] == 2).all(), hits
     with pytest.raises(ConfigError, match="detector_round_picks"):
         _cfg(**{"model.detector_round_picks": "likelihood"})
+
+
+def _frontier_result(truth_points: dict, ref=(0.04, 0.008), n=256) -> dict:
+    """A localiser_vs_ml-shaped result with a frontier: the RELAX fit at (miss, false alarm) ``ref`` at the entry's
+    scale, and the perfect search's points {scale: (miss, false alarm, K accuracy)} with binomial-width intervals."""
+    def stat(v):
+        half = 1.96 * math.sqrt(max(v * (1 - v), 1e-12) / n)
+        return {"value": v, "lo": max(v - half, 0.0), "hi": v + half}
+
+    def point(name, oracle, scale, m, f, k):
+        return {"snr_db": 20.0, "estimator": name, "oracle": oracle, "scale": scale, "entry": scale == 1.5,
+                "miss_rate": stat(m), "false_alarm_rate": stat(f), "k_accuracy": stat(k)}
+
+    front = [point("ML fit + RELAX", "none", 1.5, *ref, 0.9)]
+    front += [point("ML fit from the truth", "true locations", x, *v) for x, v in truth_points.items()]
+    stats = {k: stat(v) for k, v in zip(("miss_rate", "false_alarm_rate", "k_accuracy"), (*ref, 0.9))}
+    stats.update({k: stat(1.0) for k in ("nerr_hit_phi", "nerr_hit_theta", "nerr_hit_r")})
+    rows = [{"snr_db": 20.0, "estimator": e, "oracle": "none", "stats": stats, "nmse": stat(0.02), "seconds_per_scene": 0.1}
+            for e in ("localiser", "ML fit", "ML fit + RELAX")]
+    return {"snr_db": [20.0], "rows": rows, "frontier": front, "mdl_scale": 1.5}
+
+
+def test_the_frontier_conclusion_says_whether_a_perfect_search_meets_the_goal():
+    """frontier_conclusion reads the perfect search's points against half the RELAX fit's rates: met where one scale
+    is inside both (naming the least such scale), "excludes the goal" where the fewest misses within the false-alarm
+    goal sit above the miss goal with their interval, "not decided" where the interval reaches it; the K-accuracy goal
+    from the best scale. frontier_figure draws one panel per SNR with every estimator and the goal."""
+    from workbench.figures.localiser import frontier_conclusion, frontier_figure, frontier_table
+
+    met = frontier_conclusion(_frontier_result({1.0: (0.05, 0.02, 0.8), 2.0: (0.015, 0.003, 0.96), 3.0: (0.012, 0.001, 0.97)}))
+    assert "meets both at x2" in met and "0.015 / 0.003" in met and "0.97 at x3 (reaches" in met
+    beyond = frontier_conclusion(_frontier_result({1.0: (0.03, 0.02, 0.85), 2.0: (0.06, 0.003, 0.88)}))
+    assert "(x2, the least such) it misses 0.06" in beyond and "excludes the goal" in beyond and "(below the goal" in beyond
+    close = frontier_conclusion(_frontier_result({2.0: (0.025, 0.003, 0.9)}))
+    assert "reaches the goal: not decided" in close
+    assert "more false alarms than the goal" in frontier_conclusion(_frontier_result({2.0: (0.01, 0.02, 0.9)}))
+    assert frontier_conclusion({"snr_db": [20.0], "rows": []}) == "" and frontier_table({"rows": []}) == []
+    res = _frontier_result({1.0: (0.03, 0.02, 0.85), 2.0: (0.06, 0.003, 0.88)})
+    table = frontier_table(res)
+    assert [r["estimator"] for r in table] == ["ML fit + RELAX", "ML fit from the truth"] and table[0]["x1.5*"] == "0.04 / 0.008"
+    fig = frontier_figure(res)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert len(fig.axes) == 1 and {"ML fit + RELAX", "ML fit from the truth (oracle)", "localiser", "goal"} <= set(labels)

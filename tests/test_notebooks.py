@@ -216,6 +216,8 @@ def test_05_localisation(runs_root):
         rows = m["localiser"]["rows"]
         assert {r["estimator"] for r in rows} == {"localiser", "ML fit", "ML fit + RELAX"} and {r["snr_db"] for r in rows} == {max(p.snr_values)}
         assert _png(out / "localiser_scene.png") and len(m["localiser_scene"]["true"]) == m["localiser_scene"]["K"]
+        assert _png(out / "localiser_frontier.png")  # the count's frontier with the perfect search (oracle) beside the fits
+        assert {f["estimator"] for f in m["localiser"]["frontier"]} == {"ML fit", "ML fit + RELAX", "ML fit from the truth"}
     assert set(res["k_source"].values()) == {"own", "mdl"} and res["k_source"]["physics[ML]"] == "own"
     # the exact, noise-free covariance with the true K: MUSIC finds every source (to refinement accuracy)
     true = res["covariances"]["R_true"]

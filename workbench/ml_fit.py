@@ -10,7 +10,7 @@ radians and metres; powers in mW.
 Owns: :func:`ml_localise` / :func:`ml_fit_for` and their result :class:`SnapshotFit`, :func:`ml_refine` (the same
 scoring from given locations: the learned localiser's refinement), :func:`likeliest_source` (the search's pick, which
 the localiser's RELAX cycle shares), the MDL criterion (:func:`mdl_penalty`,
-:func:`mdl_criterion`), the per-device chunk (:func:`ml_chunk`) and the fit's settings (:data:`ML_GRID`,
+:func:`mdl_criterion`, :func:`mdl_choice`), the per-device chunk (:func:`ml_chunk`) and the fit's settings (:data:`ML_GRID`,
 :data:`ML_STEP_LIMIT`, :data:`ML_CHUNK`, :data:`RELAX_TOL`). Must not: define the likelihood or the bound
 (:mod:`workbench.likelihood`), hold the matched filter (:mod:`workbench.matched_filter`), localise from a covariance
 matrix (:mod:`workbench.localisation`), simulate scenes or loop over SNRs (studies do), draw.
@@ -68,6 +68,11 @@ class SnapshotFit:
             return source_covariance(system, self.loc.phi, self.loc.theta, self.loc.r, self.power, self.loc.mask)
         phi, theta, r, p, mask = self.sources_of(K, system)
         return source_covariance(system, phi, theta, torch.where(mask, r, torch.ones_like(r)), p, mask)
+
+    def count_at(self, penalty: float) -> torch.Tensor:
+        """The MDL count [B] int64 among :attr:`levels` under another ``penalty`` per real parameter
+        (:func:`mdl_choice`): the count's operating point moved without refitting (README, section 5's frontier)."""
+        return mdl_choice(self.levels["nll"], penalty)
 
     def sources_of(self, K, system: SystemConfig) -> tuple[torch.Tensor, ...]:
         """The nested fit with K[b] sources (an int or [B] ints in 1..Kl) from :attr:`levels`: (phi, theta [B,Kl] rad,
@@ -218,7 +223,7 @@ def _start_source(system, grid, G, y, norm2, u: torch.Tensor | None, mask) -> tu
 
 def ml_localise(
     y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, system: SystemConfig, K=None, grid: Grid | None = None,
-    iters: int = 25, penalty: float | None = None, chunk: int | None = None, relax_cycles: int = 0,
+    iters: int = 25, penalty: float | None = None, chunk: int | None = None, relax_cycles: int = 0, start=None,
 ) -> SnapshotFit:
     """Maximum-likelihood localisation straight from the snapshots: the physics baseline.
 
@@ -239,6 +244,11 @@ def ml_localise(
     section 5). Each scene keeps its K-source fit (the true K is oracle knowledge). K = None: the one minimising
     MDL(k) = nll(k) + ``penalty`` (4k + 1), penalty default :func:`mdl_penalty` (1.5x Rissanen's 1/2 log n per real
     parameter with n = L independent snapshots: :data:`MDL_SCALE`) is kept (``criterion``).
+    start: given first picks instead of the search's, (phi, theta [B,S] rad, r [B,S] m, power [B,S] mW, mask [B,S]
+    bool, the given ones first in each row): the k-source fit of a scene with at least k given starts at the first k
+    given ones (not from the (k-1)-source fit); beyond them the forward pass searches as usual. From the true sources
+    (oracle knowledge, labelled so) the nested fits are those of a perfect search, and the MDL count on them is the
+    count's own limit (README, section 5).
     Scenes are fitted ``chunk`` at a time (None: :data:`ML_CHUNK` of y's device type); a scene's fit depends on the
     chunk it is in only through float32 rounding in the grid contractions (32 dev scenes fitted in chunks of 32 and of
     5: the same counts, phi within 6e-8 rad, the likelihood within 1.4e-4 nats).
@@ -256,11 +266,14 @@ def ml_localise(
     grid.validate(system)
     penalty = mdl_penalty(system) if penalty is None else float(penalty)
     n_levels = system.K_max if K is None else int(K.max())
+    if start is not None:
+        start = _check_start(start, B, system)
     parts = []
     for s in range(0, B, chunk):
         Ks = None if K is None else K[s:s + chunk].to(y.device)
+        st = None if start is None else tuple(t[s:s + chunk].to(y.device) for t in start)
         parts.append(_ml_chunk(system, grid, y[s:s + chunk], H[s:s + chunk], codes[s:s + chunk], Ks, iters, penalty, n_levels,
-                               relax_cycles))
+                               relax_cycles, st))
     return parts[0] if len(parts) == 1 else _cat_fits(parts)
 
 
@@ -283,6 +296,12 @@ def mdl_criterion(nll: torch.Tensor, k: torch.Tensor, penalty: float) -> torch.T
     noise variance. nll and k broadcast (k sources, any shape); the count is the argmin over k. One formula for the ML
     fit (:func:`ml_localise`) and the learned localiser's count (:meth:`workbench.detector.LocaliserNet.mdl_count`)."""
     return nll + penalty * (4 * k + 1)
+
+
+def mdl_choice(nll: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The count minimising :func:`mdl_criterion` over nested fits: nll [B,Kl] of k = 1..Kl sources -> K [B] int64."""
+    ks = torch.arange(1, nll.shape[1] + 1, dtype=nll.dtype, device=nll.device)
+    return mdl_criterion(nll, ks, penalty).argmin(1) + 1
 
 
 def ml_refine(y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, system: SystemConfig, phi, theta, r, mask,
@@ -342,10 +361,27 @@ def _cat_fits(parts: list[SnapshotFit]) -> SnapshotFit:
     return SnapshotFit(loc=loc, power=cat("power"), noise_var=cat("noise_var"), nll=cat("nll"), criterion=cat("criterion"), levels=levels)
 
 
-def _ml_chunk(system, grid, y, H, codes, K, iters: int, penalty: float, n_levels: int, relax_cycles: int = 0) -> SnapshotFit:
+def _check_start(start, B: int, system: SystemConfig) -> tuple[torch.Tensor, ...]:
+    """:func:`ml_localise`'s ``start`` checked: five tensors of shape [B,S], S <= K_max, the mask's True slots first."""
+    names = ("phi", "theta", "r", "power", "mask")
+    if not isinstance(start, (tuple, list)) or len(start) != 5:
+        raise ConfigError(f"start: expected ({', '.join(names)}) tensors of shape [B,S], or None")
+    shapes = {tuple(t.shape) for t in start}
+    S = start[0].shape[-1] if start[0].dim() == 2 else -1
+    if len(shapes) != 1 or start[0].dim() != 2 or start[0].shape[0] != B or not 1 <= S <= system.K_max:
+        raise ConfigError(f"start: expected ({', '.join(names)}) all of shape [B = {B}, S] with 1 <= S <= K_max = {system.K_max}, "
+                          f"got {sorted(shapes)}")
+    mask = start[4].bool()
+    if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ConfigError("start: the mask's True slots must come first in every row (the given sources in their order)")
+    return (*start[:4], mask)
+
+
+def _ml_chunk(system, grid, y, H, codes, K, iters: int, penalty: float, n_levels: int, relax_cycles: int = 0,
+              start=None) -> SnapshotFit:
     """:func:`ml_localise` on one chunk of scenes: normalise units, the forward (adding) pass up to K_max (or one
-    source more than the largest given K), the backward (pruning) pass, ``relax_cycles`` RELAX cycles, the choice of
-    K among the first ``n_levels`` fits."""
+    source more than the largest given K; the ``start`` sources first where given), the backward (pruning) pass,
+    ``relax_cycles`` RELAX cycles, the choice of K among the first ``n_levels`` fits."""
     c128 = torch.complex128
     a_y = y.abs().square().mean((1, 2)).sqrt().to(torch.float64)
     a_h = H.abs().square().mean((1, 2)).sqrt().to(torch.float64)
@@ -355,12 +391,24 @@ def _ml_chunk(system, grid, y, H, codes, K, iters: int, penalty: float, n_levels
     B, k_top = y.shape[0], system.K_max if K is None else min(n_levels + 1, system.N - 1)
     ones = torch.ones(B, dtype=torch.float64, device=y.device)
     u, fits, picks = None, [], []
+    if start is not None:  # the given sources in the fit's units (an unused slot's r may be 0: any valid range)
+        given = start[4]
+        g_phi, g_theta = (t.to(torch.float64) for t in start[:2])
+        g_r = torch.where(given, start[2].to(torch.float64), system.r_max_m)
+        g_p = torch.where(given, start[3].to(torch.float64), 1.0) * (a_h / a_y).square()[:, None]  # mW -> normalised units
+        near = grid.fractional_index(g_phi, g_theta, g_r).round().long().clamp_min(0)
+        near = torch.minimum(near, torch.tensor(grid.shape, device=near.device) - 1)
     for k in range(1, k_top + 1):
         mask = torch.ones(B, k, dtype=torch.bool, device=y.device)
         idx, phi, theta, r, p, s2 = _start_source(system, grid, G, yn, norm2, u, mask)
-        picks.append(idx)
         new = _pack(phi[:, None], theta[:, None], r[:, None], p[:, None], s2)
         u = new if u is None else _add_source(u, new)
+        if start is not None and k <= given.shape[1]:
+            # a scene with k given sources starts its k-source fit at them, not nested: a perfect search's k-source fit
+            has = given[:, k - 1]
+            u = torch.where(has[:, None], _pack(g_phi[:, :k], g_theta[:, :k], g_r[:, :k], g_p[:, :k], _unpack(u, k)[4]), u)
+            idx = torch.where(has[:, None], near[:, k - 1], idx)
+        picks.append(idx)
         lo, hi = _fit_bounds(system, k, ones)
         u, nll = _scoring(system, G, yn, torch.minimum(torch.maximum(u, lo), hi), mask, lo, hi, iters)
         fits.append((u, nll, mask))
@@ -417,10 +465,9 @@ def _choose_fit(system, grid, fits, picks, K, penalty: float, a_y, a_h) -> Snaps
     levels = _levels(fits, a_y, a_h, system)
     nll = levels["nll"]
     k_top = nll.shape[1]
-    ks = torch.arange(1, k_top + 1, dtype=torch.float64, device=nll.device)
-    crit = mdl_criterion(nll, ks, penalty)
+    crit = mdl_criterion(nll, torch.arange(1, k_top + 1, dtype=torch.float64, device=nll.device), penalty)
     crit_out = crit if K is None else torch.full_like(crit, math.nan)
-    K = crit.argmin(1) + 1 if K is None else K
+    K = mdl_choice(nll, penalty) if K is None else K
     pick = lambda t: t[torch.arange(len(K), device=K.device), K - 1]  # noqa: E731  (the fit of K sources)
     mask = torch.arange(k_top, device=nll.device)[None, :] < K[:, None]
     phi, theta, r, p = (pick(levels[k]) for k in ("phi", "theta", "r", "power"))

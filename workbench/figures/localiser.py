@@ -1,6 +1,7 @@
 """Figures and tables of :mod:`workbench.studies.localiser` (notebook 05, README "The learned localiser"): the learned
 localiser against the ML fit per SNR (:func:`localiser_table`; given the true K, :func:`true_k_table`; misses by each
-source's SNR, :func:`miss_by_snr_table`), and one scene's matched-filter spectrum and heatmap
+source's SNR, :func:`miss_by_snr_table`; the count's frontier, :func:`frontier_table`, :func:`frontier_conclusion`,
+:func:`frontier_figure`), and one scene's matched-filter spectrum and heatmap
 with the localiser's detections, the ML fit's sources and the truth (:func:`localiser_scene_figure`)."""
 
 from __future__ import annotations
@@ -69,6 +70,65 @@ GOAL_TRUE_K_NERR = 2.0  # the same over every pair with the true K given (the pe
 GOAL_SPEEDUP = 20.0  # the ML fit's seconds per scene over the localiser's
 
 
+FRONTIER_TABLE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)  # the frontier table's columns (the figure draws every scale)
+
+
+def frontier_table(res: dict) -> list[dict]:
+    """Rows of the count's frontier (``frontier`` of the result; none when absent): per SNR and ML fit (and the fit
+    from the true sources, oracle), one column per MDL penalty scale of :data:`FRONTIER_TABLE_SCALES` (and the
+    entry's, marked with a star), "miss / false alarm" there."""
+    out = {}
+    for f in res.get("frontier", []):
+        if f["scale"] not in FRONTIER_TABLE_SCALES and not f["entry"]:
+            continue
+        row = out.setdefault((f["snr_db"], f["estimator"]), {"SNR dB": fmt(f["snr_db"]), "estimator": f["estimator"],
+                                                              "oracle": f["oracle"]})
+        label = f"x{fmt(f['scale'])}" + ("*" if f["entry"] else "")
+        row[label] = f"{fmt(f['miss_rate']['value'])} / {fmt(f['false_alarm_rate']['value'])}"
+    return list(out.values())
+
+
+def frontier_conclusion(res: dict) -> str:
+    """One sentence per SNR, computed from the result's ``frontier``: whether any MDL penalty of the count over the
+    perfect search (the fit from the true sources, oracle) meets the detection goals (:data:`GOALS` of the strongest ML
+    fit's rates at the entry's penalty) and :data:`GOAL_K_ACCURACY`; empty without a frontier. A goal that no penalty
+    meets on the perfect search is beyond the MDL count itself, whatever proposes the sources."""
+    front = res.get("frontier", [])
+    if not front:
+        return ""
+    lines = []
+    for snr in res["snr_db"]:
+        at = [f for f in front if f["snr_db"] == snr]
+        name = next(n for n in STRONGEST_ML if any(f["estimator"] == n for f in at))
+        ref = next(f for f in at if f["estimator"] == name and f["entry"])
+        goal_m, goal_f = (GOALS[k] * ref[k]["value"] for k in ("miss_rate", "false_alarm_rate"))
+        truth = [f for f in at if f["oracle"] == "true locations"]
+        both = [f for f in truth if f["miss_rate"]["value"] <= goal_m and f["false_alarm_rate"]["value"] <= goal_f]
+        within_fa = [f for f in truth if f["false_alarm_rate"]["value"] <= goal_f]
+        best_m = min(within_fa, key=lambda f: f["miss_rate"]["value"]) if within_fa else None
+        best_k = max(truth, key=lambda f: f["k_accuracy"]["value"])
+        head = (f"- **{fmt(snr)} dB**: the goal is at most {fmt(goal_m)} missed and {fmt(goal_f)} false alarms ({fmt(GOALS['miss_rate'])}x "
+                f"the {name}'s at x{fmt(res['mdl_scale'])}). ")
+        if both:
+            f = min(both, key=lambda f: f["scale"])
+            head += (f"The perfect search (oracle) meets both at x{fmt(f['scale'])}: {fmt(f['miss_rate']['value'])} / "
+                     f"{fmt(f['false_alarm_rate']['value'])}, so a better search could; ")
+        elif best_m is not None:
+            m = best_m["miss_rate"]
+            decided = ("its interval excludes the goal: no MDL penalty reaches it even on a perfect search" if m["lo"] > goal_m
+                       else "its interval reaches the goal: not decided at this many scenes")
+            head += (f"The perfect search (oracle) meets the two at no penalty: where its false alarms are within the goal "
+                     f"(x{fmt(best_m['scale'])}, the least such) it misses {fmt(m['value'])} [{fmt(m['lo'])}, {fmt(m['hi'])}], "
+                     f"{decided}; ")
+        else:
+            head += "The perfect search (oracle) keeps more false alarms than the goal at every penalty; "
+        ok = best_k["k_accuracy"]["value"] >= GOAL_K_ACCURACY
+        head += (f"its best K accuracy is {fmt(best_k['k_accuracy']['value'])} at x{fmt(best_k['scale'])} "
+                 f"({'reaches' if ok else 'below'} the goal of {fmt(GOAL_K_ACCURACY)}).")
+        lines.append(head)
+    return "\n".join(lines)
+
+
 def localiser_conclusion(res: dict) -> str:
     """One sentence per SNR, computed from a :func:`workbench.studies.localiser.localiser_vs_ml` result: each goal
     (:data:`GOALS`, :data:`GOAL_K_ACCURACY`, :data:`GOAL_NERR`, :data:`GOAL_SPEEDUP`) met or missed, with the measured
@@ -130,7 +190,51 @@ def localiser_markdown(summary: dict) -> str:
         parts += ["Miss rate by each true source's per-snapshot array SNR (p_k mean_l ||G_l a_k||² / σ², from the true powers "
                   "and noise variance: for the analysis only), each estimator counting for itself:",
                   markdown_table(miss_by_snr_table(summary))]
+    if frontier_table(summary):
+        parts += ["The count's frontier: miss / false-alarm rate of each ML fit with its count re-chosen at other MDL penalties "
+                  "(multiples of Rissanen's log(L)/2 per real parameter; * the fits' own), and of the nested fits started from "
+                  "the true sources, strongest first (oracle \"true locations\": a perfect search, counted by the same likelihood):",
+                  markdown_table(frontier_table(summary)), frontier_conclusion(summary)]
     return "\n\n".join([*parts, localiser_conclusion(summary)]) + "\n"
+
+
+def frontier_figure(res: dict) -> Figure:
+    """One panel per SNR: miss rate against false-alarm rate of each ML fit as its MDL penalty moves (the result's
+    ``frontier``; the fits' own penalty ringed), the perfect search's (oracle) dashed, the localiser's own point, and
+    the goal's corner (:data:`GOALS` of the strongest fit's rates) shaded; the axes span the operating points (false
+    alarms up to 4x the largest at an entry penalty or the localiser's)."""
+    snrs = res["snr_db"]
+    fig, axes = plt.subplots(1, len(snrs), figsize=(WIDTH_IN, 3.0), layout="constrained", squeeze=False)
+    rows = {(r["snr_db"], r["estimator"]): r for r in res["rows"] if r.get("oracle", "none") == "none"}
+    for ax, snr in zip(axes[0], snrs):
+        at = [f for f in res.get("frontier", []) if f["snr_db"] == snr]
+        for name in dict.fromkeys(f["estimator"] for f in at):
+            pts = [f for f in at if f["estimator"] == name]
+            xs, ys = [f["false_alarm_rate"]["value"] for f in pts], [f["miss_rate"]["value"] for f in pts]
+            line, = ax.plot(xs, ys, marker=".", ls="--" if pts[0]["oracle"] != "none" else "-",
+                            label=name + (" (oracle)" if pts[0]["oracle"] != "none" else ""))
+            for f in pts:
+                if f["entry"]:
+                    ax.plot(f["false_alarm_rate"]["value"], f["miss_rate"]["value"], "o", mfc="none", mec=line.get_color(), ms=9)
+        if (snr, "localiser") in rows:
+            st = rows[snr, "localiser"]["stats"]
+            ax.plot(st["false_alarm_rate"]["value"], st["miss_rate"]["value"], "*", color="k", ms=11, label="localiser")
+        name = next((n for n in STRONGEST_ML if any(f["estimator"] == n and f["entry"] for f in at)), None)
+        if name is not None:
+            ref = next(f for f in at if f["estimator"] == name and f["entry"])
+            gx, gy = GOALS["false_alarm_rate"] * ref["false_alarm_rate"]["value"], GOALS["miss_rate"] * ref["miss_rate"]["value"]
+            ax.fill_between([0, gx], 0, gy, color="tab:green", alpha=0.25, lw=0, label="goal")
+        # the region around the operating points: 4x the largest false-alarm rate at an entry penalty or the localiser's
+        own = [f["false_alarm_rate"]["value"] for f in at if f["entry"]]
+        if (snr, "localiser") in rows:
+            own.append(rows[snr, "localiser"]["stats"]["false_alarm_rate"]["value"])
+        x_hi = 4 * max(own, default=0.0) or None
+        inside = [f["miss_rate"]["value"] for f in at if x_hi is None or f["false_alarm_rate"]["value"] <= x_hi]
+        ax.set(xlabel="false-alarm rate", ylabel="miss rate", title=f"{fmt(snr)} dB", xlim=(0, x_hi),
+               ylim=(0, 1.15 * max(inside, default=0.0) or None))
+        ax.grid(alpha=0.3)
+    legend_outside(axes[0, -1])
+    return fig
 
 
 def localiser_scene_figure(view: dict) -> Figure:

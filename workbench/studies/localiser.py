@@ -3,16 +3,18 @@ same scenes and device: every source's location scored against its own Cramer-Ra
 NMSE and the seconds per scene (README, "The learned localiser"; notebook 05; benchmarks/bench_localiser.py).
 
 Every estimator is scored on its own sources, directly (no MUSIC in between): the localiser's decoded and refined
-detections (:class:`workbench.detector.Sources`) and the ML fits' MDL fits (:func:`workbench.ml_fit.ml_localise`,
-K by MDL; plain, and with a RELAX cycle: the strongest baseline). None sees K, the noise variance or R_true. A second
-set of rows gives each the true K (oracle knowledge, labelled so): the RMSE peers report; beside them the likelihood
+detections (:class:`workbench.detector.Sources`) and the ML fits' MDL fits (:func:`workbench.ml_fit.ml_localise`, K by
+MDL; plain, and with a RELAX cycle: the strongest baseline). None sees K, the noise variance or R_true. A second set
+of rows gives each the true K (oracle knowledge, labelled so): the RMSE peers report; beside them the likelihood
 scored from the true locations (oracle, labelled so) shows what a perfect search would reach, and how many of each ML
 fit's misses are search failures. Misses are also binned by each true source's array SNR (from the truth, for the
-analysis only). Scoring: :func:`workbench.metrics.score_sources` with the
-per-source CRB (:func:`workbench.likelihood.crb_for`), the detection gate of :data:`workbench.metrics.GATE_SIGMAS`
-floored at one step of the default search grid (as :func:`.localisation.localisation_vs_snr`), 95 % bootstrap
-intervals over scenes. NMSE: ||R_hat - R_true||_F^2 / ||R_true||_F^2 of the trace-normalised matrices (no fitted
-constant for either). Data in, rows out.
+analysis only). The count's frontier: every ML fit's miss and false-alarm rates as its MDL penalty moves (the count
+re-chosen among the same nested fits), beside those of the nested fits started from the true sources (oracle: a
+perfect search, counted by the same likelihood), against which the detection goals are checked. Scoring:
+:func:`workbench.metrics.score_sources` with the per-source CRB (:func:`workbench.likelihood.crb_for`), the detection
+gate of :data:`workbench.metrics.GATE_SIGMAS` floored at one step of the default search grid (as
+:func:`.localisation.localisation_vs_snr`), 95 % bootstrap intervals over scenes. NMSE: ||R_hat - R_true||_F^2 /
+||R_true||_F^2 of the trace-normalised matrices (no fitted constant for either). Data in, rows out.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..forward import forward, rsamp_cache
 from ..grid import Grid
 from ..likelihood import array_snr, crb_for
 from ..metrics import GATE_SIGMAS, mean_interval, miss_rate_by, score_sources, summarise
-from ..ml_fit import ml_localise, ml_refine
+from ..ml_fit import MDL_SCALE, mdl_penalty, ml_localise, ml_refine
 from ..physics import SceneBatch, source_covariance
 from .localisation import _finite_summary, snr_batch, snr_scene_seed
 
@@ -41,6 +43,9 @@ RELAX_CYCLES = 1  # the stronger baseline's RELAX cycles (ml_localise's relax_cy
 TRUTH_ITERS = 25  # scoring steps of the fit started at the true locations (ml_localise's iters)
 SEARCH_MARGIN = 1.0  # nats: a fit of the true K is a search failure where the fit from the truth is this much more likely
 SNR_BINS_DB = (-math.inf, 5.0, 10.0, 15.0, math.inf)  # per-source array SNR bins of the misses (dB per snapshot)
+# the frontier's MDL penalties, in multiples of Rissanen's log(L) / 2 per real parameter (the fits count at MDL_SCALE)
+FRONTIER_SCALES = tuple(0.25 * i for i in range(1, 17))  # 0.25 .. 4
+FRONTIER_STATS = ("miss_rate", "false_alarm_rate", "k_accuracy")
 
 
 def with_entry_decoding(run: TrainResult) -> TrainResult:
@@ -86,7 +91,8 @@ def run_localiser(run, batch: SceneBatch, batch_size: int = 64, true_count: bool
 
 
 def localiser_vs_ml(run, snrs_db: Sequence[float], n_per_snr: int, seed: int = 0, split: str = "dev", device=None,
-                    batch_size: int = 64, n_boot: int = 1000, gate: float = GATE_SIGMAS, true_k: bool = True) -> dict:
+                    batch_size: int = 64, n_boot: int = 1000, gate: float = GATE_SIGMAS, true_k: bool = True,
+                    frontier_scales: Sequence[float] = FRONTIER_SCALES) -> dict:
     """The localiser ``run`` and the ML fit on ``n_per_snr`` scenes of ``split`` at each SNR (the scenes of
     :func:`.localisation.localisation_vs_snr` with the same seed and split), on ``device`` (default: the run's).
 
@@ -98,6 +104,10 @@ def localiser_vs_ml(run, snrs_db: Sequence[float], n_per_snr: int, seed: int = 0
     likelihood scored from the true locations ("ML fit from the truth", oracle "true locations": what a perfect
     search would find; :data:`TRUTH_ITERS` steps of :func:`workbench.ml_fit.ml_refine`), against which each ML
     fit's misses are split into search failures and not (:func:`search_failures`).
+    The count's frontier (``frontier_scales``, multiples of Rissanen's penalty; empty: none): each ML fit's count
+    re-chosen among its nested fits at each penalty (:meth:`~workbench.ml_fit.SnapshotFit.count_at`), and so the
+    nested fits from the true sources, strongest first by true array SNR (``ml_localise(start=...)``, oracle "true
+    locations": a perfect search; its count by the likelihood alone, :func:`count_frontier`).
 
     Returns {"snr_db", "n_per_snr", "split", "seed", "gate", "device", "rows": [{"snr_db", "estimator" (one of
     :data:`ESTIMATORS`), "oracle" (one of :data:`ORACLES`), "stats": {statistic: {"value", "lo", "hi"}}
@@ -105,11 +115,13 @@ def localiser_vs_ml(run, snrs_db: Sequence[float], n_per_snr: int, seed: int = 0
     "estimator", "bins": :func:`workbench.metrics.miss_rate_by` rows}] (oracle "none"; each true source binned by its
     per-snapshot array SNR in dB, :func:`workbench.likelihood.array_snr` with the true powers and noise variance, bins
     :data:`SNR_BINS_DB`: analysis only, no estimator sees it), "search": [{"snr_db", "estimator" (each ML fit),
-    :func:`search_failures`' fields}] (with ``true_k``), "search_margin" (:data:`SEARCH_MARGIN`)}."""
+    :func:`search_failures`' fields}] (with ``true_k``), "search_margin" (:data:`SEARCH_MARGIN`), "frontier": [{"snr_db",
+    "estimator", "oracle", "scale", "entry" (the scale the fits count at), statistic: {"value", "lo", "hi"} for
+    :data:`FRONTIER_STATS`}], "frontier_scales", "mdl_scale" (:data:`workbench.ml_fit.MDL_SCALE`)}."""
     system = run.config.system
     dev = next(run.model.parameters()).device if device is None else torch.device(device)
     floor = Grid.default(system).steps().tolist()
-    rows, by_snr, search = [], [], []
+    rows, by_snr, search, frontier = [], [], [], []
     for i, snr in enumerate(snrs_db):
         scene_seed = snr_scene_seed(seed, i, split)
         batch = snr_batch(system, snr, n_per_snr, scene_seed, dev)
@@ -136,6 +148,14 @@ def localiser_vs_ml(run, snrs_db: Sequence[float], n_per_snr: int, seed: int = 0
             *at_truth, nll_truth = ml_refine(batch.y, batch.H, batch.codes, system, *truth, iters=TRUTH_ITERS, with_nll=True)
             estimates[("ML fit from the truth", "true locations")] = (
                 *at_truth[:3], batch.mask, source_covariance(system, *at_truth[:3], at_truth[3], batch.mask), time.perf_counter() - t0)
+        if frontier_scales:
+            order = torch.where(batch.mask, snr_k, -math.inf).argsort(1, descending=True)  # strongest true source first
+            start = tuple(t.gather(1, order) for t in (batch.phi, batch.theta, batch.r, batch.power, batch.mask))
+            fits["ML fit from the truth"] = ml_localise(batch.y, batch.H, batch.codes, system, start=start)
+            for name, fit in fits.items():
+                oracle = "true locations" if name == "ML fit from the truth" else "none"
+                frontier += [{"snr_db": float(snr), "estimator": name, "oracle": oracle, **row}
+                             for row in count_frontier(fit, batch, system, crb_k, frontier_scales, floor, gate, n_boot, scene_seed)]
         scored = {}
         for (name, oracle), (phi, theta, r, mask, R_hat, seconds) in estimates.items():
             scores = scored[name, oracle] = score_sources(phi, theta, r, mask, *truth, crb_k, floor=floor, gate=gate)
@@ -147,12 +167,31 @@ def localiser_vs_ml(run, snrs_db: Sequence[float], n_per_snr: int, seed: int = 0
                 by_snr.append({"snr_db": float(snr), "estimator": name,
                                "bins": miss_rate_by(scores, batch.mask, snr_k, SNR_BINS_DB, n_boot=n_boot, seed=scene_seed)})
         if true_k:
-            for name, fit in fits.items():
+            for name in ("ML fit", "ML fit + RELAX"):
+                fit = fits[name]
                 search.append({"snr_db": float(snr), "estimator": name,
                                **search_failures(fit.levels["nll"], batch.K, nll_truth, scored[name, "true K"])})
     return {"snr_db": [float(s) for s in snrs_db], "n_per_snr": n_per_snr, "split": split, "seed": seed, "gate": gate,
             "device": str(dev), "rows": rows, "miss_by_snr": by_snr, "search": search,
-            "search_margin": SEARCH_MARGIN}
+            "search_margin": SEARCH_MARGIN, "frontier": frontier, "frontier_scales": [float(x) for x in frontier_scales],
+            "mdl_scale": MDL_SCALE}
+
+
+def count_frontier(fit, batch: SceneBatch, system, crb_k, scales: Sequence[float], floor, gate: float, n_boot: int,
+                   seed: int) -> list[dict]:
+    """The detection statistics of an ML fit (:class:`~workbench.ml_fit.SnapshotFit` of ``batch``) as its MDL
+    penalty moves: at each of ``scales`` (multiples of Rissanen's log(L) / 2 per real parameter) the count re-chosen
+    among its nested fits, those sources scored as the table's rows are (``crb_k``, ``floor``, ``gate``; intervals over
+    ``n_boot`` resamples seeded by ``seed``). Returns [{"scale", "entry" (True at :data:`~workbench.ml_fit.MDL_SCALE`),
+    statistic: {"value", "lo", "hi"} for :data:`FRONTIER_STATS`}], one per scale."""
+    per_unit = mdl_penalty(system) / MDL_SCALE
+    out = []
+    for scale in scales:
+        phi, theta, r, _, mask = fit.sources_of(fit.count_at(scale * per_unit), system)
+        stats = summarise(score_sources(phi, theta, r, mask, batch.phi, batch.theta, batch.r, batch.mask, crb_k, floor=floor,
+                                        gate=gate), n_boot=n_boot, seed=seed)
+        out.append({"scale": float(scale), "entry": math.isclose(scale, MDL_SCALE), **{k: stats[k] for k in FRONTIER_STATS}})
+    return out
 
 
 def search_failures(levels_nll: torch.Tensor, K: torch.Tensor, nll_truth: torch.Tensor, scores) -> dict:
