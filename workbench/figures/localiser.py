@@ -202,7 +202,7 @@ def frontier_figure(res: dict) -> Figure:
     """One panel per SNR: miss rate against false-alarm rate of each ML fit as its MDL penalty moves (the result's
     ``frontier``; the fits' own penalty ringed), the perfect search's (oracle) dashed, the localiser's own point, and
     the goal's corner (:data:`GOALS` of the strongest fit's rates) shaded; the axes span the operating points (false
-    alarms up to 4x the largest at an entry penalty or the localiser's)."""
+    alarms up to 4x the largest at an entry penalty or the localiser's, and the localiser's misses)."""
     snrs = res["snr_db"]
     fig, axes = plt.subplots(1, len(snrs), figsize=(WIDTH_IN, 3.0), layout="constrained", squeeze=False)
     rows = {(r["snr_db"], r["estimator"]): r for r in res["rows"] if r.get("oracle", "none") == "none"}
@@ -230,6 +230,8 @@ def frontier_figure(res: dict) -> Figure:
             own.append(rows[snr, "localiser"]["stats"]["false_alarm_rate"]["value"])
         x_hi = 4 * max(own, default=0.0) or None
         inside = [f["miss_rate"]["value"] for f in at if x_hi is None or f["false_alarm_rate"]["value"] <= x_hi]
+        if (snr, "localiser") in rows:
+            inside.append(rows[snr, "localiser"]["stats"]["miss_rate"]["value"])
         ax.set(xlabel="false-alarm rate", ylabel="miss rate", title=f"{fmt(snr)} dB", xlim=(0, x_hi),
                ylim=(0, 1.15 * max(inside, default=0.0) or None))
         ax.grid(alpha=0.3)
