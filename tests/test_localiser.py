@@ -505,13 +505,16 @@ def test_the_frontier_conclusion_says_whether_a_perfect_search_meets_the_goal():
     """frontier_conclusion reads the perfect search's points against half the RELAX fit's rates: met where one scale
     is inside both (naming the least such scale), "excludes the goal" where the fewest misses within the false-alarm
     goal sit above the miss goal with their interval, "not decided" where the interval reaches it; the K-accuracy goal
-    from the best scale. frontier_figure draws one panel per SNR with every estimator and the goal."""
+    from the best scale; each row's misses against the perfect search's fewest at no more false alarms. frontier_figure
+    draws one panel per SNR with every estimator and the goal."""
     from workbench.figures.localiser import frontier_conclusion, frontier_figure, frontier_table
 
     met = frontier_conclusion(_frontier_result({1.0: (0.05, 0.02, 0.8), 2.0: (0.015, 0.003, 0.96), 3.0: (0.012, 0.001, 0.97)}))
     assert "meets both at x2" in met and "0.015 / 0.003" in met and "0.97 at x3 (reaches" in met
     beyond = frontier_conclusion(_frontier_result({1.0: (0.03, 0.02, 0.85), 2.0: (0.06, 0.003, 0.88)}))
     assert "(x2, the least such) it misses 0.06" in beyond and "excludes the goal" in beyond and "(below the goal" in beyond
+    # each row's misses against the perfect search's fewest at no more false alarms (here x2's 0.06 at 0.003 <= 0.008)
+    assert "localiser 0.04 against 0.06 (0.667x)" in beyond and "ML fit + RELAX 0.04 against 0.06" in beyond
     close = frontier_conclusion(_frontier_result({2.0: (0.025, 0.003, 0.9)}))
     assert "reaches the goal: not decided" in close
     assert "more false alarms than the goal" in frontier_conclusion(_frontier_result({2.0: (0.01, 0.02, 0.9)}))

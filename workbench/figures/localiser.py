@@ -91,8 +91,10 @@ def frontier_table(res: dict) -> list[dict]:
 def frontier_conclusion(res: dict) -> str:
     """One sentence per SNR, computed from the result's ``frontier``: whether any MDL penalty of the count over the
     perfect search (the fit from the true sources, oracle) meets the detection goals (:data:`GOALS` of the strongest ML
-    fit's rates at the entry's penalty) and :data:`GOAL_K_ACCURACY`; empty without a frontier. A goal that no penalty
-    meets on the perfect search is beyond the MDL count itself, whatever proposes the sources."""
+    fit's rates at the entry's penalty) and :data:`GOAL_K_ACCURACY`, and each estimator's misses against the fewest of
+    the perfect search at a false-alarm rate no higher than its own (how far it is from a perfect search, as nerr is
+    from the bound); empty without a frontier. A goal that no penalty meets on the perfect search is beyond the MDL
+    count itself, whatever proposes the sources."""
     front = res.get("frontier", [])
     if not front:
         return ""
@@ -125,6 +127,17 @@ def frontier_conclusion(res: dict) -> str:
         ok = best_k["k_accuracy"]["value"] >= GOAL_K_ACCURACY
         head += (f"its best K accuracy is {fmt(best_k['k_accuracy']['value'])} at x{fmt(best_k['scale'])} "
                  f"({'reaches' if ok else 'below'} the goal of {fmt(GOAL_K_ACCURACY)}).")
+        gaps = []
+        for r in res["rows"]:
+            if r["snr_db"] != snr or r.get("oracle", "none") != "none":
+                continue
+            fa, miss = r["stats"]["false_alarm_rate"]["value"], r["stats"]["miss_rate"]["value"]
+            floor = min((f["miss_rate"]["value"] for f in truth if f["false_alarm_rate"]["value"] <= fa), default=None)
+            if floor is not None:
+                gaps.append(f"{r['estimator']} {fmt(miss)} against {fmt(floor)} ({fmt(miss / floor) if floor > 0 else 'inf'}x)")
+        if gaps:
+            head += (" Misses against the perfect search's fewest at no more false alarms (the excess over a perfect "
+                     "search): " + "; ".join(gaps) + ".")
         lines.append(head)
     return "\n".join(lines)
 
