@@ -101,7 +101,17 @@ def test_the_table_holds_the_references_and_the_fitted_baselines(study):
     nmse = {r["predictor"]: r for r in result["nmse"]}
     assert rows["scaled identity"]["nmse"] == nmse["identity"]["nmse_ci"] and rows["scaled identity"]["localisation"] is None
     assert "noise variance" in rows["beamscan R_samp (a B + c I)"]["oracle"]
-    assert rows["physics baseline: ML from snapshots (a X + c I)"]["oracle"].startswith("none")
+    phys = rows["physics baseline: ML from snapshots (a X + c I)"]
+    assert phys["oracle"].startswith("none") and phys["penalty_scale"] == nmse["physics_affine"]["penalty_scale"]
+    from workbench.studies.baselines import PHYSICS_SCALES
+
+    assert phys["penalty_scale"] in PHYSICS_SCALES and "penalty_scale" not in rows["scaled identity"]
+    # the conclusion names the fitted penalty where the physics baseline is the best one
+    best = min((r for r in result["table"] if r["kind"] == "baseline" and r["nmse"]), key=lambda r: r["nmse"]["value"])
+    text = fig_compare.conclusion(result)
+    assert (f"MDL penalty (x{phys['penalty_scale']:g}" in text) == (best is phys)
+    only_physics = {**result, "table": [r for r in result["table"] if r["kind"] != "baseline" or r is phys]}
+    assert f"MDL penalty (x{phys['penalty_scale']:g} Rissanen's" in fig_compare.conclusion(only_physics)
     assert rows["recommended: R_pred"]["oracle"].startswith("true noise variance") and rows["seed_fix2: R_pred"]["oracle"] == "none"
     # the beamscan baselines came from the R_samp caches: the same numbers as from their own source
     cfg = E.entry_config("recommended", E.budget_overrides("tiny"))

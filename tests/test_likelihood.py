@@ -19,7 +19,7 @@ from workbench import localisation as E
 from workbench import metrics as M
 from workbench import ml_fit as MF
 from workbench.config import ConfigError, SystemConfig
-from workbench.covariance import hermitise, nmse, reference
+from workbench.covariance import hermitise, nmse, reference, trace_normalise
 from workbench.estimators import sample_covariance
 from workbench.physics import measurement_matrices, simulate, steering
 from workbench.studies import baselines as BL
@@ -315,7 +315,8 @@ def test_nmse_by_snr_bins_every_scene_once():
 def test_baseline_rows_on_a_small_system():
     """Every baseline on a 4 x 4 RIS: constants fitted on training scenes, rows with per-SNR NMSE; the fitted
     (a, c) of beamscan_affine is never worse on the training scenes than beamscan_scaled's a, nor that than
-    nothing fitted; the physics baseline from precomputed covariances gives the same row as from its source."""
+    nothing fitted; the physics baseline counts at the MDL penalty that fits the training scenes best, and its
+    covariances at that penalty, given precomputed, give the same row."""
     system = SystemConfig(N_H=4, N_V=4, M=8, L=8, K_max=2)
     train, val = simulate(system, 12, seed=1), simulate(system, 8, seed=2)
     rows = BL.baseline_rows(train, val, system, names=("identity", "beamscan_scaled", "beamscan_affine"), edges=(-5.0, 7.5, 20.0))
@@ -326,11 +327,18 @@ def test_baseline_rows_on_a_small_system():
     st = BL.source_stats(BL.rsamp_source(system, "beamscan"), train)
     assert st.nmse(by["beamscan_affine"]["a"], by["beamscan_affine"]["c"]).mean() <= st.nmse(by["beamscan_scaled"]["a"], 0.0).mean() + 1e-12
     assert st.nmse(by["beamscan_scaled"]["a"], 0.0).mean() <= st.nmse(1.0, 0.0).mean() + 1e-12
-    src = BL.physics_source(system)
-    pre = (torch.cat([src(train[i:i + 6]) for i in (0, 6)]), src(val))
+    # the physics baseline counts at the MDL penalty whose fitted a X + c I fits the training scenes best, and that
+    # row is the one its covariances at that penalty give
     from_source = BL.baseline_rows(train, val, system, names=("physics_affine",), edges=(-5.0, 20.0))[0]
+    per = BL.physics_stats(system, (train, val))
+    fitted = {x: st[0].nmse(*BL.fit_constants(st[0])).mean().item() for x, st in per.items()}
+    assert from_source["penalty_scale"] in BL.PHYSICS_SCALES and fitted[from_source["penalty_scale"]] == min(fitted.values())
+    unit = MF.mdl_penalty(system) / MF.MDL_SCALE
+    fits = [MF.ml_fit_for(b, system) for b in (train, val)]
+    pre = tuple(trace_normalise(f.covariance(system, K=f.count_at(from_source["penalty_scale"] * unit))) for f in fits)
     from_tensors = BL.baseline_rows(train, val, system, names=("physics_affine",), edges=(-5.0, 20.0), sources={"physics_affine": pre})[0]
     assert from_source["a"] == pytest.approx(from_tensors["a"], rel=1e-6) and from_source["nmse"] == pytest.approx(from_tensors["nmse"], rel=1e-6)
+    assert "penalty_scale" not in from_tensors
     verdict = BL.beats_every_baseline(rows + [BL.network_row("net", torch.zeros(8), val.snr_db, (-5.0, 7.5, 20.0))], "net")
     assert verdict["overall"] and all(verdict["by_snr"])
 

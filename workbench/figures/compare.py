@@ -81,8 +81,10 @@ def conclusion(result: dict) -> str:
             verdict = "is lower, but the intervals overlap: not a claim"
         else:
             verdict = "does not beat it"
+        fitted = "constants" + (f" and its MDL penalty (x{best_b['penalty_scale']:g} Rissanen's; its localisation counts at the default)"
+                                if best_b.get("penalty_scale") is not None else "")
         lines.append(f"- Best trained test NMSE: {best_t['row']} {ci(best_t['nmse'])}; best baseline: {best_b['row']} {ci(best_b['nmse'])} "
-                     f"(constants fitted on the training scenes). The network {verdict}.")
+                     f"({fitted} fitted on the training scenes). The network {verdict}.")
     snrs = next((list(r["localisation"]) for r in rows if r["localisation"]), [])
     if snrs:
         s = snrs[-1]

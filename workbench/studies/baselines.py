@@ -13,14 +13,19 @@ beamscan_scaled   beamscan R_samp, hermitised, trace-normalised         a (c = 0
 beamscan_affine   the same                                              a and c           the true noise variance (1)
 beamscan_est_     the beamscan R_samp with the noise variance estimated  a and c           none
 affine            from the snapshots (``beamscan_est``)
-physics_affine    sum_k p_k a_k a_k^H of the ML fit from the            a and c           none (K estimated by MDL);
-                  snapshots (:func:`workbench.ml_fit.ml_localise`),                  the true K with physics_K="true"
+physics_affine    sum_k p_k a_k a_k^H of the ML fit from the            a, c and the      none (K estimated by MDL);
+                  snapshots (:func:`workbench.ml_fit.ml_localise`),     MDL penalty (2)   the true K with physics_K="true"
                   trace-normalised
 ================  ====================================================  ================  ===============================
 
 (1) :func:`workbench.estimators.beamscan_covariance` fits the picked powers with the simulator's noise variance
 (``batch.noise_var``); a receiver would have to estimate it. The R_ref of the training scenes is used by every
 fit (as by the network's training). With trace-normalised R_ref (trace N) the best scaled identity is c = 1.
+(2) The ML fit's count serves detection at its default penalty (:data:`workbench.ml_fit.MDL_SCALE`); a covariance
+gains from weak sources that detection would not keep. So the physics baseline counts at the penalty of
+:data:`PHYSICS_SCALES` whose a X + c I fits the training scenes best (:func:`physics_stats`: one fit per scene, its
+count moved by :meth:`~workbench.ml_fit.SnapshotFit.count_at`): the strongest simple baseline, chosen without the
+scenes it is scored on.
 
 Fitting and scoring need only five numbers per scene (:class:`AffineStats`), so no [n,N,N] batch is kept.
 """
@@ -38,7 +43,7 @@ from ..covariance import nmse, reference, trace, trace_normalise
 from ..estimators import oracle_knowledge
 from ..forward import forward, rsamp_cache
 from ..metrics import mean_interval
-from ..ml_fit import ml_fit_for
+from ..ml_fit import MDL_SCALE, mdl_penalty, ml_fit_for
 from ..physics import SceneBatch
 
 BASELINES = ("identity", "beamscan_scaled", "beamscan_affine", "beamscan_est_affine", "physics_affine")
@@ -49,8 +54,10 @@ ORACLE = {
     "beamscan_scaled": f"{oracle_knowledge('beamscan')} (beamscan power fit)",
     "beamscan_affine": f"{oracle_knowledge('beamscan')} (beamscan power fit)",
     "beamscan_est_affine": f"{oracle_knowledge('beamscan_est')} (noise variance estimated)",
-    "physics_affine": "none (K by MDL)",
+    "physics_affine": "none (K by MDL, its penalty fitted on the training scenes)",
 }
+# the physics baseline's candidate MDL penalties, in multiples of Rissanen's log(L) / 2 per real parameter (footnote 2)
+PHYSICS_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # 0: every fit keeps K_max sources
 SNR_EDGES = (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0)  # the default system's SNR range in 5 dB bands
 
 
@@ -127,6 +134,26 @@ def source_stats(source: Callable[[SceneBatch], torch.Tensor], batch: SceneBatch
     return AffineStats.cat(parts)
 
 
+def physics_stats(system: SystemConfig, batches: Sequence[SceneBatch], scales: Sequence[float] = PHYSICS_SCALES,
+                  chunk: int = 64) -> dict[float, list[AffineStats]]:
+    """{scale: [:class:`AffineStats` of each batch]} of the ML fit's covariance (:func:`physics_source`'s, trace-normalised)
+    with its count at each MDL penalty of ``scales`` (multiples of Rissanen's), against reference(R_true): one fit per
+    scene (``chunk`` at a time), its count moved among its nested fits (:meth:`~workbench.ml_fit.SnapshotFit.count_at`)."""
+    unit = mdl_penalty(system) / MDL_SCALE
+    out: dict[float, list[AffineStats]] = {float(x): [] for x in scales}
+    for batch in batches:
+        parts: dict[float, list[AffineStats]] = {x: [] for x in out}
+        for s in range(0, len(batch), chunk):
+            b = batch[s:s + chunk]
+            with torch.no_grad():
+                fit, R = ml_fit_for(b, system), reference(b.R_true)
+                for x in out:
+                    parts[x].append(AffineStats.of(trace_normalise(fit.covariance(system, K=fit.count_at(x * unit))), R))
+        for x in out:
+            out[x].append(AffineStats.cat(parts[x]))
+    return out
+
+
 def fit_constants(stats: AffineStats, slope: bool = True, intercept: bool = True) -> tuple[float, float]:
     """(a, c) minimising the mean NMSE of a X + c I over the scenes of ``stats`` (closed form: weighted least
     squares with weights 1/||R||^2). ``slope`` False fixes a = 0, ``intercept`` False fixes c = 0."""
@@ -171,7 +198,9 @@ def baseline_rows(
     ``sources`` overrides the covariance source of a name: a callable(batch) -> X, or a pair of precomputed
     X (train, val) [n,N,N] for the scenes of ``train`` (its first ``max_fit_scenes``) and ``val``.
     Returns one row per name: {"predictor", "a", "c", "oracle", "nmse" (mean over val), "nmse_median",
-    "by_snr": :func:`nmse_by_snr`}."""
+    "by_snr": :func:`nmse_by_snr`}; the physics baseline counted by MDL (``physics_K`` None, no ``sources`` given for
+    it) also has "penalty_scale", the one of :data:`PHYSICS_SCALES` whose fitted a X + c I has the lowest mean NMSE
+    on the fitting scenes (:func:`physics_stats`)."""
     unknown = sorted(set(names) - set(BASELINES))
     if unknown:
         raise ConfigError(f"baselines: unknown name(s) {unknown}; allowed: {list(BASELINES)}")
@@ -182,6 +211,12 @@ def baseline_rows(
     for name in names:
         src = srcs[name]
         key = id(src)  # beamscan_scaled and beamscan_affine share one source: compute it once
+        extra = {}
+        if name == "physics_affine" and physics_K is None and name not in (sources or {}):
+            per = physics_stats(system, (fit_set, val))
+            nmse_fit = {x: st[0].nmse(*fit_constants(st[0], *FITTED[name])).mean().item() for x, st in per.items()}
+            scale = min(nmse_fit, key=nmse_fit.get)
+            cache[key], extra = tuple(per[scale]), {"penalty_scale": scale}
         if key not in cache:
             if isinstance(src, tuple):
                 cache[key] = (AffineStats.of(src[0], reference(fit_set.R_true)), AffineStats.of(src[1], reference(val.R_true)))
@@ -190,7 +225,7 @@ def baseline_rows(
         st_train, st_val = cache[key]
         a, c = fit_constants(st_train, *FITTED[name])
         oracle = ORACLE[name] if not (name == "physics_affine" and physics_K == "true") else "true K"
-        rows.append(_row(name, a, c, oracle, st_val.nmse(a, c), val.snr_db, edges))
+        rows.append({**_row(name, a, c, oracle, st_val.nmse(a, c), val.snr_db, edges), **extra})
     return rows
 
 

@@ -165,7 +165,8 @@ def results_rows(result: dict) -> list[dict]:
     "nmse": {"value", "lo", "hi"} (mean over the test scenes, 95 % bootstrap interval; None where it does not apply),
     "localisation": {snr: {"true_k": {statistic: {"value", "lo", "hi"}}, "own_k": {...}}} at every SNR that was run
     (the statistics of :data:`workbench.metrics.STATISTICS`; None for rows without a covariance to localise from),
-    "skipped", "train_seconds"}."""
+    "skipped", "train_seconds"}; the physics baseline's row also "penalty_scale" (the MDL penalty its NMSE counts at,
+    fitted on the training scenes: :func:`.baselines.baseline_rows`)."""
     loc, nmse_rows = result["localisation"], {r["predictor"]: r for r in result["nmse"]}
 
     def loc_part(source: str | None) -> dict | None:
@@ -184,7 +185,9 @@ def results_rows(result: dict) -> list[dict]:
             continue
         oracle = loc["oracle"].get(source) if source in loc.get("oracle", {}) else ORACLE.get(nmse_name, "")
         rows.append({"row": row, "kind": kind, "nmse": {"value": 0.0, "lo": 0.0, "hi": 0.0} if source == "R_true" else nmse_of(nmse_name),
-                     "oracle": oracle, "localisation": loc_part(source), "skipped": None, "train_seconds": None})
+                     "oracle": oracle, "localisation": loc_part(source), "skipped": None, "train_seconds": None,
+                     **({"penalty_scale": nmse_rows[nmse_name]["penalty_scale"]}
+                        if nmse_name in nmse_rows and "penalty_scale" in nmse_rows[nmse_name] else {})})
     for name, run in result["runs"].items():
         rows.append({"row": f"{name}: R_pred", "kind": "trained", "nmse": nmse_of(name), "oracle": _entry_oracle(result["configs"][name]),
                      "localisation": loc_part(f"{name}:R_pred"), "skipped": run["skipped_nonfinite"], "train_seconds": run["train_seconds"]})
