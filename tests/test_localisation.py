@@ -15,6 +15,7 @@ import torch
 from workbench import likelihood as LK
 from workbench import localisation as E
 from workbench import metrics as M
+from workbench import refinement as RF
 from workbench.config import STEERING_MODELS, ConfigError, ExperimentConfig, SystemConfig
 from workbench.grid import Grid
 from workbench.physics import measurement_matrices, pathloss, simulate, steering
@@ -467,7 +468,7 @@ def test_snr_scene_is_the_scene_localisation_vs_snr_used():
 
 @pytest.mark.parametrize("model", STEERING_MODELS)
 def test_the_refinement_objective_derivatives_are_autograds(model):
-    """refine_peaks' gradient and Hessian in closed form (:func:`localisation._objective_derivatives`) equal autograd's
+    """refine_peaks' gradient and Hessian in closed form (:func:`refinement._objective_derivatives`) equal autograd's
     double backward through the objective, for MUSIC, RAP-MUSIC (with found vectors Q, including a slot on a found
     vector, where the correlation is 0 with zero derivatives) and MVDR, under every steering model."""
     system = SystemConfig(N_H=6, N_V=5, steering_model=model)
@@ -482,11 +483,11 @@ def test_the_refinement_objective_derivatives_are_autograds(model):
     u = x / scale
     for method, QQ in (("music", None), ("music", Q), ("mvdr", None)):
         uu = u.clone().requires_grad_(True)
-        f = E._objective(F, system, uu, scale, method, QQ)
+        f = RF._objective(F, system, uu, scale, method, QQ)
         (grad,) = torch.autograd.grad(f.sum(), uu)
-        full = torch.autograd.functional.hessian(lambda v: E._objective(F, system, v, scale, method, QQ).sum(), u)  # noqa: B023
+        full = torch.autograd.functional.hessian(lambda v: RF._objective(F, system, v, scale, method, QQ).sum(), u)  # noqa: B023
         hess = torch.stack([torch.stack([full[b, k, :, b, k, :] for k in range(Kp)]) for b in range(B)])  # each slot's own
-        f2, g2, h2 = E._objective_derivatives(F, system, u, scale, method, QQ)
+        f2, g2, h2 = RF._objective_derivatives(F, system, u, scale, method, QQ)
         torch.testing.assert_close(f2, f.detach(), rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(g2, grad.detach(), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(h2, hess, rtol=1e-10, atol=1e-12)
@@ -497,7 +498,7 @@ def test_the_refinement_objective_derivatives_are_autograds(model):
 
 def test_the_joint_refinement_derivatives_are_autograds():
     """joint_subspace_refine's gradient and Hessian of ||P_A^perp E||_F^2 in closed form (variable projection,
-    :func:`localisation._subspace_derivatives`) equal autograd's, with three, two and one valid slots, under every
+    :func:`refinement._subspace_derivatives`) equal autograd's, with three, two and one valid slots, under every
     steering model; up to the Gram matrix's 1e-12 ridge."""
     g = torch.Generator().manual_seed(4)
     for model in STEERING_MODELS:
@@ -509,12 +510,12 @@ def test_the_joint_refinement_derivatives_are_autograds():
                          torch.rand(B, kp, generator=g) * 0.5 + 0.2], -1).double()
         valid = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
         u = x / scale
-        f_of = lambda v: E._subspace_residual(Es, system, v, scale, valid).sum()  # noqa: E731, B023
+        f_of = lambda v: RF._subspace_residual(Es, system, v, scale, valid).sum()  # noqa: E731, B023
         uu = u.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(f_of(uu), uu)
         full = torch.autograd.functional.hessian(f_of, u)  # [B,kp,3,B,kp,3]
         hess = torch.stack([full[b, :, :, b].reshape(3 * kp, 3 * kp) for b in range(B)])
-        f2, g2, h2 = E._subspace_derivatives(Es, system, u, scale, valid)
+        f2, g2, h2 = RF._subspace_derivatives(Es, system, u, scale, valid)
         torch.testing.assert_close(f2.sum(), f_of(u), rtol=1e-12, atol=0)
         torch.testing.assert_close(g2, grad.reshape(B, 3 * kp), rtol=1e-8, atol=1e-11)
         torch.testing.assert_close(h2, hess, rtol=1e-8, atol=1e-11)

@@ -92,7 +92,7 @@ def steering_derivatives(system: SystemConfig, phi: torch.Tensor, theta: torch.T
     derivatives follow from p.u = x sin(phi) cos(theta) + z sin(theta). For the exact model, s = sqrt(1 - 2 w p.u +
     w^2 |p|^2) = 1 - w psi (w = 1/r) gives psi_phi = (p.u)_phi / s, psi_theta = (p.u)_theta / s and psi_w =
     (psi^2 - |p|^2) / (2 s), none singular at w = 0; each second derivative is d_j of (psi_i 2 s) = R_i over 2 s.
-    The one place steering derivatives are formed (:func:`workbench.localisation.refine_peaks`, the likelihood's score
+    The one place steering derivatives are formed (:func:`workbench.refinement.refine_peaks`, the likelihood's score
     and Fisher information in :mod:`workbench.likelihood`); tests/test_physics.py checks it against autograd through
     :func:`steering` for every model."""
     model = system.steering_model if model is None else model

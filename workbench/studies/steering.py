@@ -19,8 +19,8 @@ import torch
 from ..config import STEERING_MODELS, SystemConfig, check_choice
 from ..grid import Grid
 from ..likelihood import crb
-from ..localisation import refine_peaks
 from ..physics import simulate, steering
+from ..refinement import refine_peaks
 
 
 def mismatch_rows(system: SystemConfig, phis_deg: Sequence[float] = (0.0, 20.0, 40.0, 60.0),
