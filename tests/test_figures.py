@@ -165,6 +165,15 @@ def _localiser_view() -> dict:
             "spectrum_db": (10 * np.log10(heat + 1e-3)).tolist(), "heat": heat.tolist(), "localiser": pts, "ml": pts[:1], "true": pts}
 
 
+def _localiser_result() -> dict:
+    """A :func:`workbench.studies.localiser.localiser_vs_ml` result with its count's frontier at two SNRs: the README's
+    test-split file."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parents[1] / "results" / "localiser_test0.json").read_text())
+
+
 INPUTS = {
     "pipeline.norms_figure": lambda: ((_norm_rows(),), {}),
     "pipeline.spectrum_figure": lambda: ((_spectra(), 0), {}),
@@ -180,6 +189,7 @@ INPUTS = {
     "localisation.detection_figure": lambda: ((_loc_result(),), {}),
     "localisation.spectrum_plotly": lambda: ((_spectrum_view(),), {}),
     "localiser.localiser_scene_figure": lambda: ((_localiser_view(),), {}),
+    "localiser.frontier_figure": lambda: ((_localiser_result(),), {}),
     "sweeps.history_figure": lambda: ((_study(),), {}),
     "sweeps.history_plotly": lambda: ((_study(),), {}),
     "sweeps.importances_figure": lambda: ((_study(), PARAMS), {"note": "PED-ANOVA over 6 completed trials, 3 varying knob(s)"}),

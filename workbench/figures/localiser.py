@@ -249,6 +249,7 @@ def frontier_figure(res: dict) -> Figure:
                ylim=(0, 1.15 * max(inside, default=0.0) or None))
         ax.grid(alpha=0.3)
     legend_outside(axes[0, -1])
+    fig.suptitle("The count's frontier: misses against false alarms as the MDL penalty moves", fontsize=10)
     return fig
 
 
