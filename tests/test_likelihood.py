@@ -330,12 +330,12 @@ def test_baseline_rows_on_a_small_system():
     # the physics baseline counts at the MDL penalty whose fitted a X + c I fits the training scenes best, and that
     # row is the one its covariances at that penalty give
     from_source = BL.baseline_rows(train, val, system, names=("physics_affine",), edges=(-5.0, 20.0))[0]
-    per = BL.physics_stats(system, (train, val))
-    fitted = {x: st[0].nmse(*BL.fit_constants(st[0])).mean().item() for x, st in per.items()}
+    per = BL.source_stats(BL.physics_source(system), train)  # {penalty scale: the training scenes' statistics}
+    assert list(per) == list(BL.PHYSICS_SCALES)
+    fitted = {x: st.nmse(*BL.fit_constants(st)).mean().item() for x, st in per.items()}
     assert from_source["penalty_scale"] in BL.PHYSICS_SCALES and fitted[from_source["penalty_scale"]] == min(fitted.values())
-    unit = MF.mdl_penalty(system) / MF.MDL_SCALE
     fits = [MF.ml_fit_for(b, system) for b in (train, val)]
-    pre = tuple(trace_normalise(f.covariance(system, K=f.count_at(from_source["penalty_scale"] * unit))) for f in fits)
+    pre = tuple(trace_normalise(f.covariance(system, K=f.count_at(MF.mdl_penalty(system, from_source["penalty_scale"])))) for f in fits)
     from_tensors = BL.baseline_rows(train, val, system, names=("physics_affine",), edges=(-5.0, 20.0), sources={"physics_affine": pre})[0]
     assert from_source["a"] == pytest.approx(from_tensors["a"], rel=1e-6) and from_source["nmse"] == pytest.approx(from_tensors["nmse"], rel=1e-6)
     assert "penalty_scale" not in from_tensors

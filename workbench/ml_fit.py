@@ -285,10 +285,10 @@ def ml_localise(
 MDL_SCALE = 1.5
 
 
-def mdl_penalty(system: SystemConfig) -> float:
-    """The MDL penalty per real parameter, :data:`MDL_SCALE` x log(L) / 2 (Rissanen's 1/2 log n with n = L independent
-    snapshots)."""
-    return MDL_SCALE * 0.5 * math.log(system.L)
+def mdl_penalty(system: SystemConfig, scale: float = MDL_SCALE) -> float:
+    """The MDL penalty per real parameter, ``scale`` x log(L) / 2 (Rissanen's 1/2 log n with n = L independent
+    snapshots; the default :data:`MDL_SCALE` is the fits' own, other scales move a count along its frontier)."""
+    return scale * 0.5 * math.log(system.L)
 
 
 def mdl_criterion(nll: torch.Tensor, k: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -298,10 +298,14 @@ def mdl_criterion(nll: torch.Tensor, k: torch.Tensor, penalty: float) -> torch.T
     return nll + penalty * (4 * k + 1)
 
 
+def _levels_criterion(nll: torch.Tensor, penalty: float) -> torch.Tensor:
+    """:func:`mdl_criterion` of nested fits: nll [B,Kl] of k = 1..Kl sources -> [B,Kl]."""
+    return mdl_criterion(nll, torch.arange(1, nll.shape[1] + 1, dtype=nll.dtype, device=nll.device), penalty)
+
+
 def mdl_choice(nll: torch.Tensor, penalty: float) -> torch.Tensor:
     """The count minimising :func:`mdl_criterion` over nested fits: nll [B,Kl] of k = 1..Kl sources -> K [B] int64."""
-    ks = torch.arange(1, nll.shape[1] + 1, dtype=nll.dtype, device=nll.device)
-    return mdl_criterion(nll, ks, penalty).argmin(1) + 1
+    return _levels_criterion(nll, penalty).argmin(1) + 1
 
 
 def ml_refine(y: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, system: SystemConfig, phi, theta, r, mask,
@@ -465,9 +469,9 @@ def _choose_fit(system, grid, fits, picks, K, penalty: float, a_y, a_h) -> Snaps
     levels = _levels(fits, a_y, a_h, system)
     nll = levels["nll"]
     k_top = nll.shape[1]
-    crit = mdl_criterion(nll, torch.arange(1, k_top + 1, dtype=torch.float64, device=nll.device), penalty)
+    crit = _levels_criterion(nll, penalty)
     crit_out = crit if K is None else torch.full_like(crit, math.nan)
-    K = mdl_choice(nll, penalty) if K is None else K
+    K = crit.argmin(1) + 1 if K is None else K
     pick = lambda t: t[torch.arange(len(K), device=K.device), K - 1]  # noqa: E731  (the fit of K sources)
     mask = torch.arange(k_top, device=nll.device)[None, :] < K[:, None]
     phi, theta, r, p = (pick(levels[k]) for k in ("phi", "theta", "r", "power"))

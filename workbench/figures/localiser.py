@@ -88,6 +88,16 @@ def frontier_table(res: dict) -> list[dict]:
     return list(out.values())
 
 
+def _frontier_goal(at: list[dict]) -> tuple[str, float, float] | None:
+    """The detection goal on one SNR's frontier points ``at``: (the strongest ML fit of :data:`STRONGEST_ML` there, the
+    most misses, the most false alarms: :data:`GOALS` times its rates at its own penalty); None without such a fit."""
+    name = next((n for n in STRONGEST_ML if any(f["estimator"] == n and f["entry"] for f in at)), None)
+    if name is None:
+        return None
+    ref = next(f for f in at if f["estimator"] == name and f["entry"])
+    return name, GOALS["miss_rate"] * ref["miss_rate"]["value"], GOALS["false_alarm_rate"] * ref["false_alarm_rate"]["value"]
+
+
 def frontier_conclusion(res: dict) -> str:
     """One sentence per SNR, computed from the result's ``frontier``: whether any MDL penalty of the count over the
     perfect search (the fit from the true sources, oracle) meets the detection goals (:data:`GOALS` of the strongest ML
@@ -101,9 +111,11 @@ def frontier_conclusion(res: dict) -> str:
     lines = []
     for snr in res["snr_db"]:
         at = [f for f in front if f["snr_db"] == snr]
-        name = next(n for n in STRONGEST_ML if any(f["estimator"] == n for f in at))
-        ref = next(f for f in at if f["estimator"] == name and f["entry"])
-        goal_m, goal_f = (GOALS[k] * ref[k]["value"] for k in ("miss_rate", "false_alarm_rate"))
+        goal = _frontier_goal(at)
+        if goal is None:  # frontier_scales without the fits' own penalty
+            lines.append(f"- **{fmt(snr)} dB**: no ML fit at its own penalty in the frontier: no goal to check.")
+            continue
+        name, goal_m, goal_f = goal
         truth = [f for f in at if f["oracle"] == "true locations"]
         both = [f for f in truth if f["miss_rate"]["value"] <= goal_m and f["false_alarm_rate"]["value"] <= goal_f]
         within_fa = [f for f in truth if f["false_alarm_rate"]["value"] <= goal_f]
@@ -232,11 +244,9 @@ def frontier_figure(res: dict) -> Figure:
         if (snr, "localiser") in rows:
             st = rows[snr, "localiser"]["stats"]
             ax.plot(st["false_alarm_rate"]["value"], st["miss_rate"]["value"], "*", color="k", ms=11, label="localiser")
-        name = next((n for n in STRONGEST_ML if any(f["estimator"] == n and f["entry"] for f in at)), None)
-        if name is not None:
-            ref = next(f for f in at if f["estimator"] == name and f["entry"])
-            gx, gy = GOALS["false_alarm_rate"] * ref["false_alarm_rate"]["value"], GOALS["miss_rate"] * ref["miss_rate"]["value"]
-            ax.fill_between([0, gx], 0, gy, color="tab:green", alpha=0.25, lw=0, label="goal")
+        goal = _frontier_goal(at)
+        if goal is not None:
+            ax.fill_between([0, goal[2]], 0, goal[1], color="tab:green", alpha=0.25, lw=0, label="goal")
         # the region around the operating points: 4x the largest false-alarm rate at an entry penalty or the localiser's
         own = [f["false_alarm_rate"]["value"] for f in at if f["entry"]]
         if (snr, "localiser") in rows:

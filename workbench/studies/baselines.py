@@ -23,9 +23,9 @@ physics_affine    sum_k p_k a_k a_k^H of the ML fit from the            a, c and
 fit (as by the network's training). With trace-normalised R_ref (trace N) the best scaled identity is c = 1.
 (2) The ML fit's count serves detection at its default penalty (:data:`workbench.ml_fit.MDL_SCALE`); a covariance
 gains from weak sources that detection would not keep. So the physics baseline counts at the penalty of
-:data:`PHYSICS_SCALES` whose a X + c I fits the training scenes best (:func:`physics_stats`: one fit per scene, its
-count moved by :meth:`~workbench.ml_fit.SnapshotFit.count_at`): the strongest simple baseline, chosen without the
-scenes it is scored on.
+:data:`PHYSICS_SCALES` whose a X + c I fits the training scenes best (:func:`physics_source` offers one candidate per
+penalty, one fit per scene with its count moved by :meth:`~workbench.ml_fit.SnapshotFit.count_at`): the strongest
+simple baseline, chosen without the scenes it is scored on.
 
 Fitting and scoring need only five numbers per scene (:class:`AffineStats`), so no [n,N,N] batch is kept.
 """
@@ -43,7 +43,7 @@ from ..covariance import nmse, reference, trace, trace_normalise
 from ..estimators import oracle_knowledge
 from ..forward import forward, rsamp_cache
 from ..metrics import mean_interval
-from ..ml_fit import MDL_SCALE, mdl_penalty, ml_fit_for
+from ..ml_fit import mdl_penalty, ml_fit_for
 from ..physics import SceneBatch
 
 BASELINES = ("identity", "beamscan_scaled", "beamscan_affine", "beamscan_est_affine", "physics_affine")
@@ -71,14 +71,20 @@ def rsamp_source(system: SystemConfig, estimator: str = "beamscan") -> Callable[
     return lambda b: rsamp_cache(b).rsamp(estimator, system)
 
 
-def physics_source(system: SystemConfig, K: str | None = None) -> Callable[[SceneBatch], torch.Tensor]:
+def physics_source(system: SystemConfig, K: str | None = None, scales: Sequence[float] = PHYSICS_SCALES) -> Callable:
     """batch -> the ML fit's covariance sum_k p_k a_k a_k^H, trace-normalised to N, [n,N,N] complex64.
-    K = None: counted by MDL (no oracle); "true": batch.K (oracle)."""
+    K = "true": of batch.K sources (oracle). K = None: counted by MDL (no oracle), one matrix per penalty of ``scales``
+    (multiples of Rissanen's), {scale: X}: one fit per scene, its count moved among its nested fits
+    (:meth:`~workbench.ml_fit.SnapshotFit.count_at`); :func:`baseline_rows` keeps the candidate that fits the
+    training scenes best (footnote 2)."""
     if K not in (None, "true"):
         raise ConfigError(f"physics_K = {K!r} is not allowed: choose None (MDL count) or 'true'")
 
-    def source(b: SceneBatch) -> torch.Tensor:
-        return trace_normalise(ml_fit_for(b, system, K=b.K if K == "true" else None).covariance(system))
+    def source(b: SceneBatch) -> torch.Tensor | dict[float, torch.Tensor]:
+        if K == "true":
+            return trace_normalise(ml_fit_for(b, system, K=b.K).covariance(system))
+        fit = ml_fit_for(b, system)
+        return {float(x): trace_normalise(fit.covariance(system, K=fit.count_at(mdl_penalty(system, x)))) for x in scales}
     return source
 
 
@@ -124,34 +130,18 @@ class AffineStats:
         return err / self.rr
 
 
-def source_stats(source: Callable[[SceneBatch], torch.Tensor], batch: SceneBatch, chunk: int = 64) -> AffineStats:
-    """:class:`AffineStats` of ``source`` against reference(batch.R_true), ``chunk`` scenes at a time."""
+def source_stats(source: Callable[[SceneBatch], torch.Tensor], batch: SceneBatch, chunk: int = 64) -> AffineStats | dict:
+    """:class:`AffineStats` of ``source`` against reference(batch.R_true), ``chunk`` scenes at a time; of each candidate,
+    {key: AffineStats}, for a source that returns candidates {key: X} (:func:`physics_source`)."""
     parts = []
     for s in range(0, len(batch), chunk):
         b = batch[s:s + chunk]
         with torch.no_grad():
-            parts.append(AffineStats.of(source(b), reference(b.R_true)))
+            X, R = source(b), reference(b.R_true)
+            parts.append({k: AffineStats.of(v, R) for k, v in X.items()} if isinstance(X, dict) else AffineStats.of(X, R))
+    if isinstance(parts[0], dict):
+        return {k: AffineStats.cat([p[k] for p in parts]) for k in parts[0]}
     return AffineStats.cat(parts)
-
-
-def physics_stats(system: SystemConfig, batches: Sequence[SceneBatch], scales: Sequence[float] = PHYSICS_SCALES,
-                  chunk: int = 64) -> dict[float, list[AffineStats]]:
-    """{scale: [:class:`AffineStats` of each batch]} of the ML fit's covariance (:func:`physics_source`'s, trace-normalised)
-    with its count at each MDL penalty of ``scales`` (multiples of Rissanen's), against reference(R_true): one fit per
-    scene (``chunk`` at a time), its count moved among its nested fits (:meth:`~workbench.ml_fit.SnapshotFit.count_at`)."""
-    unit = mdl_penalty(system) / MDL_SCALE
-    out: dict[float, list[AffineStats]] = {float(x): [] for x in scales}
-    for batch in batches:
-        parts: dict[float, list[AffineStats]] = {x: [] for x in out}
-        for s in range(0, len(batch), chunk):
-            b = batch[s:s + chunk]
-            with torch.no_grad():
-                fit, R = ml_fit_for(b, system), reference(b.R_true)
-                for x in out:
-                    parts[x].append(AffineStats.of(trace_normalise(fit.covariance(system, K=fit.count_at(x * unit))), R))
-        for x in out:
-            out[x].append(AffineStats.cat(parts[x]))
-    return out
 
 
 def fit_constants(stats: AffineStats, slope: bool = True, intercept: bool = True) -> tuple[float, float]:
@@ -198,31 +188,30 @@ def baseline_rows(
     ``sources`` overrides the covariance source of a name: a callable(batch) -> X, or a pair of precomputed
     X (train, val) [n,N,N] for the scenes of ``train`` (its first ``max_fit_scenes``) and ``val``.
     Returns one row per name: {"predictor", "a", "c", "oracle", "nmse" (mean over val), "nmse_median",
-    "by_snr": :func:`nmse_by_snr`}; the physics baseline counted by MDL (``physics_K`` None, no ``sources`` given for
-    it) also has "penalty_scale", the one of :data:`PHYSICS_SCALES` whose fitted a X + c I has the lowest mean NMSE
-    on the fitting scenes (:func:`physics_stats`)."""
+    "by_snr": :func:`nmse_by_snr`}. A source with candidates (the physics baseline counted by MDL: one matrix per
+    penalty of :data:`PHYSICS_SCALES`) is scored at the candidate whose fitted a X + c I has the lowest mean NMSE on
+    the fitting scenes; its row also has that candidate's key, "penalty_scale"."""
     unknown = sorted(set(names) - set(BASELINES))
     if unknown:
         raise ConfigError(f"baselines: unknown name(s) {unknown}; allowed: {list(BASELINES)}")
     srcs = {**baseline_sources(system, physics_K), **(sources or {})}
     fit_set = train if max_fit_scenes is None else train[:max_fit_scenes]
-    cache: dict[int, tuple[AffineStats, AffineStats]] = {}
+    cache: dict[int, tuple] = {}  # per source: the statistics (or each candidate's) of the fitting and scored scenes
     rows = []
     for name in names:
         src = srcs[name]
         key = id(src)  # beamscan_scaled and beamscan_affine share one source: compute it once
-        extra = {}
-        if name == "physics_affine" and physics_K is None and name not in (sources or {}):
-            per = physics_stats(system, (fit_set, val))
-            nmse_fit = {x: st[0].nmse(*fit_constants(st[0], *FITTED[name])).mean().item() for x, st in per.items()}
-            scale = min(nmse_fit, key=nmse_fit.get)
-            cache[key], extra = tuple(per[scale]), {"penalty_scale": scale}
         if key not in cache:
             if isinstance(src, tuple):
                 cache[key] = (AffineStats.of(src[0], reference(fit_set.R_true)), AffineStats.of(src[1], reference(val.R_true)))
             else:
                 cache[key] = (source_stats(src, fit_set), source_stats(src, val))
         st_train, st_val = cache[key]
+        extra = {}
+        if isinstance(st_train, dict):  # candidates: the one whose fitted constants fit the training scenes best
+            fitted = {x: st.nmse(*fit_constants(st, *FITTED[name])).mean().item() for x, st in st_train.items()}
+            choice = min(fitted, key=fitted.get)
+            st_train, st_val, extra = st_train[choice], st_val[choice], {"penalty_scale": choice}
         a, c = fit_constants(st_train, *FITTED[name])
         oracle = ORACLE[name] if not (name == "physics_affine" and physics_K == "true") else "true K"
         rows.append({**_row(name, a, c, oracle, st_val.nmse(a, c), val.snr_db, edges), **extra})

@@ -184,10 +184,9 @@ def count_frontier(fit, batch: SceneBatch, system, crb_k, scales: Sequence[float
     among its nested fits, those sources scored as the table's rows are (``crb_k``, ``floor``, ``gate``; intervals over
     ``n_boot`` resamples seeded by ``seed``). Returns [{"scale", "entry" (True at :data:`~workbench.ml_fit.MDL_SCALE`),
     statistic: {"value", "lo", "hi"} for :data:`FRONTIER_STATS`}], one per scale."""
-    per_unit = mdl_penalty(system) / MDL_SCALE
     out = []
     for scale in scales:
-        phi, theta, r, _, mask = fit.sources_of(fit.count_at(scale * per_unit), system)
+        phi, theta, r, _, mask = fit.sources_of(fit.count_at(mdl_penalty(system, scale)), system)
         stats = summarise(score_sources(phi, theta, r, mask, batch.phi, batch.theta, batch.r, batch.mask, crb_k, floor=floor,
                                         gate=gate), n_boot=n_boot, seed=seed)
         out.append({"scale": float(scale), "entry": math.isclose(scale, MDL_SCALE), **{k: stats[k] for k in FRONTIER_STATS}})
